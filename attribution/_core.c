@@ -1,0 +1,883 @@
+/* memscope_async.attribution._core: the allocator hooks and per-tag accounting.
+ *
+ * Decisions live in Python; this file only counts.  While started, it replaces the
+ * PYMEM_DOMAIN_OBJ and PYMEM_DOMAIN_MEM allocators (both are called with the GIL held) by
+ * wrappers that call the original allocator and then record the allocation:
+ *
+ *   tag   -> the Tag object found in a ContextVar (read with PyContextVar_Get, which
+ *            is a cached, allocation-free read); Python code puts a Tag into every task's
+ *            context.  No tag means "unattributed", kept per thread.
+ *   cell  -> (task id, thread slot, route, phase): the unit of accounting.  Routes tell
+ *            how the tag reached the thread: through the context, handed over by one of
+ *            our wrappers, or inferred from the thread's start.
+ *   entry -> pointer -> (size, cell) in an open-addressing table, so a free finds the cell.
+ *
+ * Rules for the hook path: no Python code runs (no object is created, no refcount drops
+ * to zero), a thread-local re-entrancy guard skips allocations we cause ourselves, and all
+ * our memory comes from the C library.  Design notes and sources: docs/internals.md.
+ *
+ * Reference ownership: every function exposed to Python returns a new reference or NULL
+ * with an exception set; arguments are borrowed.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <time.h>
+
+#include "_ptrmap.h"
+#include "_u64map.h"
+
+typedef struct {
+    PyObject_HEAD
+    uint32_t tid;
+} TagObject;
+
+static PyTypeObject TagType;
+
+/* ---- routes (keep in sync with attribution/routes.py) --------------------------------- */
+enum {
+    ROUTE_CONTEXT = 0,  /* tag read from the running context, no hand-over seen */
+    ROUTE_HANDED = 1,   /* our wrappers handed the task's work to this thread */
+    ROUTE_INFERRED = 2, /* no context: the thread was started during the task's step */
+};
+#define INFERRED_PHASES 4 /* phase >= this: the inference has decayed to nothing */
+
+enum { MODE_EXACT = 0, MODE_SAMPLED = 1 };
+
+/* ---- state --------------------------------------------------------------------------- */
+typedef struct {
+    uint64_t key;          /* packed (tid, slot, route, phase) */
+    uint32_t tinfo;        /* index into tasks[] (0 for unattributed) */
+    uint32_t track_time;   /* 1 if this cell is a migration (record last_ns) */
+    int64_t alloc_bytes;
+    double allocs;
+    int64_t freed_bytes;
+    double frees;
+    int64_t live_bytes;
+    int64_t live_entries;  /* pointer-table entries naming this cell (exact count) */
+    int64_t cross_free_bytes;
+    double cross_frees;
+    uint64_t first_ns;
+    uint64_t last_ns;
+} cell_t;
+
+typedef struct {
+    uint32_t tid;
+    uint32_t home_slot;
+    int64_t live_bytes;
+    int64_t peak_live_bytes;
+    uint32_t ncells;
+    uint32_t in_use;
+} task_info_t;
+
+typedef struct {
+    unsigned long ident;
+    unsigned long native_id;
+    uint32_t inferred_tid;   /* task that started this thread, if we saw it */
+    uint32_t shared;         /* the thread has run another task's context since */
+    uint32_t owner_done;     /* the starting task has finished */
+    uint64_t inferred_start_ns;
+} thread_info_t;
+
+typedef struct {
+    int guard;
+    uint32_t session;
+    uint32_t slot;
+    uint32_t handover;       /* task id handed over by our wrappers, 0 if none */
+    uint64_t cache_key;
+    uint32_t cache_cell;
+    uint32_t cache_gen;
+    int64_t countdown;       /* sampled mode: bytes until the next sample */
+    int64_t stack_countdown; /* exact mode: bytes until the next stack sample */
+    uint64_t rng;
+} tls_t;
+
+static _Thread_local tls_t tls;
+
+static struct {
+    int active;
+    int has_data;
+    int mode;
+    uint32_t session;
+    uint32_t cell_gen;
+    double sample_interval;     /* R, bytes (sampled mode) */
+    double stack_interval;      /* mean bytes between stack samples; 0 = no stacks */
+    uint64_t half_life_ns;      /* decay of inferred attribution */
+    uint64_t start_ns;
+    uint64_t seed;
+    PyObject *tag_var;          /* strong ref while active or holding data */
+    PyMemAllocatorEx orig_obj, orig_mem;
+    ptrmap_t ptrs;
+    u64map_t cell_index;
+    cell_t *cells;
+    uint32_t ncells, capcells;
+    uint32_t *free_cells;
+    uint32_t nfree_cells, capfree_cells;
+    u64map_t task_index;
+    task_info_t *tasks;
+    uint32_t ntasks, captasks;
+    uint32_t *free_tasks;
+    uint32_t nfree_tasks, capfree_tasks;
+    thread_info_t *threads;
+    uint32_t nthreads, capthreads;
+    uint64_t untracked;          /* allocations we could not record (table memory) */
+    uint64_t dropped_cells;      /* allocations charged to the overflow cell */
+} S;
+
+/* ---- small helpers ------------------------------------------------------------------ */
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline uint64_t coarse_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline PyThreadState *tstate_unchecked(void) {
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyThreadState_GetUnchecked();
+#else
+    return _PyThreadState_UncheckedGet();
+#endif
+}
+
+static inline uint64_t rng_next(uint64_t *s) {
+    uint64_t x = *s;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *s = x;
+    return x * UINT64_C(2685821657736338717);
+}
+
+/* Exponentially distributed gap with the given mean (bytes). */
+static inline int64_t draw_gap(uint64_t *rng, double mean) {
+    double u = ((double)(rng_next(rng) >> 11) + 1.0) * (1.0 / 9007199254740993.0); /* (0,1] */
+    double g = -log(u) * mean;
+    return g < 1.0 ? 1 : (int64_t)g;
+}
+
+/* Sampled mode: the number of bytes one sample of `size` bytes stands for. */
+static inline int64_t scaled_bytes(size_t size) {
+    double r = S.sample_interval;
+    double w = 1.0 / (1.0 - exp(-(double)size / r));
+    return (int64_t)llround((double)size * w);
+}
+
+static inline double scaled_count(size_t size) {
+    return 1.0 / (1.0 - exp(-(double)size / S.sample_interval));
+}
+
+static int grow_array(void **arr, uint32_t *cap, size_t elem, uint32_t need) {
+    if (need <= *cap) return 0;
+    uint32_t ncap = *cap ? *cap : 64;
+    while (ncap < need) ncap *= 2;
+    void *n = realloc(*arr, (size_t)ncap * elem);
+    if (n == NULL) return -1;
+    memset((char *)n + (size_t)*cap * elem, 0, (size_t)(ncap - *cap) * elem);
+    *arr = n;
+    *cap = ncap;
+    return 0;
+}
+
+#include "_stacks.h"
+
+/* ---- threads ------------------------------------------------------------------------ */
+static void tls_enter_session(tls_t *t) {
+    t->session = S.session;
+    t->slot = 0;
+    t->handover = 0;
+    t->cache_key = 0;
+    t->cache_gen = 0;
+    t->rng = S.seed ^ (uint64_t)(uintptr_t)t ^ UINT64_C(0x9E3779B97F4A7C15);
+    if (t->rng == 0) t->rng = 1;
+    t->countdown = S.mode == MODE_SAMPLED ? draw_gap(&t->rng, S.sample_interval) : 0;
+    t->stack_countdown = S.stack_interval > 0 ? draw_gap(&t->rng, S.stack_interval) : INT64_MAX;
+}
+
+/* The calling thread's slot (1-based), registering the thread on first use; 0 on OOM. */
+static inline uint32_t thread_slot(tls_t *t) {
+    if (t->slot) return t->slot;
+    if (grow_array((void **)&S.threads, &S.capthreads, sizeof(thread_info_t), S.nthreads + 1) < 0)
+        return 0;
+    thread_info_t *ti = &S.threads[S.nthreads];
+    memset(ti, 0, sizeof(*ti));
+    ti->ident = PyThread_get_thread_ident();
+    ti->native_id = PyThread_get_thread_native_id();
+    t->slot = ++S.nthreads;
+    return t->slot;
+}
+
+/* ---- tasks and cells ------------------------------------------------------------------ */
+static uint32_t task_info_for(uint32_t tid, uint32_t home_slot, int create) {
+    uint32_t idx;
+    if (u64map_get(&S.task_index, (uint64_t)tid + 1, &idx)) return idx;
+    if (!create) return 0;
+    if (S.nfree_tasks) {
+        idx = S.free_tasks[--S.nfree_tasks];
+    } else {
+        if (grow_array((void **)&S.tasks, &S.captasks, sizeof(task_info_t), S.ntasks + 1) < 0) return 0;
+        idx = S.ntasks++;
+    }
+    if (u64map_put(&S.task_index, (uint64_t)tid + 1, idx) < 0) return 0;
+    task_info_t *ti = &S.tasks[idx];
+    memset(ti, 0, sizeof(*ti));
+    ti->tid = tid;
+    ti->home_slot = home_slot;
+    ti->in_use = 1;
+    return idx;
+}
+
+static inline uint64_t cell_key(uint32_t tid, uint32_t slot, uint32_t route, uint32_t phase) {
+    return (uint64_t)tid | ((uint64_t)(slot & 0xFFFFFu) << 32) | ((uint64_t)(route & 0xFu) << 52) |
+           ((uint64_t)(phase & 0xFu) << 56) | (UINT64_C(1) << 63);
+}
+
+static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t slot, uint32_t route) {
+    uint32_t idx;
+    if (S.nfree_cells) {
+        idx = S.free_cells[--S.nfree_cells];
+    } else {
+        if (S.ncells > PTRMAP_MAX_CELL) return 0;
+        if (grow_array((void **)&S.cells, &S.capcells, sizeof(cell_t), S.ncells + 1) < 0) return 0;
+        idx = S.ncells++;
+    }
+    if (u64map_put(&S.cell_index, key, idx) < 0) return 0;
+    cell_t *c = &S.cells[idx];
+    memset(c, 0, sizeof(*c));
+    c->key = key;
+    uint32_t ti = tid ? task_info_for(tid, slot, 1) : 0;
+    c->tinfo = ti;
+    if (tid) {
+        S.tasks[ti].ncells++;
+        c->track_time = route != ROUTE_CONTEXT || S.tasks[ti].home_slot != slot;
+    } else {
+        c->track_time = 0;
+    }
+    c->first_ns = c->last_ns = now_ns();
+    return idx;
+}
+
+/* The cell for the code running now on this thread.  0 means "could not record". */
+static inline uint32_t current_cell(tls_t *t) {
+    uint32_t slot = thread_slot(t);
+    if (slot == 0) return 0;
+    uint32_t tid = 0, route = ROUTE_CONTEXT, phase = 0;
+    if (tstate_unchecked() != NULL) {
+        PyObject *v = NULL;
+        if (PyContextVar_Get(S.tag_var, NULL, &v) == 0 && v != NULL) {
+            if (Py_TYPE(v) == &TagType) tid = ((TagObject *)v)->tid;
+            Py_DECREF(v); /* the context still holds it: never the last reference */
+        }
+    }
+    thread_info_t *th = &S.threads[slot - 1];
+    if (tid) {
+        if (t->handover == tid) route = ROUTE_HANDED;
+        if (th->inferred_tid && tid != th->inferred_tid) th->shared = 1;
+    } else if (t->handover) {
+        tid = t->handover;
+        route = ROUTE_HANDED;
+    } else if (th->inferred_tid && !th->shared) {
+        uint64_t age = now_ns() - th->inferred_start_ns;
+        uint64_t p = (S.half_life_ns ? age / S.half_life_ns : 0) + (th->owner_done ? 2 : 0);
+        if (p < INFERRED_PHASES) {
+            tid = th->inferred_tid;
+            route = ROUTE_INFERRED;
+            phase = (uint32_t)p;
+        }
+    }
+    uint64_t key = cell_key(tid, slot, route, phase);
+    if (key == t->cache_key && t->cache_gen == S.cell_gen) return t->cache_cell;
+    uint32_t idx;
+    if (!u64map_get(&S.cell_index, key, &idx)) {
+        idx = new_cell(key, tid, slot, route);
+        if (idx == 0) {
+            S.dropped_cells++;
+            return 0;
+        }
+    }
+    t->cache_key = key;
+    t->cache_cell = idx;
+    t->cache_gen = S.cell_gen;
+    return idx;
+}
+
+static inline uint32_t current_tid(void) {
+    uint32_t tid = 0;
+    if (tstate_unchecked() != NULL) {
+        PyObject *v = NULL;
+        if (PyContextVar_Get(S.tag_var, NULL, &v) == 0 && v != NULL) {
+            if (Py_TYPE(v) == &TagType) tid = ((TagObject *)v)->tid;
+            Py_DECREF(v);
+        }
+    }
+    if (tid == 0) tid = tls.handover;
+    return tid;
+}
+
+static inline uint32_t cell_tid(const cell_t *c) { return (uint32_t)(c->key & 0xFFFFFFFFu); }
+
+static inline void account_alloc(uint32_t cell, int64_t bytes, double count) {
+    cell_t *c = &S.cells[cell];
+    c->alloc_bytes += bytes;
+    c->allocs += count;
+    c->live_bytes += bytes;
+    c->live_entries++;
+    if (c->track_time) c->last_ns = coarse_ns();
+    if (c->tinfo) {
+        task_info_t *ti = &S.tasks[c->tinfo];
+        ti->live_bytes += bytes;
+        if (ti->live_bytes > ti->peak_live_bytes) ti->peak_live_bytes = ti->live_bytes;
+    }
+}
+
+static inline void account_free(uint32_t cell, int64_t bytes, double count) {
+    cell_t *c = &S.cells[cell];
+    c->freed_bytes += bytes;
+    c->frees += count;
+    c->live_bytes -= bytes;
+    c->live_entries--;
+    uint32_t owner = cell_tid(c);
+    if (owner) {
+        S.tasks[c->tinfo].live_bytes -= bytes;
+        uint32_t now = current_tid();
+        if (now != 0 && now != owner) {
+            c->cross_free_bytes += bytes;
+            c->cross_frees += count;
+        }
+    }
+}
+
+/* ---- the hooks ------------------------------------------------------------------------ */
+static void record_alloc(void *p, size_t size) {
+    tls_t *t = &tls;
+    if (t->session != S.session) tls_enter_session(t);
+    int64_t bytes;
+    double count;
+    if (S.mode == MODE_SAMPLED) {
+        t->countdown -= (int64_t)size;
+        if (t->countdown > 0) return;
+        t->countdown = draw_gap(&t->rng, S.sample_interval);
+        bytes = scaled_bytes(size);
+        count = scaled_count(size);
+    } else {
+        bytes = (int64_t)size;
+        count = 1.0;
+    }
+    if (!ptrmap_fits(p)) {
+        S.untracked++;
+        return;
+    }
+    uint32_t cell = current_cell(t);
+    if (cell == 0) {
+        S.untracked++;
+        return;
+    }
+    if (ptrmap_insert(&S.ptrs, p, size, cell) < 0) {
+        S.untracked++;
+        return;
+    }
+    account_alloc(cell, bytes, count);
+    if (S.stack_interval > 0) {
+        int64_t sb = S.mode == MODE_SAMPLED ? bytes : (int64_t)size;
+        t->stack_countdown -= sb;
+        if (S.mode == MODE_SAMPLED || t->stack_countdown <= 0) {
+            if (S.mode != MODE_SAMPLED) t->stack_countdown = draw_gap(&t->rng, S.stack_interval);
+            stacks_record_alloc(p, size, S.cells[cell].key, S.mode == MODE_SAMPLED ? 0.0 : S.stack_interval);
+        }
+    }
+}
+
+static inline int64_t entry_bytes(size_t size) {
+    return S.mode == MODE_SAMPLED ? scaled_bytes(size) : (int64_t)size;
+}
+
+static inline double entry_count(size_t size) {
+    return S.mode == MODE_SAMPLED ? scaled_count(size) : 1.0;
+}
+
+static void record_free(void *p) {
+    size_t size;
+    uint32_t cell;
+    if (!ptrmap_remove(&S.ptrs, p, &size, &cell)) return;
+    account_free(cell, entry_bytes(size), entry_count(size));
+    if (S.stack_interval > 0) stacks_record_free(p);
+}
+
+static void record_realloc(void *old, void *p, size_t size) {
+    if (S.mode == MODE_SAMPLED) {
+        record_free(old);
+        record_alloc(p, size);
+        return;
+    }
+    tls_t *t = &tls;
+    if (t->session != S.session) tls_enter_session(t);
+    size_t old_size;
+    uint32_t old_cell;
+    if (!ptrmap_remove(&S.ptrs, old, &old_size, &old_cell)) {
+        record_alloc(p, size);
+        return;
+    }
+    int had_stack = S.stack_interval > 0 ? stacks_record_free(old) : 0;
+    uint32_t cell = current_cell(t);
+    if (cell != 0 && cell_tid(&S.cells[cell]) == cell_tid(&S.cells[old_cell])) {
+        /* Same owner: the block keeps its cell and only the size difference counts,
+         * so a buffer grown by realloc is charged its final size, not every step. */
+        cell_t *c = &S.cells[old_cell];
+        if (!ptrmap_fits(p) || ptrmap_insert(&S.ptrs, p, size, old_cell) < 0) {
+            S.untracked++;
+            account_free(old_cell, (int64_t)old_size, 1.0);
+            return;
+        }
+        int64_t delta = (int64_t)size - (int64_t)old_size;
+        if (delta >= 0) c->alloc_bytes += delta;
+        else c->freed_bytes += -delta;
+        c->live_bytes += delta;
+        if (c->track_time) c->last_ns = coarse_ns();
+        if (cell_tid(c)) {
+            task_info_t *ti = &S.tasks[c->tinfo];
+            ti->live_bytes += delta;
+            if (ti->live_bytes > ti->peak_live_bytes) ti->peak_live_bytes = ti->live_bytes;
+        }
+        if (had_stack) stacks_record_alloc(p, size, c->key, S.stack_interval);
+        return;
+    }
+    /* Another owner grows or shrinks the block: ownership moves to it. */
+    account_free(old_cell, (int64_t)old_size, 1.0);
+    record_alloc(p, size);
+}
+
+static void *hook_malloc(void *ctx, size_t size) {
+    PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
+    void *p = a->malloc(a->ctx, size);
+    if (p != NULL && !tls.guard) {
+        tls.guard = 1;
+        record_alloc(p, size);
+        tls.guard = 0;
+    }
+    return p;
+}
+
+static void *hook_calloc(void *ctx, size_t nelem, size_t elsize) {
+    PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
+    void *p = a->calloc(a->ctx, nelem, elsize);
+    if (p != NULL && !tls.guard) {
+        tls.guard = 1;
+        record_alloc(p, nelem * elsize);
+        tls.guard = 0;
+    }
+    return p;
+}
+
+static void *hook_realloc(void *ctx, void *ptr, size_t size) {
+    PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
+    void *p = a->realloc(a->ctx, ptr, size);
+    if (p != NULL && !tls.guard) {
+        tls.guard = 1;
+        if (ptr == NULL) record_alloc(p, size);
+        else record_realloc(ptr, p, size);
+        tls.guard = 0;
+    }
+    return p;
+}
+
+static void hook_free(void *ctx, void *ptr) {
+    PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
+    if (ptr != NULL && !tls.guard) {
+        tls.guard = 1;
+        record_free(ptr);
+        tls.guard = 0;
+    }
+    a->free(a->ctx, ptr);
+}
+
+/* ---- lifecycle ------------------------------------------------------------------------ */
+static void clear_data(void) {
+    ptrmap_free(&S.ptrs);
+    u64map_free(&S.cell_index);
+    u64map_free(&S.task_index);
+    free(S.cells);
+    free(S.free_cells);
+    free(S.tasks);
+    free(S.free_tasks);
+    free(S.threads);
+    S.cells = NULL;
+    S.free_cells = NULL;
+    S.tasks = NULL;
+    S.free_tasks = NULL;
+    S.threads = NULL;
+    S.ncells = S.capcells = S.nfree_cells = S.capfree_cells = 0;
+    S.ntasks = S.captasks = S.nfree_tasks = S.capfree_tasks = 0;
+    S.nthreads = S.capthreads = 0;
+    S.untracked = S.dropped_cells = 0;
+    stacks_clear();
+    Py_CLEAR(S.tag_var);
+    S.has_data = 0;
+}
+
+PyDoc_STRVAR(start_doc,
+"start(tag_var, mode, sample_interval, stack_interval, stack_depth, half_life, seed)\n--\n\n"
+"Install the allocator hooks.  tag_var: the ContextVar holding Tag objects; mode: 0 exact,\n"
+"1 sampled; sample_interval: mean bytes between samples (sampled mode); stack_interval:\n"
+"mean bytes between stack samples, 0 for none; stack_depth: frames kept per stack;\n"
+"half_life: seconds for inferred attribution to halve; seed: RNG seed.  Discards data\n"
+"of a previous run.  Raises RuntimeError if already started.");
+
+static PyObject *core_start(PyObject *m, PyObject *args) {
+    PyObject *var;
+    int mode, depth;
+    double interval, stack_interval, half_life;
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "OiddidK", &var, &mode, &interval, &stack_interval, &depth,
+                          &half_life, &seed))
+        return NULL;
+    if (S.active) {
+        PyErr_SetString(PyExc_RuntimeError, "the allocator hooks are already installed");
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(var)) {
+        PyErr_SetString(PyExc_TypeError, "tag_var must be a contextvars.ContextVar");
+        return NULL;
+    }
+    if (mode != MODE_EXACT && mode != MODE_SAMPLED) {
+        PyErr_SetString(PyExc_ValueError, "mode must be 0 (exact) or 1 (sampled)");
+        return NULL;
+    }
+    if (mode == MODE_SAMPLED && !(interval >= 1.0)) {
+        PyErr_SetString(PyExc_ValueError, "sample_interval must be >= 1 byte");
+        return NULL;
+    }
+    if (S.has_data) clear_data();
+    if (ptrmap_init(&S.ptrs, 1u << 16) < 0 || u64map_init(&S.cell_index, 1024) < 0 ||
+        u64map_init(&S.task_index, 1024) < 0 || stacks_init(depth) < 0) {
+        clear_data();
+        return PyErr_NoMemory();
+    }
+    /* cell 0 and task slot 0 are reserved (0 = "none") */
+    if (grow_array((void **)&S.cells, &S.capcells, sizeof(cell_t), 1) < 0 ||
+        grow_array((void **)&S.tasks, &S.captasks, sizeof(task_info_t), 1) < 0) {
+        clear_data();
+        return PyErr_NoMemory();
+    }
+    S.ncells = 1;
+    S.ntasks = 1;
+    Py_INCREF(var);
+    S.tag_var = var;
+    S.mode = mode;
+    S.sample_interval = interval;
+    S.stack_interval = stack_interval > 0 ? stack_interval : 0;
+    S.half_life_ns = half_life > 0 ? (uint64_t)(half_life * 1e9) : 0;
+    S.seed = seed ? (uint64_t)seed : (uint64_t)now_ns();
+    S.session++;
+    S.cell_gen++;
+    S.start_ns = now_ns();
+    S.has_data = 1;
+
+    static PyMemAllocatorEx hook_obj, hook_mem;
+    PyMem_GetAllocator(PYMEM_DOMAIN_OBJ, &S.orig_obj);
+    PyMem_GetAllocator(PYMEM_DOMAIN_MEM, &S.orig_mem);
+    hook_obj.ctx = &S.orig_obj;
+    hook_obj.malloc = hook_malloc;
+    hook_obj.calloc = hook_calloc;
+    hook_obj.realloc = hook_realloc;
+    hook_obj.free = hook_free;
+    hook_mem = hook_obj;
+    hook_mem.ctx = &S.orig_mem;
+    PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &hook_obj);
+    PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &hook_mem);
+    S.active = 1;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(stop_doc, "stop()\n--\n\nRestore the original allocators.  Data is kept until clear() or start().");
+
+static PyObject *core_stop(PyObject *m, PyObject *noargs) {
+    if (S.active) {
+        PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &S.orig_obj);
+        PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &S.orig_mem);
+        S.active = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(clear_doc, "clear()\n--\n\nFree all recorded data.  Raises RuntimeError while started.");
+
+static PyObject *core_clear(PyObject *m, PyObject *noargs) {
+    if (S.active) {
+        PyErr_SetString(PyExc_RuntimeError, "stop() before clear()");
+        return NULL;
+    }
+    if (S.has_data) clear_data();
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_is_active(PyObject *m, PyObject *noargs) { return PyBool_FromLong(S.active); }
+
+/* ---- thread and hand-over controls (called from Python in the thread concerned) ------- */
+PyDoc_STRVAR(thread_slot_doc, "thread_slot() -> int\n--\n\nThe calling thread's slot (registering it).");
+
+static PyObject *core_thread_slot(PyObject *m, PyObject *noargs) {
+    if (!S.has_data) return PyLong_FromLong(0);
+    tls_t *t = &tls;
+    if (t->session != S.session) tls_enter_session(t);
+    return PyLong_FromUnsignedLong(thread_slot(t));
+}
+
+PyDoc_STRVAR(set_handover_doc,
+"set_handover(tid) -> int\n--\n\nCharge context-less work on this thread to task tid (0: stop),\n"
+"as handed over by our wrappers.  Returns the previous value, to restore it.");
+
+static PyObject *core_set_handover(PyObject *m, PyObject *arg) {
+    unsigned long tid = PyLong_AsUnsignedLong(arg);
+    if (tid == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    tls_t *t = &tls;
+    if (S.has_data && t->session != S.session) tls_enter_session(t);
+    uint32_t prev = t->handover;
+    t->handover = (uint32_t)tid;
+    return PyLong_FromUnsignedLong(prev);
+}
+
+PyDoc_STRVAR(set_inferred_doc,
+"set_inferred(tid, started_ns)\n--\n\nMark the calling thread as started during task tid's step\n"
+"at monotonic time started_ns: its context-less allocations are inferred to that task.");
+
+static PyObject *core_set_inferred(PyObject *m, PyObject *args) {
+    unsigned long tid;
+    unsigned long long started;
+    if (!PyArg_ParseTuple(args, "kK", &tid, &started)) return NULL;
+    if (!S.has_data) Py_RETURN_NONE;
+    tls_t *t = &tls;
+    if (t->session != S.session) tls_enter_session(t);
+    int g = t->guard;
+    t->guard = 1;
+    uint32_t slot = thread_slot(t);
+    t->guard = g;
+    if (slot) {
+        thread_info_t *th = &S.threads[slot - 1];
+        th->inferred_tid = (uint32_t)tid;
+        th->inferred_start_ns = started;
+        th->shared = 0;
+        th->owner_done = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(inferred_owner_done_doc,
+"inferred_owner_done(tid)\n--\n\nTask tid finished: inference to it from threads it started decays faster.");
+
+static PyObject *core_inferred_owner_done(PyObject *m, PyObject *arg) {
+    unsigned long tid = PyLong_AsUnsignedLong(arg);
+    if (tid == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    for (uint32_t i = 0; i < S.nthreads; i++) {
+        if (S.threads[i].inferred_tid == tid) S.threads[i].owner_done = 1;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_now_ns(PyObject *m, PyObject *noargs) { return PyLong_FromUnsignedLongLong(now_ns()); }
+
+/* ---- reading the data (the guard is set so our own output is not recorded) --------- */
+PyDoc_STRVAR(cells_doc,
+"cells() -> list[tuple]\n--\n\nOne tuple per accounting cell: (tid, thread_slot, route, phase,\n"
+"allocated_bytes, allocations, freed_bytes, frees, live_bytes, live_entries,\n"
+"cross_free_bytes, cross_frees, first_ns, last_ns).  Counts are floats (estimates in\n"
+"sampled mode), bytes are ints.");
+
+static PyObject *core_cells(PyObject *m, PyObject *noargs) {
+    int g = tls.guard;
+    tls.guard = 1;
+    PyObject *out = PyList_New(0);
+    for (uint32_t i = 1; out != NULL && i < S.ncells; i++) {
+        cell_t c = S.cells[i];
+        if (c.key == 0) continue; /* released */
+        PyObject *row = Py_BuildValue(
+            "(kkkkLdLdLLLdKK)", (unsigned long)(c.key & 0xFFFFFFFFu), (unsigned long)((c.key >> 32) & 0xFFFFFu),
+            (unsigned long)((c.key >> 52) & 0xFu), (unsigned long)((c.key >> 56) & 0x7u), (long long)c.alloc_bytes,
+            c.allocs, (long long)c.freed_bytes, c.frees, (long long)c.live_bytes, (long long)c.live_entries,
+            (long long)c.cross_free_bytes, c.cross_frees, (unsigned long long)c.first_ns,
+            (unsigned long long)c.last_ns);
+        if (row == NULL || PyList_Append(out, row) < 0) {
+            Py_XDECREF(row);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_DECREF(row);
+    }
+    tls.guard = g;
+    return out;
+}
+
+PyDoc_STRVAR(tasks_doc,
+"tasks() -> dict[int, tuple[int, int, int]]\n--\n\ntid -> (home_slot, live_bytes, peak_live_bytes) for every task with data.");
+
+static PyObject *core_tasks(PyObject *m, PyObject *noargs) {
+    int g = tls.guard;
+    tls.guard = 1;
+    PyObject *out = PyDict_New();
+    for (uint32_t i = 1; out != NULL && i < S.ntasks; i++) {
+        task_info_t ti = S.tasks[i];
+        if (!ti.in_use) continue;
+        PyObject *k = PyLong_FromUnsignedLong(ti.tid);
+        PyObject *v = Py_BuildValue("(kLL)", (unsigned long)ti.home_slot, (long long)ti.live_bytes,
+                                    (long long)ti.peak_live_bytes);
+        if (k == NULL || v == NULL || PyDict_SetItem(out, k, v) < 0) Py_CLEAR(out);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+    }
+    tls.guard = g;
+    return out;
+}
+
+PyDoc_STRVAR(threads_doc,
+"threads() -> list[tuple]\n--\n\n(slot, ident, native_id, inferred_tid, shared, owner_done) per thread seen.");
+
+static PyObject *core_threads(PyObject *m, PyObject *noargs) {
+    int g = tls.guard;
+    tls.guard = 1;
+    PyObject *out = PyList_New(0);
+    for (uint32_t i = 0; out != NULL && i < S.nthreads; i++) {
+        thread_info_t th = S.threads[i];
+        PyObject *row = Py_BuildValue("(kkkkkk)", (unsigned long)(i + 1), th.ident, th.native_id,
+                                      (unsigned long)th.inferred_tid, (unsigned long)th.shared,
+                                      (unsigned long)th.owner_done);
+        if (row == NULL || PyList_Append(out, row) < 0) Py_CLEAR(out);
+        Py_XDECREF(row);
+    }
+    tls.guard = g;
+    return out;
+}
+
+PyDoc_STRVAR(release_task_doc,
+"release_task(tid) -> bool\n--\n\nForget a finished task whose cells hold no live entries (its\n"
+"counters have been folded into an aggregate by the caller).  Returns False, changing\n"
+"nothing, if any of its cells still names a live allocation.");
+
+static PyObject *core_release_task(PyObject *m, PyObject *arg) {
+    unsigned long tid = PyLong_AsUnsignedLong(arg);
+    if (tid == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    if (tid == 0 || !S.has_data) Py_RETURN_FALSE;
+    uint32_t ti;
+    if (!u64map_get(&S.task_index, (uint64_t)tid + 1, &ti)) Py_RETURN_TRUE;
+    for (uint32_t i = 1; i < S.ncells; i++) {
+        if (S.cells[i].key != 0 && S.cells[i].tinfo == ti && S.cells[i].live_entries != 0) Py_RETURN_FALSE;
+    }
+    int g = tls.guard;
+    tls.guard = 1;
+    for (uint32_t i = 1; i < S.ncells; i++) {
+        if (S.cells[i].key != 0 && S.cells[i].tinfo == ti) {
+            u64map_del(&S.cell_index, S.cells[i].key);
+            S.cells[i].key = 0;
+            if (grow_array((void **)&S.free_cells, &S.capfree_cells, sizeof(uint32_t), S.nfree_cells + 1) == 0)
+                S.free_cells[S.nfree_cells++] = i;
+        }
+    }
+    u64map_del(&S.task_index, (uint64_t)tid + 1);
+    S.tasks[ti].in_use = 0;
+    if (grow_array((void **)&S.free_tasks, &S.capfree_tasks, sizeof(uint32_t), S.nfree_tasks + 1) == 0)
+        S.free_tasks[S.nfree_tasks++] = ti;
+    S.cell_gen++; /* invalidate every thread's cached cell */
+    tls.guard = g;
+    Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(stats_doc,
+"stats() -> dict\n--\n\nThe tracker's own footprint: tracked_allocations, table_bytes, tracker_bytes,\n"
+"cells, tasks, threads, untracked, dropped, start_ns.");
+
+static PyObject *core_stats(PyObject *m, PyObject *noargs) {
+    int g = tls.guard;
+    tls.guard = 1;
+    size_t table = ptrmap_bytes(&S.ptrs);
+    size_t other = (size_t)S.capcells * sizeof(cell_t) + (size_t)S.captasks * sizeof(task_info_t) +
+                   (size_t)S.capthreads * sizeof(thread_info_t) +
+                   ((size_t)(S.cell_index.slots ? S.cell_index.mask + 1 : 0) +
+                    (size_t)(S.task_index.slots ? S.task_index.mask + 1 : 0)) * sizeof(u64map_entry_t) +
+                   ((size_t)S.capfree_cells + S.capfree_tasks) * sizeof(uint32_t);
+    size_t stacks = stacks_bytes();
+    PyObject *d = Py_BuildValue(
+        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K}", "tracked_allocations",
+        (unsigned long long)S.ptrs.count, "table_bytes", (Py_ssize_t)table, "stacks_bytes", (Py_ssize_t)stacks,
+        "tracker_bytes", (Py_ssize_t)(table + other + stacks), "cells",
+        (unsigned int)(S.ncells - 1 - S.nfree_cells), "tasks", (unsigned int)(S.ntasks - 1 - S.nfree_tasks),
+        "threads", (unsigned int)S.nthreads, "untracked", (unsigned long long)S.untracked, "dropped",
+        (unsigned long long)S.dropped_cells, "start_ns", (unsigned long long)S.start_ns, "active", S.active,
+        "table_capacity", (unsigned long long)S.ptrs.capacity);
+    tls.guard = g;
+    return d;
+}
+
+/* ---- the Tag type ---------------------------------------------------------------------- */
+static PyObject *Tag_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    unsigned long tid;
+    if (!PyArg_ParseTuple(args, "k:Tag", &tid)) return NULL;
+    if (tid == 0 || tid > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a Tag id is in 1..2**32-1");
+        return NULL;
+    }
+    TagObject *self = (TagObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->tid = (uint32_t)tid;
+    return (PyObject *)self;
+}
+
+static PyObject *Tag_repr(TagObject *self) { return PyUnicode_FromFormat("Tag(%lu)", (unsigned long)self->tid); }
+
+static PyObject *Tag_get_id(TagObject *self, void *closure) { return PyLong_FromUnsignedLong(self->tid); }
+
+static PyGetSetDef Tag_getset[] = {{"id", (getter)Tag_get_id, NULL, "the task id", NULL}, {NULL}};
+
+static PyTypeObject TagType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.Tag",
+    .tp_basicsize = sizeof(TagObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = PyDoc_STR("Tag(id): the value our ContextVar holds inside a task's context."),
+    .tp_new = Tag_new,
+    .tp_repr = (reprfunc)Tag_repr,
+    .tp_getset = Tag_getset,
+};
+
+/* ---- module ---------------------------------------------------------------------------- */
+static PyMethodDef core_methods[] = {
+    {"start", core_start, METH_VARARGS, start_doc},
+    {"stop", core_stop, METH_NOARGS, stop_doc},
+    {"clear", core_clear, METH_NOARGS, clear_doc},
+    {"is_active", core_is_active, METH_NOARGS, NULL},
+    {"thread_slot", core_thread_slot, METH_NOARGS, thread_slot_doc},
+    {"set_handover", core_set_handover, METH_O, set_handover_doc},
+    {"set_inferred", core_set_inferred, METH_VARARGS, set_inferred_doc},
+    {"inferred_owner_done", core_inferred_owner_done, METH_O, inferred_owner_done_doc},
+    {"now_ns", core_now_ns, METH_NOARGS, NULL},
+    {"cells", core_cells, METH_NOARGS, cells_doc},
+    {"tasks", core_tasks, METH_NOARGS, tasks_doc},
+    {"threads", core_threads, METH_NOARGS, threads_doc},
+    {"release_task", core_release_task, METH_O, release_task_doc},
+    {"stats", core_stats, METH_NOARGS, stats_doc},
+    {"stack_samples", core_stack_samples, METH_NOARGS, stack_samples_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT, "_core", "Allocator hooks and per-task accounting (see _core.pyi).", -1, core_methods,
+};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    if (PyType_Ready(&TagType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&core_module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&TagType);
+    if (PyModule_AddObject(m, "Tag", (PyObject *)&TagType) < 0 ||
+        PyModule_AddIntConstant(m, "ROUTE_CONTEXT", ROUTE_CONTEXT) < 0 ||
+        PyModule_AddIntConstant(m, "ROUTE_HANDED", ROUTE_HANDED) < 0 ||
+        PyModule_AddIntConstant(m, "ROUTE_INFERRED", ROUTE_INFERRED) < 0 ||
+        PyModule_AddIntConstant(m, "INFERRED_PHASES", INFERRED_PHASES) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_EXACT", MODE_EXACT) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_SAMPLED", MODE_SAMPLED) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

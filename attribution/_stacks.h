@@ -1,0 +1,312 @@
+/* Stack samples: where allocations happen, captured inside the allocator hook.
+ *
+ * A sampled allocation's stack is read by walking the thread's interpreter frames
+ * directly (as CPython's tracemalloc does), without creating frame objects and without
+ * running Python code.  A frame is kept as (code object, instruction offset): the code
+ * object gets a strong reference (Py_INCREF never allocates) and the line number is only
+ * computed when a report is built.  Frames, stacks and (task, stack) sites are interned,
+ * so a repeated stack costs one hash lookup.
+ *
+ * Weights: a sample of `size` bytes taken by a Poisson process of mean R bytes stands for
+ * size / (1 - exp(-size / R)) bytes (Go's scaleHeapSample).  Live bytes per site come from
+ * remembering which sampled pointers are still alive.
+ */
+#ifndef MEMSCOPE_STACKS_H
+#define MEMSCOPE_STACKS_H
+
+#define Py_BUILD_CORE 1
+#include "internal/pycore_frame.h"
+#undef Py_BUILD_CORE
+
+#include <math.h>
+#include "_u64map.h"
+
+#define STACK_MAX_DEPTH 256
+
+typedef struct {
+    PyObject *code; /* strong */
+    uint32_t lasti;
+} frame_rec_t;
+
+typedef struct {
+    uint64_t hash;
+    uint32_t off, len;
+} stack_rec_t;
+
+typedef struct {
+    uint32_t tid;
+    uint32_t stack;
+    double alloc_bytes;
+    double allocs;
+    double live_bytes;
+} site_t;
+
+typedef struct {
+    uint32_t site;
+    uint32_t next_free;
+    double bytes; /* the estimate this sample added to its site */
+} live_sample_t;
+
+static struct {
+    int depth;
+    u64map_t frame_index;
+    frame_rec_t *frames;
+    uint32_t nframes, capframes;
+    u64map_t stack_index;
+    stack_rec_t *stacks;
+    uint32_t nstacks, capstacks;
+    uint32_t *stack_data;
+    uint32_t ndata, capdata;
+    u64map_t site_index;
+    site_t *sites;
+    uint32_t nsites, capsites;
+    u64map_t live_index; /* pointer -> live sample */
+    live_sample_t *live;
+    uint32_t nlive, caplive, free_live;
+    uint64_t samples;
+} K;
+
+static int stacks_init(int depth) {
+    memset(&K, 0, sizeof(K));
+    K.depth = depth < 1 ? 1 : (depth > STACK_MAX_DEPTH ? STACK_MAX_DEPTH : depth);
+    K.free_live = UINT32_MAX;
+    if (u64map_init(&K.frame_index, 1024) < 0 || u64map_init(&K.stack_index, 1024) < 0 ||
+        u64map_init(&K.site_index, 1024) < 0 || u64map_init(&K.live_index, 1024) < 0)
+        return -1;
+    return 0;
+}
+
+static void stacks_clear(void) {
+    for (uint32_t i = 0; i < K.nframes; i++) Py_XDECREF(K.frames[i].code);
+    u64map_free(&K.frame_index);
+    u64map_free(&K.stack_index);
+    u64map_free(&K.site_index);
+    u64map_free(&K.live_index);
+    free(K.frames);
+    free(K.stacks);
+    free(K.stack_data);
+    free(K.sites);
+    free(K.live);
+    memset(&K, 0, sizeof(K));
+    K.free_live = UINT32_MAX;
+}
+
+static size_t stacks_bytes(void) {
+    size_t maps = (K.frame_index.slots ? K.frame_index.mask + 1 : 0) + (K.stack_index.slots ? K.stack_index.mask + 1 : 0) +
+                  (K.site_index.slots ? K.site_index.mask + 1 : 0) + (K.live_index.slots ? K.live_index.mask + 1 : 0);
+    return maps * sizeof(u64map_entry_t) + (size_t)K.capframes * sizeof(frame_rec_t) +
+           (size_t)K.capstacks * sizeof(stack_rec_t) + (size_t)K.capdata * sizeof(uint32_t) +
+           (size_t)K.capsites * sizeof(site_t) + (size_t)K.caplive * sizeof(live_sample_t);
+}
+
+/* ---- frame walking, per CPython version -------------------------------------------- */
+static inline _PyInterpreterFrame *top_frame(PyThreadState *ts) {
+#if PY_VERSION_HEX >= 0x030D0000
+    return ts->current_frame;
+#else
+    return ts->cframe ? ts->cframe->current_frame : NULL;
+#endif
+}
+
+static inline PyCodeObject *frame_code(_PyInterpreterFrame *f) {
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *ex = f->f_executable;
+    return (ex != NULL && PyCode_Check(ex)) ? (PyCodeObject *)ex : NULL;
+#else
+    return f->f_code;
+#endif
+}
+
+static inline _Py_CODEUNIT *frame_instr(_PyInterpreterFrame *f) {
+#if PY_VERSION_HEX >= 0x030D0000
+    return f->instr_ptr;
+#else
+    return f->prev_instr;
+#endif
+}
+
+/* A frame that has not started running its own code (or a C-stack shim) is skipped. */
+static inline int frame_skip(_PyInterpreterFrame *f, PyCodeObject *code) {
+    if (code == NULL) return 1;
+#if PY_VERSION_HEX >= 0x030C0000
+    if (f->owner == FRAME_OWNED_BY_CSTACK) return 1;
+#endif
+    return f->owner != FRAME_OWNED_BY_GENERATOR && frame_instr(f) < _PyCode_CODE(code) + code->_co_firsttraceable;
+}
+
+static uint32_t intern_frame(PyCodeObject *code, uint32_t lasti, int *ok) {
+    uint64_t key = (((uint64_t)(uintptr_t)code >> 3) << 19) ^ (uint64_t)(lasti & 0x7FFFF);
+    key |= UINT64_C(1) << 63;
+    uint32_t idx;
+    /* code pointers are unique while we hold a reference, but the xor folds bits: verify */
+    while (u64map_get(&K.frame_index, key, &idx)) {
+        if (K.frames[idx].code == (PyObject *)code && K.frames[idx].lasti == lasti) return idx;
+        key = (key * UINT64_C(0x9E3779B97F4A7C15)) | (UINT64_C(1) << 63);
+    }
+    if (grow_array((void **)&K.frames, &K.capframes, sizeof(frame_rec_t), K.nframes + 1) < 0) {
+        *ok = 0;
+        return 0;
+    }
+    idx = K.nframes;
+    if (u64map_put(&K.frame_index, key, idx) < 0) {
+        *ok = 0;
+        return 0;
+    }
+    Py_INCREF(code);
+    K.frames[idx].code = (PyObject *)code;
+    K.frames[idx].lasti = lasti;
+    K.nframes++;
+    return idx;
+}
+
+static int64_t intern_stack(const uint32_t *fr, uint32_t n) {
+    uint64_t h = UINT64_C(1469598103934665603);
+    for (uint32_t i = 0; i < n; i++) {
+        h ^= fr[i];
+        h *= UINT64_C(1099511628211);
+    }
+    h ^= n;
+    uint64_t key = h | (UINT64_C(1) << 63);
+    uint32_t idx;
+    while (u64map_get(&K.stack_index, key, &idx)) {
+        stack_rec_t *s = &K.stacks[idx];
+        if (s->len == n && memcmp(K.stack_data + s->off, fr, n * sizeof(uint32_t)) == 0) return idx;
+        key = (key * UINT64_C(0x9E3779B97F4A7C15)) | (UINT64_C(1) << 63);
+    }
+    if (grow_array((void **)&K.stacks, &K.capstacks, sizeof(stack_rec_t), K.nstacks + 1) < 0 ||
+        grow_array((void **)&K.stack_data, &K.capdata, sizeof(uint32_t), K.ndata + n + 1) < 0)
+        return -1;
+    idx = K.nstacks;
+    if (u64map_put(&K.stack_index, key, idx) < 0) return -1;
+    memcpy(K.stack_data + K.ndata, fr, n * sizeof(uint32_t));
+    K.stacks[idx].hash = h;
+    K.stacks[idx].off = K.ndata;
+    K.stacks[idx].len = n;
+    K.ndata += n;
+    K.nstacks++;
+    return idx;
+}
+
+/* Record one stack sample for allocation p.  R: the mean bytes of the sampling process
+ * that chose it (the sample's weight follows from it). */
+static void stacks_record_alloc(void *p, size_t size, uint64_t cell_key, double R) {
+    PyThreadState *ts = tstate_unchecked();
+    uint32_t fr[STACK_MAX_DEPTH];
+    uint32_t n = 0;
+    int ok = 1;
+    if (ts != NULL) {
+        for (_PyInterpreterFrame *f = top_frame(ts); f != NULL && n < (uint32_t)K.depth; f = f->previous) {
+            PyCodeObject *code = frame_code(f);
+            if (frame_skip(f, code)) continue;
+            uint32_t lasti = (uint32_t)(frame_instr(f) - _PyCode_CODE(code));
+            fr[n++] = intern_frame(code, lasti, &ok);
+            if (!ok) return;
+        }
+    }
+    int64_t stack = intern_stack(fr, n);
+    if (stack < 0) return;
+    uint32_t tid = (uint32_t)(cell_key & 0xFFFFFFFFu);
+    uint64_t skey = ((uint64_t)tid << 32) | (uint64_t)stack | (UINT64_C(1) << 63);
+    /* tid uses bits 32..62 only up to 2**31 tasks; beyond that sites of two tids may
+     * share a key, which only merges their hotspots */
+    uint32_t site;
+    if (!u64map_get(&K.site_index, skey, &site)) {
+        if (grow_array((void **)&K.sites, &K.capsites, sizeof(site_t), K.nsites + 1) < 0) return;
+        site = K.nsites;
+        if (u64map_put(&K.site_index, skey, site) < 0) return;
+        memset(&K.sites[site], 0, sizeof(site_t));
+        K.sites[site].tid = tid;
+        K.sites[site].stack = (uint32_t)stack;
+        K.nsites++;
+    }
+    double w = 1.0 / (1.0 - exp(-(double)size / R));
+    double bytes = (double)size * w;
+    K.sites[site].alloc_bytes += bytes;
+    K.sites[site].allocs += w;
+    K.sites[site].live_bytes += bytes;
+    K.samples++;
+    /* remember the pointer so its free takes the bytes off the site's live total */
+    uint32_t li;
+    if (K.free_live != UINT32_MAX) {
+        li = K.free_live;
+        K.free_live = K.live[li].next_free;
+    } else {
+        if (grow_array((void **)&K.live, &K.caplive, sizeof(live_sample_t), K.nlive + 1) < 0) return;
+        li = K.nlive++;
+    }
+    if (u64map_put(&K.live_index, (uint64_t)(uintptr_t)p | (UINT64_C(1) << 63), li) < 0) return;
+    K.live[li].site = site;
+    K.live[li].bytes = bytes;
+    K.live[li].next_free = UINT32_MAX;
+}
+
+/* Returns 1 if p was a sampled pointer (now forgotten), else 0. */
+static int stacks_record_free(void *p) {
+    uint64_t key = (uint64_t)(uintptr_t)p | (UINT64_C(1) << 63);
+    uint32_t li;
+    if (K.live_index.count == 0 || !u64map_get(&K.live_index, key, &li)) return 0;
+    u64map_del(&K.live_index, key);
+    K.sites[K.live[li].site].live_bytes -= K.live[li].bytes;
+    K.live[li].next_free = K.free_live;
+    K.free_live = li;
+    return 1;
+}
+
+PyDoc_STRVAR(stack_samples_doc,
+"stack_samples() -> tuple[list, list, list]\n--\n\n(sites, stacks, frames): sites are\n"
+"(tid, stack_index, allocated_bytes, allocations, live_bytes) estimates; stacks are tuples\n"
+"of frame indices, innermost first; frames are (filename, qualname, line).");
+
+static PyObject *core_stack_samples(PyObject *m, PyObject *noargs) {
+    int g = tls.guard;
+    tls.guard = 1;
+    PyObject *sites = PyList_New(0), *stacks = PyList_New(0), *frames = PyList_New(0), *out = NULL;
+    if (sites == NULL || stacks == NULL || frames == NULL) goto done;
+    for (uint32_t i = 0; i < K.nsites; i++) {
+        site_t s = K.sites[i];
+        PyObject *row = Py_BuildValue("(kkddd)", (unsigned long)s.tid, (unsigned long)s.stack, s.alloc_bytes,
+                                      s.allocs, s.live_bytes);
+        if (row == NULL || PyList_Append(sites, row) < 0) {
+            Py_XDECREF(row);
+            goto done;
+        }
+        Py_DECREF(row);
+    }
+    for (uint32_t i = 0; i < K.nstacks; i++) {
+        stack_rec_t s = K.stacks[i];
+        PyObject *t = PyTuple_New(s.len);
+        if (t == NULL) goto done;
+        for (uint32_t j = 0; j < s.len; j++) {
+            PyObject *v = PyLong_FromUnsignedLong(K.stack_data[s.off + j]);
+            if (v == NULL) {
+                Py_DECREF(t);
+                goto done;
+            }
+            PyTuple_SET_ITEM(t, j, v);
+        }
+        if (PyList_Append(stacks, t) < 0) {
+            Py_DECREF(t);
+            goto done;
+        }
+        Py_DECREF(t);
+    }
+    for (uint32_t i = 0; i < K.nframes; i++) {
+        PyCodeObject *code = (PyCodeObject *)K.frames[i].code;
+        int line = PyCode_Addr2Line(code, (int)(K.frames[i].lasti * sizeof(_Py_CODEUNIT)));
+        PyObject *row = Py_BuildValue("(OOi)", code->co_filename, code->co_qualname, line < 0 ? 0 : line);
+        if (row == NULL || PyList_Append(frames, row) < 0) {
+            Py_XDECREF(row);
+            goto done;
+        }
+        Py_DECREF(row);
+    }
+    out = Py_BuildValue("(OOO)", sites, stacks, frames);
+done:
+    Py_XDECREF(sites);
+    Py_XDECREF(stacks);
+    Py_XDECREF(frames);
+    tls.guard = g;
+    return out;
+}
+
+#endif

@@ -1,0 +1,417 @@
+"""The report: plain, frozen data describing one profiled run (schema version 1).
+
+A :class:`Report` is built by :mod:`memscope_async.attribution.aggregate` from the flat
+records the profiler keeps, and is consumed by the exporters.  It holds no reference to
+the C core, to a loop or to a task object, so it can be saved, loaded and re-rendered.
+
+Units everywhere: sizes are integer bytes, times are float seconds since the profiler
+started (``run.started_at`` is the wall-clock start, ISO 8601, UTC).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import orjson
+
+SCHEMA_VERSION = 1
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AttributionShare",
+    "Distribution",
+    "Frame",
+    "Group",
+    "Hotspot",
+    "LeakSuspect",
+    "Migration",
+    "Report",
+    "ReportError",
+    "RunInfo",
+    "SubtreeCounters",
+    "TaskReport",
+    "ThreadReport",
+    "Totals",
+    "Unattributed",
+    "UnattributedThread",
+]
+
+
+class ReportError(ValueError):
+    """A report file or document is not a valid memscope-async report."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One source location: ``file``, 1-based ``line`` (0 if unknown) and ``function``."""
+
+    file: str
+    line: int
+    function: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hotspot:
+    """An allocation site: where bytes were allocated and how many of them are still live.
+
+    ``stack`` is innermost first and runs through the task's await chain.  When
+    ``Report.run.stacks_sampled`` is true the byte and allocation numbers of a hotspot are
+    unbiased estimates scaled up from sampled stacks.
+    """
+
+    file: str
+    line: int
+    function: str
+    bytes: int
+    allocations: int
+    live_bytes: int
+    stack: tuple[Frame, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AttributionShare:
+    """Bytes charged to a task through one route on one thread, and how sure we are."""
+
+    route: str
+    thread_id: int | None
+    bytes: int
+    allocations: int
+    confidence: float
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """A task's work seen on another thread (or handed back to its loop thread)."""
+
+    route: str
+    from_thread: int | None
+    to_thread: int | None
+    first_at: float
+    last_at: float
+    allocated_bytes: int
+    allocations: int
+    confidence: float
+
+
+@dataclass(frozen=True, slots=True)
+class SubtreeCounters:
+    """Counters summed over a task and all its descendants."""
+
+    allocated_bytes: int
+    allocations: int
+    freed_bytes: int
+    live_bytes: int
+    tasks: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskReport:
+    """Everything known about one task.  Own counters never include its children's bytes;
+    ``subtree`` does."""
+
+    id: int
+    name: str | None
+    coro: str | None
+    parent_id: int | None
+    lineage: tuple[int, ...]
+    labels: Mapping[str, str]
+    thread_id: int | None
+    loop_id: int | None
+    created_at: float
+    finished_at: float | None
+    state: str
+    allocated_bytes: int
+    allocations: int
+    freed_bytes: int
+    live_bytes: int
+    peak_live_bytes: int
+    retained_after_done_bytes: int
+    subtree: SubtreeCounters
+    attribution: tuple[AttributionShare, ...] = ()
+    confidence: float = 1.0
+    migrations: tuple[Migration, ...] = ()
+    cross_task_frees: int = 0
+    cross_task_freed_bytes: int = 0
+    hotspots: tuple[Hotspot, ...] = ()
+    live_hotspots: tuple[Hotspot, ...] = ()
+    via_factory: bool = True
+    cross_thread_parent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Distribution:
+    """Per-task distribution of one counter inside a group."""
+
+    sum: int
+    p50: int
+    p95: int
+    max: int
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Tasks sharing a coroutine (and labels)."""
+
+    key: str
+    coro: str | None
+    labels: Mapping[str, str]
+    tasks: int
+    folded_tasks: int
+    allocated_bytes: Distribution
+    allocations: int
+    live_bytes: int
+    retained_after_done_bytes: int
+    hotspots: tuple[Hotspot, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LeakSuspect:
+    """A group of finished tasks whose memory outlives them, with the sites still holding it."""
+
+    key: str
+    coro: str | None
+    labels: Mapping[str, str]
+    tasks: int
+    retained_bytes: int
+    hotspots: tuple[Hotspot, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadReport:
+    """A thread that allocated while the profiler ran."""
+
+    id: int
+    native_id: int | None
+    name: str | None
+    role: str
+    attributed_bytes: int
+    unattributed_bytes: int
+    allocations: int
+
+
+@dataclass(frozen=True, slots=True)
+class UnattributedThread:
+    thread_id: int | None
+    allocated_bytes: int
+    allocations: int
+    freed_bytes: int
+    live_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unattributed:
+    """Bytes allocated outside any task: loop internals, start-up, unrelated threads."""
+
+    allocated_bytes: int
+    allocations: int
+    freed_bytes: int
+    live_bytes: int
+    by_thread: tuple[UnattributedThread, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    allocated_bytes: int
+    allocations: int
+    freed_bytes: int
+    live_bytes: int
+    attributed_bytes: int
+    unattributed_bytes: int
+    tasks: int
+    folded_tasks: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    python: str
+    platform: str
+    loop: str
+    mode: str
+    sample_interval: int | None
+    stack_depth: int
+    started_at: str
+    duration_s: float
+    pid: int
+    estimated: bool
+    stacks_sampled: bool
+    tracker_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Report:
+    """One profiled run.  Build it with ``Profiler.snapshot()`` or :meth:`Report.load`."""
+
+    run: RunInfo
+    totals: Totals
+    tasks: tuple[TaskReport, ...]
+    unattributed: Unattributed
+    groups: tuple[Group, ...] = ()
+    leak_suspects: tuple[LeakSuspect, ...] = ()
+    threads: tuple[ThreadReport, ...] = ()
+    schema_version: int = SCHEMA_VERSION
+    tool: Mapping[str, str] = field(default_factory=lambda: {"name": "memscope-async"})
+    # Live task objects seen at snapshot time, by id(); never serialised.
+    _objects: Mapping[int, tuple[Any, int]] = field(default_factory=dict, repr=False, compare=False)
+
+    # -- lookups -------------------------------------------------------------------------
+    def task(self, task_or_id: Any) -> TaskReport:
+        """The report of one task, given its report id or the ``asyncio.Task`` itself.
+
+        Raises ``KeyError`` if the report does not know that task.
+        """
+        index = self._index()
+        if isinstance(task_or_id, int) and not isinstance(task_or_id, bool):
+            try:
+                return index[task_or_id]
+            except KeyError:
+                raise KeyError(f"no task with id {task_or_id} in this report") from None
+        entry = self._objects.get(id(task_or_id))
+        if entry is not None and entry[0]() is task_or_id and entry[1] in index:
+            return index[entry[1]]
+        raise KeyError(f"task {task_or_id!r} is not in this report")
+
+    def find(self, name: str | None = None, coro: str | None = None, **labels: str) -> list[TaskReport]:
+        """Tasks matching every given criterion.  ``coro`` matches the qualified name or its
+        last dotted part (``"worker"`` matches ``"Service.worker"``)."""
+        out = []
+        for t in self.tasks:
+            if name is not None and t.name != name:
+                continue
+            if coro is not None and t.coro != coro and (t.coro or "").rsplit(".", 1)[-1] != coro:
+                continue
+            if any(t.labels.get(k) != v for k, v in labels.items()):
+                continue
+            out.append(t)
+        return out
+
+    def children(self, task_or_id: Any) -> list[TaskReport]:
+        """Direct children of a task (tasks whose ``parent_id`` is it)."""
+        tid = self.task(task_or_id).id
+        return [t for t in self.tasks if t.parent_id == tid]
+
+    def walk(self) -> Iterator[tuple[int, TaskReport]]:
+        """(depth, task) pairs in lineage order: each root followed by its descendants."""
+        kids: dict[int | None, list[TaskReport]] = {}
+        known = {t.id for t in self.tasks}
+        for t in self.tasks:
+            parent = t.parent_id if t.parent_id in known else None
+            kids.setdefault(parent, []).append(t)
+        stack = [(0, t) for t in reversed(kids.get(None, []))]
+        while stack:
+            depth, t = stack.pop()
+            yield depth, t
+            stack.extend((depth + 1, c) for c in reversed(kids.get(t.id, [])))
+
+    def _index(self) -> dict[int, TaskReport]:
+        index = self.__dict__.get("_task_index")
+        if index is None:
+            index = {t.id: t for t in self.tasks}
+            object.__setattr__(self, "_task_index", index)  # a cache, not state
+        return index
+
+    # -- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready plain data (the schema-v1 document)."""
+        doc = {
+            "schema_version": self.schema_version,
+            "tool": dict(self.tool),
+            "run": dataclasses.asdict(self.run),
+            "totals": dataclasses.asdict(self.totals),
+            "tasks": [_task_dict(t) for t in self.tasks],
+            "groups": [dataclasses.asdict(g) for g in self.groups],
+            "leak_suspects": [dataclasses.asdict(s) for s in self.leak_suspects],
+            "threads": [dataclasses.asdict(t) for t in self.threads],
+            "unattributed": dataclasses.asdict(self.unattributed),
+        }
+        return doc
+
+    def to_json(self, *, indent: bool = False) -> bytes:
+        """The schema-v1 JSON document, as UTF-8 bytes."""
+        opts = orjson.OPT_NON_STR_KEYS | (orjson.OPT_INDENT_2 if indent else 0)
+        return orjson.dumps(self.to_dict(), option=opts)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> "Report":
+        """Rebuild a report from its plain-data form.  Raises :class:`ReportError`."""
+        try:
+            version = doc["schema_version"]
+            if version != SCHEMA_VERSION:
+                raise ReportError(f"unsupported report schema_version {version!r} (expected {SCHEMA_VERSION})")
+            return cls(
+                schema_version=version,
+                tool=dict(doc.get("tool", {})),
+                run=RunInfo(**doc["run"]),
+                totals=Totals(**doc["totals"]),
+                tasks=tuple(_task_from(t) for t in doc["tasks"]),
+                groups=tuple(_group_from(g) for g in doc.get("groups", ())),
+                leak_suspects=tuple(_leak_from(s) for s in doc.get("leak_suspects", ())),
+                threads=tuple(ThreadReport(**t) for t in doc.get("threads", ())),
+                unattributed=Unattributed(
+                    **{k: v for k, v in doc["unattributed"].items() if k != "by_thread"},
+                    by_thread=tuple(UnattributedThread(**u) for u in doc["unattributed"].get("by_thread", ())),
+                ),
+            )
+        except ReportError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ReportError(f"not a memscope-async report: {type(exc).__name__}: {exc}") from None
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "Report":
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ReportError(f"not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ReportError("not a memscope-async report: top level is not an object")
+        return cls.from_dict(doc)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Report":
+        """Read a report written by ``Profiler.export``.  Raises ``OSError`` or :class:`ReportError`."""
+        return cls.from_json(Path(path).read_bytes())
+
+
+def _task_dict(t: TaskReport) -> dict[str, Any]:
+    d = dataclasses.asdict(t)
+    d["lineage"] = list(t.lineage)
+    d["labels"] = dict(t.labels)
+    return d
+
+
+def _frames(stack: Iterable[Mapping[str, Any]]) -> tuple[Frame, ...]:
+    return tuple(Frame(**f) for f in stack)
+
+
+def _hotspots(items: Iterable[Mapping[str, Any]]) -> tuple[Hotspot, ...]:
+    return tuple(Hotspot(**{**h, "stack": _frames(h.get("stack", ()))}) for h in items)
+
+
+def _task_from(d: Mapping[str, Any]) -> TaskReport:
+    d = dict(d)
+    d["lineage"] = tuple(d["lineage"])
+    d["labels"] = dict(d.get("labels") or {})
+    d["subtree"] = SubtreeCounters(**d["subtree"])
+    d["attribution"] = tuple(AttributionShare(**a) for a in d.get("attribution", ()))
+    d["migrations"] = tuple(Migration(**m) for m in d.get("migrations", ()))
+    d["hotspots"] = _hotspots(d.get("hotspots", ()))
+    d["live_hotspots"] = _hotspots(d.get("live_hotspots", ()))
+    return TaskReport(**d)
+
+
+def _group_from(d: Mapping[str, Any]) -> Group:
+    d = dict(d)
+    d["allocated_bytes"] = Distribution(**d["allocated_bytes"])
+    d["labels"] = dict(d.get("labels") or {})
+    d["hotspots"] = _hotspots(d.get("hotspots", ()))
+    return Group(**d)
+
+
+def _leak_from(d: Mapping[str, Any]) -> LeakSuspect:
+    d = dict(d)
+    d["labels"] = dict(d.get("labels") or {})
+    d["hotspots"] = _hotspots(d.get("hotspots", ()))
+    return LeakSuspect(**d)

@@ -1,0 +1,132 @@
+"""Write a :class:`Report` as its schema-v1 JSON document, atomically.
+
+"Atomically" means a reader of ``path`` sees either the previous file or the complete new
+document, never a torn one: the bytes go to a temporary file in the same directory (so the
+final rename never crosses a file system), are flushed and fsynced, and then replace the
+target with ``os.replace``.  On any failure the temporary file is removed and whatever was at
+``path`` before is left untouched.
+
+The parent directory must already exist: creating directories is the caller's decision
+(a typo in ``--output`` should be an error, not a new directory tree).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+import aiofiles
+import aiofiles.os
+import orjson
+
+from ..attribution.report import Report
+
+__all__ = ["ExportError", "export_json_async", "write_json"]
+
+
+class ExportError(Exception):
+    """A report could not be exported.  The message is one line naming the target and the
+    reason; the underlying exception, if any, is chained as ``__cause__``."""
+
+
+def write_json(report: Report, path: str | os.PathLike[str], *, indent: bool = False) -> Path:
+    """Write ``report.to_json(indent=indent)`` to ``path`` atomically and return ``Path(path)``.
+
+    Raises :class:`ExportError` if the parent directory is missing, the report cannot be
+    serialised, or any write, fsync or rename fails.  In every failure case the previous
+    file at ``path`` (if any) is left intact and no temporary file remains.
+    """
+    target = Path(path)
+    _check_parent(target, target.parent.is_dir())
+    data = _serialise(report, target, indent)
+    tmp = _temp_name(target)
+    try:
+        # "x": exclusive create, so we never clobber a stranger's file; the mode follows the
+        # umask like any file the user creates (mkstemp would force 0600 on the report).
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException as exc:
+        _discard(tmp)
+        if isinstance(exc, OSError):
+            raise _error(target, exc) from exc
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+async def export_json_async(report: Report, path: str | os.PathLike[str], *, indent: bool = False) -> Path:
+    """Asynchronous :func:`write_json`: the file I/O runs off the event loop (aiofiles).
+
+    Same contract: returns ``Path(path)``; raises :class:`ExportError`; on failure the old
+    file is intact and the temporary file is removed.  If the calling task is cancelled
+    while the rename is in flight, ``path`` holds either the old or the new document.
+    Serialising the report (orjson) runs on the loop thread; it is fast and needs the GIL
+    anyway.
+    """
+    target = Path(path)
+    _check_parent(target, await aiofiles.os.path.isdir(target.parent))
+    data = _serialise(report, target, indent)
+    tmp = _temp_name(target)
+    loop = asyncio.get_running_loop()
+    try:
+        async with aiofiles.open(tmp, "xb") as fh:
+            await fh.write(data)
+            await fh.flush()
+            await loop.run_in_executor(None, os.fsync, fh.fileno())
+        await aiofiles.os.replace(tmp, target)
+    except BaseException as exc:
+        # A plain unlink, not an await: cleanup must also happen while the task is being
+        # cancelled, and a second cancellation could interrupt an awaited remove.
+        _discard(tmp)
+        if isinstance(exc, OSError):
+            raise _error(target, exc) from exc
+        raise
+    await loop.run_in_executor(None, _fsync_dir, target.parent)
+    return target
+
+
+def _check_parent(target: Path, parent_is_dir: bool) -> None:
+    if not parent_is_dir:
+        raise ExportError(f"cannot write report to {target}: directory {target.parent} does not exist")
+
+
+def _serialise(report: Report, target: Path, indent: bool) -> bytes:
+    try:
+        return report.to_json(indent=indent)
+    except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
+        raise ExportError(f"cannot write report to {target}: report is not serialisable: {exc}") from exc
+
+
+def _temp_name(target: Path) -> Path:
+    # Hidden, same directory (same file system, so os.replace is atomic), random suffix so
+    # two concurrent exports to one path never share a temporary file.
+    return target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+
+
+def _discard(tmp: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable on POSIX.  Best effort: the document is already complete
+    # and in place, and some platforms or file systems cannot open or fsync a directory.
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _error(target: Path, exc: OSError) -> ExportError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, FileNotFoundError) and not target.parent.is_dir():
+        reason = f"directory {target.parent} does not exist"
+    return ExportError(f"cannot write report to {target}: {reason}")
