@@ -59,6 +59,7 @@ typedef struct {
     double cross_frees;
     uint64_t first_ns;
     uint64_t last_ns;
+    uint32_t next_in_task;  /* next cell of the same task, 0 = end */
 } cell_t;
 
 typedef struct {
@@ -66,7 +67,10 @@ typedef struct {
     uint32_t home_slot;
     int64_t live_bytes;
     int64_t peak_live_bytes;
-    uint32_t ncells;
+    int64_t alloc_bytes;
+    double allocs;
+    int64_t live_entries;
+    uint32_t first_cell;    /* head of the task's cell chain */
     uint32_t in_use;
 } task_info_t;
 
@@ -253,7 +257,8 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t slot, uint32_t rou
     uint32_t ti = tid ? task_info_for(tid, slot, 1) : 0;
     c->tinfo = ti;
     if (tid) {
-        S.tasks[ti].ncells++;
+        c->next_in_task = S.tasks[ti].first_cell;
+        S.tasks[ti].first_cell = idx;
         c->track_time = route != ROUTE_CONTEXT || S.tasks[ti].home_slot != slot;
     } else {
         c->track_time = 0;
@@ -281,6 +286,7 @@ static inline uint32_t current_cell(tls_t *t) {
     } else if (t->handover) {
         tid = t->handover;
         route = ROUTE_HANDED;
+        if (th->inferred_tid && tid != th->inferred_tid) th->shared = 1;
     } else if (th->inferred_tid && !th->shared) {
         uint64_t age = now_ns() - th->inferred_start_ns;
         uint64_t p = (S.half_life_ns ? age / S.half_life_ns : 0) + (th->owner_done ? 2 : 0);
@@ -330,6 +336,9 @@ static inline void account_alloc(uint32_t cell, int64_t bytes, double count) {
     if (c->track_time) c->last_ns = coarse_ns();
     if (c->tinfo) {
         task_info_t *ti = &S.tasks[c->tinfo];
+        ti->alloc_bytes += bytes;
+        ti->allocs += count;
+        ti->live_entries++;
         ti->live_bytes += bytes;
         if (ti->live_bytes > ti->peak_live_bytes) ti->peak_live_bytes = ti->live_bytes;
     }
@@ -344,6 +353,7 @@ static inline void account_free(uint32_t cell, int64_t bytes, double count) {
     uint32_t owner = cell_tid(c);
     if (owner) {
         S.tasks[c->tinfo].live_bytes -= bytes;
+        S.tasks[c->tinfo].live_entries--;
         uint32_t now = current_tid();
         if (now != 0 && now != owner) {
             c->cross_free_bytes += bytes;
@@ -440,6 +450,7 @@ static void record_realloc(void *old, void *p, size_t size) {
         if (c->track_time) c->last_ns = coarse_ns();
         if (cell_tid(c)) {
             task_info_t *ti = &S.tasks[c->tinfo];
+            if (delta > 0) ti->alloc_bytes += delta;
             ti->live_bytes += delta;
             if (ti->live_bytes > ti->peak_live_bytes) ti->peak_live_bytes = ti->live_bytes;
         }
@@ -641,6 +652,12 @@ static PyObject *core_set_handover(PyObject *m, PyObject *arg) {
     return PyLong_FromUnsignedLong(prev);
 }
 
+static PyObject *core_handover(PyObject *m, PyObject *noargs) {
+    tls_t *t = &tls;
+    if (!S.has_data || t->session != S.session) return PyLong_FromLong(0);
+    return PyLong_FromUnsignedLong(t->handover);
+}
+
 PyDoc_STRVAR(set_inferred_doc,
 "set_inferred(tid, started_ns)\n--\n\nMark the calling thread as started during task tid's step\n"
 "at monotonic time started_ns: its context-less allocations are inferred to that task.");
@@ -751,6 +768,20 @@ static PyObject *core_threads(PyObject *m, PyObject *noargs) {
     return out;
 }
 
+PyDoc_STRVAR(task_summary_doc,
+"task_summary(tid) -> tuple | None\n--\n\n(allocated_bytes, allocations, live_entries, live_bytes, peak_live_bytes)\n"
+"over all of a task's cells, or None if the core holds nothing for it.");
+
+static PyObject *core_task_summary(PyObject *m, PyObject *arg) {
+    unsigned long tid = PyLong_AsUnsignedLong(arg);
+    if (tid == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    uint32_t ti;
+    if (!S.has_data || !u64map_get(&S.task_index, (uint64_t)tid + 1, &ti)) Py_RETURN_NONE;
+    task_info_t t = S.tasks[ti];
+    return Py_BuildValue("(LdLLL)", (long long)t.alloc_bytes, t.allocs, (long long)t.live_entries,
+                         (long long)t.live_bytes, (long long)t.peak_live_bytes);
+}
+
 PyDoc_STRVAR(release_task_doc,
 "release_task(tid) -> bool\n--\n\nForget a finished task whose cells hold no live entries (its\n"
 "counters have been folded into an aggregate by the caller).  Returns False, changing\n"
@@ -762,18 +793,17 @@ static PyObject *core_release_task(PyObject *m, PyObject *arg) {
     if (tid == 0 || !S.has_data) Py_RETURN_FALSE;
     uint32_t ti;
     if (!u64map_get(&S.task_index, (uint64_t)tid + 1, &ti)) Py_RETURN_TRUE;
-    for (uint32_t i = 1; i < S.ncells; i++) {
-        if (S.cells[i].key != 0 && S.cells[i].tinfo == ti && S.cells[i].live_entries != 0) Py_RETURN_FALSE;
-    }
+    if (S.tasks[ti].live_entries != 0) Py_RETURN_FALSE;
     int g = tls.guard;
     tls.guard = 1;
-    for (uint32_t i = 1; i < S.ncells; i++) {
-        if (S.cells[i].key != 0 && S.cells[i].tinfo == ti) {
-            u64map_del(&S.cell_index, S.cells[i].key);
-            S.cells[i].key = 0;
-            if (grow_array((void **)&S.free_cells, &S.capfree_cells, sizeof(uint32_t), S.nfree_cells + 1) == 0)
-                S.free_cells[S.nfree_cells++] = i;
-        }
+    for (uint32_t i = S.tasks[ti].first_cell; i != 0;) {
+        uint32_t next = S.cells[i].next_in_task;
+        u64map_del(&S.cell_index, S.cells[i].key);
+        S.cells[i].key = 0;
+        S.cells[i].next_in_task = 0;
+        if (grow_array((void **)&S.free_cells, &S.capfree_cells, sizeof(uint32_t), S.nfree_cells + 1) == 0)
+            S.free_cells[S.nfree_cells++] = i;
+        i = next;
     }
     u64map_del(&S.task_index, (uint64_t)tid + 1);
     S.tasks[ti].in_use = 0;
@@ -848,6 +878,7 @@ static PyMethodDef core_methods[] = {
     {"is_active", core_is_active, METH_NOARGS, NULL},
     {"thread_slot", core_thread_slot, METH_NOARGS, thread_slot_doc},
     {"set_handover", core_set_handover, METH_O, set_handover_doc},
+    {"handover", core_handover, METH_NOARGS, "handover() -> int\n--\n\nThe task id handed over to this thread, 0 if none."},
     {"set_inferred", core_set_inferred, METH_VARARGS, set_inferred_doc},
     {"inferred_owner_done", core_inferred_owner_done, METH_O, inferred_owner_done_doc},
     {"now_ns", core_now_ns, METH_NOARGS, NULL},
@@ -855,6 +886,7 @@ static PyMethodDef core_methods[] = {
     {"tasks", core_tasks, METH_NOARGS, tasks_doc},
     {"threads", core_threads, METH_NOARGS, threads_doc},
     {"release_task", core_release_task, METH_O, release_task_doc},
+    {"task_summary", core_task_summary, METH_O, task_summary_doc},
     {"stats", core_stats, METH_NOARGS, stats_doc},
     {"stack_samples", core_stack_samples, METH_NOARGS, stack_samples_doc},
     {NULL, NULL, 0, NULL},

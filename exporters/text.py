@@ -44,7 +44,8 @@ def render_text(report: Report, *, top: int = 15, width: int = 100) -> str:
     sections = [
         _header(report, fmt),
         _task_table(report, fmt, "Top tasks by live bytes", lambda t: t.live_bytes, top, width),
-        _task_table(report, fmt, "Top tasks by allocated bytes", lambda t: t.allocated_bytes, top, width),
+        _task_table(report, fmt, "Top tasks by allocated bytes", lambda t: t.allocated_bytes, top, width,
+                    ranked_by_total=True),
         _unattributed(report, fmt, top, width),
     ]
     if report.leak_suspects:
@@ -192,7 +193,7 @@ def _task_label(task: TaskReport) -> str:
 
 
 def _task_table(report: Report, fmt: _Numbers, title: str, metric: Callable[[TaskReport], int],
-                top: int, width: int) -> list[str]:
+                top: int, width: int, *, ranked_by_total: bool = False) -> list[str]:
     if not report.tasks:
         return [title, "(no tasks)"]
     shown, more = _ranked(report.tasks, lambda t: (-metric(t), t.id), top, "tasks")
@@ -230,10 +231,10 @@ def _task_table(report: Report, fmt: _Numbers, title: str, metric: Callable[[Tas
 
     lines = [title, *_table(columns, rows, width), *more]
     if with_inferred:
-        lines.append(
-            "allocated excludes inferred bytes (attributed without a context link, c = confidence);"
-        )
-        lines.append("rows are ranked by their sum; live and peak include inferred bytes.")
+        lines.append("inferred: bytes guessed without a context link (c = confidence),")
+        lines.append("not counted in allocated; live and peak include them.")
+        if ranked_by_total:
+            lines.append("rows are ranked by allocated + inferred.")
     return lines
 
 

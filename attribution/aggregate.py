@@ -1,0 +1,484 @@
+"""Aggregation: flat records and C counters in, a :class:`Report` out.
+
+Everything here runs when a report is asked for, never on the hot path.  Inputs:
+
+* the registry's task records (who, parent, labels, times, state);
+* ``_core.cells()``: counters per (task, thread, route, phase);
+* ``_core.tasks()``: peak live bytes per task;
+* ``_core.threads()`` and the thread names noted while profiling;
+* ``_core.stack_samples()``: sampled stacks per (task, stack);
+* the aggregates of tasks folded away to bound memory.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from . import routes
+from .report import (
+    AttributionShare,
+    Distribution,
+    Frame,
+    Group,
+    Hotspot,
+    LeakSuspect,
+    Migration,
+    Report,
+    RunInfo,
+    SubtreeCounters,
+    TaskReport,
+    ThreadReport,
+    Totals,
+    Unattributed,
+    UnattributedThread,
+)
+
+__all__ = ["RawData", "FoldedGroup", "build_report", "group_key"]
+
+TOP_HOTSPOTS = 10
+
+
+@dataclass
+class FoldedGroup:
+    """Counters of finished tasks folded out of the registry (no live bytes left)."""
+
+    coro: str | None
+    labels: Mapping[str, str]
+    tasks: int = 0
+    allocated: list[int] = field(default_factory=list)  # bounded reservoir of per-task values
+    allocated_sum: int = 0
+    allocated_max: int = 0
+    allocations: int = 0
+
+
+@dataclass
+class RawData:
+    """Everything read from the core and the registry at one instant."""
+
+    records: Mapping[int, Any]
+    cells: list[tuple]
+    task_peaks: Mapping[int, tuple[int, int, int]]
+    threads: list[tuple]
+    thread_names: Mapping[int, tuple[str, str]]
+    sites: list[tuple]
+    stacks: list[tuple]
+    frames: list[tuple]
+    start_ns: int
+    now_ns: int
+    started_at: str
+    mode: str
+    sample_interval: int | None
+    stack_depth: int
+    stacks_sampled: bool
+    loop_impl: str
+    tracker_bytes: int
+    folded: Mapping[str, FoldedGroup]
+    folded_tasks: int
+    loop_threads: set[int]
+    live_objects: Mapping[int, Any]
+
+
+def group_key(coro: str | None, labels: Mapping[str, str]) -> str:
+    key = coro or "<unknown>"
+    if labels:
+        key += "[" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "]"
+    return key
+
+
+def _sec(ns: int | None, start_ns: int) -> float | None:
+    if ns is None:
+        return None
+    return round(max(0, ns - start_ns) / 1e9, 6)
+
+
+def _pct(sorted_vals: list[int], q: float) -> int:
+    if not sorted_vals:
+        return 0
+    idx = min(len(sorted_vals) - 1, max(0, int(round(q * (len(sorted_vals) - 1)))))
+    return sorted_vals[idx]
+
+
+class _Acc:
+    __slots__ = ("ab", "na", "fb", "nf", "live", "cfb", "cf", "shares", "migr", "weighted")
+
+    def __init__(self) -> None:
+        self.ab = self.fb = self.live = self.cfb = 0
+        self.na = self.nf = self.cf = 0.0
+        self.weighted = 0.0
+        self.shares: dict[tuple[str, int | None], list] = {}
+        self.migr: dict[tuple[str, int | None], list] = {}
+
+
+def _hotspots(site_rows: Iterable[tuple], stacks: list[tuple], frames: list[Frame], by_live: bool) -> tuple[Hotspot, ...]:
+    """Top sites, keyed by the innermost frame; each keeps its heaviest stack."""
+    agg: dict[int | None, list] = {}
+    for _tid, stack_idx, ab, na, live in site_rows:
+        st = stacks[stack_idx]
+        top = st[0] if st else None
+        weight = live if by_live else ab
+        entry = agg.get(top)
+        if entry is None:
+            agg[top] = [ab, na, live, stack_idx, weight]
+        else:
+            entry[0] += ab
+            entry[1] += na
+            entry[2] += live
+            if weight > entry[4]:
+                entry[3], entry[4] = stack_idx, weight
+    ranked = sorted(agg.items(), key=lambda kv: (-(kv[1][2] if by_live else kv[1][0]), kv[0] or 0))
+    out = []
+    for top, (ab, na, live, stack_idx, _w) in ranked:
+        if by_live and live < 0.5:
+            continue
+        if not by_live and ab < 0.5:
+            continue
+        fr = frames[top] if top is not None else Frame("<unknown>", 0, "<no Python frame>")
+        out.append(
+            Hotspot(
+                file=fr.file,
+                line=fr.line,
+                function=fr.function,
+                bytes=int(round(ab)),
+                allocations=int(round(na)),
+                live_bytes=max(0, int(round(live))),
+                stack=tuple(frames[i] for i in stacks[stack_idx]),
+            )
+        )
+        if len(out) >= TOP_HOTSPOTS:
+            break
+    return tuple(out)
+
+
+def build_report(raw: RawData) -> Report:
+    start = raw.start_ns
+    slot_ident = {row[0]: row[1] for row in raw.threads}
+    slot_native = {row[0]: row[2] for row in raw.threads}
+    records = raw.records
+
+    accs: dict[int, _Acc] = defaultdict(_Acc)
+    unattributed: dict[int | None, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    thread_attr: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])  # attributed, unattributed, allocations
+    orphan_bytes = orphan_allocs = orphan_freed = orphan_live = 0
+
+    for (tid, slot, croute, phase, ab, na, fb, nf, live, _entries, cfb, cf, first, last) in raw.cells:
+        ident = slot_ident.get(slot)
+        if tid == 0:
+            u = unattributed[ident]
+            u[0] += ab
+            u[1] += int(round(na))
+            u[2] += fb
+            u[3] += live
+            ta = thread_attr[slot]
+            ta[1] += ab
+            ta[2] += int(round(na))
+            continue
+        rec = records.get(tid)
+        if rec is None:  # a folded task whose tag was still in use somewhere
+            orphan_bytes += ab
+            orphan_allocs += int(round(na))
+            orphan_freed += fb
+            orphan_live += live
+            continue
+        ta = thread_attr[slot]
+        ta[0] += ab
+        ta[2] += int(round(na))
+        route, conf = routes.route_of(croute, phase, slot, rec.home_slot)
+        a = accs[tid]
+        a.ab += ab
+        a.na += na
+        a.fb += fb
+        a.nf += nf
+        a.live += live
+        a.cfb += cfb
+        a.cf += cf
+        a.weighted += ab * conf
+        sh = a.shares.get((route, ident))
+        if sh is None:
+            a.shares[(route, ident)] = [ab, na, ab * conf]
+        else:
+            sh[0] += ab
+            sh[1] += na
+            sh[2] += ab * conf
+        if route != routes.OBSERVED:
+            m = a.migr.get((route, ident))
+            if m is None:
+                a.migr[(route, ident)] = [first, last, ab, na, ab * conf]
+            else:
+                m[0] = min(m[0], first)
+                m[1] = max(m[1], last)
+                m[2] += ab
+                m[3] += na
+                m[4] += ab * conf
+
+    # stacks
+    frames = [Frame(file=f, line=ln, function=fn) for (f, fn, ln) in raw.frames]
+    sites_by_task: dict[int, list[tuple]] = defaultdict(list)
+    for row in raw.sites:
+        sites_by_task[row[0]].append(row)
+
+    # tasks
+    now_ns = raw.now_ns
+    children: dict[int, list[int]] = defaultdict(list)
+    for tid, rec in records.items():
+        if rec.parent_id is not None and rec.parent_id in records:
+            children[rec.parent_id].append(tid)
+
+    base: dict[int, dict[str, Any]] = {}
+    for tid, rec in records.items():
+        a = accs.get(tid) or _Acc()
+        state = rec.current_state()
+        done = state != "pending"
+        peak = raw.task_peaks.get(tid, (0, 0, 0))[2]
+        shares = tuple(
+            AttributionShare(
+                route=route,
+                thread_id=ident,
+                bytes=int(v[0]),
+                allocations=int(round(v[1])),
+                confidence=round(v[2] / v[0], 4) if v[0] else routes.CONFIDENCE.get(route, 1.0),
+            )
+            for (route, ident), v in sorted(a.shares.items(), key=lambda kv: (-kv[1][0], kv[0][0]))
+        )
+        migrations = tuple(
+            Migration(
+                route=route,
+                from_thread=rec.thread_id,
+                to_thread=ident,
+                first_at=_sec(m[0], start) or 0.0,
+                last_at=_sec(m[1], start) or 0.0,
+                allocated_bytes=int(m[2]),
+                allocations=int(round(m[3])),
+                confidence=round(m[4] / m[2], 4) if m[2] else routes.CONFIDENCE.get(route, 1.0),
+            )
+            for (route, ident), m in sorted(a.migr.items(), key=lambda kv: kv[1][0])
+        )
+        task_sites = sites_by_task.get(tid, ())
+        base[tid] = dict(
+            id=tid,
+            name=rec.current_name(),
+            coro=rec.coro,
+            parent_id=rec.parent_id,
+            labels=dict(rec.labels),
+            thread_id=rec.thread_id,
+            loop_id=rec.loop_id,
+            created_at=_sec(rec.created_ns, start) or 0.0,
+            finished_at=_sec(rec.finished_ns, start) if done else None,
+            state=state,
+            allocated_bytes=int(a.ab),
+            allocations=int(round(a.na)),
+            freed_bytes=int(a.fb),
+            live_bytes=int(a.live),
+            peak_live_bytes=int(max(peak, a.live)),
+            retained_after_done_bytes=int(max(0, a.live)) if done else 0,
+            attribution=shares,
+            confidence=round(a.weighted / a.ab, 4) if a.ab > 0 else 1.0,
+            migrations=migrations,
+            cross_task_frees=int(round(a.cf)),
+            cross_task_freed_bytes=int(a.cfb),
+            hotspots=_hotspots(task_sites, raw.stacks, frames, by_live=False),
+            live_hotspots=_hotspots(task_sites, raw.stacks, frames, by_live=True),
+            via_factory=rec.via_factory,
+            cross_thread_parent=rec.cross_thread_parent,
+        )
+
+    # lineage and subtree (iterative: trees can be deep)
+    lineage: dict[int, tuple[int, ...]] = {}
+    for tid in records:
+        chain = []
+        cur: int | None = tid
+        seen = set()
+        while cur is not None and cur not in seen:
+            seen.add(cur)
+            known = lineage.get(cur)
+            if known is not None:
+                chain.extend(reversed(known))
+                break
+            chain.append(cur)
+            r = records.get(cur)
+            cur = r.parent_id if r is not None else None
+        lineage[tid] = tuple(reversed(chain))
+    subtree: dict[int, list[int]] = {}
+    order = sorted(records, key=lambda t: len(lineage[t]), reverse=True)
+    for tid in order:
+        b = base[tid]
+        s = subtree.setdefault(tid, [0, 0, 0, 0, 0])
+        s[0] += b["allocated_bytes"]
+        s[1] += b["allocations"]
+        s[2] += b["freed_bytes"]
+        s[3] += b["live_bytes"]
+        s[4] += 1
+        parent = records[tid].parent_id
+        if parent is not None and parent in records:
+            p = subtree.setdefault(parent, [0, 0, 0, 0, 0])
+            for i in range(5):
+                p[i] += s[i]
+
+    tasks = []
+    for tid in sorted(records):
+        s = subtree[tid]
+        tasks.append(
+            TaskReport(
+                lineage=lineage[tid],
+                subtree=SubtreeCounters(
+                    allocated_bytes=s[0], allocations=s[1], freed_bytes=s[2], live_bytes=s[3], tasks=s[4]
+                ),
+                **base[tid],
+            )
+        )
+
+    # groups and leak suspects
+    groups_acc: dict[str, dict[str, Any]] = {}
+
+    def _group(key: str, coro: str | None, labels: Mapping[str, str]) -> dict[str, Any]:
+        return groups_acc.setdefault(
+            key,
+            {"coro": coro, "labels": dict(labels), "alloc": [], "sum": 0, "max": 0, "n": 0, "allocs": 0,
+             "live": 0, "ret": 0, "tids": [], "held_tids": [], "folded": 0},
+        )
+
+    for t in tasks:
+        g = _group(group_key(t.coro, t.labels), t.coro, t.labels)
+        g["alloc"].append(t.allocated_bytes)
+        g["sum"] += t.allocated_bytes
+        g["max"] = max(g["max"], t.allocated_bytes)
+        g["n"] += 1
+        g["allocs"] += t.allocations
+        g["live"] += t.live_bytes
+        g["ret"] += t.retained_after_done_bytes
+        g["tids"].append(t.id)
+        if t.retained_after_done_bytes > 0:
+            g["held_tids"].append(t.id)
+    for key, fg in raw.folded.items():
+        g = _group(key, fg.coro, fg.labels)
+        g["folded"] += fg.tasks
+        g["n"] += fg.tasks
+        g["allocs"] += fg.allocations
+        g["sum"] += fg.allocated_sum
+        g["max"] = max(g["max"], fg.allocated_max)
+        g["alloc"].extend(fg.allocated)  # a bounded sample of folded tasks, for percentiles
+
+    groups = []
+    leak_suspects = []
+    for key, g in groups_acc.items():
+        vals = sorted(g["alloc"])
+        group_sites = [row for tid in g["tids"] for row in sites_by_task.get(tid, ())]
+        groups.append(
+            Group(
+                key=key,
+                coro=g["coro"],
+                labels=g["labels"],
+                tasks=g["n"],
+                folded_tasks=g["folded"],
+                allocated_bytes=Distribution(sum=g["sum"], p50=_pct(vals, 0.5), p95=_pct(vals, 0.95), max=g["max"]),
+                allocations=g["allocs"],
+                live_bytes=g["live"],
+                retained_after_done_bytes=g["ret"],
+                hotspots=_hotspots(group_sites, raw.stacks, frames, by_live=False),
+            )
+        )
+        if g["ret"] > 0:
+            held_sites = [row for tid in g["held_tids"] for row in sites_by_task.get(tid, ())]
+            leak_suspects.append(
+                LeakSuspect(
+                    key=key,
+                    coro=g["coro"],
+                    labels=g["labels"],
+                    tasks=len(g["held_tids"]),
+                    retained_bytes=g["ret"],
+                    hotspots=_hotspots(held_sites, raw.stacks, frames, by_live=True),
+                )
+            )
+    groups.sort(key=lambda g: (-g.allocated_bytes.sum, g.key))
+    leak_suspects.sort(key=lambda s: (-s.retained_bytes, s.key))
+
+    # unattributed and threads
+    by_thread = tuple(
+        UnattributedThread(thread_id=ident, allocated_bytes=u[0], allocations=u[1], freed_bytes=u[2], live_bytes=u[3])
+        for ident, u in sorted(unattributed.items(), key=lambda kv: -kv[1][0])
+    )
+    un = Unattributed(
+        allocated_bytes=sum(u.allocated_bytes for u in by_thread),
+        allocations=sum(u.allocations for u in by_thread),
+        freed_bytes=sum(u.freed_bytes for u in by_thread),
+        live_bytes=sum(u.live_bytes for u in by_thread),
+        by_thread=by_thread,
+    )
+    handed_slots = set()
+    for t in tasks:
+        for sh in t.attribution:
+            if sh.route == routes.PROPAGATED and sh.thread_id not in raw.loop_threads:
+                handed_slots.add(sh.thread_id)
+    threads = []
+    for slot, ident in sorted(slot_ident.items()):
+        name, role = raw.thread_names.get(ident, (None, "other"))
+        if ident in raw.loop_threads:
+            role = "loop"
+        elif ident in handed_slots and role == "other":
+            role = "executor"
+        ta = thread_attr.get(slot, [0, 0, 0])
+        threads.append(
+            ThreadReport(
+                id=ident,
+                native_id=slot_native.get(slot),
+                name=name,
+                role=role,
+                attributed_bytes=ta[0],
+                unattributed_bytes=ta[1],
+                allocations=ta[2],
+            )
+        )
+
+    attributed = sum(t.allocated_bytes for t in tasks) + orphan_bytes + sum(
+        fg.allocated_sum for fg in raw.folded.values()
+    )
+    totals = Totals(
+        allocated_bytes=attributed + un.allocated_bytes,
+        allocations=sum(t.allocations for t in tasks) + orphan_allocs + un.allocations
+        + sum(fg.allocations for fg in raw.folded.values()),
+        freed_bytes=sum(t.freed_bytes for t in tasks) + orphan_freed + un.freed_bytes
+        + sum(fg.allocated_sum for fg in raw.folded.values()),
+        live_bytes=sum(t.live_bytes for t in tasks) + orphan_live + un.live_bytes,
+        attributed_bytes=attributed,
+        unattributed_bytes=un.allocated_bytes,
+        tasks=len(tasks) + raw.folded_tasks,
+        folded_tasks=raw.folded_tasks,
+    )
+    run = RunInfo(
+        python=platform.python_version(),
+        platform=f"{sys.platform}-{platform.machine()}",
+        loop=raw.loop_impl,
+        mode=raw.mode,
+        sample_interval=raw.sample_interval,
+        stack_depth=raw.stack_depth,
+        started_at=raw.started_at,
+        duration_s=round((raw.now_ns - start) / 1e9, 6),
+        pid=os.getpid(),
+        estimated=raw.mode == "sampled",
+        stacks_sampled=raw.stacks_sampled,
+        tracker_bytes=raw.tracker_bytes,
+    )
+    return Report(
+        run=run,
+        totals=totals,
+        tasks=tuple(tasks),
+        unattributed=un,
+        groups=tuple(groups),
+        leak_suspects=tuple(leak_suspects),
+        threads=tuple(threads),
+        tool={"name": "memscope-async", "version": _version()},
+        _objects={oid: obj for oid, obj in raw.live_objects.items()},
+    )
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("memscope-async")
+    except Exception:
+        return "0+unknown"

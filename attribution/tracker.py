@@ -1,0 +1,251 @@
+"""The tracker: the C core's lifecycle, bounded bookkeeping, and raw data for reports.
+
+Only one tracker can be started per process (the allocator is process-wide).  Decisions
+(mode, intervals, how many finished tasks to keep) are made here in Python; the C core
+only counts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import random
+import threading
+from collections import deque
+from typing import Any
+
+from . import _core
+from . import threads as core_threads
+from .aggregate import FoldedGroup, RawData, build_report, group_key
+from .registry import Registry, TaskRecord
+from .report import Report
+
+__all__ = ["Tracker", "TrackerError", "MODES", "DEFAULT_SAMPLE_INTERVAL", "DEFAULT_STACK_INTERVAL"]
+
+MODES = ("exact", "sampled")
+DEFAULT_SAMPLE_INTERVAL = 512 * 1024
+DEFAULT_STACK_INTERVAL = 64 * 1024
+DEFAULT_STACK_DEPTH = 32
+DEFAULT_MAX_FINISHED_TASKS = 10_000
+DEFAULT_HALF_LIFE = 1.0
+_RESERVOIR = 1000
+
+_lock = threading.Lock()
+_running: "Tracker | None" = None
+
+
+class TrackerError(RuntimeError):
+    """The tracker cannot do what was asked (already running, bad settings)."""
+
+
+class Tracker:
+    """Counts every allocation per task while started; builds reports on demand.
+
+    mode: "exact" (every allocation counted; stacks sampled every ``stack_interval``
+    bytes on average) or "sampled" (a Poisson sample every ``sample_interval`` bytes on
+    average, scaled to unbiased estimates; every sample carries a stack).
+    """
+
+    def __init__(
+        self,
+        tag_var: Any,
+        *,
+        mode: str = "exact",
+        sample_interval: int = DEFAULT_SAMPLE_INTERVAL,
+        stack_interval: int | None = DEFAULT_STACK_INTERVAL,
+        stack_depth: int = DEFAULT_STACK_DEPTH,
+        max_finished_tasks: int = DEFAULT_MAX_FINISHED_TASKS,
+        inferred_half_life: float = DEFAULT_HALF_LIFE,
+        seed: int = 0,
+    ) -> None:
+        if mode not in MODES:
+            raise TrackerError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if not isinstance(sample_interval, int) or sample_interval < 1:
+            raise TrackerError(f"sample_interval must be a positive number of bytes, not {sample_interval!r}")
+        if stack_interval is not None and (not isinstance(stack_interval, int) or stack_interval < 0):
+            raise TrackerError(f"stack_interval must be a number of bytes >= 0 or None, not {stack_interval!r}")
+        if not isinstance(stack_depth, int) or not 0 <= stack_depth <= 256:
+            raise TrackerError(f"stack_depth must be an integer in 0..256, not {stack_depth!r}")
+        if not isinstance(max_finished_tasks, int) or max_finished_tasks < 0:
+            raise TrackerError(f"max_finished_tasks must be an integer >= 0, not {max_finished_tasks!r}")
+        self.tag_var = tag_var
+        self.mode = mode
+        self.sample_interval = sample_interval
+        self.stack_interval = stack_interval or 0
+        self.stack_depth = stack_depth
+        self.max_finished_tasks = max_finished_tasks
+        self.inferred_half_life = inferred_half_life
+        self.seed = seed
+        self.registry = Registry()
+        self.registry.on_finish = self._on_finish
+        self.loop_threads: set[int] = set()
+        self.loop_impl = "asyncio"
+        self._finished: deque[int] = deque()
+        self._folded: dict[str, FoldedGroup] = {}
+        self._folded_tasks = 0
+        self._rng = random.Random(seed or None)
+        self._start_ns = 0
+        self._stop_ns: int | None = None
+        self._started_at = ""
+        self._active = False
+        self._has_data = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def start(self) -> None:
+        """Install the hooks.  Raises TrackerError if any tracker is already running."""
+        global _running
+        with _lock:
+            if _running is not None:
+                raise TrackerError("a memscope-async profiler is already running in this process; stop it first")
+            if self.stack_depth == 0:
+                stack_interval = 0.0
+            elif self.mode == "sampled":
+                stack_interval = float(self.sample_interval)
+            else:
+                stack_interval = float(self.stack_interval)
+            _core.start(
+                self.tag_var,
+                _core.MODE_SAMPLED if self.mode == "sampled" else _core.MODE_EXACT,
+                float(self.sample_interval),
+                stack_interval,
+                max(1, self.stack_depth),
+                float(self.inferred_half_life),
+                int(self.seed),
+            )
+            _running = self
+        self._start_ns = _core.now_ns()
+        self._stop_ns = None
+        self._started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+        self._active = True
+        self._has_data = True
+        core_threads.reset()
+
+    def stop(self) -> None:
+        """Remove the hooks (idempotent).  Data stays readable until :meth:`close`."""
+        global _running
+        with _lock:
+            if not self._active:
+                return
+            _core.stop()
+            self._active = False
+            self._stop_ns = _core.now_ns()
+            if _running is self:
+                _running = None
+
+    def close(self) -> None:
+        """Stop and free everything the core holds."""
+        self.stop()
+        if self._has_data and _running is None:
+            _core.clear()
+        self._has_data = False
+
+    # -- bounded memory -----------------------------------------------------------------
+    def _on_finish(self, rec: TaskRecord) -> None:
+        if core_threads.inferred_count():
+            core_threads.owner_done(rec.id)
+        self._finished.append(rec.id)
+        limit = self.max_finished_tasks
+        if len(self._finished) > limit + max(100, limit // 5):
+            self._fold(limit)
+
+    def _fold(self, keep: int) -> None:
+        """Fold finished tasks with no live allocation left into their group's aggregate,
+        smallest first, until at most ``keep`` finished tasks remain (or none can fold)."""
+        records = self.registry.records
+        candidates = []
+        stay = deque()
+        for tid in self._finished:
+            rec = records.get(tid)
+            if rec is None:
+                continue
+            summary = _core.task_summary(tid)
+            if summary is None:
+                candidates.append((0, 0, tid, rec))
+            elif summary[2] == 0:
+                candidates.append((summary[0], int(round(summary[1])), tid, rec))
+            else:
+                stay.append(tid)
+        excess = len(candidates) + len(stay) - keep
+        if excess <= 0:
+            return
+        candidates.sort(key=lambda c: c[0])
+        folded = candidates[:excess]
+        kept = candidates[excess:]
+        for alloc_bytes, allocs, tid, rec in folded:
+            if not _core.release_task(tid):
+                stay.append(tid)
+                continue
+            key = group_key(rec.coro, rec.labels)
+            fg = self._folded.get(key)
+            if fg is None:
+                fg = self._folded[key] = FoldedGroup(coro=rec.coro, labels=dict(rec.labels))
+            fg.tasks += 1
+            fg.allocated_sum += alloc_bytes
+            fg.allocated_max = max(fg.allocated_max, alloc_bytes)
+            fg.allocations += allocs
+            if len(fg.allocated) < _RESERVOIR:
+                fg.allocated.append(alloc_bytes)
+            else:
+                j = self._rng.randrange(fg.tasks)
+                if j < _RESERVOIR:
+                    fg.allocated[j] = alloc_bytes
+            records.pop(tid, None)
+            self._folded_tasks += 1
+        kept_ids = {c[2] for c in kept}
+        self._finished = deque(t for t in self._finished if t in kept_ids or t in stay)
+
+    # -- reading ------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """The tracker's own footprint (bytes) and counts."""
+        s = dict(_core.stats()) if self._has_data else {}
+        n = s.get("tracked_allocations", 0)
+        s["bytes_per_tracked_allocation"] = (s["table_bytes"] / n) if n else 0.0
+        s["live_tasks"] = sum(1 for r in self.registry.records.values() if r.finished_ns is None)
+        s["records"] = len(self.registry.records)
+        s["folded_tasks"] = self._folded_tasks
+        return s
+
+    def report(self) -> Report:
+        """Build a report from what has been recorded so far."""
+        if not self._has_data:
+            raise TrackerError("this profiler holds no data (it was never started, or it was closed)")
+        sites, stacks, frames = _core.stack_samples()
+        records = dict(self.registry.records)
+        live_objects = {}
+        for rec in records.values():
+            if rec.ref is not None and rec.ref() is not None:
+                live_objects[rec.obj_id] = (rec.ref, rec.id)
+        s = _core.stats()
+        raw = RawData(
+            records=records,
+            cells=_core.cells(),
+            task_peaks=_core.tasks(),
+            threads=_core.threads(),
+            thread_names=core_threads.known_threads(),
+            sites=sites,
+            stacks=stacks,
+            frames=frames,
+            start_ns=self._start_ns,
+            now_ns=self._stop_ns if self._stop_ns is not None else _core.now_ns(),
+            started_at=self._started_at,
+            mode=self.mode,
+            sample_interval=self.sample_interval if self.mode == "sampled" else None,
+            stack_depth=self.stack_depth,
+            stacks_sampled=self.mode == "exact",
+            loop_impl=self.loop_impl,
+            tracker_bytes=int(s["tracker_bytes"]),
+            folded=self._folded,
+            folded_tasks=self._folded_tasks,
+            loop_threads=self.loop_threads | {r.thread_id for r in records.values() if r.thread_id is not None},
+            live_objects=live_objects,
+        )
+        return build_report(raw)
+
+
+def running() -> "Tracker | None":
+    """The tracker running in this process, if any."""
+    return _running
+

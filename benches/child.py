@@ -1,0 +1,126 @@
+"""The child side: one measurement in a fresh interpreter, one JSON line on stdout.
+
+The parent starts ``python -m benches.run --child --workload W --config C [--quick]``;
+this module enters the config, runs the workload once under ``asyncio.Runner`` and prints
+``@@BENCH@@ {json}``.  Only ``runner.run(main())`` is inside the clock: interpreter
+start-up, imports, starting and stopping the tracer, loop creation and loop shutdown
+(executor joins, async generator finalisation) are all outside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .configs import CONFIGS, RunContext, import_memscope
+from .memory import MEMORY_WORKLOADS
+from .workloads import WORKLOADS
+
+__all__ = ["MARK", "child_main", "probe_main"]
+
+MARK = "@@BENCH@@ "
+
+
+def _emit(doc: dict[str, Any]) -> None:
+    sys.stdout.write(MARK + json.dumps(doc, default=repr) + "\n")
+    sys.stdout.flush()
+
+
+def _timed(workload: str, config: str, quick: bool, warmup: bool, ctx: RunContext) -> dict[str, Any]:
+    w = WORKLOADS[workload]
+    params = w.params(quick)
+    with CONFIGS[config].session(ctx) as session:
+        with asyncio.Runner(loop_factory=session.loop_factory) as runner:
+            runner.get_loop()
+            if warmup:
+                # One small run first, under the same config and on the same loop, so the
+                # timed run sees a steady state: on a fresh process glibc's malloc has not
+                # yet raised its mmap threshold, and the server workload alone then takes
+                # ~160,000 page faults (each 256 KiB recv buffer mmapped and unmapped),
+                # doubling its time on this VM.
+                t0 = time.perf_counter()
+                runner.run(w.main(**w.params(True)))
+                session.extras["warmup_s"] = time.perf_counter() - t0
+            gc.collect()
+            t0 = time.perf_counter()
+            value = runner.run(w.main(**params))
+            wall = time.perf_counter() - t0
+            session.after_workload()
+    return {
+        "wall_s": wall,
+        "value": value,
+        "expected": w.expected(**params),
+        "params": params,
+        "extras": session.extras,
+    }
+
+
+def _memory(workload: str, config: str, quick: bool, ctx: RunContext) -> dict[str, Any]:
+    w = MEMORY_WORKLOADS[workload]
+    params = w.params(quick)
+    with CONFIGS[config].session(ctx) as session:
+        with asyncio.Runner(loop_factory=session.loop_factory) as runner:
+            gc.collect()
+            readings = runner.run(w.main(probe=session.probe, **params))
+    return {"memory": readings, "params": params, "extras": session.extras}
+
+
+def child_main(workload: str, config: str, quick: bool, first_repeat: bool, warmup: bool = True) -> int:
+    """Run one measurement and print its result line.  Exceptions propagate (the parent
+    shows the traceback and the command that reproduces it)."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="memscope-bench-"))
+    try:
+        ctx = RunContext(tmpdir=tmpdir, first_repeat=first_repeat)
+        if workload in MEMORY_WORKLOADS:
+            doc = _memory(workload, config, quick, ctx)
+        else:
+            doc = _timed(workload, config, quick, warmup, ctx)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    _emit(doc)
+    return 0
+
+
+def _probe_module(name: str) -> dict[str, Any]:
+    try:
+        if name == "memscope_async":
+            mod = import_memscope()
+            missing = [a for a in ("Profiler", "loop_factory") if not hasattr(mod, a)]
+            if missing:
+                return {"ok": False, "error": f"memscope_async at {mod.__file__} has no {', '.join(missing)} yet"}
+        else:
+            mod = __import__(name)
+    except Exception as exc:  # any import failure means "skip with a note"
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    version = getattr(mod, "__version__", None)
+    if version is None:
+        try:
+            from importlib.metadata import version as _v
+
+            version = _v(name.replace("_", "-"))
+        except Exception:
+            version = "?"
+    return {"ok": True, "version": str(version), "file": getattr(mod, "__file__", None)}
+
+
+def probe_main() -> int:
+    """Report which optional tools this interpreter can import, as the children will."""
+    import platform
+
+    _emit(
+        {
+            "python": sys.version.split()[0],
+            "implementation": platform.python_implementation(),
+            "platform": platform.platform(),
+            "executable": sys.executable,
+            "modules": {m: _probe_module(m) for m in ("memscope_async", "memray", "uvloop")},
+        }
+    )
+    return 0

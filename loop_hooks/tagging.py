@@ -1,0 +1,61 @@
+"""The tag ContextVar and user labels.
+
+Every instrumented task runs in a context whose :data:`TAG` holds the task's ``Tag`` (a
+tiny C object carrying the task id).  The allocator hooks read it with
+``PyContextVar_Get``; because each task step runs inside the task's context and
+``asyncio.to_thread`` copies the context, the tag follows the task's work wherever the
+context goes.  :data:`LABELS` holds the user's labels the same way, so a task created
+inside ``with labels(...)`` inherits them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from types import MappingProxyType
+from typing import Iterator, Mapping
+
+__all__ = ["TAG", "LABELS", "labels", "current_labels", "set_label_listener"]
+
+TAG: contextvars.ContextVar = contextvars.ContextVar("memscope_async.tag")
+LABELS: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "memscope_async.labels", default=MappingProxyType({})
+)
+
+# Called as listener(tag, labels) when labels change inside a tagged context, so the
+# running task's record picks them up.  Installed by the profiler, None otherwise.
+_listener = None
+
+
+def set_label_listener(fn) -> None:
+    """Install (or remove, with None) the callback told about label changes."""
+    global _listener
+    _listener = fn
+
+
+def current_labels() -> Mapping[str, str]:
+    """The labels in effect in the current context (read-only)."""
+    return LABELS.get()
+
+
+@contextlib.contextmanager
+def labels(**kv: object) -> Iterator[Mapping[str, str]]:
+    """Attach labels to the current task and to every task created inside the block.
+
+    Values are converted with ``str``.  Labels nest: an inner block adds to (and may
+    override) the outer one, and the previous labels come back when the block exits.
+    A task keeps every label it was given, so its report shows them after the block.
+    """
+    merged = dict(LABELS.get())
+    merged.update((str(k), str(v)) for k, v in kv.items())
+    frozen = MappingProxyType(merged)
+    token = LABELS.set(frozen)
+    listener = _listener
+    if listener is not None:
+        tag = TAG.get(None)
+        if tag is not None:
+            listener(tag, frozen)
+    try:
+        yield frozen
+    finally:
+        LABELS.reset(token)

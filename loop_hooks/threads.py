@@ -1,0 +1,88 @@
+"""Threads started by tasks: the *inferred* route.
+
+On Python 3.11 to 3.13 a new thread starts with an empty context, so nothing ties it to
+the task that started it.  While a profiler runs, ``threading.Thread.start`` notes the
+task (or handed-over work) that called it, and the new thread, before running its
+target, tells the C core "context-less work here is probably that task's".  The C core
+then decays that guess with the thread's age, drops it once the starting task has
+finished for long enough, and drops it for good as soon as the thread runs another
+task's work.  Thread-pool workers are never inferred: they serve everyone by design.
+
+Names of threads started while profiling are remembered so the report can show them
+after the threads are gone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures.thread as _cf_thread
+import threading
+import weakref
+from typing import Any
+
+from ..attribution import handover
+from ..attribution import threads as core_threads
+from .tagging import TAG
+
+__all__ = ["install", "uninstall", "installed"]
+
+_original_start = threading.Thread.start
+_original_bootstrap_inner = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
+_pending: "weakref.WeakKeyDictionary[threading.Thread, tuple[int, int]]" = weakref.WeakKeyDictionary()
+_installed = False
+
+
+def _executor_worker(thread: threading.Thread) -> bool:
+    return getattr(thread, "_target", None) is _cf_thread._worker
+
+
+def _start(self: threading.Thread) -> None:
+    try:
+        tag = TAG.get(None)
+        tid = tag.id if tag is not None else handover.current()
+        if tid and not _executor_worker(self):
+            _pending[self] = (tid, core_threads.now_ns())
+    except Exception:  # never let bookkeeping break the user's thread
+        pass
+    return _original_start(self)
+
+
+def _bootstrap_inner(self: threading.Thread) -> None:
+    try:
+        role = "executor" if _executor_worker(self) else "other"
+        core_threads.note_thread(threading.get_ident(), self.name, role)
+        info = _pending.pop(self, None)
+        if info is not None:
+            core_threads.started_by(*info)
+    except Exception:
+        pass
+    return _original_bootstrap_inner(self)
+
+
+def installed() -> bool:
+    return _installed
+
+
+def install() -> None:
+    """Patch ``threading.Thread`` (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    threading.Thread.start = _start  # type: ignore[method-assign]
+    threading.Thread._bootstrap_inner = _bootstrap_inner  # type: ignore[attr-defined]
+    _installed = True
+
+
+def uninstall() -> None:
+    """Restore ``threading.Thread`` exactly as it was."""
+    global _installed
+    if not _installed:
+        return
+    threading.Thread.start = _original_start  # type: ignore[method-assign]
+    threading.Thread._bootstrap_inner = _original_bootstrap_inner  # type: ignore[attr-defined]
+    _pending.clear()
+    _installed = False
+
+
+def owner_finished(tid: int) -> Any:
+    """Tell the core that task ``tid`` finished (inference to it decays faster)."""
+    return core_threads.owner_done(tid)

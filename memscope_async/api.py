@@ -1,0 +1,231 @@
+"""The entry points users know: install_policy(), run(), loop_factory(), instrument(), @profile."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+
+from .loop_hooks.policy import InstrumentedPolicy, policies_available
+from .profiler import Profiler, ProfilerError
+
+__all__ = ["install_policy", "uninstall_policy", "loop_factory", "LoopFactory", "run", "instrument", "profile"]
+
+T = TypeVar("T")
+
+_policy_lock = threading.Lock()
+_policy_state: tuple[Any, Profiler] | None = None
+
+
+def _no_policies_error() -> ProfilerError:
+    return ProfilerError(
+        "event-loop policies do not exist in this Python; use "
+        "asyncio.run(main(), loop_factory=memscope_async.loop_factory()) or memscope_async.run(main())"
+    )
+
+
+def install_policy(*, uvloop: bool = False, **options: Any) -> Profiler:
+    """Start a profiler and wrap the current event-loop policy so every new loop is
+    instrumented.  ``uvloop=True`` wraps uvloop's policy instead.  Options are those of
+    :class:`Profiler`.  Returns the running profiler; :func:`uninstall_policy` undoes it.
+    Raises :class:`ProfilerError` if a profiler is already running."""
+    global _policy_state
+    if not policies_available():
+        raise _no_policies_error()
+    with _policy_lock:
+        if _policy_state is not None:
+            raise ProfilerError("install_policy() is already in effect; call uninstall_policy() first")
+        if uvloop:
+            base = _uvloop_module().EventLoopPolicy()
+        else:
+            base = _get_policy()
+        profiler = Profiler(**options).start()
+        original = _get_policy()
+        _set_policy(InstrumentedPolicy(base, profiler.instrument_loop))
+        _policy_state = (original, profiler)
+    return profiler
+
+
+def uninstall_policy() -> Profiler | None:
+    """Restore the policy :func:`install_policy` replaced and stop its profiler.  Returns
+    that profiler (its data is still there for snapshot/export), or None."""
+    global _policy_state
+    with _policy_lock:
+        state = _policy_state
+        _policy_state = None
+    if state is None:
+        return None
+    original, profiler = state
+    _set_policy(original)
+    profiler.stop()
+    return profiler
+
+
+class LoopFactory:
+    """A loop factory (for ``asyncio.run(..., loop_factory=)``, ``asyncio.Runner`` and
+    ``uvloop.run``) whose loops are instrumented.
+
+    It reports to ``profiler`` if given, else to the profiler already running, else to a
+    profiler of its own, started with the first loop and stopped (and exported to
+    ``report``, if given) when the last of its loops closes.  ``.profiler`` is that
+    profiler once a loop has been made.
+    """
+
+    def __init__(self, base: Callable[[], Any] | None = None, *, profiler: Profiler | None = None,
+                 report: str | Path | None = None, **options: Any) -> None:
+        self.base = base
+        self.profiler = profiler
+        self.report = report
+        self._options = options
+        self._owned = False
+        self._open: set[int] = set()
+        self._lock = threading.Lock()
+        if options:
+            Profiler(**options)  # validate now, not at the first loop
+
+    def __call__(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            prof = self.profiler
+            if prof is None or (self._owned and not prof.active):
+                from .profiler import current_profiler
+
+                running = current_profiler()
+                if running is not None and running.active and not self._options:
+                    prof = running
+                else:
+                    prof = Profiler(**self._options).start()
+                    self._owned = True
+                    prof._tagger.on_loop_close = self._loop_closed
+                self.profiler = prof
+        loop = (self.base or _default_loop)()
+        prof.instrument_loop(loop)
+        if self._owned:
+            self._open.add(id(loop))
+        return loop
+
+    def _loop_closed(self, loop: Any) -> None:
+        with self._lock:
+            self._open.discard(id(loop))
+            last = not self._open
+        if last and self._owned and self.profiler is not None and self.profiler.active:
+            self.profiler.stop()
+            if self.report is not None:
+                _export_quietly(self.profiler, self.report)
+
+
+def loop_factory(base: Callable[[], Any] | None = None, *, profiler: Profiler | None = None,
+                 report: str | Path | None = None, **options: Any) -> LoopFactory:
+    """Return a :class:`LoopFactory`.  ``base`` makes the loops (default: the policy's
+    ``asyncio.new_event_loop``; e.g. ``uvloop.new_event_loop``)."""
+    return LoopFactory(base, profiler=profiler, report=report, **options)
+
+
+def run(main: Awaitable[T], *, report: str | Path | None = None, uvloop: bool = False, debug: bool | None = None,
+        loop_factory: Callable[[], Any] | None = None, **options: Any) -> T:
+    """Like ``asyncio.run(main)``, under a profiler; writes the JSON report to ``report``
+    when given.  Returns main's result (or raises its exception) exactly as asyncio.run.
+    The profiler is ``memscope_async.current_profiler()`` afterwards."""
+    profiler = Profiler(**options)
+    base = loop_factory or (_uvloop_module().new_event_loop if uvloop else None)
+    profiler.start()
+    try:
+        with asyncio.Runner(debug=debug, loop_factory=LoopFactory(base, profiler=profiler)) as runner:
+            return runner.run(main)
+    finally:
+        profiler.stop()
+        if report is not None:
+            _export_quietly(profiler, report)
+
+
+def instrument(loop: asyncio.AbstractEventLoop | None = None, **options: Any) -> Profiler:
+    """Instrument an already running loop (default: the running one) from inside it.
+
+    Uses the running profiler if there is one, else starts one (stopped when the loop
+    closes).  The calling task and every task created from now on are attributed; tasks
+    that already exist are picked up at their next step."""
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    from .profiler import current_profiler
+
+    prof = current_profiler()
+    if prof is None or not prof.active:
+        prof = Profiler(**options).start()
+        prof._tagger.on_loop_close = lambda _loop: prof.stop()
+    prof.instrument_loop(loop)
+    if asyncio.current_task() is not None and loop is asyncio.get_running_loop():
+        prof.tag_current_task()
+    return prof
+
+
+def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path | None = None, **options: Any):
+    """Decorator for coroutine functions: each call runs profiled.
+
+    If a profiler is running, the call just runs (its task is already attributed).
+    Otherwise a profiler is started on the running loop for the duration of the call,
+    and its report is written to ``report`` (if given) when the call ends.  The last
+    report is kept as ``wrapper.last_report``."""
+
+    def decorate(func: Callable[..., Awaitable[T]]):
+        if not asyncio.iscoroutinefunction(func):
+            raise TypeError(f"@memscope_async.profile needs a coroutine function, got {func!r}")
+
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> T:
+            from .profiler import current_profiler
+
+            running = current_profiler()
+            if running is not None and running.active:
+                return await func(*args, **kwargs)
+            prof = Profiler(**options).start()
+            try:
+                prof.instrument_loop(asyncio.get_running_loop())
+                prof.tag_current_task()
+                return await func(*args, **kwargs)
+            finally:
+                prof.stop()
+                wrapper.last_report = prof.snapshot()  # type: ignore[attr-defined]
+                if report is not None:
+                    _export_quietly(prof, report)
+
+        wrapper.last_report = None  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate(fn) if fn is not None else decorate
+
+
+# -- helpers --------------------------------------------------------------------------
+def _export_quietly(profiler: Profiler, path: str | Path) -> None:
+    """Export, turning a failure into a warning: the user's program has already run and
+    must not be harmed by the profiler."""
+    try:
+        profiler.export(path)
+    except Exception as exc:  # noqa: BLE001 - reported, never raised into user code
+        warnings.warn(f"memscope-async: could not write the report to {path}: {exc}", RuntimeWarning, stacklevel=3)
+
+
+def _uvloop_module():
+    try:
+        import uvloop
+    except ImportError:
+        raise ProfilerError("uvloop is not installed: pip install 'memscope-async[uvloop]'") from None
+    return uvloop
+
+
+def _default_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.new_event_loop()
+
+
+def _get_policy():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return asyncio.get_event_loop_policy()
+
+
+def _set_policy(policy) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        asyncio.set_event_loop_policy(policy)
+

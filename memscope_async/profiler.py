@@ -1,0 +1,199 @@
+"""The Profiler: one object tying the tracker (attribution) to the loop hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from .attribution.report import Report
+from .attribution.tracker import (
+    DEFAULT_MAX_FINISHED_TASKS,
+    DEFAULT_SAMPLE_INTERVAL,
+    DEFAULT_STACK_DEPTH,
+    DEFAULT_STACK_INTERVAL,
+    Tracker,
+    TrackerError,
+)
+from .exporters import export_json_async, write_json
+from .loop_hooks import threads as thread_hooks
+from .loop_hooks.instrument import Tagger, instrument_loop, is_instrumented, uninstrument_loop
+from .loop_hooks.tagging import TAG, set_label_listener
+
+__all__ = ["Profiler", "ProfilerError", "current_profiler"]
+
+_last: "Profiler | None" = None
+
+
+class ProfilerError(TrackerError):
+    """The profiler cannot do what was asked: a second profiler, bad options, no data."""
+
+
+class Profiler:
+    """Attributes every allocation to the asyncio task that made it.
+
+    Options (all keyword-only, accepted by every entry point):
+
+    mode
+        ``"exact"`` counts every allocation; ``"sampled"`` samples on average every
+        ``sample_interval`` bytes and reports unbiased estimates.
+    sample_interval
+        Mean bytes between samples in sampled mode (default 512 KiB).
+    stack_interval
+        Exact mode: mean bytes between stack samples for hotspots (default 64 KiB;
+        0 disables stacks).
+    stack_depth
+        Frames kept per stack, innermost first (default 32; 0 disables stacks).
+    max_finished_tasks
+        Finished tasks kept individually; beyond it, finished tasks with no live bytes
+        are folded into their group (the ones that allocated most stay).
+    threads
+        Carry task attribution into thread pools, thread-safe callbacks and threads
+        started by tasks (default True).
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str = "exact",
+        sample_interval: int = DEFAULT_SAMPLE_INTERVAL,
+        stack_interval: int = DEFAULT_STACK_INTERVAL,
+        stack_depth: int = DEFAULT_STACK_DEPTH,
+        max_finished_tasks: int = DEFAULT_MAX_FINISHED_TASKS,
+        threads: bool = True,
+        inferred_half_life: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        try:
+            self._tracker = Tracker(
+                TAG,
+                mode=mode,
+                sample_interval=sample_interval,
+                stack_interval=stack_interval,
+                stack_depth=stack_depth,
+                max_finished_tasks=max_finished_tasks,
+                inferred_half_life=inferred_half_life,
+                seed=seed,
+            )
+        except TrackerError as exc:
+            raise ProfilerError(str(exc)) from None
+        self._tagger = Tagger(self._tracker.registry, propagate_threads=threads)
+        self.threads = threads
+        self._loop_kinds: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self._tracker.mode
+
+    @property
+    def active(self) -> bool:
+        return self._tracker.active
+
+    def start(self) -> "Profiler":
+        """Start counting.  Raises :class:`ProfilerError` if a profiler is already running
+        in this process (the allocator hooks are process-wide)."""
+        global _last
+        try:
+            self._tracker.start()
+        except TrackerError as exc:
+            raise ProfilerError(str(exc)) from None
+        set_label_listener(self._tracker.registry.update_labels)
+        if self.threads:
+            thread_hooks.install()
+        _last = self
+        return self
+
+    def stop(self) -> "Profiler":
+        """Stop counting and take the hooks out of every loop (idempotent).  What was
+        recorded stays available to :meth:`snapshot` and :meth:`export`."""
+        if not self._tracker.active:
+            return self
+        for loop in list(self._tagger.loops):
+            try:
+                uninstrument_loop(loop)
+            except Exception:
+                pass
+        if self.threads:
+            thread_hooks.uninstall()
+        set_label_listener(None)
+        self._tracker.stop()
+        return self
+
+    def close(self) -> None:
+        """Stop and free the recorded data."""
+        self.stop()
+        self._tracker.close()
+
+    def __enter__(self) -> "Profiler":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- loops --------------------------------------------------------------------------
+    def instrument_loop(self, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+        """Instrument an event loop (stdlib or uvloop) so its tasks are attributed."""
+        instrument_loop(loop, self._tagger)
+        kind = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+        self._loop_kinds.add(kind)
+        self._tracker.loop_impl = "+".join(sorted(self._loop_kinds))
+        return loop
+
+    def tag_current_task(self) -> None:
+        """Attribute the running task (created before instrumentation) from now on."""
+        task = asyncio.current_task()
+        if task is None or TAG.get(None) is not None:
+            return
+        rec = self._tagger.record_for(_current_context(), False, False, task.get_loop())
+        TAG.set(rec.tag)  # we are inside the task's context: this tags it
+        rec.attach(task)
+
+    def loop_factory(self, base: Callable[[], asyncio.AbstractEventLoop] | None = None) -> Callable[[], Any]:
+        """A loop factory whose loops report to this profiler."""
+
+        def factory() -> asyncio.AbstractEventLoop:
+            loop = (base or asyncio.new_event_loop)()
+            if not is_instrumented(loop) or loop._ms_state.tagger is not self._tagger:
+                self.instrument_loop(loop)
+            return loop
+
+        return factory
+
+    # -- results ------------------------------------------------------------------------
+    def snapshot(self) -> Report:
+        """A :class:`Report` of everything recorded so far (the profiler may be running)."""
+        try:
+            return self._tracker.report()
+        except TrackerError as exc:
+            raise ProfilerError(str(exc)) from None
+
+    def export(self, path: str | Path, *, indent: bool = False) -> Path:
+        """Write the JSON report atomically to ``path`` and return the path."""
+        return write_json(self.snapshot(), path, indent=indent)
+
+    async def export_async(self, path: str | Path, *, indent: bool = False) -> Path:
+        """Like :meth:`export`, writing with aiofiles so the loop is not blocked."""
+        return await export_json_async(self.snapshot(), path, indent=indent)
+
+    def stats(self) -> dict[str, Any]:
+        """The tracker's own memory and counts: ``tracker_bytes``, ``tracked_allocations``,
+        ``bytes_per_tracked_allocation``, ``live_tasks``, ``folded_tasks``..."""
+        return self._tracker.stats()
+
+    def __repr__(self) -> str:
+        state = "running" if self.active else "stopped"
+        return f"<memscope_async.Profiler mode={self.mode} {state}>"
+
+
+def _current_context():
+    import contextvars
+
+    return contextvars.copy_context()
+
+
+def current_profiler() -> Profiler | None:
+    """The most recently started profiler (running or not), or None."""
+    return _last
