@@ -179,7 +179,11 @@ def _memory_rows(plans: list["Plan"], ms: list["Measurement"]) -> list[dict[str,
             d_bytes = sh["tracker_bytes"] - sb["tracker_bytes"]
             d_allocs = sh["tracked_allocations"] - sb["tracked_allocations"]
             exact = config == "memscope-exact"
-            if plan.workload == "mem-objects":
+            if not exact:
+                # sampled mode tracks a few samples, not allocations: per-allocation
+                # numbers mean nothing there; what it costs per object is what counts
+                add(config, f"d tracker_bytes per {w.per}", d_bytes / n, "B")
+            elif plan.workload == "mem-objects":
                 add(
                     config,
                     f"stats bytes_per_tracked_allocation, holding {n:,} objects",

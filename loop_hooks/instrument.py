@@ -87,6 +87,11 @@ class LoopState:
 
     def factory(self, loop: Any, coro: Any, **kwargs: Any) -> Any:
         """The task factory installed on the loop."""
+        return self.create(loop, coro, None, kwargs)
+
+    def create(self, loop: Any, coro: Any, name: Any, kwargs: dict) -> Any:
+        """Make a tagged task.  ``name`` is given only by our own create_task (stdlib
+        loops), where it goes to the Task constructor as asyncio itself would do it."""
         ctx = kwargs.pop("context", None)
         explicit = ctx is not None
         if ctx is None:
@@ -98,26 +103,32 @@ class LoopState:
             # The context is running right now (the caller passed its own): we cannot
             # tag it without changing the caller, so the task shares the caller's tag.
             self.tagger.registry.discard(rec)
-            return self._make(loop, coro, ctx, explicit, kwargs)
+            return self._make(loop, coro, ctx, name, kwargs)
         self.pending = rec
         try:
-            task = self._make(loop, coro, ctx, explicit, kwargs)
+            task = self._make(loop, coro, ctx, name, kwargs)
         finally:
             self.pending = None
         rec.attach(task)
         return task
 
-    def _make(self, loop: Any, coro: Any, ctx: Any, explicit: bool, kwargs: dict) -> Any:
+    def _make(self, loop: Any, coro: Any, ctx: Any, name: Any, kwargs: dict) -> Any:
         uf = self.user_factory
         if uf is None:
             if kwargs.get("eager_start") is None:
                 kwargs.pop("eager_start", None)
+            if name is not None:
+                kwargs["name"] = name
             return _Task(coro, loop=loop, context=ctx, **kwargs)
         if self.user_factory_takes_context:
-            return uf(loop, coro, context=ctx, **kwargs)
-        # A legacy (loop, coro) factory: run it inside the tagged context, so the task it
-        # makes copies that context.
-        return ctx.run(uf, loop, coro, **kwargs)
+            task = uf(loop, coro, context=ctx, **kwargs)
+        else:
+            # A legacy (loop, coro) factory: run it inside the tagged context, so the
+            # task it makes copies that context.
+            task = ctx.run(uf, loop, coro, **kwargs)
+        if name is not None:
+            task.set_name(name)
+        return task
 
     def adopt(self, task: Any, context: contextvars.Context) -> None:
         """Called from call_soon for a task step we do not know yet."""
@@ -162,6 +173,17 @@ class _InstrumentedLoop:
 
     def get_task_factory(self):
         return self._ms_state.user_factory
+
+    def create_task(self, coro, *, name=None, context=None, **kwargs):
+        # Stdlib loops only (uvloop's create_task is left alone).  Going through our
+        # factory directly keeps task names exactly as asyncio sets them; CPython 3.13.0
+        # renames every task to "None" when any task factory is installed.
+        if not isinstance(self, asyncio.BaseEventLoop):
+            return super().create_task(coro, name=name, context=context, **kwargs)
+        self._check_closed()
+        if context is not None:
+            kwargs["context"] = context
+        return self._ms_state.create(self, coro, name, kwargs)
 
     def call_soon(self, callback, *args, context=None):
         if context is not None:

@@ -1,0 +1,156 @@
+"""Ground truth: tasks that allocate known amounts are reported with those amounts."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+
+import pytest
+
+import memscope_async as ms
+from conftest import MiB, base_loop, close_to, run_profiled
+
+KEEP: list = []
+
+
+async def holder(mib: int, pieces: int = 4) -> int:
+    """Retain ``mib`` MiB in a few buffers, interleaved with awaits."""
+    size = mib * MiB // pieces
+    for _ in range(pieces):
+        KEEP.append(bytearray(size))
+        await asyncio.sleep(0)
+    return mib
+
+
+async def churner(total: int, piece: int = 1024) -> int:
+    """Allocate and free ``total`` bytes in small pieces; returns the true byte count.
+    The loop itself allocates nothing else (no new ints), so the truth is exact."""
+    per_round = 1000
+    rounds = total // (piece * per_round)
+    for _ in itertools.repeat(None, rounds):
+        for _ in itertools.repeat(None, per_round):
+            b = bytes(piece)
+            del b
+        await asyncio.sleep(0)
+    return rounds * per_round * sys.getsizeof(bytes(piece))
+
+
+def test_retained_buffers_interleaved(loop_kind):
+    KEEP.clear()
+
+    async def main():
+        return await asyncio.gather(holder(3), holder(5), holder(7))
+
+    result, report = run_profiled(main, loop_kind)
+    assert result == [3, 5, 7]
+    for mib in (3, 5, 7):
+        (t,) = [t for t in report.find(coro="holder") if close_to(t.live_bytes, mib * MiB)]
+        assert close_to(t.allocated_bytes, mib * MiB), t
+        assert t.state == "done"
+        assert t.retained_after_done_bytes == t.live_bytes
+        assert t.peak_live_bytes >= t.live_bytes
+        assert t.confidence == 1.0
+    KEEP.clear()
+
+
+def test_churn_shows_allocated_not_live(loop_kind):
+    truth = {}
+
+    async def main():
+        truth["bytes"] = await asyncio.create_task(churner(100 * MiB))
+
+    _, report = run_profiled(main, loop_kind)
+    (t,) = report.find(coro="churner")
+    assert close_to(t.allocated_bytes, truth["bytes"]), (t.allocated_bytes, truth["bytes"])
+    assert abs(t.live_bytes) < 64 * 1024
+    assert close_to(t.freed_bytes, truth["bytes"])
+
+
+def test_child_bytes_only_in_parent_subtree(loop_kind):
+    KEEP.clear()
+
+    async def parent():
+        KEEP.append(bytearray(2 * MiB))
+        await asyncio.create_task(holder(5))
+        await asyncio.sleep(0)
+
+    async def main():
+        await asyncio.create_task(parent())
+
+    _, report = run_profiled(main, loop_kind)
+    (p,) = report.find(coro="test_child_bytes_only_in_parent_subtree.<locals>.parent")
+    (c,) = report.find(coro="holder")
+    assert c.parent_id == p.id
+    assert close_to(p.live_bytes, 2 * MiB)
+    assert close_to(c.live_bytes, 5 * MiB)
+    assert close_to(p.subtree.live_bytes, 7 * MiB)
+    assert close_to(p.subtree.allocated_bytes, 7 * MiB)
+    main_task = report.task(p.parent_id)
+    assert main_task.subtree.live_bytes >= p.subtree.live_bytes
+    assert main_task.live_bytes < 64 * 1024
+    KEEP.clear()
+
+
+def test_same_numbers_on_every_entry_point(tmp_path):
+    """install_policy, run() and loop_factory() report the same truth."""
+    KEEP.clear()
+
+    async def main():
+        await asyncio.create_task(holder(6))
+
+    prof = ms.install_policy()
+    try:
+        asyncio.run(main())
+    finally:
+        ms.uninstall_policy()
+    (a,) = prof.snapshot().find(coro="holder")
+    prof.close()
+
+    path = tmp_path / "r.json"
+    ms.run(main(), report=path)
+    (b,) = ms.Report.load(path).find(coro="holder")
+    ms.current_profiler().close()
+
+    factory = ms.loop_factory()
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+    (c,) = factory.profiler.snapshot().find(coro="holder")
+    factory.profiler.close()
+    for t in (a, b, c):
+        assert close_to(t.live_bytes, 6 * MiB), t
+    KEEP.clear()
+
+
+def test_realloc_grows_charge_final_size():
+    """A list grown by realloc is charged its final size, not the sum of every step."""
+
+    async def grow():
+        lst = []
+        for _ in itertools.repeat(None, 200_000):
+            lst.append(None)
+        KEEP.append(lst)
+        return sys.getsizeof(lst)
+
+    async def main():
+        return await asyncio.create_task(grow())
+
+    size, report = run_profiled(main)
+    (t,) = report.find(coro="test_realloc_grows_charge_final_size.<locals>.grow")
+    assert close_to(t.live_bytes, size, abs_=16 * 1024)
+    assert t.allocated_bytes < 2 * size
+    KEEP.clear()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
+def test_eager_tasks_attributed(loop_kind):
+    KEEP.clear()
+
+    async def main():
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+        await asyncio.gather(holder(3, pieces=1), holder(4))
+
+    _, report = run_profiled(main, loop_kind)
+    sizes = sorted(round(t.live_bytes / MiB) for t in report.find(coro="holder"))
+    assert sizes == [3, 4]
+    KEEP.clear()
