@@ -1,0 +1,200 @@
+"""The profiler changes nothing a program can observe."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+import memscope_async as ms
+from conftest import base_loop
+
+
+async def _raises():
+    await asyncio.sleep(0)
+    raise ValueError("boom")
+
+
+async def _sleeper(d):
+    await asyncio.sleep(d)
+    return d
+
+
+async def prog_results():
+    t = asyncio.create_task(_sleeper(0), name="named")
+    r = await t
+    me = asyncio.current_task()
+    return r, t.get_name(), me is asyncio.current_task(), type(t.get_coro()).__name__, t.get_coro().__qualname__
+
+
+async def prog_exception():
+    try:
+        await asyncio.create_task(_raises())
+    except ValueError as e:
+        return ("caught", str(e))
+
+
+async def prog_cancel():
+    t = asyncio.create_task(_sleeper(10))
+    await asyncio.sleep(0)
+    t.cancel("stop")
+    try:
+        await t
+    except asyncio.CancelledError as e:
+        return ("cancelled", e.args, t.cancelled())
+
+
+async def prog_timeout():
+    try:
+        await asyncio.wait_for(_sleeper(10), 0.01)
+    except TimeoutError:
+        return "timeout"
+
+
+async def prog_taskgroup_error():
+    got = None
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_raises())
+            tg.create_task(_sleeper(10))
+    except* ValueError as eg:
+        got = ("eg", [str(e) for e in eg.exceptions])
+    return got
+
+
+async def prog_gather_exceptions():
+    return [type(r).__name__ for r in await asyncio.gather(_raises(), _sleeper(0), return_exceptions=True)]
+
+
+async def prog_user_factory():
+    loop = asyncio.get_running_loop()
+    seen = []
+
+    def factory(loop, coro, **kw):
+        seen.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    loop.set_task_factory(factory)
+    got = loop.get_task_factory() is factory
+    r = await asyncio.create_task(_sleeper(0))
+    loop.set_task_factory(None)
+    return r, seen, got, loop.get_task_factory()
+
+
+async def prog_legacy_factory():
+    loop = asyncio.get_running_loop()
+
+    def factory(loop, coro):  # the old two-argument form
+        return asyncio.Task(coro, loop=loop)
+
+    loop.set_task_factory(factory)
+    r = await asyncio.create_task(_sleeper(0))
+    loop.set_task_factory(None)
+    return r
+
+
+async def prog_get_stack():
+    t = asyncio.create_task(_sleeper(0.05))
+    await asyncio.sleep(0.01)
+    frames = [f.f_code.co_name for f in t.get_stack()]
+    await t
+    return frames
+
+
+async def prog_shield_and_direct_task():
+    inner = asyncio.Task(_sleeper(0))  # bypasses the factory
+    r1 = await asyncio.shield(inner)
+    return r1, inner.done()
+
+
+async def prog_eager():
+    if sys.version_info < (3, 12):
+        return None
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)
+    order = []
+
+    async def step(n):
+        order.append(n)
+        await asyncio.sleep(0)
+        order.append(-n)
+
+    t = asyncio.create_task(step(1))
+    order.append(0)
+    await t
+    loop.set_task_factory(None)
+    return order
+
+
+PROGRAMS = [
+    prog_results,
+    prog_exception,
+    prog_cancel,
+    prog_timeout,
+    prog_taskgroup_error,
+    prog_gather_exceptions,
+    prog_user_factory,
+    prog_legacy_factory,
+    prog_get_stack,
+    prog_shield_and_direct_task,
+    prog_eager,
+]
+
+
+def _run(prog, kind, profiled):
+    if not profiled:
+        with asyncio.Runner(loop_factory=base_loop(kind)) as r:
+            return r.run(prog())
+    prof = ms.Profiler().start()
+    try:
+        with asyncio.Runner(loop_factory=prof.loop_factory(base_loop(kind))) as r:
+            return r.run(prog())
+    finally:
+        prof.close()
+
+
+@pytest.mark.parametrize("prog", PROGRAMS, ids=lambda p: p.__name__)
+def test_identical_results(prog, loop_kind):
+    if loop_kind == "uvloop" and prog is prog_legacy_factory:
+        pytest.skip("uvloop itself always passes context= to a task factory")
+    plain = _run(prog, loop_kind, False)
+    profiled = _run(prog, loop_kind, True)
+    assert profiled == plain
+
+
+def test_factory_set_before_instrumentation_is_kept():
+    calls = []
+
+    def factory(loop, coro, **kw):
+        calls.append(1)
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    loop = asyncio.new_event_loop()
+    loop.set_task_factory(factory)
+    prof = ms.Profiler().start()
+    try:
+        prof.instrument_loop(loop)
+        assert loop.get_task_factory() is factory
+        loop.run_until_complete(loop.create_task(_sleeper(0)))
+        assert calls == [1]
+        rep = prof.snapshot()
+        assert rep.find(coro="_sleeper")
+    finally:
+        prof.close()
+        loop.close()
+    assert loop.get_task_factory() is factory  # given back on stop
+
+
+def test_loop_class_unchanged_for_users():
+    loop = asyncio.new_event_loop()
+    before = (type(loop).__name__, type(loop).__qualname__, type(loop).__module__, repr(loop).split(" ")[0])
+    prof = ms.Profiler().start()
+    try:
+        prof.instrument_loop(loop)
+        after = (type(loop).__name__, type(loop).__qualname__, type(loop).__module__, repr(loop).split(" ")[0])
+        assert after == before
+        assert isinstance(loop, asyncio.AbstractEventLoop)
+    finally:
+        prof.close()
+        loop.close()

@@ -1,0 +1,86 @@
+"""Lineage: the parent is the task whose context the child's was copied from."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+from conftest import run_profiled
+
+
+async def leaf():
+    await asyncio.sleep(0)
+
+
+async def node(depth, fan):
+    if depth == 0:
+        return await leaf()
+    await asyncio.gather(*(node(depth - 1, fan) for _ in range(fan)))
+
+
+def test_gather_tree_lineage(loop_kind):
+    async def main():
+        await node(3, 3)
+
+    _, report = run_profiled(main, loop_kind)
+    # gather wraps each coroutine in a task: 3 + 9 + 27 node tasks, 27 leaf awaits inline
+    nodes = report.find(coro="node")
+    assert len(nodes) == 3 + 9 + 27
+    by_id = {t.id: t for t in report.tasks}
+    main_task = [t for t in report.tasks if t.coro.endswith("main")][0]
+    for t in nodes:
+        assert t.lineage[-1] == t.id
+        assert t.lineage[0] == main_task.id
+        assert t.parent_id == t.lineage[-2]
+        assert by_id[t.parent_id].id == t.parent_id
+    depths = sorted({len(t.lineage) for t in nodes})
+    assert depths == [2, 3, 4]
+    assert main_task.subtree.tasks == 1 + len(nodes)
+
+
+def test_taskgroup_wait_for_shield(loop_kind):
+    async def child():
+        await asyncio.sleep(0)
+        return asyncio.current_task()
+
+    async def main():
+        async with asyncio.TaskGroup() as tg:
+            a = tg.create_task(child())
+        b = await asyncio.wait_for(asyncio.ensure_future(child()), 1)
+        c = await asyncio.shield(asyncio.ensure_future(child()))
+        return asyncio.current_task(), a, b, c
+
+    (main_task, a, b, c), report = run_profiled(main, loop_kind)
+    m = report.task(main_task)
+    for t in (a, b, c):
+        assert report.task(t).parent_id == m.id
+
+
+def test_direct_task_construction_is_adopted(loop_kind):
+    async def main():
+        t = asyncio.Task(leaf())
+        await t
+        return asyncio.current_task(), t
+
+    (main_task, t), report = run_profiled(main, loop_kind)
+    rt = report.task(t)
+    assert rt.via_factory is False
+    assert rt.parent_id == report.task(main_task).id
+    assert rt.coro == "leaf"
+
+
+def test_deep_nesting():
+    async def chain(n):
+        if n:
+            await asyncio.create_task(chain(n - 1))
+
+    async def main():
+        await asyncio.create_task(chain(50))
+
+    _, report = run_profiled(main)
+    deepest = max(report.tasks, key=lambda t: len(t.lineage))
+    assert len(deepest.lineage) == 52
+    root = report.task(deepest.lineage[0])
+    assert root.subtree.tasks == 52
