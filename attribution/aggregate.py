@@ -166,6 +166,7 @@ def build_report(raw: RawData) -> Report:
     orphan_bytes = orphan_allocs = orphan_freed = orphan_live = 0
 
     for (tid, slot, croute, phase, ab, na, fb, nf, live, _entries, cfb, cf, first, last) in raw.cells:
+        last = max(first, last)  # last_ns comes from a coarse clock
         ident = slot_ident.get(slot)
         if tid == 0:
             u = unattributed[ident]

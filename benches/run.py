@@ -113,6 +113,7 @@ def _child_command(workload: str, config: str, quick: bool, first: bool, warmup:
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONHASHSEED"] = "0"  # same dict/set layouts in every child
+    env["PYTHONFAULTHANDLER"] = "1"  # a crash in a C hook prints the Python stacks
     env.pop("PYTHONTRACEMALLOC", None)
     env.pop("PYTHONASYNCIODEBUG", None)
     return env
@@ -143,6 +144,23 @@ def _probe(timeout: float) -> dict[str, Any]:
     if doc is None:
         raise SystemExit(f"python -m benches.run: the probe child failed: {err}")
     return doc
+
+
+def _source_fingerprint() -> dict[str, Any]:
+    """The profiler's checkout as the run saw it: HEAD, and the newest modification time
+    among its source and built files (so a rebuild in the middle of a run is noticed)."""
+    newest = 0.0
+    for folder in ("attribution", "loop_hooks", "exporters", "memscope_async"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                newest = max(newest, path.stat().st_mtime)
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head = ""
+    return {"head": head or None, "newest_mtime": newest}
 
 
 def _plans(names: list[str], env: dict[str, Any], tracemalloc16: bool) -> list[Plan]:
@@ -219,9 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = _probe(args.timeout)
     env["cpus"] = os.cpu_count()
     plans = _plans(names, env, args.tracemalloc16)
+    env["source_before"] = _source_fingerprint()
     t0 = time.perf_counter()
     measurements = _execute(plans, args)
     elapsed = time.perf_counter() - t0
+    env["source_after"] = _source_fingerprint()
     doc = print_report(plans, measurements, env, args, elapsed)
     if args.json_path:
         doc["measurements"] = [asdict(m) for m in measurements]

@@ -281,6 +281,14 @@ def print_report(
         f"{env['cpus']} CPUs; {'QUICK (~10x smaller)' if args.quick else 'full size'}, "
         f"median of {args.repeat} run(s), each in a fresh process; suite took {elapsed:.0f} s"
     )
+    before, after = env.get("source_before", {}), env.get("source_after", {})
+    print(f"  checkout: {_root()} at {before.get('head') or '(no commit)'}")
+    if before != after:
+        print(
+            "  WARNING: the profiler's checkout changed during the run "
+            f"(HEAD {before.get('head')} -> {after.get('head')}, or a source/built file was rewritten): "
+            "rows may mix versions; run again"
+        )
     for name, info in mods.items():
         state = f"{info['version']} ({info['file']})" if info["ok"] else f"not available: {info['error']}"
         print(f"  {name}: {state}")

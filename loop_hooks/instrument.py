@@ -28,6 +28,7 @@ import concurrent.futures
 import contextvars
 import functools
 import inspect
+import itertools
 import threading
 import weakref
 from typing import Any, Callable
@@ -38,6 +39,8 @@ from .tagging import LABELS, TAG
 __all__ = ["LoopState", "Tagger", "instrument_loop", "uninstrument_loop", "is_instrumented"]
 
 _copy_context = contextvars.copy_context
+_loop_serials = itertools.count(1)
+_get_running_loop = asyncio._get_running_loop
 _Task = asyncio.Task
 
 
@@ -62,7 +65,8 @@ class Tagger:
                 # one): the tag in it is a sibling's, not the parent's.
                 if prec is not None and prec.ctx_id == id(ctx):
                     parent_id = prec.parent_id
-        rec = self.registry.new_task(parent_id, ctx.get(LABELS, None), loop_id=id(loop))
+        state = getattr(loop, "__dict__", {}).get("_ms_state")
+        rec = self.registry.new_task(parent_id, ctx.get(LABELS, None), loop_id=state.serial if state else None)
         rec.via_factory = via_factory
         rec.ctx_id = id(ctx)
         return rec
@@ -71,9 +75,11 @@ class Tagger:
 class LoopState:
     """Per-loop instrumentation state (kept on the loop as ``_ms_state``)."""
 
-    __slots__ = ("tagger", "user_factory", "user_factory_takes_context", "pending", "original_class", "__weakref__")
+    __slots__ = ("tagger", "user_factory", "user_factory_takes_context", "pending", "original_class", "serial",
+                 "__weakref__")
 
     def __init__(self, tagger: Tagger, user_factory: Any, original_class: type):
+        self.serial = next(_loop_serials)  # a loop id that is never reused, unlike id(loop)
         self.tagger = tagger
         self.original_class = original_class
         self.pending = None
@@ -204,7 +210,9 @@ class _InstrumentedLoop:
 
     def call_soon_threadsafe(self, callback, *args, context=None):
         st = self._ms_state
-        if st.tagger.propagate_threads:
+        # From the loop's own thread nothing crosses: the callback simply runs in a copy
+        # of the caller's context.
+        if st.tagger.propagate_threads and _get_running_loop() is not self:
             tag = (context.get(TAG, None) if context is not None else TAG.get(None))
             tid = tag.id if tag is not None else handover.current()
             if tid:
