@@ -80,6 +80,7 @@ class Tracker:
         self.loop_threads: set[int] = set()
         self.loop_impl = "asyncio"
         self._finished: deque[int] = deque()
+        self._next_fold = max_finished_tasks + max(100, max_finished_tasks // 5)
         self._folded: dict[str, FoldedGroup] = {}
         self._folded_tasks = 0
         self._rng = random.Random(seed or None)
@@ -147,9 +148,12 @@ class Tracker:
         if core_threads.inferred_count():
             core_threads.owner_done(rec.id)
         self._finished.append(rec.id)
-        limit = self.max_finished_tasks
-        if len(self._finished) > limit + max(100, limit // 5):
+        if len(self._finished) > self._next_fold:
+            limit = self.max_finished_tasks
             self._fold(limit)
+            # Passes are batched: the next one waits for another batch of finished tasks,
+            # so tasks that cannot fold yet (still holding memory) cost O(1) per finish.
+            self._next_fold = len(self._finished) + max(100, limit // 5)
 
     def _fold(self, keep: int) -> None:
         """Fold finished tasks with no live allocation left into their group's aggregate,
@@ -212,6 +216,8 @@ class Tracker:
         """Build a report from what has been recorded so far."""
         if not self._has_data:
             raise TrackerError("this profiler holds no data (it was never started, or it was closed)")
+        if len(self._finished) > self.max_finished_tasks:
+            self._fold(self.max_finished_tasks)
         sites, stacks, frames = _core.stack_samples()
         records = dict(self.registry.records)
         live_objects = {}

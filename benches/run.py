@@ -238,10 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     env["cpus"] = os.cpu_count()
     plans = _plans(names, env, args.tracemalloc16)
     env["source_before"] = _source_fingerprint()
+    env["loadavg_before"] = os.getloadavg()
     t0 = time.perf_counter()
     measurements = _execute(plans, args)
     elapsed = time.perf_counter() - t0
     env["source_after"] = _source_fingerprint()
+    env["loadavg_after"] = os.getloadavg()
     doc = print_report(plans, measurements, env, args, elapsed)
     if args.json_path:
         doc["measurements"] = [asdict(m) for m in measurements]

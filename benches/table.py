@@ -281,9 +281,15 @@ def print_report(
         f"{env['cpus']} CPUs; {'QUICK (~10x smaller)' if args.quick else 'full size'}, "
         f"median of {args.repeat} run(s), each in a fresh process; suite took {elapsed:.0f} s"
     )
+    la0, la1 = env.get("loadavg_before"), env.get("loadavg_after")
+    if la0 and la1:
+        print(f"  load average (1/5/15 min) before: {la0[0]:.2f} {la0[1]:.2f} {la0[2]:.2f}; after: {la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f}")
     before, after = env.get("source_before", {}), env.get("source_after", {})
-    print(f"  checkout: {_root()} at {before.get('head') or '(no commit)'}")
-    if before != after:
+    ms_file = mods.get("memscope_async", {}).get("file") or ""
+    editable = ms_file.startswith(_root())
+    if editable:
+        print(f"  memscope_async is this checkout's (editable): {_root()} at {before.get('head') or '(no commit)'}")
+    if editable and before != after:
         print(
             "  WARNING: the profiler's checkout changed during the run "
             f"(HEAD {before.get('head')} -> {after.get('head')}, or a source/built file was rewritten): "

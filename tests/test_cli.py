@@ -1,0 +1,229 @@
+"""The memscope-async command, run the way users run it: in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from memscope_async.attribution.report import Report
+from memscope_async.cli import parse_size
+
+MiB = 1024 * 1024
+
+# Allocates a known 4 MiB buffer in a task named "grabber" and keeps it in a global, so it
+# is still live when the program ends.  Then does what its arguments ask.
+SCRIPT = """\
+import asyncio
+import sys
+
+HELD = []
+
+async def grab():
+    HELD.append(bytearray(4 * 1024 * 1024))
+
+async def main():
+    await asyncio.create_task(grab(), name="grabber")
+
+asyncio.run(main())
+print("argv:", sys.argv[1:])
+if sys.argv[1:2] == ["exit"]:
+    sys.exit(int(sys.argv[2]))
+if sys.argv[1:2] == ["raise"]:
+    raise ValueError("the program failed")
+"""
+
+
+def cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "memscope_async", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> Path:
+    path = tmp_path / "script.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def grabber(report: Report):
+    (task,) = report.find(name="grabber")
+    return task
+
+
+def test_run_writes_report_and_prints_summary_to_stderr(tmp_path: Path, script: Path) -> None:
+    out = tmp_path / "out" / "report.json"
+    out.parent.mkdir()
+    proc = cli("run", "-o", str(out), str(script), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "argv: []\n"  # the program's stdout, untouched
+    report = Report.load(out)
+    task = grabber(report)
+    assert task.coro == "grab"
+    assert abs(task.live_bytes - 4 * MiB) <= 64 * 1024
+    assert "memscope-async report" in proc.stderr
+    assert "grabber (grab)" in proc.stderr
+    assert f"report written to {out}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_default_report_path_is_in_the_working_directory(tmp_path: Path, script: Path) -> None:
+    proc = cli("run", "--quiet", script.name, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert abs(grabber(Report.load(tmp_path / "memscope-report.json")).live_bytes - 4 * MiB) <= 64 * 1024
+
+
+def test_program_arguments_are_passed_through(tmp_path: Path, script: Path) -> None:
+    proc = cli("run", "-q", "-o", "r.json", script.name, "--top", "3", "-o", "x", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "argv: ['--top', '3', '-o', 'x']\n"
+
+
+def test_program_exit_code_is_propagated_after_the_report(tmp_path: Path, script: Path) -> None:
+    proc = cli("run", "-o", "r.json", script.name, "exit", "3", cwd=tmp_path)
+    assert proc.returncode == 3
+    assert grabber(Report.load(tmp_path / "r.json")).live_bytes >= 4 * MiB
+
+
+def test_program_exception_shows_its_traceback_and_exits_1(tmp_path: Path, script: Path) -> None:
+    proc = cli("run", "-o", "r.json", script.name, "raise", cwd=tmp_path)
+    assert proc.returncode == 1
+    traceback = proc.stderr.split("memscope-async report")[0]
+    assert "Traceback (most recent call last):" in traceback
+    assert "ValueError: the program failed" in traceback
+    assert "script.py" in traceback
+    assert "cli.py" not in traceback and "runpy" not in traceback  # the user's frames only
+    assert grabber(Report.load(tmp_path / "r.json")).live_bytes >= 4 * MiB
+
+
+def test_run_module_finds_modules_in_the_working_directory(tmp_path: Path) -> None:
+    (tmp_path / "service.py").write_text(SCRIPT)
+    proc = cli("run", "-q", "-o", "r.json", "-m", "service", "a", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "argv: ['a']\n"
+    assert grabber(Report.load(tmp_path / "r.json")).live_bytes >= 4 * MiB
+
+
+def test_sampled_mode_with_a_suffixed_interval(tmp_path: Path, script: Path) -> None:
+    proc = cli("run", "-q", "--sample-interval", "64K", "--stack-depth", "4", "-o", "r.json", script.name,
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = Report.load(tmp_path / "r.json").run
+    assert (run.mode, run.sample_interval, run.stack_depth) == ("sampled", 64 * 1024, 4)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("65536", 65536), ("64K", 65536), ("64k", 65536), ("512KiB", 512 * 1024), ("1M", MiB), ("1 MiB", MiB),
+     ("1.5M", 3 * MiB // 2), ("2G", 2 << 30), (4096, 4096)],
+)
+def test_parse_size(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "-1", "0", "12X", "1 MB/s", "K"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "missing.py"], "cannot run missing.py: no such file"),
+        (["run", "-m", "no_such_module_here"], "no module named 'no_such_module_here'"),
+        (["run", "--mode", "fast", "script.py"], "argument --mode: invalid choice: 'fast'"),
+        (["run", "--sample-interval", "-64", "script.py"], "negative"),
+        (["run", "--sample-interval=-64K", "script.py"], "negative"),
+        (["run", "--sample-interval", "lots", "script.py"], "invalid size 'lots'"),
+        (["run", "--mode", "exact", "--sample-interval", "64K", "script.py"], "only applies to --mode sampled"),
+        (["run", "--stack-depth", "999", "script.py"], "out of range"),
+        (["run", "-o", "no/such/dir/r.json", "script.py"], "directory no/such/dir does not exist"),
+        (["run", "-o", ".", "script.py"], "it is a directory"),
+        (["run"], "nothing to run"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "a command is required"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_2(tmp_path: Path, script: Path, args: list[str], expected: str) -> None:
+    proc = cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("memscope-async: error: ")
+    assert expected in lines[0]
+    assert not (tmp_path / "memscope-report.json").exists()  # the program never ran
+
+
+def test_report_subcommand_renders_and_reemits(tmp_path: Path, script: Path) -> None:
+    assert cli("run", "-q", "-o", "r.json", script.name, cwd=tmp_path).returncode == 0
+    text = cli("report", "r.json", "--top", "1", cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.startswith("memscope-async report")
+    assert "grabber (grab)" in text.stdout
+    assert "... and 3 more tasks" in text.stdout
+    as_json = cli("report", "r.json", "--json", cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    assert Report.from_dict(orjson.loads(as_json.stdout)) == Report.load(tmp_path / "r.json")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(None, "cannot read r.json: No such file or directory"), (b"{not json", "not valid JSON"),
+     (b'{"schema_version": 1}', "not a memscope-async report")],
+)
+def test_report_subcommand_bad_file(tmp_path: Path, content: bytes | None, expected: str) -> None:
+    if content is not None:
+        (tmp_path / "r.json").write_bytes(content)
+    proc = cli("report", "r.json", cwd=tmp_path)
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memscope-async: error: "), proc.stderr
+    assert expected in lines[0]
+
+
+def test_demo_shows_the_session_tracker_leak(tmp_path: Path) -> None:
+    proc = cli("demo", "-o", "demo.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("demo: served 160 requests")
+    report = Report.load(tmp_path / "demo.json")
+    if report.leak_suspects:
+        top = max(report.leak_suspects, key=lambda s: s.retained_bytes)
+        assert top.coro == "session_tracker"
+        assert top.retained_bytes >= 4 * MiB
+    else:
+        top = max(report.groups, key=lambda g: g.retained_after_done_bytes)
+        assert top.coro == "session_tracker"
+    handlers = {g.labels.get("route") for g in report.groups if g.coro == "handle_request"}
+    assert handlers == {"/api/search", "/api/checkout"}
+    assert "Leak suspects" in proc.stderr
+
+
+def test_help_and_version_exit_0(tmp_path: Path) -> None:
+    assert cli("--version", cwd=tmp_path).stdout.startswith("memscope-async ")
+    proc = cli("run", "--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "--sample-interval BYTES" in proc.stdout
+
+
+def test_console_script_matches_module(tmp_path: Path, script: Path) -> None:
+    exe = Path(sys.executable).with_name("memscope-async")
+    if not exe.exists():
+        pytest.skip("memscope-async is not installed next to this interpreter")
+    proc = subprocess.run([str(exe), "run", "-q", "-o", "r.json", script.name, "exit", "4"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stdout == "argv: ['exit', '4']\n"
+
+
+def test_demo_runs_plainly(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "memscope_async.demo"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("demo: served 160 requests")
+    assert proc.stdout.count("\n") == 1

@@ -1,0 +1,218 @@
+"""The pytest plugin, driven through pytester: each test runs a small inner test session."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+# Shared by the inner test modules: a task that keeps 5 MiB alive after it ends, and a
+# check that nothing of the profiler is left installed.
+HELPERS = """
+import asyncio
+
+from memscope_async.attribution import _core
+from memscope_async.loop_hooks.instrument import is_instrumented
+from memscope_async.loop_hooks.policy import InstrumentedPolicy
+
+KEEP = []
+
+
+async def hog(mib=5):
+    KEEP.append(bytearray(mib * 1024 * 1024))
+
+
+def assert_nothing_installed(loop=None):
+    assert not _core.is_active(), "allocator hooks are installed"
+    assert not isinstance(asyncio.get_event_loop_policy(), InstrumentedPolicy), "policy is installed"
+    if loop is not None:
+        assert not is_instrumented(loop), "the loop is instrumented"
+"""
+
+
+@pytest.fixture
+def inner(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\naddopts = -p no:cacheprovider\n")
+    pytester.makepyfile(helpers=HELPERS)
+    return pytester
+
+
+def test_marker_is_registered_with_its_signature(inner: pytest.Pytester) -> None:
+    result = inner.runpytest("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.memscope(max_live_bytes=None, max_allocated_bytes=None, per_task=True):*"])
+
+
+def test_live_limit_per_task_fails_the_test_with_a_table(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        import asyncio
+        import pytest
+        from helpers import hog
+
+        @pytest.mark.memscope(max_live_bytes="1 MiB")
+        def test_leaks():
+            async def main():
+                await asyncio.create_task(hog(), name="session_cache")
+            asyncio.run(main())
+        """
+    )
+    result = inner.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "memscope: limited to 1.0 MiB live per task, task 'session_cache' (id *) holds 5.0 MiB",
+        "id*task*state*allocated*live*peak",
+        "*session_cache*done*5.0 MiB*5.0 MiB*",
+    ])
+
+
+def test_limit_in_an_async_test_run_by_pytest_asyncio(inner: pytest.Pytester) -> None:
+    # pytest-asyncio makes its loop under its own copy of the event-loop policy: the plugin
+    # must still see the test's tasks.
+    inner.makepyfile(
+        """
+        import asyncio
+        import pytest
+        from helpers import hog
+
+        @pytest.mark.asyncio
+        @pytest.mark.memscope(max_allocated_bytes=1_000_000)
+        async def test_allocates():
+            await asyncio.create_task(hog(2))
+        """
+    )
+    result = inner.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["memscope: limited to 976.6 KiB allocated per task, task 'hog' (id *) allocated 2.0 MiB"])
+
+
+def test_within_limits_passes(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        import asyncio
+        import pytest
+        from helpers import hog
+
+        @pytest.mark.memscope(max_live_bytes="8MiB", max_allocated_bytes=8 * 1024 * 1024)
+        def test_sync():
+            async def main():
+                await asyncio.create_task(hog())
+            asyncio.run(main())
+
+        @pytest.mark.asyncio
+        @pytest.mark.memscope(max_live_bytes="8MiB")
+        async def test_async():
+            await asyncio.create_task(hog())
+        """
+    )
+    inner.runpytest().assert_outcomes(passed=2)
+
+
+def test_total_limit(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.memscope(max_allocated_bytes="1 MiB", per_task=False)
+        def test_over():
+            data = bytearray(3 * 1024 * 1024)
+
+        @pytest.mark.memscope(max_allocated_bytes="8 MiB", per_task=False)
+        def test_under():
+            data = bytearray(3 * 1024 * 1024)
+        """
+    )
+    result = inner.runpytest()
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["memscope: limited to 1.0 MiB allocated in total, the test allocated 3.* MiB"])
+
+
+def test_fixture_profiles_and_cleans_up(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        import asyncio
+        import pytest
+        from helpers import assert_nothing_installed, hog
+
+        def test_snapshot_inside_a_sync_test(memscope):
+            async def main():
+                await asyncio.create_task(hog(), name="hog")
+            asyncio.run(main())
+            (task,) = memscope.snapshot().find(name="hog")
+            assert task.live_bytes >= 5 * 1024 * 1024
+
+        @pytest.mark.asyncio
+        async def test_snapshot_inside_an_async_test(memscope):
+            await asyncio.create_task(hog(), name="hog")
+            (task,) = memscope.snapshot().find(name="hog")
+            assert task.live_bytes >= 5 * 1024 * 1024
+
+        def test_after_profiled_tests_nothing_is_left():
+            assert_nothing_installed()
+        """
+    )
+    inner.runpytest("-p", "no:randomly").assert_outcomes(passed=3)
+
+
+def test_unprofiled_tests_get_nothing(inner: pytest.Pytester) -> None:
+    # In a fresh process, so "no profiler was ever made" can be checked too.
+    inner.makepyfile(
+        """
+        import asyncio
+        import pytest
+        import memscope_async as ms
+        from helpers import assert_nothing_installed
+
+        def test_sync():
+            assert ms.current_profiler() is None
+            assert_nothing_installed()
+            async def main():
+                assert_nothing_installed(asyncio.get_running_loop())
+            asyncio.run(main())
+
+        @pytest.mark.asyncio
+        async def test_async():
+            assert ms.current_profiler() is None
+            assert_nothing_installed(asyncio.get_running_loop())
+        """
+    )
+    inner.runpytest_subprocess().assert_outcomes(passed=2)
+
+
+def test_a_second_profiler_is_a_clear_setup_error(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        import pytest
+        import memscope_async as ms
+
+        @pytest.fixture
+        def other_profiler():
+            with ms.Profiler() as profiler:
+                yield profiler
+
+        def test_both(other_profiler, memscope):
+            pass
+        """
+    )
+    result = inner.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*memscope: cannot profile this test: *already running*"])
+
+
+def test_malformed_marker_is_a_clear_setup_error(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.memscope(max_live="1 MiB")
+        def test_typo():
+            pass
+
+        @pytest.mark.memscope(max_live_bytes="lots")
+        def test_bad_size():
+            pass
+        """
+    )
+    result = inner.runpytest()
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(["*memscope marker: unknown argument(s) max_live*",
+                                 "*memscope marker: max_live_bytes: invalid size 'lots'*"])

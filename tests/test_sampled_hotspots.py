@@ -1,0 +1,130 @@
+"""Sampled mode accuracy, hotspots, groups, leak suspects and bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+
+import pytest
+
+from conftest import KiB, MiB, close_to, run_profiled
+
+KEEP: list = []
+
+
+async def sized_allocs(total: int, keep_every: int, seed: int) -> tuple[int, int]:
+    """Allocate ``total`` bytes in pieces of 100 B .. 64 KiB; keep every n-th piece.
+    Returns the true (allocated, live) byte counts."""
+    rng = random.Random(seed)
+    sizes = [rng.randint(100, 64 * KiB) for _ in range(total // (32 * KiB))]
+    import sys
+
+    allocated = live = 0
+    for i, n in enumerate(sizes):
+        b = bytes(n)
+        s = sys.getsizeof(b)
+        allocated += s
+        if i % keep_every == 0:
+            KEEP.append(b)
+            live += s
+        del b
+        if i % 256 == 0:
+            await asyncio.sleep(0)
+    return allocated, live
+
+
+def test_sampled_estimates_are_unbiased():
+    errs_alloc, errs_live = [], []
+    for run in range(5):
+        KEEP.clear()
+        truth = {}
+
+        async def task(name, total, seed):
+            truth[name] = await sized_allocs(total, 2, seed)
+
+        async def main():
+            await asyncio.gather(
+                asyncio.create_task(task("a", 64 * MiB, run), name="a"),
+                asyncio.create_task(task("b", 96 * MiB, run + 100), name="b"),
+            )
+
+        _, report = run_profiled(main, mode="sampled", sample_interval=64 * KiB, seed=1234 + run)
+        assert report.run.estimated and report.run.mode == "sampled"
+        for name in ("a", "b"):
+            (t,) = report.find(name=name)
+            true_alloc, true_live = truth[name]
+            ea = t.allocated_bytes / true_alloc - 1
+            el = t.live_bytes / true_live - 1
+            assert abs(ea) <= 0.10, (run, name, ea)
+            assert abs(el) <= 0.10, (run, name, el)
+            errs_alloc.append(abs(ea))
+            errs_live.append(abs(el))
+    assert statistics.mean(errs_alloc) <= 0.04
+    assert statistics.mean(errs_live) <= 0.04
+    KEEP.clear()
+
+
+def _leaky_line():
+    return bytearray(256 * KiB)  # LEAK-SITE
+
+
+async def leaker():
+    KEEP.append(_leaky_line())
+    await asyncio.sleep(0)
+
+
+async def clean():
+    x = [bytearray(64 * KiB) for _ in range(4)]
+    await asyncio.sleep(0)
+    del x
+
+
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_hotspots_and_leak_suspects(mode, loop_kind):
+    KEEP.clear()
+
+    async def main():
+        for _ in range(20):
+            await asyncio.gather(asyncio.create_task(leaker()), asyncio.create_task(clean()))
+
+    _, report = run_profiled(main, loop_kind, mode=mode, sample_interval=16 * KiB, stack_interval=16 * KiB)
+    assert report.run.stacks_sampled == (mode == "exact")
+    top = report.leak_suspects[0]
+    assert top.coro == "leaker" and top.tasks == 20
+    assert close_to(top.retained_bytes, 20 * 256 * KiB, rel=0.25 if mode == "sampled" else 0.01)
+    hs = top.hotspots[0]
+    src = open(__file__).read().splitlines()
+    assert "LEAK-SITE" in src[hs.line - 1] and hs.function == "_leaky_line"
+    assert hs.stack[0].function == "_leaky_line" and hs.stack[1].function == "leaker"
+    assert hs.live_bytes > 0
+    groups = {g.coro: g for g in report.groups}
+    assert groups["leaker"].tasks == 20 and groups["clean"].tasks == 20
+    assert groups["clean"].retained_after_done_bytes < 64 * KiB
+    d = groups["leaker"].allocated_bytes
+    assert d.p50 <= d.p95 <= d.max <= d.sum
+    KEEP.clear()
+
+
+def test_many_tasks_fold_with_bounded_records():
+    KEEP.clear()
+
+    async def tiny(i):
+        return [i] * 10
+
+    async def big():
+        KEEP.append(bytearray(MiB))
+
+    async def main():
+        await asyncio.create_task(big())
+        for _ in range(20):
+            await asyncio.gather(*(asyncio.create_task(tiny(i)) for i in range(1000)))
+
+    _, report = run_profiled(main, max_finished_tasks=500)
+    assert report.totals.folded_tasks > 15_000
+    assert len(report.tasks) < 1500
+    assert report.totals.tasks == len(report.tasks) + report.totals.folded_tasks
+    assert report.find(coro="test_many_tasks_fold_with_bounded_records.<locals>.big")  # kept: it holds memory
+    (g,) = [g for g in report.groups if g.coro and g.coro.endswith("tiny")]
+    assert g.tasks == 20_000 and g.folded_tasks > 15_000
+    KEEP.clear()
