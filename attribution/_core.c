@@ -695,6 +695,14 @@ static PyObject *core_inferred_owner_done(PyObject *m, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+static PyObject *core_set_guard(PyObject *m, PyObject *arg) {
+    int v = PyObject_IsTrue(arg);
+    if (v < 0) return NULL;
+    int prev = tls.guard;
+    tls.guard = v;
+    return PyBool_FromLong(prev);
+}
+
 static PyObject *core_now_ns(PyObject *m, PyObject *noargs) { return PyLong_FromUnsignedLongLong(now_ns()); }
 
 /* ---- reading the data (the guard is set so our own output is not recorded) --------- */
@@ -882,6 +890,9 @@ static PyMethodDef core_methods[] = {
     {"set_inferred", core_set_inferred, METH_VARARGS, set_inferred_doc},
     {"inferred_owner_done", core_inferred_owner_done, METH_O, inferred_owner_done_doc},
     {"now_ns", core_now_ns, METH_NOARGS, NULL},
+    {"set_guard", core_set_guard, METH_O,
+     "set_guard(flag) -> bool\n--\n\nWhile set, this thread's allocations are not recorded (our own\n"
+     "bookkeeping).  Returns the previous value, to restore it."},
     {"cells", core_cells, METH_NOARGS, cells_doc},
     {"tasks", core_tasks, METH_NOARGS, tasks_doc},
     {"threads", core_threads, METH_NOARGS, threads_doc},

@@ -19,6 +19,7 @@ __all__ = ["TaskRecord", "Registry"]
 _EMPTY: Mapping[str, str] = {}
 _get_ident = threading.get_ident
 _thread_slot = _core.thread_slot
+_set_guard = _core.set_guard
 
 
 class TaskRecord:
@@ -66,7 +67,15 @@ class TaskRecord:
         self.ctx_id = 0
 
     def attach(self, task: Any) -> None:
-        """Link the record to its task object (weakly) and watch for its end."""
+        """Link the record to its task object (weakly) and watch for its end.  Our
+        bookkeeping is not charged to the creating task."""
+        prev = _set_guard(True)
+        try:
+            self._attach(task)
+        finally:
+            _set_guard(prev)
+
+    def _attach(self, task: Any) -> None:
         self.obj_id = id(task)
         try:
             self.ref = weakref.ref(task)
@@ -150,6 +159,13 @@ class Registry:
 
     def new_task(self, parent_id: int | None, labels: Mapping[str, str] | None, loop_id: int | None = None) -> TaskRecord:
         """A record for a task being created now, on the calling thread's loop."""
+        prev = _set_guard(True)
+        try:
+            return self._new_task(parent_id, labels, loop_id)
+        finally:
+            _set_guard(prev)
+
+    def _new_task(self, parent_id: int | None, labels: Mapping[str, str] | None, loop_id: int | None) -> TaskRecord:
         with self._lock:
             tid = self._next
             self._next += 1

@@ -31,6 +31,7 @@ _RESERVOIR = 1000
 
 _lock = threading.Lock()
 _running: "Tracker | None" = None
+_generation = 0  # bumped at every start: the C core holds one run's data at a time
 
 
 class TrackerError(RuntimeError):
@@ -89,6 +90,7 @@ class Tracker:
         self._started_at = ""
         self._active = False
         self._has_data = False
+        self._generation = -1
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
@@ -117,6 +119,9 @@ class Tracker:
                 int(self.seed),
             )
             _running = self
+            global _generation
+            _generation += 1
+            self._generation = _generation
         self._start_ns = _core.now_ns()
         self._stop_ns = None
         self._started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
@@ -139,7 +144,7 @@ class Tracker:
     def close(self) -> None:
         """Stop and free everything the core holds."""
         self.stop()
-        if self._has_data and _running is None:
+        if self._has_data and _running is None and self._generation == _generation:
             _core.clear()
         self._has_data = False
 
@@ -216,6 +221,11 @@ class Tracker:
         """Build a report from what has been recorded so far."""
         if not self._has_data:
             raise TrackerError("this profiler holds no data (it was never started, or it was closed)")
+        if self._generation != _generation:
+            raise TrackerError(
+                "this profiler's data was discarded when a later profiler started; "
+                "take snapshot() before starting another one"
+            )
         if len(self._finished) > self.max_finished_tasks:
             self._fold(self.max_finished_tasks)
         sites, stacks, frames = _core.stack_samples()

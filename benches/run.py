@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from .configs import CONFIGS
 from .memory import MEMORY_WORKLOADS
+from .quiet import OtherLoad, wait_for_quiet
 from .table import print_report
 from .targets import MEMORY_CONFIGS, configs_for
 from .workloads import WORKLOADS
@@ -48,6 +49,9 @@ class Measurement:
     wall_s: float | None = None
     doc: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    others_cores: float | None = None  # what other processes used meanwhile (quiet.py)
+    noisy: bool = False  # still above the threshold after every retry
+    attempts: int = 0
 
 
 @dataclass
@@ -67,6 +71,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", dest="json_path", default=None, help="also write every number to this JSON file")
     p.add_argument("--tracemalloc16", action="store_true", help="add tracemalloc with 16 frames (slow: ~70x)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first run in each process (no quick-size warm-up run before it)")
+    p.add_argument("--quiet-threshold", type=float, default=0.15, metavar="CORES",
+                   help="a run during which other processes used more CPU than this is repeated (default 0.15 cores)")
+    p.add_argument("--quiet-wait", type=float, default=900.0, metavar="S",
+                   help="longest wait for a quiet machine before each run (default 900 s)")
+    p.add_argument("--retries", type=int, default=3, help="times a noisy run is repeated (default 3)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before one child run is killed")
     # child side
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -200,26 +209,46 @@ def _execute(plans: list[Plan], args: argparse.Namespace) -> list[Measurement]:
                 cmd = _child_command(plan.workload, config, args.quick, rep == 0, args.warmup)
                 jobs.append(Measurement(plan.workload, config, rep, cmd))
     started = time.perf_counter()
+
+    def say(text: str) -> None:
+        print(f"[{time.perf_counter() - started:6.0f}s] {text}", file=sys.stderr, flush=True)
+
     for i, m in enumerate(jobs, 1):
-        doc, err = _run_child(m.command, args.timeout)
-        if doc is None:
-            m.error = err
-        else:
-            m.doc = doc
-            m.wall_s = doc.get("wall_s")
-            if "expected" in doc and doc["value"] != doc["expected"]:
-                m.error = f"wrong result: the workload returned {doc['value']!r}, expected {doc['expected']!r}"
-            else:
-                m.ok = True
+        while True:
+            _measure(m, args, say)
+            if m.noisy and m.attempts <= args.retries:
+                say(f"{m.workload} {m.config}: other processes used {m.others_cores:.2f} cores meanwhile: measuring again")
+                continue
+            break
         shown = f"{m.wall_s:.3f} s" if m.wall_s is not None else ("memory" if m.ok else "FAILED")
         if m.error:
             shown += " (FAILED)"
-        print(
-            f"[{i}/{len(jobs)} {time.perf_counter() - started:6.0f}s] {m.workload:<22} {m.config:<26} rep {m.repeat + 1}: {shown}",
-            file=sys.stderr,
-            flush=True,
-        )
+        if m.noisy:
+            shown += f" (noisy: others used {m.others_cores:.2f} cores)"
+        say(f"{i}/{len(jobs)} {m.workload:<22} {m.config:<26} rep {m.repeat + 1}: {shown}")
     return jobs
+
+
+def _measure(m: Measurement, args: argparse.Namespace, say: Any) -> None:
+    """One attempt at ``m`` on a quiet machine; fills in its result fields."""
+    wait_for_quiet(args.quiet_threshold, args.quiet_wait, say)
+    load = OtherLoad()
+    load.start()
+    doc, err = _run_child(m.command, args.timeout)
+    m.others_cores = load.stop()
+    m.attempts += 1
+    m.noisy = m.others_cores > args.quiet_threshold
+    m.ok, m.error, m.doc, m.wall_s = False, None, {}, None
+    if doc is None:
+        m.error = err
+        m.noisy = False  # a crash is a crash, however busy the machine was
+        return
+    m.doc = doc
+    m.wall_s = doc.get("wall_s")
+    if "expected" in doc and doc["value"] != doc["expected"]:
+        m.error = f"wrong result: the workload returned {doc['value']!r}, expected {doc['expected']!r}"
+    else:
+        m.ok = True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,10 +73,12 @@ def _timed_rows(plans: list["Plan"], ms: list["Measurement"]) -> list[dict[str, 
             base = medians.get(baseline)
             ratio = median / base if median is not None and base else None
             target = target_for(plan.kind, config)
+            noisy = sum(1 for m in _ok(ms, plan.workload, config) if m.noisy)
             rows.append(
                 {
                     "workload": plan.workload,
                     "config": config,
+                    "noisy_runs": noisy,
                     "median_s": median,
                     "min_s": walls[0] if walls else None,
                     "max_s": walls[-1] if walls else None,
@@ -116,7 +118,10 @@ def _print_timed(rows: list[dict[str, Any]]) -> None:
         spread = "-"
         if not derived and r["median_s"]:
             spread = f"{100 * (r['max_s'] - r['min_s']) / r['median_s']:.1f}%"
-        runs = "-" if derived else f"{r['runs']}" + (f" +{r['failed_runs']} failed" if r["failed_runs"] else "")
+        runs = "-"
+        if not derived:
+            runs = f"{r['runs']}" + (f" ({r['noisy_runs']} noisy)" if r["noisy_runs"] else "")
+            runs += f" +{r['failed_runs']} failed" if r["failed_runs"] else ""
         out.append(
             [
                 r["workload"],
@@ -304,6 +309,12 @@ def print_report(
         for note in plan.skipped:
             print(f"    note: {note}")
 
+    retried = sum(m.attempts - 1 for m in ms)
+    noisy = sum(1 for m in ms if m.noisy)
+    print(
+        f"  quiet-machine guard: a run during which other processes used > {args.quiet_threshold} cores is repeated "
+        f"(up to {args.retries}x); {retried} repeated, {noisy} still noisy"
+    )
     timed = _timed_rows(plans, ms)
     if timed:
         print("\nWall time of the workload (median; ratio = median / median of the 'ratio to' config)")

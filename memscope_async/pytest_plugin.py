@@ -55,7 +55,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def memscope(request: pytest.FixtureRequest) -> Iterator["Profiler"]:
     """A running memscope-async profiler for this test; every event loop the test makes
     is instrumented (``memscope.snapshot()`` returns the report so far).  Stopped, and
-    loops un-instrumented, at teardown; its data stays readable."""
+    loops un-instrumented, at teardown; its data stays readable until another profiler
+    starts."""
     limits = _Limits.from_item(request.node)
     from . import api
     from .profiler import ProfilerError
