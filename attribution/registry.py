@@ -66,25 +66,28 @@ class TaskRecord:
         self.obj_id = 0
         self.ctx_id = 0
 
-    def attach(self, task: Any) -> None:
+    def attach(self, task: Any, coro: Any = None) -> None:
         """Link the record to its task object (weakly) and watch for its end.  Our
         bookkeeping is not charged to the creating task."""
         prev = _set_guard(True)
         try:
-            self._attach(task)
+            self._attach(task, coro)
         finally:
             _set_guard(prev)
 
-    def _attach(self, task: Any) -> None:
+    def _attach(self, task: Any, coro: Any) -> None:
         self.obj_id = id(task)
         try:
             self.ref = weakref.ref(task)
         except TypeError:  # a user factory returned something without weakref support
             self.ref = None
-        try:
-            coro = task.get_coro()
-        except Exception:
-            coro = None
+        if coro is None and not task.done():
+            # Never ask a finished task: on CPython 3.12.1 get_coro() of an eagerly
+            # completed task returns NULL and crashes the interpreter (python/cpython#122332).
+            try:
+                coro = task.get_coro()
+            except Exception:
+                coro = None
         self.coro = _qualname(coro)
         self.registry.by_object[self.obj_id] = self.id
         try:

@@ -69,6 +69,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     names = ", ".join([*WORKLOADS, *MEMORY_WORKLOADS, *GROUPS])
     p.add_argument("--only", default=None, help=f"comma-separated workloads to run: {names}")
     p.add_argument("--json", dest="json_path", default=None, help="also write every number to this JSON file")
+    p.add_argument("--report", metavar="FILE", default=None,
+                   help="print the tables again from a file written by --json, without measuring")
     p.add_argument("--tracemalloc16", action="store_true", help="add tracemalloc with 16 frames (slow: ~70x)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first run in each process (no quick-size warm-up run before it)")
     p.add_argument("--quiet-threshold", type=float, default=0.15, metavar="CORES",
@@ -262,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return probe_main()
 
+    if args.report:
+        return _report_again(Path(args.report))
+
     names = _selected(args.only)
     env = _probe(args.timeout)
     env["cpus"] = os.cpu_count()
@@ -274,10 +279,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     env["source_after"] = _source_fingerprint()
     env["loadavg_after"] = os.getloadavg()
     doc = print_report(plans, measurements, env, args, elapsed)
+    doc.update(quiet_threshold=args.quiet_threshold, retries=args.retries)
     if args.json_path:
         doc["measurements"] = [asdict(m) for m in measurements]
         Path(args.json_path).write_text(json.dumps(doc, indent=2, default=repr) + "\n")
         print(f"\nwrote {args.json_path}")
+    return 0 if all(m.ok for m in measurements) else 1
+
+
+def _report_again(path: Path) -> int:
+    doc = json.loads(path.read_text())
+    plans = [Plan(**p) for p in doc["plans"]]
+    measurements = [Measurement(**m) for m in doc["measurements"]]
+    args = argparse.Namespace(
+        quick=doc["quick"],
+        repeat=doc["repeat"],
+        quiet_threshold=doc.get("quiet_threshold", 0.15),
+        retries=doc.get("retries", 3),
+    )
+    print_report(plans, measurements, doc["env"], args, doc["elapsed_s"])
     return 0 if all(m.ok for m in measurements) else 1
 
 

@@ -9,6 +9,7 @@ two medians.
 
 from __future__ import annotations
 
+import re
 import statistics
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -332,13 +333,14 @@ def print_report(
     failures = [m for m in ms if not m.ok]
     if failures:
         print(f"\nFAILED measurements ({len(failures)}); reproduce each from {_root()} with the command shown")
-        seen = set()
+        first_seen: dict[str, "Measurement"] = {}
         for m in failures:
-            key = (m.workload, m.config, m.error)
-            if key in seen:
-                print(f"\n--- {m.workload} / {m.config} rep {m.repeat + 1}: same failure as above")
+            key = _failure_key(m.error or "")
+            same = first_seen.get(key)
+            if same is not None:
+                print(f"--- {m.workload} / {m.config} rep {m.repeat + 1}: same failure as {same.workload} / {same.config}")
                 continue
-            seen.add(key)
+            first_seen[key] = m
             print(f"\n--- {m.workload} / {m.config} rep {m.repeat + 1}")
             print("$ " + " ".join(m.command))
             print(m.error)
@@ -351,6 +353,14 @@ def print_report(
         "timed": timed,
         "memory": memory,
     }
+
+
+def _failure_key(error: str) -> str:
+    """What makes two failures the same one: the error text without addresses and ids
+    (a crash dump names the thread by address) and without the workload's own frames."""
+    text = re.sub(r"0x[0-9a-fA-F]+", "0x?", error)
+    lines = [ln for ln in text.splitlines() if "benches/" not in ln and "/asyncio/" not in ln and "uvloop/" not in ln]
+    return "\n".join(dict.fromkeys(lines))  # recursion repeats the same frames: once each
 
 
 def _root() -> str:

@@ -115,7 +115,7 @@ class LoopState:
             task = self._make(loop, coro, ctx, name, kwargs)
         finally:
             self.pending = None
-        rec.attach(task)
+        rec.attach(task, coro)
         return task
 
     def _make(self, loop: Any, coro: Any, ctx: Any, name: Any, kwargs: dict) -> Any:

@@ -84,3 +84,23 @@ def test_deep_nesting():
     assert len(deepest.lineage) == 52
     root = report.task(deepest.lineage[0])
     assert root.subtree.tasks == 52
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
+def test_eager_tree_does_not_touch_finished_tasks():
+    """Eagerly finished tasks inside a gather tree (CPython 3.12.1 crashes if asked for
+    get_coro() of one; the profiler must never ask)."""
+
+    async def node(d):
+        if d == 0:
+            return 1
+        return 1 + sum(await asyncio.gather(*(node(d - 1) for _ in range(3))))
+
+    async def main():
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+        return await node(3)
+
+    result, report = run_profiled(main)
+    assert result == 1 + 3 + 9 + 27
+    nodes = report.find(coro="node")
+    assert len(nodes) == 3 + 9 + 27 and all(t.state == "done" for t in nodes)

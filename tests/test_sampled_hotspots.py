@@ -122,7 +122,8 @@ def test_many_tasks_fold_with_bounded_records():
 
     _, report = run_profiled(main, max_finished_tasks=500)
     assert report.totals.folded_tasks > 15_000
-    assert len(report.tasks) < 1500
+    # bounded regardless of the 20,001 tasks run (a few hold freelist-cached blocks and stay)
+    assert len(report.tasks) < 2500
     assert report.totals.tasks == len(report.tasks) + report.totals.folded_tasks
     assert report.find(coro="test_many_tasks_fold_with_bounded_records.<locals>.big")  # kept: it holds memory
     (g,) = [g for g in report.groups if g.coro and g.coro.endswith("tiny")]
