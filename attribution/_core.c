@@ -267,11 +267,9 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t slot, uint32_t rou
     return idx;
 }
 
-/* The cell for the code running now on this thread.  0 means "could not record". */
-static inline uint32_t current_cell(tls_t *t) {
-    uint32_t slot = thread_slot(t);
-    if (slot == 0) return 0;
-    uint32_t tid = 0, route = ROUTE_CONTEXT, phase = 0;
+/* The task id tagged in the running context, 0 if none. */
+static inline uint32_t context_tid(void) {
+    uint32_t tid = 0;
     if (tstate_unchecked() != NULL) {
         PyObject *v = NULL;
         if (PyContextVar_Get(S.tag_var, NULL, &v) == 0 && v != NULL) {
@@ -279,6 +277,14 @@ static inline uint32_t current_cell(tls_t *t) {
             Py_DECREF(v); /* the context still holds it: never the last reference */
         }
     }
+    return tid;
+}
+
+/* The cell for the code running now on this thread.  0 means "could not record". */
+static inline uint32_t current_cell(tls_t *t) {
+    uint32_t slot = thread_slot(t);
+    if (slot == 0) return 0;
+    uint32_t tid = context_tid(), route = ROUTE_CONTEXT, phase = 0;
     thread_info_t *th = &S.threads[slot - 1];
     if (tid) {
         if (t->handover == tid) route = ROUTE_HANDED;
@@ -313,16 +319,8 @@ static inline uint32_t current_cell(tls_t *t) {
 }
 
 static inline uint32_t current_tid(void) {
-    uint32_t tid = 0;
-    if (tstate_unchecked() != NULL) {
-        PyObject *v = NULL;
-        if (PyContextVar_Get(S.tag_var, NULL, &v) == 0 && v != NULL) {
-            if (Py_TYPE(v) == &TagType) tid = ((TagObject *)v)->tid;
-            Py_DECREF(v);
-        }
-    }
-    if (tid == 0) tid = tls.handover;
-    return tid;
+    uint32_t tid = context_tid();
+    return tid ? tid : tls.handover;
 }
 
 static inline uint32_t cell_tid(const cell_t *c) { return (uint32_t)(c->key & 0xFFFFFFFFu); }
@@ -628,6 +626,12 @@ static PyObject *core_clear(PyObject *m, PyObject *noargs) {
 
 static PyObject *core_is_active(PyObject *m, PyObject *noargs) { return PyBool_FromLong(S.active); }
 
+/* A task id argument (an unsigned int).  Returns -1 with an exception set. */
+static int parse_tid(PyObject *arg, unsigned long *tid) {
+    *tid = PyLong_AsUnsignedLong(arg);
+    return (*tid == (unsigned long)-1 && PyErr_Occurred()) ? -1 : 0;
+}
+
 /* ---- thread and hand-over controls (called from Python in the thread concerned) ------- */
 PyDoc_STRVAR(thread_slot_doc, "thread_slot() -> int\n--\n\nThe calling thread's slot (registering it).");
 
@@ -643,8 +647,8 @@ PyDoc_STRVAR(set_handover_doc,
 "as handed over by our wrappers.  Returns the previous value, to restore it.");
 
 static PyObject *core_set_handover(PyObject *m, PyObject *arg) {
-    unsigned long tid = PyLong_AsUnsignedLong(arg);
-    if (tid == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    unsigned long tid;
+    if (parse_tid(arg, &tid) < 0) return NULL;
     tls_t *t = &tls;
     if (S.has_data && t->session != S.session) tls_enter_session(t);
     uint32_t prev = t->handover;
@@ -687,8 +691,8 @@ PyDoc_STRVAR(inferred_owner_done_doc,
 "inferred_owner_done(tid)\n--\n\nTask tid finished: inference to it from threads it started decays faster.");
 
 static PyObject *core_inferred_owner_done(PyObject *m, PyObject *arg) {
-    unsigned long tid = PyLong_AsUnsignedLong(arg);
-    if (tid == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    unsigned long tid;
+    if (parse_tid(arg, &tid) < 0) return NULL;
     for (uint32_t i = 0; i < S.nthreads; i++) {
         if (S.threads[i].inferred_tid == tid) S.threads[i].owner_done = 1;
     }
@@ -781,8 +785,8 @@ PyDoc_STRVAR(task_summary_doc,
 "over all of a task's cells, or None if the core holds nothing for it.");
 
 static PyObject *core_task_summary(PyObject *m, PyObject *arg) {
-    unsigned long tid = PyLong_AsUnsignedLong(arg);
-    if (tid == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    unsigned long tid;
+    if (parse_tid(arg, &tid) < 0) return NULL;
     uint32_t ti;
     if (!S.has_data || !u64map_get(&S.task_index, (uint64_t)tid + 1, &ti)) Py_RETURN_NONE;
     task_info_t t = S.tasks[ti];
@@ -796,8 +800,8 @@ PyDoc_STRVAR(release_task_doc,
 "nothing, if any of its cells still names a live allocation.");
 
 static PyObject *core_release_task(PyObject *m, PyObject *arg) {
-    unsigned long tid = PyLong_AsUnsignedLong(arg);
-    if (tid == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    unsigned long tid;
+    if (parse_tid(arg, &tid) < 0) return NULL;
     if (tid == 0 || !S.has_data) Py_RETURN_FALSE;
     uint32_t ti;
     if (!u64map_get(&S.task_index, (uint64_t)tid + 1, &ti)) Py_RETURN_TRUE;

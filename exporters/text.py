@@ -58,7 +58,7 @@ def render_text(report: Report, *, top: int = 15, width: int = 100) -> str:
 # -- numbers ---------------------------------------------------------------------------
 
 
-def _size(n: int) -> str:
+def format_size(n: int) -> str:
     """Binary units with one decimal; the unit is chosen after rounding so that 1048575
     bytes reads ``1.0 MiB`` rather than ``1024.0 KiB``."""
     if abs(n) < 1024:
@@ -92,7 +92,7 @@ class _Numbers:
         return "~" if self.estimated else ""
 
     def size(self, n: int) -> str:
-        return self.mark + _size(n)
+        return self.mark + format_size(n)
 
     def count(self, n: int) -> str:
         return f"{self.mark}{n}"
@@ -164,7 +164,7 @@ def _header(report: Report, fmt: _Numbers) -> list[str]:
         f"loop: {_ascii(run.loop)}   mode: {_ascii(run.mode)}   duration: {run.duration_s:.2f} s",
     ]
     if run.estimated:
-        interval = f" (mean sample interval {_size(run.sample_interval)})" if run.sample_interval else ""
+        interval = f" (mean sample interval {format_size(run.sample_interval)})" if run.sample_interval else ""
         lines.append(f"sampled mode: numbers are estimates{interval}")
     lines.append(
         f"allocated: {fmt.size(totals.allocated_bytes)}   live: {fmt.size(totals.live_bytes)}   "
@@ -226,7 +226,7 @@ def _task_table(report: Report, fmt: _Numbers, title: str, metric: Callable[[Tas
         ]
         if with_inferred:
             # Always "~": an inferred byte is a guess even when the count itself is exact.
-            row.append(f"~{_size(guess[0])} (c={_confidence(guess[1])})" if guess else "-")
+            row.append(f"~{format_size(guess[0])} (c={_confidence(guess[1])})" if guess else "-")
         rows.append(row)
 
     lines = [title, *_table(columns, rows, width), *more]

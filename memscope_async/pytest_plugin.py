@@ -210,8 +210,8 @@ def _check_tasks(report: "Report", limits: _Limits) -> str | None:
             continue
         worst = over[0]
         more = f" (and {len(over) - 1} more task{'s' if len(over) > 2 else ''} over the limit)" if len(over) > 1 else ""
-        lines.append(f"memscope: limited to {_size(limit)} {what} per task, task {_task_name(worst)!r} "
-                     f"(id {worst.id}) {verb} {_size(metric(worst))}{more}")
+        lines.append(f"memscope: limited to {_format_size(limit)} {what} per task, task {_task_name(worst)!r} "
+                     f"(id {worst.id}) {verb} {_format_size(metric(worst))}{more}")
         worst_metric = worst_metric or metric
     if not lines:
         return None
@@ -227,7 +227,7 @@ def _check_total(report: "Report", baseline: "Totals | None", limits: _Limits) -
         (limits.max_allocated_bytes, "allocated", "allocated", totals.allocated_bytes - base_allocated),
     )
     lines = [
-        f"memscope: limited to {_size(limit)} {what} in total, the test {verb} {_size(value)}"
+        f"memscope: limited to {_format_size(limit)} {what} in total, the test {verb} {_format_size(value)}"
         for limit, what, verb, value in measured
         if limit is not None and value > limit
     ]
@@ -248,8 +248,8 @@ def _task_table(report: "Report", metric) -> list[str]:
         return ["(no asyncio task ran)"]
     tasks = sorted(report.tasks, key=lambda t: (-metric(t), t.id))[:_TABLE_ROWS]
     rows = [("id", "task", "state", "allocated", "live", "peak")]
-    rows += [(str(t.id), _task_name(t), t.state, _size(t.allocated_bytes), _size(t.live_bytes),
-              _size(t.peak_live_bytes)) for t in tasks]
+    rows += [(str(t.id), _task_name(t), t.state, _format_size(t.allocated_bytes), _format_size(t.live_bytes),
+              _format_size(t.peak_live_bytes)) for t in tasks]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     left = {1, 2}  # text columns; the numbers are right-aligned
     out = []
@@ -262,15 +262,13 @@ def _task_table(report: "Report", metric) -> list[str]:
     return out
 
 
-def _size(n: int) -> str:
-    if abs(n) < 1024:
-        return f"{n} B"
-    value = n / 1024
-    for unit in ("KiB", "MiB"):
-        if abs(round(value, 1)) < 1024:
-            return f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
 
 
 _RUN = pytest.StashKey[_Run]()
+
+
+def _format_size(n: int) -> str:
+    # imported on use: the plugin module itself must stay cheap to import
+    from .exporters.text import format_size
+
+    return format_size(n)
