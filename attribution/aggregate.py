@@ -223,7 +223,6 @@ def build_report(raw: RawData) -> Report:
         sites_by_task[row[0]].append(row)
 
     # tasks
-    now_ns = raw.now_ns
     children: dict[int, list[int]] = defaultdict(list)
     for tid, rec in records.items():
         if rec.parent_id is not None and rec.parent_id in records:
@@ -409,17 +408,17 @@ def build_report(raw: RawData) -> Report:
         live_bytes=sum(u.live_bytes for u in by_thread),
         by_thread=by_thread,
     )
-    handed_slots = set()
+    handed_threads = set()
     for t in tasks:
         for sh in t.attribution:
             if sh.route == routes.PROPAGATED and sh.thread_id not in raw.loop_threads:
-                handed_slots.add(sh.thread_id)
+                handed_threads.add(sh.thread_id)
     threads = []
     for slot, ident in sorted(slot_ident.items()):
         name, role = raw.thread_names.get(ident, (None, "other"))
         if ident in raw.loop_threads:
             role = "loop"
-        elif ident in handed_slots and role == "other":
+        elif ident in handed_threads and role == "other":
             role = "executor"
         ta = thread_attr.get(slot, [0, 0, 0])
         threads.append(
@@ -472,7 +471,7 @@ def build_report(raw: RawData) -> Report:
         leak_suspects=tuple(leak_suspects),
         threads=tuple(threads),
         tool={"name": "memscope-async", "version": _version()},
-        _objects={oid: obj for oid, obj in raw.live_objects.items()},
+        _objects=raw.live_objects,
     )
 
 

@@ -7,6 +7,7 @@ knows nothing about event loops; loop_hooks tells it what happened.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 import weakref
@@ -196,8 +197,6 @@ class Registry:
         entered by one thread at a time)."""
         ctx = getattr(self._contexts, "ctx", None)
         if ctx is None:
-            import contextvars
-
             ctx = self._contexts.ctx = contextvars.Context()
         return ctx
 

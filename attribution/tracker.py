@@ -78,7 +78,6 @@ class Tracker:
         self.seed = seed
         self.registry = Registry()
         self.registry.on_finish = self._on_finish
-        self.loop_threads: set[int] = set()
         self.loop_impl = "asyncio"
         self._finished: deque[int] = deque()
         self._next_fold = max_finished_tasks + max(100, max_finished_tasks // 5)
@@ -255,7 +254,7 @@ class Tracker:
             tracker_bytes=int(s["tracker_bytes"]),
             folded=self._folded,
             folded_tasks=self._folded_tasks,
-            loop_threads=self.loop_threads | {r.thread_id for r in records.values() if r.thread_id is not None},
+            loop_threads={r.thread_id for r in records.values() if r.thread_id is not None},
             live_objects=live_objects,
         )
         return build_report(raw)

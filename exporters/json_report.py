@@ -20,7 +20,6 @@ from pathlib import Path
 
 import aiofiles
 import aiofiles.os
-import orjson
 
 from ..attribution.report import Report
 

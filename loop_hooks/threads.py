@@ -17,8 +17,6 @@ from __future__ import annotations
 import concurrent.futures.thread as _cf_thread
 import threading
 import weakref
-from typing import Any
-
 from ..attribution import handover
 from ..attribution import threads as core_threads
 from .tagging import TAG
@@ -82,7 +80,3 @@ def uninstall() -> None:
     _pending.clear()
     _installed = False
 
-
-def owner_finished(tid: int) -> Any:
-    """Tell the core that task ``tid`` finished (inference to it decays faster)."""
-    return core_threads.owner_done(tid)

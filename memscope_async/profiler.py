@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import threading
+import contextvars
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,7 +81,6 @@ class Profiler:
         self._tagger = Tagger(self._tracker.registry, propagate_threads=threads)
         self.threads = threads
         self._loop_kinds: set[str] = set()
-        self._lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
@@ -147,7 +146,7 @@ class Profiler:
         task = asyncio.current_task()
         if task is None or TAG.get(None) is not None:
             return
-        rec = self._tagger.record_for(_current_context(), False, False, task.get_loop())
+        rec = self._tagger.record_for(contextvars.copy_context(), False, False, task.get_loop())
         TAG.set(rec.tag)  # we are inside the task's context: this tags it
         rec.attach(task)
 
@@ -186,12 +185,6 @@ class Profiler:
     def __repr__(self) -> str:
         state = "running" if self.active else "stopped"
         return f"<memscope_async.Profiler mode={self.mode} {state}>"
-
-
-def _current_context():
-    import contextvars
-
-    return contextvars.copy_context()
 
 
 def current_profiler() -> Profiler | None:
