@@ -13,40 +13,42 @@ from conftest import KiB, MiB, close_to, run_profiled
 KEEP: list = []
 
 
-async def sized_allocs(total: int, keep_every: int, seed: int) -> tuple[int, int]:
-    """Allocate ``total`` bytes in pieces of 100 B .. 64 KiB; keep every n-th piece.
-    Returns the true (allocated, live) byte counts."""
-    rng = random.Random(seed)
-    sizes = [rng.randint(100, 64 * KiB) for _ in range(total // (32 * KiB))]
+def size_plan(total: int, keep_every: int, seed: int) -> tuple[list[tuple[int, bool]], int, int]:
+    """Pieces of 100 B .. 64 KiB adding up to about ``total`` bytes, every n-th one kept,
+    and the true (allocated, live) bytes they cost.  Built outside the profiled task so
+    the task allocates nothing but the pieces themselves."""
     import sys
 
-    allocated = live = 0
-    for i, n in enumerate(sizes):
-        b = bytes(n)
-        s = sys.getsizeof(b)
-        allocated += s
-        if i % keep_every == 0:
-            KEEP.append(b)
-            live += s
-        del b
-        if i % 256 == 0:
-            await asyncio.sleep(0)
-    return allocated, live
+    rng = random.Random(seed)
+    header = sys.getsizeof(b"")
+    plan = [(rng.randint(100, 64 * KiB), i % keep_every == 0) for i in range(total // (32 * KiB))]
+    allocated = sum(n + header for n, _ in plan)
+    live = sum(n + header for n, keep in plan if keep)
+    return plan, allocated, live
+
+
+async def sized_allocs(plan: list[tuple[int, bool]]) -> None:
+    """Allocate the planned pieces (no other allocation per piece: no new ints)."""
+    for chunk in range(0, len(plan), 256):
+        for n, keep in plan[chunk:chunk + 256]:
+            b = bytes(n)
+            if keep:
+                KEEP.append(b)
+            del b
+        await asyncio.sleep(0)
 
 
 def test_sampled_estimates_are_unbiased():
     errs_alloc, errs_live = [], []
     for run in range(5):
         KEEP.clear()
-        truth = {}
-
-        async def task(name, total, seed):
-            truth[name] = await sized_allocs(total, 2, seed)
+        plans = {"a": size_plan(128 * MiB, 2, run), "b": size_plan(160 * MiB, 2, run + 100)}
+        truth = {name: (alloc, live) for name, (_plan, alloc, live) in plans.items()}
 
         async def main():
             await asyncio.gather(
-                asyncio.create_task(task("a", 64 * MiB, run), name="a"),
-                asyncio.create_task(task("b", 96 * MiB, run + 100), name="b"),
+                asyncio.create_task(sized_allocs(plans["a"][0]), name="a"),
+                asyncio.create_task(sized_allocs(plans["b"][0]), name="b"),
             )
 
         _, report = run_profiled(main, mode="sampled", sample_interval=64 * KiB, seed=1234 + run)
