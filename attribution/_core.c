@@ -24,8 +24,29 @@
 #include <math.h>
 #include <time.h>
 
+#include <structmember.h>
+
 #include "_ptrmap.h"
 #include "_u64map.h"
+
+#if PY_VERSION_HEX >= 0x030C0000
+#define PyErr_GetRaisedException_compat PyErr_GetRaisedException
+#define PyErr_SetRaisedException_compat PyErr_SetRaisedException
+#else
+static inline PyObject *PyErr_GetRaisedException_compat(void) {
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v != NULL && tb != NULL) PyException_SetTraceback(v, tb);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    return v;
+}
+static inline void PyErr_SetRaisedException_compat(PyObject *v) {
+    if (v == NULL) return;
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(v)), v, PyException_GetTraceback(v));
+}
+#endif
 
 typedef struct {
     PyObject_HEAD
@@ -72,7 +93,23 @@ typedef struct {
     int64_t live_entries;
     uint32_t first_cell;    /* head of the task's cell chain */
     uint32_t in_use;
+    /* What the loop hooks registered (see _tasks.h); all zero/NULL for a bare slot. */
+    uint32_t parent;        /* parent task id, 0 = none */
+    uint32_t flags;         /* TF_* */
+    uint32_t loop_serial;
+    uint32_t state;         /* TS_* */
+    unsigned long thread_ident;
+    uint64_t created_ns;
+    uint64_t finished_ns;
+    uintptr_t obj;          /* id() of the task object (never dereferenced) */
+    uintptr_t ctx;          /* id() of the context it was created with */
+    PyObject *coro;         /* str: the coroutine's qualified name, or NULL */
+    PyObject *name;         /* str: the task's name when it finished, or NULL */
+    PyObject *labels;       /* the labels mapping in effect at creation, or NULL */
 } task_info_t;
+
+enum { TF_REGISTERED = 1, TF_VIA_FACTORY = 2, TF_CROSS_PARENT = 4, TF_FINISHED = 8 }; /* task_info_t.flags */
+enum { TS_PENDING = 0, TS_DONE = 1, TS_CANCELLED = 2, TS_FAILED = 3 };                /* task_info_t.state */
 
 typedef struct {
     unsigned long ident;
@@ -94,9 +131,13 @@ typedef struct {
     int64_t countdown;       /* sampled mode: bytes until the next sample */
     int64_t stack_countdown; /* exact mode: bytes until the next stack sample */
     uint64_t rng;
+    PyObject *pending_ctx;   /* borrowed: the context of the task our factory is making */
+    uint32_t pending_tid;
+    PyObject *empty_ctx;     /* owned: an empty context for our done callbacks */
 } tls_t;
 
-static _Thread_local tls_t tls;
+/* initial-exec: one offset from the thread pointer instead of a __tls_get_addr call */
+static __thread tls_t tls __attribute__((tls_model("initial-exec")));
 
 static struct {
     int active;
@@ -124,6 +165,11 @@ static struct {
     uint32_t nfree_tasks, capfree_tasks;
     thread_info_t *threads;
     uint32_t nthreads, capthreads;
+    u64map_t obj_index;          /* id(task) + 1 -> tid, for tasks not yet finished */
+    uint32_t *finished;          /* finished task ids not yet folded, oldest first */
+    uint32_t nfinished, capfinished;
+    uint64_t records, pending;   /* registered task records; those not finished */
+    uint32_t ninferred;          /* threads with an inferred owner (0: skip that work) */
     uint64_t untracked;          /* allocations we could not record (table memory) */
     uint64_t dropped_cells;      /* allocations charged to the overflow cell */
 } S;
@@ -254,7 +300,14 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t slot, uint32_t rou
     cell_t *c = &S.cells[idx];
     memset(c, 0, sizeof(*c));
     c->key = key;
-    uint32_t ti = tid ? task_info_for(tid, slot, 1) : 0;
+    uint32_t ti = tid ? task_info_for(tid, slot, 0) : 0;
+    if (tid && ti == 0) { /* only registered tasks get cells (callers check first) */
+        u64map_del(&S.cell_index, key);
+        c->key = 0;
+        if (grow_array((void **)&S.free_cells, &S.capfree_cells, sizeof(uint32_t), S.nfree_cells + 1) == 0)
+            S.free_cells[S.nfree_cells++] = idx;
+        return 0;
+    }
     c->tinfo = ti;
     if (tid) {
         c->next_in_task = S.tasks[ti].first_cell;
@@ -306,6 +359,24 @@ static inline uint32_t current_cell(tls_t *t) {
     if (key == t->cache_key && t->cache_gen == S.cell_gen) return t->cache_cell;
     uint32_t idx;
     if (!u64map_get(&S.cell_index, key, &idx)) {
+        uint32_t unused;
+        if (tid && !u64map_get(&S.task_index, (uint64_t)tid + 1, &unused)) {
+            /* A tag whose task is not registered (folded away, or left over from an
+             * earlier run): the bytes are this thread's, unattributed. */
+            tid = 0;
+            route = ROUTE_CONTEXT;
+            phase = 0;
+            uint64_t ukey = cell_key(0, slot, ROUTE_CONTEXT, 0);
+            if (!u64map_get(&S.cell_index, ukey, &idx)) idx = new_cell(ukey, 0, slot, ROUTE_CONTEXT);
+            if (idx == 0) {
+                S.dropped_cells++;
+                return 0;
+            }
+            t->cache_key = key;
+            t->cache_cell = idx;
+            t->cache_gen = S.cell_gen;
+            return idx;
+        }
         idx = new_cell(key, tid, slot, route);
         if (idx == 0) {
             S.dropped_cells++;
@@ -505,7 +576,20 @@ static void hook_free(void *ctx, void *ptr) {
 }
 
 /* ---- lifecycle ------------------------------------------------------------------------ */
+static void clear_task_refs(task_info_t *r) {
+    Py_CLEAR(r->coro);
+    Py_CLEAR(r->name);
+    Py_CLEAR(r->labels);
+}
+
 static void clear_data(void) {
+    for (uint32_t i = 1; S.tasks != NULL && i < S.ntasks; i++) clear_task_refs(&S.tasks[i]);
+    u64map_free(&S.obj_index);
+    free(S.finished);
+    S.finished = NULL;
+    S.nfinished = S.capfinished = 0;
+    S.records = S.pending = 0;
+    S.ninferred = 0;
     ptrmap_free(&S.ptrs);
     u64map_free(&S.cell_index);
     u64map_free(&S.task_index);
@@ -562,7 +646,7 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
     }
     if (S.has_data) clear_data();
     if (ptrmap_init(&S.ptrs, 1u << 16) < 0 || u64map_init(&S.cell_index, 1024) < 0 ||
-        u64map_init(&S.task_index, 1024) < 0 || stacks_init(depth) < 0) {
+        u64map_init(&S.task_index, 1024) < 0 || u64map_init(&S.obj_index, 1024) < 0 || stacks_init(depth) < 0) {
         clear_data();
         return PyErr_NoMemory();
     }
@@ -683,6 +767,7 @@ static PyObject *core_set_inferred(PyObject *m, PyObject *args) {
         th->inferred_start_ns = started;
         th->shared = 0;
         th->owner_done = 0;
+        S.ninferred++;
     }
     Py_RETURN_NONE;
 }
@@ -794,18 +879,12 @@ static PyObject *core_task_summary(PyObject *m, PyObject *arg) {
                          (long long)t.live_bytes, (long long)t.peak_live_bytes);
 }
 
-PyDoc_STRVAR(release_task_doc,
-"release_task(tid) -> bool\n--\n\nForget a finished task whose cells hold no live entries (its\n"
-"counters have been folded into an aggregate by the caller).  Returns False, changing\n"
-"nothing, if any of its cells still names a live allocation.");
-
-static PyObject *core_release_task(PyObject *m, PyObject *arg) {
-    unsigned long tid;
-    if (parse_tid(arg, &tid) < 0) return NULL;
-    if (tid == 0 || !S.has_data) Py_RETURN_FALSE;
+/* Forget task tid: its cells and its record.  Returns 0 if done (or nothing was held), 1
+ * if some cell still names a live allocation (then nothing changes). */
+static int release_task_slot(uint32_t tid) {
     uint32_t ti;
-    if (!u64map_get(&S.task_index, (uint64_t)tid + 1, &ti)) Py_RETURN_TRUE;
-    if (S.tasks[ti].live_entries != 0) Py_RETURN_FALSE;
+    if (!u64map_get(&S.task_index, (uint64_t)tid + 1, &ti)) return 0;
+    if (S.tasks[ti].live_entries != 0) return 1;
     int g = tls.guard;
     tls.guard = 1;
     for (uint32_t i = S.tasks[ti].first_cell; i != 0;) {
@@ -818,11 +897,38 @@ static PyObject *core_release_task(PyObject *m, PyObject *arg) {
         i = next;
     }
     u64map_del(&S.task_index, (uint64_t)tid + 1);
-    S.tasks[ti].in_use = 0;
+    task_info_t *r = &S.tasks[ti];
+    if (r->flags & TF_REGISTERED) {
+        S.records--;
+        if (!(r->flags & TF_FINISHED)) {
+            S.pending--;
+            if (r->obj) u64map_del(&S.obj_index, (uint64_t)r->obj);
+        }
+    }
+    PyObject *coro = r->coro, *name = r->name, *labels = r->labels;
+    memset(r, 0, sizeof(*r));
     if (grow_array((void **)&S.free_tasks, &S.capfree_tasks, sizeof(uint32_t), S.nfree_tasks + 1) == 0)
         S.free_tasks[S.nfree_tasks++] = ti;
     S.cell_gen++; /* invalidate every thread's cached cell */
+    Py_XDECREF(coro);
+    Py_XDECREF(name);
+    Py_XDECREF(labels);
     tls.guard = g;
+    return 0;
+}
+
+#include "_tasks.h"
+
+PyDoc_STRVAR(release_task_doc,
+"release_task(tid) -> bool\n--\n\nForget a task and its record (its counters have been folded into\n"
+"an aggregate by the caller).  Returns False, changing nothing, if any of its cells still\n"
+"names a live allocation.");
+
+static PyObject *core_release_task(PyObject *m, PyObject *arg) {
+    unsigned long tid;
+    if (parse_tid(arg, &tid) < 0) return NULL;
+    if (tid == 0 || !S.has_data) Py_RETURN_FALSE;
+    if (release_task_slot((uint32_t)tid)) Py_RETURN_FALSE;
     Py_RETURN_TRUE;
 }
 
@@ -838,16 +944,18 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
                    (size_t)S.capthreads * sizeof(thread_info_t) +
                    ((size_t)(S.cell_index.slots ? S.cell_index.mask + 1 : 0) +
                     (size_t)(S.task_index.slots ? S.task_index.mask + 1 : 0)) * sizeof(u64map_entry_t) +
-                   ((size_t)S.capfree_cells + S.capfree_tasks) * sizeof(uint32_t);
+                   ((size_t)S.capfree_cells + S.capfree_tasks + S.capfinished) * sizeof(uint32_t) +
+                   (size_t)(S.obj_index.slots ? S.obj_index.mask + 1 : 0) * sizeof(u64map_entry_t);
     size_t stacks = stacks_bytes();
     PyObject *d = Py_BuildValue(
-        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K}", "tracked_allocations",
+        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:K,s:K}", "tracked_allocations",
         (unsigned long long)S.ptrs.count, "table_bytes", (Py_ssize_t)table, "stacks_bytes", (Py_ssize_t)stacks,
         "tracker_bytes", (Py_ssize_t)(table + other + stacks), "cells",
         (unsigned int)(S.ncells - 1 - S.nfree_cells), "tasks", (unsigned int)(S.ntasks - 1 - S.nfree_tasks),
         "threads", (unsigned int)S.nthreads, "untracked", (unsigned long long)S.untracked, "dropped",
         (unsigned long long)S.dropped_cells, "start_ns", (unsigned long long)S.start_ns, "active", S.active,
-        "table_capacity", (unsigned long long)S.ptrs.capacity);
+        "table_capacity", (unsigned long long)S.ptrs.capacity, "task_records", (unsigned long long)S.records,
+        "pending_task_records", (unsigned long long)S.pending);
     tls.guard = g;
     return d;
 }
@@ -904,6 +1012,13 @@ static PyMethodDef core_methods[] = {
     {"task_summary", core_task_summary, METH_O, task_summary_doc},
     {"stats", core_stats, METH_NOARGS, stats_doc},
     {"stack_samples", core_stack_samples, METH_NOARGS, stack_samples_doc},
+    {"configure", core_configure, METH_VARARGS, configure_doc},
+    {"set_fold_hook", core_set_fold_hook, METH_VARARGS, set_fold_hook_doc},
+    {"records", core_records, METH_NOARGS, records_doc},
+    {"finished_rows", core_finished_rows, METH_NOARGS, finished_rows_doc},
+    {"tid_of", core_tid_of, METH_O, tid_of_doc},
+    {"task_labels", core_task_labels, METH_O, task_labels_doc},
+    {"set_task_labels", core_set_task_labels, METH_VARARGS, set_task_labels_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -911,12 +1026,50 @@ static struct PyModuleDef core_module = {
     PyModuleDef_HEAD_INIT, "_core", "Allocator hooks and per-task accounting (see _core.pyi).", -1, core_methods,
 };
 
+static PyMethodDef task_done_def = {"task_done", core_task_done, METH_O, task_done_doc};
+
+static int init_strings(void) {
+#define INTERN(field, text) \
+    if ((G.field = PyUnicode_InternFromString(text)) == NULL) return -1;
+    INTERN(s_qualname, "__qualname__");
+    INTERN(s_self, "__self__");
+    INTERN(s_get_name, "get_name");
+    INTERN(s_set_name, "set_name");
+    INTERN(s_state, "_state");
+    INTERN(s_exception, "_exception");
+    INTERN(s_cancelled, "cancelled");
+    INTERN(s_add_done_callback, "add_done_callback");
+    INTERN(s_get_coro, "get_coro");
+    INTERN(s_done, "done");
+    INTERN(s_ms_state, "_ms_state");
+    INTERN(s_factory, "factory");
+    INTERN(s_eager_start, "eager_start");
+    INTERN(s_name, "name");
+    INTERN(s_loop, "loop");
+    INTERN(s_context, "context");
+#undef INTERN
+    G.kw_context = PyTuple_Pack(1, G.s_context);
+    G.kw_loop_context = PyTuple_Pack(2, G.s_loop, G.s_context);
+    return (G.kw_context == NULL || G.kw_loop_context == NULL) ? -1 : 0;
+}
+
 PyMODINIT_FUNC PyInit__core(void) {
-    if (PyType_Ready(&TagType) < 0) return NULL;
+    if (PyType_Ready(&TagType) < 0 || PyType_Ready(&FactoryType) < 0 || PyType_Ready(&CallSoonType) < 0 ||
+        init_strings() < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (m == NULL) return NULL;
+    if (G.done_cb == NULL && (G.done_cb = PyCFunction_NewEx(&task_done_def, NULL, m)) == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&TagType);
+    Py_INCREF(&FactoryType);
+    Py_INCREF(&CallSoonType);
     if (PyModule_AddObject(m, "Tag", (PyObject *)&TagType) < 0 ||
+        PyModule_AddObject(m, "TaskFactory", (PyObject *)&FactoryType) < 0 ||
+        PyModule_AddObject(m, "CallSoon", (PyObject *)&CallSoonType) < 0 ||
+        PyModule_AddObjectRef(m, "task_done", G.done_cb) < 0 ||
         PyModule_AddIntConstant(m, "ROUTE_CONTEXT", ROUTE_CONTEXT) < 0 ||
         PyModule_AddIntConstant(m, "ROUTE_HANDED", ROUTE_HANDED) < 0 ||
         PyModule_AddIntConstant(m, "ROUTE_INFERRED", ROUTE_INFERRED) < 0 ||

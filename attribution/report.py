@@ -253,8 +253,8 @@ class Report:
     threads: tuple[ThreadReport, ...] = ()
     schema_version: int = SCHEMA_VERSION
     tool: Mapping[str, str] = field(default_factory=lambda: {"name": "memscope-async"})
-    # Live task objects seen at snapshot time, by id(); never serialised.
-    _objects: Mapping[int, tuple[Any, int]] = field(default_factory=dict, repr=False, compare=False)
+    # id(task) -> task id for the task objects of this run; never serialised.
+    _objects: Mapping[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     # -- lookups -------------------------------------------------------------------------
     def task(self, task_or_id: Any) -> TaskReport:
@@ -268,9 +268,9 @@ class Report:
                 return index[task_or_id]
             except KeyError:
                 raise KeyError(f"no task with id {task_or_id} in this report") from None
-        entry = self._objects.get(id(task_or_id))
-        if entry is not None and entry[0]() is task_or_id and entry[1] in index:
-            return index[entry[1]]
+        tid = self._objects.get(id(task_or_id))
+        if tid is not None and tid in index:
+            return index[tid]
         raise KeyError(f"task {task_or_id!r} is not in this report")
 
     def find(self, name: str | None = None, coro: str | None = None, **labels: str) -> list[TaskReport]:

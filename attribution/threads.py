@@ -6,7 +6,7 @@ import threading
 
 from . import _core
 
-__all__ = ["now_ns", "note_thread", "started_by", "owner_done", "known_threads", "reset", "inferred_count"]
+__all__ = ["now_ns", "note_thread", "started_by", "known_threads", "reset"]
 
 now_ns = _core.now_ns
 
@@ -18,22 +18,10 @@ def note_thread(ident: int, name: str, role: str) -> None:
     _names[ident] = (name, role)
 
 
-_inferred = [0]
-
-
 def started_by(tid: int, started_ns: int) -> None:
-    """The calling thread was started during task ``tid``'s work."""
-    _inferred[0] += 1
+    """The calling thread was started during task ``tid``'s work (the core lets the
+    inference decay faster once that task has finished)."""
     _core.set_inferred(tid, started_ns)
-
-
-def inferred_count() -> int:
-    """How many threads carry an inferred owner (0 lets callers skip work)."""
-    return _inferred[0]
-
-
-def owner_done(tid: int) -> None:
-    _core.inferred_owner_done(tid)
 
 
 def known_threads() -> dict[int, tuple[str, str]]:
@@ -47,4 +35,3 @@ def known_threads() -> dict[int, tuple[str, str]]:
 
 def reset() -> None:
     _names.clear()
-    _inferred[0] = 0

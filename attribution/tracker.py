@@ -10,13 +10,12 @@ from __future__ import annotations
 import datetime as _dt
 import random
 import threading
-from collections import deque
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from . import _core
 from . import threads as core_threads
 from .aggregate import FoldedGroup, RawData, build_report, group_key
-from .registry import Registry, TaskRecord
+from .registry import read_records
 from .report import Report
 
 __all__ = ["Tracker", "TrackerError", "MODES", "DEFAULT_SAMPLE_INTERVAL", "DEFAULT_STACK_INTERVAL"]
@@ -76,11 +75,8 @@ class Tracker:
         self.max_finished_tasks = max_finished_tasks
         self.inferred_half_life = inferred_half_life
         self.seed = seed
-        self.registry = Registry()
-        self.registry.on_finish = self._on_finish
         self.loop_impl = "asyncio"
-        self._finished: deque[int] = deque()
-        self._next_fold = max_finished_tasks + max(100, max_finished_tasks // 5)
+        self.loops: Callable[[], Iterable[Any]] = tuple  # the instrumented loops, for live task names
         self._folded: dict[str, FoldedGroup] = {}
         self._folded_tasks = 0
         self._rng = random.Random(seed or None)
@@ -127,6 +123,7 @@ class Tracker:
         self._active = True
         self._has_data = True
         core_threads.reset()
+        _core.set_fold_hook(self._fold_hook, self._fold_threshold(0))
 
     def stop(self) -> None:
         """Remove the hooks (idempotent).  Data stays readable until :meth:`close`."""
@@ -135,6 +132,7 @@ class Tracker:
             if not self._active:
                 return
             _core.stop()
+            _core.set_fold_hook(None, 0)
             self._active = False
             self._stop_ns = _core.now_ns()
             if _running is self:
@@ -148,62 +146,49 @@ class Tracker:
         self._has_data = False
 
     # -- bounded memory -----------------------------------------------------------------
-    def _on_finish(self, rec: TaskRecord) -> None:
-        if core_threads.inferred_count():
-            core_threads.owner_done(rec.id)
-        self._finished.append(rec.id)
-        if len(self._finished) > self._next_fold:
-            limit = self.max_finished_tasks
-            self._fold(limit)
-            # Passes are batched: the next one waits for another batch of finished tasks,
-            # so tasks that cannot fold yet (still holding memory) cost O(1) per finish.
-            self._next_fold = len(self._finished) + max(100, limit // 5)
+    def _fold_threshold(self, waiting: int) -> int:
+        # Passes are batched: the next one waits for another batch of finished tasks, so
+        # tasks that cannot fold yet (still holding memory) cost O(1) per finish.
+        return max(waiting, self.max_finished_tasks) + max(100, self.max_finished_tasks // 5)
 
-    def _fold(self, keep: int) -> None:
+    def _fold_hook(self) -> None:
+        """Called by the core (from a task's done callback) when enough finished tasks wait."""
+        waiting = self._fold(self.max_finished_tasks)
+        if self._active:
+            _core.set_fold_hook(self._fold_hook, self._fold_threshold(waiting))
+
+    def _fold(self, keep: int) -> int:
         """Fold finished tasks with no live allocation left into their group's aggregate,
-        smallest first, until at most ``keep`` finished tasks remain (or none can fold)."""
-        records = self.registry.records
-        candidates = []
-        stay = deque()
-        for tid in self._finished:
-            rec = records.get(tid)
-            if rec is None:
-                continue
-            summary = _core.task_summary(tid)
-            if summary is None:
-                candidates.append((0, 0, tid, rec))
-            elif summary[2] == 0:
-                candidates.append((summary[0], int(round(summary[1])), tid, rec))
-            else:
-                stay.append(tid)
-        excess = len(candidates) + len(stay) - keep
+        smallest first, until at most ``keep`` finished tasks remain (or none can fold).
+        Returns how many finished tasks remain."""
+        rows = _core.finished_rows()
+        candidates = [r for r in rows if r[3] == 0]
+        excess = min(len(rows) - keep, len(candidates))
         if excess <= 0:
-            return
-        candidates.sort(key=lambda c: c[0])
-        folded = candidates[:excess]
-        kept = candidates[excess:]
-        for alloc_bytes, allocs, tid, rec in folded:
+            return len(rows)
+        candidates.sort(key=lambda r: r[1])
+        folded = 0
+        for tid, alloc_bytes, allocs, _live, coro, labels in candidates[:excess]:
             if not _core.release_task(tid):
-                stay.append(tid)
                 continue
-            key = group_key(rec.coro, rec.labels)
+            folded += 1
+            labels = labels if labels is not None else {}
+            key = group_key(coro, labels)
             fg = self._folded.get(key)
             if fg is None:
-                fg = self._folded[key] = FoldedGroup(coro=rec.coro, labels=dict(rec.labels))
+                fg = self._folded[key] = FoldedGroup(coro=coro, labels=dict(labels))
             fg.tasks += 1
             fg.allocated_sum += alloc_bytes
             fg.allocated_max = max(fg.allocated_max, alloc_bytes)
-            fg.allocations += allocs
+            fg.allocations += int(round(allocs))
             if len(fg.allocated) < _RESERVOIR:
                 fg.allocated.append(alloc_bytes)
             else:
                 j = self._rng.randrange(fg.tasks)
                 if j < _RESERVOIR:
                     fg.allocated[j] = alloc_bytes
-            records.pop(tid, None)
-            self._folded_tasks += 1
-        kept_ids = {c[2] for c in kept}
-        self._finished = deque(t for t in self._finished if t in kept_ids or t in stay)
+        self._folded_tasks += folded
+        return len(rows) - folded
 
     # -- reading ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -211,8 +196,8 @@ class Tracker:
         s = dict(_core.stats()) if self._has_data else {}
         n = s.get("tracked_allocations", 0)
         s["bytes_per_tracked_allocation"] = (s["table_bytes"] / n) if n else 0.0
-        s["live_tasks"] = sum(1 for r in self.registry.records.values() if r.finished_ns is None)
-        s["records"] = len(self.registry.records)
+        s["live_tasks"] = s.get("pending_task_records", 0)
+        s["records"] = s.get("task_records", 0)
         s["folded_tasks"] = self._folded_tasks
         return s
 
@@ -225,14 +210,12 @@ class Tracker:
                 "this profiler's data was discarded when a later profiler started; "
                 "take snapshot() before starting another one"
             )
-        if len(self._finished) > self.max_finished_tasks:
-            self._fold(self.max_finished_tasks)
+        self._fold(self.max_finished_tasks)
         sites, stacks, frames = _core.stack_samples()
-        records = dict(self.registry.records)
-        live_objects = {}
-        for rec in records.values():
-            if rec.ref is not None and rec.ref() is not None:
-                live_objects[rec.obj_id] = (rec.ref, rec.id)
+        records = read_records(self.loops())
+        # id(task) -> record id, for Report.task(task): the newest record made at an
+        # address wins (a task object still alive cannot share it with a later task).
+        live_objects = {rec.obj_id: rec.id for rec in sorted(records.values(), key=lambda r: r.id) if rec.obj_id}
         s = _core.stats()
         raw = RawData(
             records=records,

@@ -10,10 +10,13 @@ inside ``with labels(...)`` inherits them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 from types import MappingProxyType
 from typing import Iterator, Mapping
+
+from ..attribution import _core
 
 __all__ = ["TAG", "LABELS", "labels", "current_labels", "set_label_listener"]
 
@@ -21,6 +24,8 @@ TAG: contextvars.ContextVar = contextvars.ContextVar("memscope_async.tag")
 LABELS: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "memscope_async.labels", default=MappingProxyType({})
 )
+# The C task factory reads LABELS from each new task's context and makes asyncio Tasks.
+_core.configure(LABELS, asyncio.Task)
 
 # Called as listener(tag, labels) when labels change inside a tagged context, so the
 # running task's record picks them up.  Installed by the profiler, None otherwise.

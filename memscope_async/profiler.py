@@ -7,6 +7,7 @@ import contextvars
 from pathlib import Path
 from typing import Any, Callable
 
+from .attribution import _core
 from .attribution.report import Report
 from .attribution.tracker import (
     DEFAULT_MAX_FINISHED_TASKS,
@@ -24,6 +25,14 @@ from .loop_hooks.tagging import TAG, set_label_listener
 __all__ = ["Profiler", "ProfilerError", "current_profiler"]
 
 _last: "Profiler | None" = None
+
+
+def _update_labels(tag: Any, labels: Any) -> None:
+    """Label listener: the running task's record gets the labels set inside it."""
+    current = _core.task_labels(tag.id)
+    merged = dict(current) if current else {}
+    merged.update(labels)
+    _core.set_task_labels(tag.id, merged)
 
 
 class ProfilerError(TrackerError):
@@ -78,7 +87,8 @@ class Profiler:
             )
         except TrackerError as exc:
             raise ProfilerError(str(exc)) from None
-        self._tagger = Tagger(self._tracker.registry, propagate_threads=threads)
+        self._tagger = Tagger(propagate_threads=threads)
+        self._tracker.loops = lambda: list(self._tagger.loops)
         self.threads = threads
         self._loop_kinds: set[str] = set()
 
@@ -99,7 +109,7 @@ class Profiler:
             self._tracker.start()
         except TrackerError as exc:
             raise ProfilerError(str(exc)) from None
-        set_label_listener(self._tracker.registry.update_labels)
+        set_label_listener(_update_labels)
         if self.threads:
             thread_hooks.install()
         _last = self

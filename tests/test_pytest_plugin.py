@@ -60,7 +60,7 @@ def test_live_limit_per_task_fails_the_test_with_a_table(inner: pytest.Pytester)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
         "memscope: limited to 1.0 MiB live per task, task 'session_cache' (id *) holds 5.0 MiB",
-        "id*task*state*allocated*live*peak",
+        "*id*task*state*allocated*live*peak",
         "*session_cache*done*5.0 MiB*5.0 MiB*",
     ])
 

@@ -1,0 +1,727 @@
+/* Task registration in C: the task factory, the call_soon hook and the done callback.
+ *
+ * Included by _core.c (it uses S, tls, TagType and the task table).  Everything a loop does
+ * per task runs here without a Python frame and without creating a garbage-collected
+ * object per task: a profiler that adds GC-tracked records per task makes the collector
+ * itself the bottleneck of a task-heavy program (measured: 40% of a 56k-task tree run).
+ *
+ *  TaskFactory   the factory installed on an instrumented loop.  Per task: copy (or take)
+ *                the context, enter it once to read the parent's Tag and the labels and to
+ *                set the new Tag, fill the task's slot in S.tasks, make the task (asyncio's
+ *                Task, or the user's factory inside the tagged context), and watch its end.
+ *  CallSoon      placed as ``call_soon`` on the instrumented loop class, in front of the
+ *                original.  It runs our done callback inline (it only reads the task's
+ *                state: scheduling it as a loop callback would cost a Handle and a loop
+ *                turn per task), and adopts tasks we did not see being made (built with
+ *                ``asyncio.Task(coro)`` directly, or existing before instrumentation) on
+ *                their first scheduled step.  It is a method descriptor, so asyncio's C
+ *                futures and Python callers reach it without a bound-method object.
+ *  task_done     the done callback: finish time, final state and name; folds are
+ *                triggered from here in batches (Python decides what to fold).
+ *
+ * A task's record lives in its S.tasks slot until the tracker folds it (release_task).
+ * Task objects are never referenced: the slot keeps id(task) only to find the record from
+ * the done callback and from call_soon, through S.obj_index, for tasks not finished yet.
+ */
+
+/* Settings that outlive a profiler run. */
+static struct {
+    PyObject *labels_var;      /* the LABELS ContextVar (strong) */
+    PyObject *task_type;       /* asyncio.Task (strong) */
+    PyObject *done_cb;         /* our task_done function object (strong) */
+    PyTypeObject *step_type;   /* _asyncio's TaskStepMethWrapper, learnt on first sight */
+    PyObject *fold_hook;       /* callable(), or NULL */
+    uint64_t fold_at;          /* call fold_hook when this many finished tasks wait */
+    uint32_t next_tid;         /* task ids are never reused, even across runs */
+    PyObject *s_qualname, *s_self, *s_get_name, *s_set_name, *s_state, *s_exception, *s_cancelled,
+        *s_add_done_callback, *s_get_coro, *s_done, *s_ms_state, *s_factory, *s_eager_start, *s_name,
+        *s_loop, *s_context;
+    PyObject *kw_context;      /* ("context",) */
+    PyObject *kw_loop_context; /* ("loop", "context") */
+} G;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *user_factory; /* NULL: none */
+    int takes_context;      /* the user's factory accepts context= */
+    uint32_t serial;        /* the loop's serial number */
+    vectorcallfunc vectorcall;
+} FactoryObject;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *orig;         /* the loop class's own call_soon */
+    vectorcallfunc vectorcall;
+} CallSoonObject;
+
+static PyTypeObject FactoryType, CallSoonType;
+
+static inline int task_registered(uint32_t tid, uint32_t *ti) {
+    return tid && u64map_get(&S.task_index, (uint64_t)tid + 1, ti);
+}
+
+static PyObject *qualname_of(PyObject *coro) {
+    if (coro == NULL || coro == Py_None) return NULL;
+    PyObject *q = PyObject_GetAttr(coro, G.s_qualname);
+    if (q != NULL && PyUnicode_Check(q)) return q;
+    Py_XDECREF(q);
+    PyErr_Clear();
+    q = PyObject_GetAttr((PyObject *)Py_TYPE(coro), G.s_qualname);
+    if (q != NULL && PyUnicode_Check(q)) return q;
+    Py_XDECREF(q);
+    PyErr_Clear();
+    return NULL;
+}
+
+/* Make a record for a task about to run in `ctx` (a context not entered right now) and put
+ * its Tag into that context.  *out is the new task id, or 0 when the context cannot be
+ * tagged (it is running: the caller passed its own) or nothing is being recorded.  Returns
+ * -1 with an exception set on failure.  Our own allocations here are not recorded. */
+static int register_task(PyObject *ctx, int explicit, uint32_t flags, uint32_t serial, PyObject *coro,
+                         uint32_t *out) {
+    *out = 0;
+    if (!S.active || S.tag_var == NULL) return 0;
+    tls_t *t = &tls;
+    if (t->session != S.session) tls_enter_session(t);
+    int g = t->guard;
+    t->guard = 1;
+    uint32_t tid = ++G.next_tid;
+    if (tid == 0) tid = ++G.next_tid;
+    TagObject *tag = PyObject_New(TagObject, &TagType);
+    if (tag == NULL) goto error;
+    tag->tid = tid;
+    if (PyContext_Enter(ctx) < 0) {
+        Py_DECREF(tag);
+        if (!PyErr_ExceptionMatches(PyExc_RuntimeError)) goto error;
+        PyErr_Clear();
+        t->guard = g;
+        return 0;
+    }
+    PyObject *ptag = NULL, *labels = NULL;
+    if (PyContextVar_Get(S.tag_var, NULL, &ptag) < 0) {
+        PyErr_Clear();
+        ptag = NULL;
+    }
+    if (G.labels_var != NULL && PyContextVar_Get(G.labels_var, NULL, &labels) < 0) {
+        PyErr_Clear();
+        labels = NULL;
+    }
+    PyObject *token = PyContextVar_Set(S.tag_var, (PyObject *)tag);
+    if (PyContext_Exit(ctx) < 0) PyErr_Clear();
+    Py_DECREF(tag);
+    if (token == NULL) {
+        Py_XDECREF(ptag);
+        Py_XDECREF(labels);
+        goto error;
+    }
+    Py_DECREF(token);
+
+    uint32_t parent = (ptag != NULL && Py_TYPE(ptag) == &TagType) ? ((TagObject *)ptag)->tid : 0;
+    Py_XDECREF(ptag);
+    uint32_t pti = 0;
+    if (parent && task_registered(parent, &pti) && explicit && S.tasks[pti].ctx == (uintptr_t)ctx) {
+        /* One context handed to several create_task calls (asyncio.Runner does this): the
+         * tag in it is an earlier sibling's, so the parent is that sibling's parent. */
+        parent = S.tasks[pti].parent;
+        if (!task_registered(parent, &pti)) pti = 0;
+    }
+    if (labels != NULL) {
+        Py_ssize_t n = PyObject_Length(labels);
+        if (n <= 0) {
+            PyErr_Clear();
+            Py_CLEAR(labels);
+        }
+    }
+    uint32_t slot = thread_slot(t);
+    uint32_t ti = task_info_for(tid, slot, 1);
+    if (ti == 0) { /* no memory for the record: the task runs, its bytes go unattributed */
+        Py_XDECREF(labels);
+        t->guard = g;
+        return 0;
+    }
+    task_info_t *r = &S.tasks[ti];
+    r->parent = parent;
+    r->thread_ident = PyThread_get_thread_ident();
+    r->flags = TF_REGISTERED | flags;
+    if (pti && S.tasks[pti].thread_ident != r->thread_ident) r->flags |= TF_CROSS_PARENT;
+    r->loop_serial = serial;
+    r->state = TS_PENDING;
+    r->created_ns = now_ns();
+    r->ctx = (uintptr_t)ctx;
+    r->labels = labels;
+    r->coro = qualname_of(coro);
+    S.records++;
+    S.pending++;
+    t->guard = g;
+    *out = tid;
+    return 0;
+error:
+    t->guard = g;
+    return -1;
+}
+
+/* An empty context per thread for our done callbacks (a context can be entered by one
+ * thread at a time; the callback normally runs inline and never enters it). */
+static PyObject *callback_context(void) {
+    tls_t *t = &tls;
+    if (t->empty_ctx == NULL) t->empty_ctx = PyContext_New();
+    return t->empty_ctx;
+}
+
+/* Link record tid to its task object and watch for its end. */
+static void attach_task(uint32_t tid, PyObject *task) {
+    uint32_t ti;
+    if (!task_registered(tid, &ti)) return;
+    int g = tls.guard;
+    tls.guard = 1;
+    S.tasks[ti].obj = (uintptr_t)task;
+    (void)u64map_put(&S.obj_index, (uint64_t)(uintptr_t)task, tid);
+    PyObject *ctx = callback_context();
+    if (ctx != NULL) {
+        PyObject *args[4] = {NULL, task, G.done_cb, ctx};
+        PyObject *r = PyObject_VectorcallMethod(G.s_add_done_callback, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                                G.kw_context);
+        Py_XDECREF(r);
+    }
+    PyErr_Clear(); /* an object without add_done_callback: its record stays pending */
+    tls.guard = g;
+}
+
+static uint32_t task_state_of(PyObject *task) {
+    uint32_t st = TS_DONE;
+    PyObject *s = PyObject_GetAttr(task, G.s_state);
+    if (s != NULL && PyUnicode_Check(s)) {
+        if (PyUnicode_CompareWithASCIIString(s, "CANCELLED") == 0) {
+            st = TS_CANCELLED;
+        } else if (PyUnicode_CompareWithASCIIString(s, "PENDING") == 0) {
+            st = TS_PENDING;
+        } else {
+            /* read _exception, not exception(): that would mark it retrieved */
+            PyObject *e = PyObject_GetAttr(task, G.s_exception);
+            if (e != NULL && e != Py_None) st = TS_FAILED;
+            Py_XDECREF(e);
+        }
+    } else {
+        PyErr_Clear();
+        PyObject *c = PyObject_CallMethodNoArgs(task, G.s_cancelled);
+        if (c == Py_True) st = TS_CANCELLED;
+        Py_XDECREF(c);
+    }
+    Py_XDECREF(s);
+    PyErr_Clear();
+    return st;
+}
+
+static void run_fold_hook(void) {
+    PyObject *hook = G.fold_hook;
+    if (hook == NULL) return;
+    G.fold_at = UINT64_MAX; /* the hook sets the next threshold */
+    Py_INCREF(hook);
+    int g = tls.guard;
+    tls.guard = 1;
+    PyObject *r = PyObject_CallNoArgs(hook);
+    if (r == NULL) PyErr_WriteUnraisable(hook);
+    Py_XDECREF(r);
+    tls.guard = g;
+    Py_DECREF(hook);
+}
+
+PyDoc_STRVAR(task_done_doc, "task_done(task)\n--\n\nThe done callback our factory adds to every task it records.");
+
+static PyObject *core_task_done(PyObject *m, PyObject *task) {
+    uint32_t tid, ti;
+    if (!S.has_data || !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) Py_RETURN_NONE;
+    u64map_del(&S.obj_index, (uint64_t)(uintptr_t)task);
+    if (!task_registered(tid, &ti) || (S.tasks[ti].flags & TF_FINISHED) || S.tasks[ti].obj != (uintptr_t)task)
+        Py_RETURN_NONE;
+    int g = tls.guard;
+    tls.guard = 1;
+    uint64_t now = now_ns();
+    uint32_t state = task_state_of(task);
+    PyObject *name = PyObject_CallMethodNoArgs(task, G.s_get_name);
+    if (name == NULL || !PyUnicode_Check(name)) {
+        PyErr_Clear();
+        Py_CLEAR(name);
+    }
+    task_info_t *r = &S.tasks[ti]; /* after the calls above: they may grow S.tasks */
+    r->finished_ns = now;
+    r->state = state;
+    r->flags |= TF_FINISHED;
+    Py_XSETREF(r->name, name);
+    S.pending--;
+    if (S.ninferred) {
+        for (uint32_t i = 0; i < S.nthreads; i++) {
+            if (S.threads[i].inferred_tid == tid) S.threads[i].owner_done = 1;
+        }
+    }
+    if (grow_array((void **)&S.finished, &S.capfinished, sizeof(uint32_t), S.nfinished + 1) == 0)
+        S.finished[S.nfinished++] = tid;
+    tls.guard = g;
+    if (S.nfinished > G.fold_at) run_fold_hook();
+    Py_RETURN_NONE;
+}
+
+/* ---- adopting tasks we did not make ------------------------------------------------- */
+static uint32_t loop_serial_of(PyObject *loop) {
+    uint32_t serial = 0;
+    PyObject *st = PyObject_GetAttr(loop, G.s_ms_state);
+    PyObject *f = st != NULL ? PyObject_GetAttr(st, G.s_factory) : NULL;
+    if (f != NULL && Py_TYPE(f) == &FactoryType) serial = ((FactoryObject *)f)->serial;
+    Py_XDECREF(f);
+    Py_XDECREF(st);
+    PyErr_Clear();
+    return serial;
+}
+
+static void adopt_task(PyObject *loop, PyObject *task, PyObject *ctx) {
+    int g = tls.guard;
+    tls.guard = 1;
+    PyObject *done = PyObject_CallMethodNoArgs(task, G.s_done);
+    if (done != Py_False) { /* finished, or not a future after all */
+        Py_XDECREF(done);
+        PyErr_Clear();
+        tls.guard = g;
+        return;
+    }
+    Py_DECREF(done);
+    PyObject *coro = PyObject_CallMethodNoArgs(task, G.s_get_coro);
+    if (coro == NULL) PyErr_Clear();
+    uint32_t tid = 0;
+    if (register_task(ctx, 0, 0, loop_serial_of(loop), coro, &tid) < 0) PyErr_Clear();
+    Py_XDECREF(coro);
+    if (tid) attach_task(tid, task);
+    tls.guard = g;
+}
+
+/* "TaskStepMethWrapper" (3.11) or "_asyncio.TaskStepMethWrapper" (3.12+). */
+static int is_step_wrapper_name(const char *name) {
+    const char *dot = strrchr(name, '.');
+    return strcmp(dot ? dot + 1 : name, "TaskStepMethWrapper") == 0;
+}
+
+/* call_soon(callback, context=ctx) is about to schedule a step of some task: make sure
+ * we know that task. */
+static void check_step(PyObject *loop, PyObject *cb, PyObject *ctx) {
+    PyObject *task = NULL;
+    int owned = 0;
+    PyTypeObject *tp = Py_TYPE(cb);
+    if (tp == G.step_type) {
+        task = PyObject_GetAttr(cb, G.s_self);
+        owned = 1;
+    } else if (PyCFunction_Check(cb)) {
+        task = PyCFunction_GET_SELF(cb);
+    } else if (PyMethod_Check(cb)) {
+        task = PyMethod_GET_SELF(cb);
+    } else if (G.step_type == NULL && is_step_wrapper_name(tp->tp_name)) {
+        Py_INCREF(tp);
+        G.step_type = tp;
+        task = PyObject_GetAttr(cb, G.s_self);
+        owned = 1;
+    }
+    if (task == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    uint32_t tid;
+    if (!PyObject_TypeCheck(task, (PyTypeObject *)G.task_type) ||
+        u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) {
+        /* not a task, or one we know */
+    } else if (tls.pending_tid && tls.pending_ctx == ctx) {
+        /* the first step of the task our factory is making right now */
+        uint32_t ti;
+        if (task_registered(tls.pending_tid, &ti)) {
+            S.tasks[ti].obj = (uintptr_t)task;
+            (void)u64map_put(&S.obj_index, (uint64_t)(uintptr_t)task, tls.pending_tid);
+        }
+    } else {
+        adopt_task(loop, task, ctx);
+    }
+    if (owned) Py_DECREF(task);
+}
+
+static PyObject *callsoon_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    CallSoonObject *cs = (CallSoonObject *)self;
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (n >= 2) {
+        PyObject *cb = args[1];
+        if (cb == G.done_cb && n == 3) return core_task_done(NULL, args[2]);
+        if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) == 1 && S.active) {
+            PyObject *ctx = args[n];
+            if (ctx != Py_None && PyContext_CheckExact(ctx) &&
+                PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "context") == 0)
+                check_step(args[0], cb, ctx);
+        }
+    }
+    return PyObject_Vectorcall(cs->orig, args, nargsf, kwnames);
+}
+
+static PyObject *CallSoon_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *orig;
+    if (!PyArg_ParseTuple(args, "O:CallSoon", &orig)) return NULL;
+    if (!PyCallable_Check(orig)) {
+        PyErr_SetString(PyExc_TypeError, "CallSoon needs the original call_soon");
+        return NULL;
+    }
+    CallSoonObject *self = (CallSoonObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    Py_INCREF(orig);
+    self->orig = orig;
+    self->vectorcall = callsoon_vectorcall;
+    return (PyObject *)self;
+}
+
+static void CallSoon_dealloc(CallSoonObject *self) {
+    Py_CLEAR(self->orig);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *CallSoon_get(PyObject *self, PyObject *obj, PyObject *type) {
+    if (obj == NULL || obj == Py_None) return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+static PyMemberDef CallSoon_members[] = {
+    {"original", T_OBJECT, offsetof(CallSoonObject, orig), READONLY, "the loop class's own call_soon"},
+    {NULL},
+};
+
+static PyTypeObject CallSoonType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.CallSoon",
+    .tp_basicsize = sizeof(CallSoonObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = PyDoc_STR("CallSoon(original): an instrumented loop's call_soon, in front of the original."),
+    .tp_new = CallSoon_new,
+    .tp_dealloc = (destructor)CallSoon_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(CallSoonObject, vectorcall),
+    .tp_descr_get = CallSoon_get,
+    .tp_members = CallSoon_members,
+};
+
+/* ---- the task factory ---------------------------------------------------------------- */
+static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyObject *ctx, PyObject *name,
+                           PyObject *kwargs) {
+    int has_name = name != NULL && name != Py_None;
+    PyObject *task = NULL;
+    if (f->user_factory == NULL) {
+        if (kwargs == NULL && !has_name) {
+            PyObject *args[4] = {NULL, coro, loop, ctx};
+            return PyObject_Vectorcall(G.task_type, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, G.kw_loop_context);
+        }
+        PyObject *d = kwargs != NULL ? Py_NewRef(kwargs) : PyDict_New();
+        if (d == NULL) return NULL;
+        PyObject *eager = PyDict_GetItemWithError(d, G.s_eager_start);
+        if ((eager == Py_None && PyDict_DelItem(d, G.s_eager_start) < 0) || (eager == NULL && PyErr_Occurred()) ||
+            (has_name && PyDict_SetItem(d, G.s_name, name) < 0) || PyDict_SetItem(d, G.s_loop, loop) < 0 ||
+            PyDict_SetItem(d, G.s_context, ctx) < 0) {
+            Py_DECREF(d);
+            return NULL;
+        }
+        PyObject *a = PyTuple_Pack(1, coro);
+        if (a != NULL) task = PyObject_Call(G.task_type, a, d);
+        Py_XDECREF(a);
+        Py_DECREF(d);
+        return task;
+    }
+    if (f->takes_context) {
+        if (kwargs == NULL) {
+            PyObject *args[4] = {NULL, loop, coro, ctx};
+            task = PyObject_Vectorcall(f->user_factory, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, G.kw_context);
+        } else if (PyDict_SetItem(kwargs, G.s_context, ctx) == 0) {
+            PyObject *a = PyTuple_Pack(2, loop, coro);
+            if (a != NULL) task = PyObject_Call(f->user_factory, a, kwargs);
+            Py_XDECREF(a);
+        }
+    } else {
+        /* A legacy (loop, coro) factory: run it inside the tagged context, so the task
+         * it makes copies that context (what ctx.run(factory, loop, coro) does). */
+        if (PyContext_Enter(ctx) < 0) return NULL;
+        PyObject *a = PyTuple_Pack(2, loop, coro);
+        if (a != NULL) task = PyObject_Call(f->user_factory, a, kwargs);
+        Py_XDECREF(a);
+        if (PyContext_Exit(ctx) < 0) Py_CLEAR(task);
+    }
+    if (task != NULL && has_name) {
+        PyObject *r = PyObject_CallMethodOneArg(task, G.s_set_name, name);
+        if (r == NULL) Py_CLEAR(task);
+        Py_XDECREF(r);
+    }
+    return task;
+}
+
+/* Make a tagged task.  kwargs (a dict this call may change, or NULL) are the factory's
+ * keyword arguments; name is given only by our own create_task (stdlib loops). */
+static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro, PyObject *name, PyObject *kwargs) {
+    PyObject *ctx = NULL;
+    if (kwargs != NULL) {
+        ctx = PyDict_GetItemWithError(kwargs, G.s_context);
+        if (ctx != NULL) {
+            Py_INCREF(ctx);
+            if (PyDict_DelItem(kwargs, G.s_context) < 0) {
+                Py_DECREF(ctx);
+                return NULL;
+            }
+            if (ctx == Py_None) Py_CLEAR(ctx);
+        } else if (PyErr_Occurred()) {
+            return NULL;
+        }
+        if (PyDict_GET_SIZE(kwargs) == 0) kwargs = NULL;
+    }
+    int explicit = ctx != NULL;
+    if (ctx == NULL) {
+        ctx = PyContext_CopyCurrent();
+        if (ctx == NULL) return NULL;
+    } else if (!PyContext_CheckExact(ctx)) {
+        /* not ours to judge: let the Task constructor raise what it raises */
+        PyObject *task = make_task(f, loop, coro, ctx, name, kwargs);
+        Py_DECREF(ctx);
+        return task;
+    }
+    uint32_t tid = 0;
+    if (register_task(ctx, explicit, TF_VIA_FACTORY, f->serial, coro, &tid) < 0) {
+        Py_DECREF(ctx);
+        return NULL;
+    }
+    tls_t *t = &tls;
+    PyObject *saved_ctx = t->pending_ctx;
+    uint32_t saved_tid = t->pending_tid;
+    if (tid) {
+        t->pending_ctx = ctx;
+        t->pending_tid = tid;
+    }
+    PyObject *task = make_task(f, loop, coro, ctx, name, kwargs);
+    t->pending_ctx = saved_ctx;
+    t->pending_tid = saved_tid;
+    if (tid) {
+        uint32_t ti;
+        if (task != NULL) {
+            attach_task(tid, task);
+        } else if (task_registered(tid, &ti)) {
+            /* the task was never made: drop its record (keeping an error in flight) */
+            PyObject *exc = PyErr_GetRaisedException_compat();
+            if (S.tasks[ti].obj) u64map_del(&S.obj_index, (uint64_t)S.tasks[ti].obj);
+            S.tasks[ti].flags |= TF_FINISHED;
+            S.pending--;
+            (void)release_task_slot(tid);
+            PyErr_SetRaisedException_compat(exc);
+        }
+    }
+    Py_DECREF(ctx);
+    return task;
+}
+
+static PyObject *factory_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (n != 2) {
+        PyErr_Format(PyExc_TypeError, "task factory takes (loop, coro), got %zd positional arguments", n);
+        return NULL;
+    }
+    PyObject *kwargs = NULL;
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
+        kwargs = PyDict_New();
+        if (kwargs == NULL) return NULL;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kwnames); i++) {
+            if (PyDict_SetItem(kwargs, PyTuple_GET_ITEM(kwnames, i), args[n + i]) < 0) {
+                Py_DECREF(kwargs);
+                return NULL;
+            }
+        }
+    }
+    PyObject *task = factory_create((FactoryObject *)self, args[0], args[1], NULL, kwargs);
+    Py_XDECREF(kwargs);
+    return task;
+}
+
+PyDoc_STRVAR(factory_create_doc,
+"create(loop, coro, name, kwargs) -> task\n--\n\nWhat create_task does on an instrumented stdlib loop:\n"
+"kwargs (a dict, changed by the call) are the factory keyword arguments, including context.");
+
+static PyObject *Factory_create(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 4 || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "create(loop, coro, name, kwargs: dict)");
+        return NULL;
+    }
+    return factory_create((FactoryObject *)self, args[0], args[1], args[2], args[3]);
+}
+
+static PyObject *Factory_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"serial", "user_factory", "takes_context", NULL};
+    unsigned long serial;
+    PyObject *uf = Py_None;
+    int takes = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "k|Op:TaskFactory", kwlist, &serial, &uf, &takes)) return NULL;
+    FactoryObject *self = (FactoryObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->serial = (uint32_t)serial;
+    self->user_factory = uf == Py_None ? NULL : Py_NewRef(uf);
+    self->takes_context = takes;
+    self->vectorcall = factory_vectorcall;
+    return (PyObject *)self;
+}
+
+static void Factory_dealloc(FactoryObject *self) {
+    Py_CLEAR(self->user_factory);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Factory_get_uf(FactoryObject *self, void *c) {
+    return Py_NewRef(self->user_factory ? self->user_factory : Py_None);
+}
+
+static int Factory_set_uf(FactoryObject *self, PyObject *v, void *c) {
+    if (v == NULL) v = Py_None;
+    Py_XSETREF(self->user_factory, v == Py_None ? NULL : Py_NewRef(v));
+    return 0;
+}
+
+static PyObject *Factory_get_takes(FactoryObject *self, void *c) { return PyBool_FromLong(self->takes_context); }
+
+static int Factory_set_takes(FactoryObject *self, PyObject *v, void *c) {
+    int b = v == NULL ? 1 : PyObject_IsTrue(v);
+    if (b < 0) return -1;
+    self->takes_context = b;
+    return 0;
+}
+
+static PyObject *Factory_get_serial(FactoryObject *self, void *c) { return PyLong_FromUnsignedLong(self->serial); }
+
+static PyGetSetDef Factory_getset[] = {
+    {"user_factory", (getter)Factory_get_uf, (setter)Factory_set_uf, "the user's task factory, or None", NULL},
+    {"takes_context", (getter)Factory_get_takes, (setter)Factory_set_takes, "it accepts context=", NULL},
+    {"serial", (getter)Factory_get_serial, NULL, "the loop's serial number", NULL},
+    {NULL},
+};
+
+static PyMethodDef Factory_methods[] = {
+    {"create", (PyCFunction)(void (*)(void))Factory_create, METH_FASTCALL, factory_create_doc},
+    {NULL},
+};
+
+static PyTypeObject FactoryType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.TaskFactory",
+    .tp_basicsize = sizeof(FactoryObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = PyDoc_STR("TaskFactory(serial, user_factory=None, takes_context=True): an instrumented loop's task factory."),
+    .tp_new = Factory_new,
+    .tp_dealloc = (destructor)Factory_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(FactoryObject, vectorcall),
+    .tp_getset = Factory_getset,
+    .tp_methods = Factory_methods,
+};
+
+/* ---- reading and maintaining records (Python side: tracker.py) ---------------------- */
+PyDoc_STRVAR(configure_doc,
+"configure(labels_var, task_type)\n--\n\nThe LABELS ContextVar and asyncio.Task (once, at import).");
+
+static PyObject *core_configure(PyObject *m, PyObject *args) {
+    PyObject *labels_var, *task_type;
+    if (!PyArg_ParseTuple(args, "OO!", &labels_var, &PyType_Type, &task_type)) return NULL;
+    if (!PyContextVar_CheckExact(labels_var)) {
+        PyErr_SetString(PyExc_TypeError, "labels_var must be a contextvars.ContextVar");
+        return NULL;
+    }
+    Py_XSETREF(G.labels_var, Py_NewRef(labels_var));
+    Py_XSETREF(G.task_type, Py_NewRef(task_type));
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(set_fold_hook_doc,
+"set_fold_hook(hook, at)\n--\n\nCall hook() when more than `at` finished tasks wait to be folded (None: never).");
+
+static PyObject *core_set_fold_hook(PyObject *m, PyObject *args) {
+    PyObject *hook;
+    unsigned long long at;
+    if (!PyArg_ParseTuple(args, "OK", &hook, &at)) return NULL;
+    Py_XSETREF(G.fold_hook, hook == Py_None ? NULL : Py_NewRef(hook));
+    G.fold_at = at;
+    Py_RETURN_NONE;
+}
+
+static const char *state_names[] = {"pending", "done", "cancelled", "failed"};
+
+PyDoc_STRVAR(records_doc,
+"records() -> list[tuple]\n--\n\nOne row per task record: (tid, parent_id, coro, name, labels, thread_id,\n"
+"loop_serial, home_slot, created_ns, finished_ns, state, via_factory, cross_thread_parent, obj_id).");
+
+static PyObject *core_records(PyObject *m, PyObject *noargs) {
+    int g = tls.guard;
+    tls.guard = 1;
+    PyObject *out = PyList_New(0);
+    for (uint32_t i = 1; out != NULL && i < S.ntasks; i++) {
+        task_info_t *r = &S.tasks[i];
+        if (!r->in_use || !(r->flags & TF_REGISTERED)) continue;
+        PyObject *parent = r->parent ? PyLong_FromUnsignedLong(r->parent) : Py_NewRef(Py_None);
+        PyObject *fin = (r->flags & TF_FINISHED) ? PyLong_FromUnsignedLongLong(r->finished_ns) : Py_NewRef(Py_None);
+        PyObject *row = NULL;
+        if (parent != NULL && fin != NULL)
+            row = Py_BuildValue("(kOOOOkkkKOsOON)", (unsigned long)r->tid, parent, r->coro ? r->coro : Py_None,
+                                r->name ? r->name : Py_None, r->labels ? r->labels : Py_None, r->thread_ident,
+                                (unsigned long)r->loop_serial, (unsigned long)r->home_slot,
+                                (unsigned long long)r->created_ns, fin, state_names[r->state & 3],
+                                (r->flags & TF_VIA_FACTORY) ? Py_True : Py_False,
+                                (r->flags & TF_CROSS_PARENT) ? Py_True : Py_False, PyLong_FromSize_t(r->obj));
+        Py_XDECREF(parent);
+        Py_XDECREF(fin);
+        if (row == NULL || PyList_Append(out, row) < 0) Py_CLEAR(out);
+        Py_XDECREF(row);
+    }
+    tls.guard = g;
+    return out;
+}
+
+PyDoc_STRVAR(finished_rows_doc,
+"finished_rows() -> list[tuple]\n--\n\nFinished, unfolded tasks, oldest first: (tid, allocated_bytes,\n"
+"allocations, live_entries, coro, labels).");
+
+static PyObject *core_finished_rows(PyObject *m, PyObject *noargs) {
+    int g = tls.guard;
+    tls.guard = 1;
+    PyObject *out = PyList_New(0);
+    uint32_t keep = 0;
+    for (uint32_t i = 0; i < S.nfinished; i++) {
+        uint32_t tid = S.finished[i], ti;
+        if (!task_registered(tid, &ti) || !(S.tasks[ti].flags & TF_FINISHED)) continue; /* folded */
+        S.finished[keep++] = tid;
+        if (out == NULL) continue;
+        task_info_t *r = &S.tasks[ti];
+        PyObject *row = Py_BuildValue("(kLdLOO)", (unsigned long)tid, (long long)r->alloc_bytes, r->allocs,
+                                      (long long)r->live_entries, r->coro ? r->coro : Py_None,
+                                      r->labels ? r->labels : Py_None);
+        if (row == NULL || PyList_Append(out, row) < 0) Py_CLEAR(out);
+        Py_XDECREF(row);
+    }
+    S.nfinished = keep;
+    tls.guard = g;
+    return out;
+}
+
+PyDoc_STRVAR(tid_of_doc, "tid_of(task) -> int\n--\n\nThe record id of a task not finished yet, 0 if unknown.");
+
+static PyObject *core_tid_of(PyObject *m, PyObject *task) {
+    uint32_t tid = 0;
+    if (S.has_data && !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) tid = 0;
+    return PyLong_FromUnsignedLong(tid);
+}
+
+PyDoc_STRVAR(task_labels_doc, "task_labels(tid) -> mapping | None\n--\n\nThe labels recorded for a task.");
+
+static PyObject *core_task_labels(PyObject *m, PyObject *arg) {
+    unsigned long tid;
+    uint32_t ti;
+    if (parse_tid(arg, &tid) < 0) return NULL;
+    if (!S.has_data || !task_registered((uint32_t)tid, &ti) || S.tasks[ti].labels == NULL) Py_RETURN_NONE;
+    return Py_NewRef(S.tasks[ti].labels);
+}
+
+PyDoc_STRVAR(set_task_labels_doc, "set_task_labels(tid, labels)\n--\n\nReplace the labels recorded for a task.");
+
+static PyObject *core_set_task_labels(PyObject *m, PyObject *args) {
+    unsigned long tid;
+    PyObject *labels;
+    uint32_t ti;
+    if (!PyArg_ParseTuple(args, "kO", &tid, &labels)) return NULL;
+    if (S.has_data && task_registered((uint32_t)tid, &ti))
+        Py_XSETREF(S.tasks[ti].labels, labels == Py_None ? NULL : Py_NewRef(labels));
+    Py_RETURN_NONE;
+}
