@@ -27,6 +27,7 @@
 #include <structmember.h>
 
 #include "_ptrmap.h"
+#include "_shadow.h"
 #include "_u64map.h"
 
 #if PY_VERSION_HEX >= 0x030C0000
@@ -152,7 +153,10 @@ static struct {
     uint64_t seed;
     PyObject *tag_var;          /* strong ref while active or holding data */
     PyMemAllocatorEx orig_obj, orig_mem;
-    ptrmap_t ptrs;
+    ptrmap_t ptrs;               /* big blocks (exact mode), every sample (sampled mode) */
+    shadow_t shadow;             /* small blocks, exact mode: metadata next to metadata */
+    uint64_t *filter;            /* sampled mode: bit set "this granule may be sampled" */
+    uint64_t filter_bits;        /* bits set in filter */
     u64map_t cell_index;
     cell_t *cells;
     uint32_t ncells, capcells;
@@ -431,44 +435,122 @@ static inline void account_free(uint32_t cell, int64_t bytes, double count) {
     }
 }
 
+/* ---- where live tracked blocks are kept ------------------------------------------------
+ * Exact mode: blocks under SHADOW_MAX_SIZE go to the shadow map (no hashing: neighbours in
+ * memory have neighbouring metadata), bigger or odd ones to the pointer table.  Sampled
+ * mode: the few sampled blocks go to the pointer table, and a 32 KiB bit filter lets the
+ * free of an unsampled block (nearly all of them) return after one load. */
+#define FILTER_BITS 18
+#define FILTER_WORDS ((size_t)1 << (FILTER_BITS - 6))
+
+static inline uint64_t filter_hash(const void *p) {
+    return (((uint64_t)(uintptr_t)p >> 4) * UINT64_C(0x9E3779B97F4A7C15)) >> (64 - FILTER_BITS);
+}
+
+static inline int filter_maybe(const void *p) {
+    uint64_t h = filter_hash(p);
+    return (int)((S.filter[h >> 6] >> (h & 63)) & 1u);
+}
+
+static void filter_rebuild(void) {
+    memset(S.filter, 0, FILTER_WORDS * sizeof(uint64_t));
+    S.filter_bits = 0;
+    for (uint64_t i = 0; i < S.ptrs.capacity; i++) {
+        uint64_t w = S.ptrs.slots[i].word;
+        if (w == 0) continue;
+        uint64_t h = filter_hash((const void *)(uintptr_t)((w & PTRMAP_PTR_MASK) << 3));
+        uint64_t bit = UINT64_C(1) << (h & 63);
+        if (!(S.filter[h >> 6] & bit)) {
+            S.filter[h >> 6] |= bit;
+            S.filter_bits++;
+        }
+    }
+}
+
+static inline void filter_add(const void *p) {
+    uint64_t h = filter_hash(p);
+    uint64_t bit = UINT64_C(1) << (h & 63);
+    if (S.filter[h >> 6] & bit) return;
+    S.filter[h >> 6] |= bit;
+    /* Bits are not cleared on free; rebuild once stale ones dominate. */
+    if (++S.filter_bits > 8192 && S.filter_bits > 4 * S.ptrs.count) filter_rebuild();
+}
+
+static inline void account_free(uint32_t cell, int64_t bytes, double count);
+
+/* Keep p -> (size, cell, flag).  Returns 0, or -1 if it cannot be kept (not tracked). */
+static inline int ptrs_put(void *p, size_t size, uint32_t cell, int flag) {
+    if (S.mode == MODE_EXACT) {
+        uint32_t old;
+        if (size < SHADOW_MAX_SIZE && shadow_put_ex(&S.shadow, p, (uint32_t)size, cell, flag, &old) == 0) {
+            if (old != 0) { /* a free we never saw: settle the block it described */
+                uint32_t osize, ocell;
+                int oflag;
+                shadow_decode(old, &osize, &ocell, &oflag);
+                account_free(ocell, (int64_t)osize, 1.0);
+            }
+            return 0;
+        }
+        uint32_t osize, ocell;
+        int oflag;
+        if (shadow_take(&S.shadow, p, &osize, &ocell, &oflag)) /* same: a stale small entry */
+            account_free(ocell, (int64_t)osize, 1.0);
+    }
+    if (!ptrmap_fits(p) || ptrmap_insert(&S.ptrs, p, size, cell) < 0) return -1;
+    if (S.mode == MODE_SAMPLED) filter_add(p);
+    return 0;
+}
+
+/* Take p out if it is kept: fills size, cell and flag (1 = "may have a stack sample"). */
+static inline int ptrs_take(void *p, size_t *size, uint32_t *cell, int *flag) {
+    if (S.mode == MODE_EXACT) {
+        uint32_t sz;
+        if (shadow_take(&S.shadow, p, &sz, cell, flag)) {
+            *size = sz;
+            return 1;
+        }
+    } else if (!filter_maybe(p)) {
+        return 0;
+    }
+    if (S.ptrs.count == 0 || !ptrmap_remove(&S.ptrs, p, size, cell)) return 0;
+    *flag = 1;
+    return 1;
+}
+
+static inline uint64_t ptrs_count(void) { return S.ptrs.count + S.shadow.count; }
+
 /* ---- the hooks ------------------------------------------------------------------------ */
 static void record_alloc(void *p, size_t size) {
     tls_t *t = &tls;
     if (t->session != S.session) tls_enter_session(t);
     int64_t bytes;
     double count;
+    int stack = 0;
     if (S.mode == MODE_SAMPLED) {
         t->countdown -= (int64_t)size;
         if (t->countdown > 0) return;
         t->countdown = draw_gap(&t->rng, S.sample_interval);
         bytes = scaled_bytes(size);
         count = scaled_count(size);
+        stack = S.stack_interval > 0; /* every sample carries its stack */
     } else {
         bytes = (int64_t)size;
         count = 1.0;
-    }
-    if (!ptrmap_fits(p)) {
-        S.untracked++;
-        return;
+        if (S.stack_interval > 0) {
+            t->stack_countdown -= (int64_t)size;
+            if (t->stack_countdown <= 0) {
+                t->stack_countdown = draw_gap(&t->rng, S.stack_interval);
+                stack = 1;
+            }
+        }
     }
     uint32_t cell = current_cell(t);
-    if (cell == 0) {
-        S.untracked++;
-        return;
-    }
-    if (ptrmap_insert(&S.ptrs, p, size, cell) < 0) {
+    if (cell == 0 || ptrs_put(p, size, cell, stack) < 0) {
         S.untracked++;
         return;
     }
     account_alloc(cell, bytes, count);
-    if (S.stack_interval > 0) {
-        int64_t sb = S.mode == MODE_SAMPLED ? bytes : (int64_t)size;
-        t->stack_countdown -= sb;
-        if (S.mode == MODE_SAMPLED || t->stack_countdown <= 0) {
-            if (S.mode != MODE_SAMPLED) t->stack_countdown = draw_gap(&t->rng, S.stack_interval);
-            stacks_record_alloc(p, size, S.cells[cell].key, S.mode == MODE_SAMPLED ? 0.0 : S.stack_interval);
-        }
-    }
+    if (stack) stacks_record_alloc(p, size, S.cells[cell].key, S.mode == MODE_SAMPLED ? 0.0 : S.stack_interval);
 }
 
 static inline int64_t entry_bytes(size_t size) {
@@ -482,9 +564,10 @@ static inline double entry_count(size_t size) {
 static void record_free(void *p) {
     size_t size;
     uint32_t cell;
-    if (!ptrmap_remove(&S.ptrs, p, &size, &cell)) return;
+    int flag;
+    if (!ptrs_take(p, &size, &cell, &flag)) return;
     account_free(cell, entry_bytes(size), entry_count(size));
-    if (S.stack_interval > 0) stacks_record_free(p);
+    if (flag && S.stack_interval > 0) stacks_record_free(p);
 }
 
 static void record_realloc(void *old, void *p, size_t size) {
@@ -497,17 +580,18 @@ static void record_realloc(void *old, void *p, size_t size) {
     if (t->session != S.session) tls_enter_session(t);
     size_t old_size;
     uint32_t old_cell;
-    if (!ptrmap_remove(&S.ptrs, old, &old_size, &old_cell)) {
+    int flag;
+    if (!ptrs_take(old, &old_size, &old_cell, &flag)) {
         record_alloc(p, size);
         return;
     }
-    int had_stack = S.stack_interval > 0 ? stacks_record_free(old) : 0;
+    int had_stack = (flag && S.stack_interval > 0) ? stacks_record_free(old) : 0;
     uint32_t cell = current_cell(t);
     if (cell != 0 && cell_tid(&S.cells[cell]) == cell_tid(&S.cells[old_cell])) {
         /* Same owner: the block keeps its cell and only the size difference counts,
          * so a buffer grown by realloc is charged its final size, not every step. */
         cell_t *c = &S.cells[old_cell];
-        if (!ptrmap_fits(p) || ptrmap_insert(&S.ptrs, p, size, old_cell) < 0) {
+        if (ptrs_put(p, size, old_cell, had_stack) < 0) {
             S.untracked++;
             account_free(old_cell, (int64_t)old_size, 1.0);
             return;
@@ -583,6 +667,10 @@ static void clear_task_refs(task_info_t *r) {
 }
 
 static void clear_data(void) {
+    shadow_free(&S.shadow);
+    free(S.filter);
+    S.filter = NULL;
+    S.filter_bits = 0;
     for (uint32_t i = 1; S.tasks != NULL && i < S.ntasks; i++) clear_task_refs(&S.tasks[i]);
     u64map_free(&S.obj_index);
     free(S.finished);
@@ -645,8 +733,10 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
         return NULL;
     }
     if (S.has_data) clear_data();
-    if (ptrmap_init(&S.ptrs, 1u << 16) < 0 || u64map_init(&S.cell_index, 1024) < 0 ||
-        u64map_init(&S.task_index, 1024) < 0 || u64map_init(&S.obj_index, 1024) < 0 || stacks_init(depth) < 0) {
+    if (ptrmap_init(&S.ptrs, mode == MODE_SAMPLED ? 1u << 10 : 1u << 14) < 0 || u64map_init(&S.cell_index, 1024) < 0 ||
+        u64map_init(&S.task_index, 1024) < 0 || u64map_init(&S.obj_index, 1024) < 0 || stacks_init(depth) < 0 ||
+        shadow_init(&S.shadow) < 0 ||
+        (mode == MODE_SAMPLED && (S.filter = (uint64_t *)calloc(FILTER_WORDS, sizeof(uint64_t))) == NULL)) {
         clear_data();
         return PyErr_NoMemory();
     }
@@ -939,7 +1029,8 @@ PyDoc_STRVAR(stats_doc,
 static PyObject *core_stats(PyObject *m, PyObject *noargs) {
     int g = tls.guard;
     tls.guard = 1;
-    size_t table = ptrmap_bytes(&S.ptrs);
+    size_t table = ptrmap_bytes(&S.ptrs) + shadow_resident_bytes(&S.shadow) +
+                   (S.filter ? FILTER_WORDS * sizeof(uint64_t) : 0);
     size_t other = (size_t)S.capcells * sizeof(cell_t) + (size_t)S.captasks * sizeof(task_info_t) +
                    (size_t)S.capthreads * sizeof(thread_info_t) +
                    ((size_t)(S.cell_index.slots ? S.cell_index.mask + 1 : 0) +
@@ -949,7 +1040,7 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
     size_t stacks = stacks_bytes();
     PyObject *d = Py_BuildValue(
         "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:K,s:K}", "tracked_allocations",
-        (unsigned long long)S.ptrs.count, "table_bytes", (Py_ssize_t)table, "stacks_bytes", (Py_ssize_t)stacks,
+        (unsigned long long)ptrs_count(), "table_bytes", (Py_ssize_t)table, "stacks_bytes", (Py_ssize_t)stacks,
         "tracker_bytes", (Py_ssize_t)(table + other + stacks), "cells",
         (unsigned int)(S.ncells - 1 - S.nfree_cells), "tasks", (unsigned int)(S.ntasks - 1 - S.nfree_tasks),
         "threads", (unsigned int)S.nthreads, "untracked", (unsigned long long)S.untracked, "dropped",
@@ -1015,7 +1106,7 @@ static PyMethodDef core_methods[] = {
     {"configure", core_configure, METH_VARARGS, configure_doc},
     {"set_fold_hook", core_set_fold_hook, METH_VARARGS, set_fold_hook_doc},
     {"records", core_records, METH_NOARGS, records_doc},
-    {"finished_rows", core_finished_rows, METH_NOARGS, finished_rows_doc},
+    {"fold", core_fold, METH_O, fold_doc},
     {"tid_of", core_tid_of, METH_O, tid_of_doc},
     {"task_labels", core_task_labels, METH_O, task_labels_doc},
     {"set_task_labels", core_set_task_labels, METH_VARARGS, set_task_labels_doc},

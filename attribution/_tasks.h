@@ -670,28 +670,121 @@ static PyObject *core_records(PyObject *m, PyObject *noargs) {
     return out;
 }
 
-PyDoc_STRVAR(finished_rows_doc,
-"finished_rows() -> list[tuple]\n--\n\nFinished, unfolded tasks, oldest first: (tid, allocated_bytes,\n"
-"allocations, live_entries, coro, labels).");
+typedef struct {
+    int64_t alloc_bytes;
+    uint32_t tid;
+} fold_cand_t;
 
-static PyObject *core_finished_rows(PyObject *m, PyObject *noargs) {
-    int g = tls.guard;
-    tls.guard = 1;
-    PyObject *out = PyList_New(0);
+static int fold_cand_cmp(const void *a, const void *b) {
+    int64_t x = ((const fold_cand_t *)a)->alloc_bytes, y = ((const fold_cand_t *)b)->alloc_bytes;
+    if (x != y) return x < y ? -1 : 1;
+    uint32_t s = ((const fold_cand_t *)a)->tid, t = ((const fold_cand_t *)b)->tid;
+    return s < t ? -1 : (s > t);
+}
+
+typedef struct {
+    PyObject *coro, *labels; /* borrowed from the records while folding */
+    int64_t *values;
+    uint32_t n, cap;
+    double allocs;
+} fold_group_t;
+
+/* Drop folded (released) ids from the finished queue; returns how many remain. */
+static uint32_t compact_finished(void) {
     uint32_t keep = 0;
     for (uint32_t i = 0; i < S.nfinished; i++) {
         uint32_t tid = S.finished[i], ti;
-        if (!task_registered(tid, &ti) || !(S.tasks[ti].flags & TF_FINISHED)) continue; /* folded */
-        S.finished[keep++] = tid;
-        if (out == NULL) continue;
-        task_info_t *r = &S.tasks[ti];
-        PyObject *row = Py_BuildValue("(kLdLOO)", (unsigned long)tid, (long long)r->alloc_bytes, r->allocs,
-                                      (long long)r->live_entries, r->coro ? r->coro : Py_None,
-                                      r->labels ? r->labels : Py_None);
-        if (row == NULL || PyList_Append(out, row) < 0) Py_CLEAR(out);
-        Py_XDECREF(row);
+        if (task_registered(tid, &ti) && (S.tasks[ti].flags & TF_FINISHED)) S.finished[keep++] = tid;
     }
     S.nfinished = keep;
+    return keep;
+}
+
+PyDoc_STRVAR(fold_doc,
+"fold(keep) -> (remaining, groups)\n--\n\nForget finished tasks that hold no live allocation, those that allocated least\n"
+"first, until at most `keep` finished tasks remain (or none can go).  groups: one row per\n"
+"(coro, labels) folded, (coro, labels, allocated_bytes: bytes of int64 per task, allocations).");
+
+static PyObject *core_fold(PyObject *m, PyObject *arg) {
+    Py_ssize_t keep = PyLong_AsSsize_t(arg);
+    if (keep == -1 && PyErr_Occurred()) return NULL;
+    if (keep < 0) keep = 0;
+    if (!S.has_data) return Py_BuildValue("(n[])", (Py_ssize_t)0);
+    uint32_t n = compact_finished();
+    if ((Py_ssize_t)n <= keep) return Py_BuildValue("(I[])", (unsigned int)n);
+    int g = tls.guard;
+    tls.guard = 1;
+    PyObject *out = NULL;
+    fold_group_t *groups = NULL;
+    uint32_t ngroups = 0, capgroups = 0;
+    fold_cand_t *cand = (fold_cand_t *)malloc((size_t)n * sizeof(fold_cand_t));
+    if (cand == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    uint32_t nc = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t ti;
+        if (task_registered(S.finished[i], &ti) && S.tasks[ti].live_entries == 0) {
+            cand[nc].alloc_bytes = S.tasks[ti].alloc_bytes;
+            cand[nc].tid = S.finished[i];
+            nc++;
+        }
+    }
+    uint32_t excess = n - (uint32_t)keep;
+    if (excess > nc) excess = nc;
+    if (excess < nc) qsort(cand, nc, sizeof(fold_cand_t), fold_cand_cmp);
+    uint32_t last = 0;
+    for (uint32_t k = 0; k < excess; k++) {
+        uint32_t ti;
+        if (!task_registered(cand[k].tid, &ti)) continue;
+        task_info_t *r = &S.tasks[ti];
+        uint32_t gi = last;
+        if (gi >= ngroups || groups[gi].coro != r->coro || groups[gi].labels != r->labels) {
+            for (gi = 0; gi < ngroups; gi++)
+                if (groups[gi].coro == r->coro && groups[gi].labels == r->labels) break;
+            if (gi == ngroups) {
+                if (grow_array((void **)&groups, &capgroups, sizeof(fold_group_t), ngroups + 1) < 0) {
+                    PyErr_NoMemory();
+                    goto done;
+                }
+                memset(&groups[gi], 0, sizeof(fold_group_t));
+                groups[gi].coro = Py_XNewRef(r->coro);
+                groups[gi].labels = Py_XNewRef(r->labels);
+                ngroups++;
+            }
+        }
+        last = gi;
+        fold_group_t *fg = &groups[gi];
+        if (grow_array((void **)&fg->values, &fg->cap, sizeof(int64_t), fg->n + 1) < 0) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        int64_t ab = r->alloc_bytes;
+        double na = r->allocs;
+        if (release_task_slot(cand[k].tid) != 0) continue;
+        fg->values[fg->n++] = ab;
+        fg->allocs += na;
+    }
+    PyObject *list = PyList_New(0);
+    for (uint32_t gi = 0; list != NULL && gi < ngroups; gi++) {
+        fold_group_t *fg = &groups[gi];
+        if (fg->n == 0) continue;
+        PyObject *row = Py_BuildValue("(OOy#d)", fg->coro ? fg->coro : Py_None, fg->labels ? fg->labels : Py_None,
+                                      (const char *)fg->values, (Py_ssize_t)fg->n * (Py_ssize_t)sizeof(int64_t),
+                                      fg->allocs);
+        if (row == NULL || PyList_Append(list, row) < 0) Py_CLEAR(list);
+        Py_XDECREF(row);
+    }
+    if (list != NULL) out = Py_BuildValue("(IN)", (unsigned int)compact_finished(), list);
+done:
+    for (uint32_t gi = 0; gi < ngroups; gi++) {
+        Py_XDECREF(groups[gi].coro);
+        Py_XDECREF(groups[gi].labels);
+        free(groups[gi].values);
+    }
+    free(groups);
+    free(cand);
     tls.guard = g;
     return out;
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import random
+from array import array
 import threading
 from typing import Any, Callable, Iterable
 
@@ -149,7 +150,7 @@ class Tracker:
     def _fold_threshold(self, waiting: int) -> int:
         # Passes are batched: the next one waits for another batch of finished tasks, so
         # tasks that cannot fold yet (still holding memory) cost O(1) per finish.
-        return max(waiting, self.max_finished_tasks) + max(100, self.max_finished_tasks // 5)
+        return max(waiting, self.max_finished_tasks) + max(100, self.max_finished_tasks // 2)
 
     def _fold_hook(self) -> None:
         """Called by the core (from a task's done callback) when enough finished tasks wait."""
@@ -160,35 +161,30 @@ class Tracker:
     def _fold(self, keep: int) -> int:
         """Fold finished tasks with no live allocation left into their group's aggregate,
         smallest first, until at most ``keep`` finished tasks remain (or none can fold).
-        Returns how many finished tasks remain."""
-        rows = _core.finished_rows()
-        candidates = [r for r in rows if r[3] == 0]
-        excess = min(len(rows) - keep, len(candidates))
-        if excess <= 0:
-            return len(rows)
-        candidates.sort(key=lambda r: r[1])
-        folded = 0
-        for tid, alloc_bytes, allocs, _live, coro, labels in candidates[:excess]:
-            if not _core.release_task(tid):
-                continue
-            folded += 1
+        Returns how many finished tasks remain.  The core picks and forgets the tasks;
+        only the per-group sums come back here."""
+        remaining, groups = _core.fold(keep)
+        for coro, labels, values, allocs in groups:
+            per_task = array("q")
+            per_task.frombytes(values)
             labels = labels if labels is not None else {}
             key = group_key(coro, labels)
             fg = self._folded.get(key)
             if fg is None:
                 fg = self._folded[key] = FoldedGroup(coro=coro, labels=dict(labels))
-            fg.tasks += 1
-            fg.allocated_sum += alloc_bytes
-            fg.allocated_max = max(fg.allocated_max, alloc_bytes)
+            fg.allocated_sum += sum(per_task)
+            fg.allocated_max = max(fg.allocated_max, max(per_task))
             fg.allocations += int(round(allocs))
-            if len(fg.allocated) < _RESERVOIR:
-                fg.allocated.append(alloc_bytes)
-            else:
-                j = self._rng.randrange(fg.tasks)
-                if j < _RESERVOIR:
-                    fg.allocated[j] = alloc_bytes
-        self._folded_tasks += folded
-        return len(rows) - folded
+            for alloc_bytes in per_task:
+                fg.tasks += 1
+                if len(fg.allocated) < _RESERVOIR:
+                    fg.allocated.append(alloc_bytes)
+                else:
+                    j = self._rng.randrange(fg.tasks)
+                    if j < _RESERVOIR:
+                        fg.allocated[j] = alloc_bytes
+            self._folded_tasks += len(per_task)
+        return remaining
 
     # -- reading ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
