@@ -135,6 +135,10 @@ typedef struct {
     PyObject *pending_ctx;   /* borrowed: the context of the task our factory is making */
     uint32_t pending_tid;
     PyObject *empty_ctx;     /* owned: an empty context for our done callbacks */
+    PyObject *ctx_seen;      /* borrowed, compared only: the context context_tid last read */
+    uint64_t ctx_ver;
+    uint32_t ctx_session;
+    uint32_t ctx_tid;
 } tls_t;
 
 /* initial-exec: one offset from the thread pointer instead of a __tls_get_addr call */
@@ -324,16 +328,27 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t slot, uint32_t rou
     return idx;
 }
 
-/* The task id tagged in the running context, 0 if none. */
+/* The task id tagged in the running context, 0 if none.  CPython bumps the thread's
+ * context_ver on every context switch and every ContextVar.set, so while (context,
+ * context_ver) is unchanged the answer is too: most allocations skip the lookup. */
 static inline uint32_t context_tid(void) {
+    PyThreadState *ts = tstate_unchecked();
+    if (ts == NULL) return 0;
+    tls_t *t = &tls;
+    if (ts->context == t->ctx_seen && ts->context_ver == t->ctx_ver && t->ctx_session == S.session)
+        return t->ctx_tid;
     uint32_t tid = 0;
-    if (tstate_unchecked() != NULL) {
-        PyObject *v = NULL;
-        if (PyContextVar_Get(S.tag_var, NULL, &v) == 0 && v != NULL) {
-            if (Py_TYPE(v) == &TagType) tid = ((TagObject *)v)->tid;
-            Py_DECREF(v); /* the context still holds it: never the last reference */
-        }
+    PyObject *v = NULL;
+    if (PyContextVar_Get(S.tag_var, NULL, &v) == 0 && v != NULL) {
+        if (Py_TYPE(v) == &TagType) tid = ((TagObject *)v)->tid;
+        Py_DECREF(v); /* the context still holds it: never the last reference */
+    } else {
+        PyErr_Clear();
     }
+    t->ctx_seen = ts->context;
+    t->ctx_ver = ts->context_ver;
+    t->ctx_session = S.session;
+    t->ctx_tid = tid;
     return tid;
 }
 
