@@ -682,6 +682,38 @@ static int fold_cand_cmp(const void *a, const void *b) {
     return s < t ? -1 : (s > t);
 }
 
+/* Reorder a[0..n) so that its k smallest (by fold_cand_cmp) come first, in O(n) on average
+ * (quickselect; the pivot is the median of three). */
+static void select_smallest(fold_cand_t *a, uint32_t n, uint32_t k) {
+    uint32_t lo = 0, hi = n; /* the k-th boundary lies in [lo, hi) */
+    while (hi - lo > 1 && k > lo && k < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        fold_cand_t x = a[lo], y = a[mid], z = a[hi - 1], pivot;
+        if (fold_cand_cmp(&x, &y) < 0)
+            pivot = fold_cand_cmp(&y, &z) < 0 ? y : (fold_cand_cmp(&x, &z) < 0 ? z : x);
+        else
+            pivot = fold_cand_cmp(&x, &z) < 0 ? x : (fold_cand_cmp(&y, &z) < 0 ? z : y);
+        /* three-way partition: [lo, lt) < pivot, [lt, gt) == pivot, [gt, hi) > pivot */
+        uint32_t lt = lo, i = lo, gt = hi;
+        while (i < gt) {
+            int c = fold_cand_cmp(&a[i], &pivot);
+            if (c < 0) {
+                fold_cand_t t = a[lt]; a[lt] = a[i]; a[i] = t;
+                lt++;
+                i++;
+            } else if (c > 0) {
+                gt--;
+                fold_cand_t t = a[gt]; a[gt] = a[i]; a[i] = t;
+            } else {
+                i++;
+            }
+        }
+        if (k <= lt) hi = lt;
+        else if (k >= gt) lo = gt;
+        else return;
+    }
+}
+
 typedef struct {
     PyObject *coro, *labels; /* borrowed from the records while folding */
     int64_t *values;
@@ -733,7 +765,7 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
     }
     uint32_t excess = n - (uint32_t)keep;
     if (excess > nc) excess = nc;
-    if (excess < nc) qsort(cand, nc, sizeof(fold_cand_t), fold_cand_cmp);
+    if (excess < nc) select_smallest(cand, nc, excess);
     uint32_t last = 0;
     for (uint32_t k = 0; k < excess; k++) {
         uint32_t ti;

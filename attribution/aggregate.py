@@ -12,12 +12,14 @@ Everything here runs when a report is asked for, never on the hot path.  Inputs:
 
 from __future__ import annotations
 
+import math
 import os
 import platform
+import random
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from . import routes
 from .report import (
@@ -54,6 +56,36 @@ class FoldedGroup:
     allocated_sum: int = 0
     allocated_max: int = 0
     allocations: int = 0
+    # Algorithm L state (Li 1994): the reservoir is updated only at the tasks it keeps,
+    # found by geometric skips, so folding a batch costs O(kept), not O(batch).
+    skip_w: float = 1.0
+    next_pick: int = 0
+
+    def add(self, values: Sequence[int], allocations: float, rng: random.Random, size: int) -> None:
+        """Fold a batch of tasks, given each one's allocated bytes, into the aggregate."""
+        if not values:
+            return
+        self.allocated_sum += sum(values)
+        self.allocated_max = max(self.allocated_max, max(values))
+        self.allocations += int(round(allocations))
+        first = self.tasks  # values[i] is task number first + i + 1
+        self.tasks += len(values)
+        i = 0
+        while len(self.allocated) < size and i < len(values):
+            self.allocated.append(values[i])
+            i += 1
+            if len(self.allocated) == size:
+                self._skip(rng, size, first + i)
+        if len(self.allocated) < size:
+            return
+        while self.next_pick <= self.tasks:
+            self.allocated[rng.randrange(size)] = values[self.next_pick - first - 1]
+            self._skip(rng, size, self.next_pick)
+
+    def _skip(self, rng: random.Random, size: int, seen: int) -> None:
+        self.skip_w *= math.exp(math.log(rng.random() or 1e-300) / size)
+        gap = math.log(rng.random() or 1e-300) / math.log1p(-self.skip_w) if self.skip_w < 1.0 else 0.0
+        self.next_pick = seen + int(gap) + 1
 
 
 @dataclass

@@ -172,17 +172,7 @@ class Tracker:
             fg = self._folded.get(key)
             if fg is None:
                 fg = self._folded[key] = FoldedGroup(coro=coro, labels=dict(labels))
-            fg.allocated_sum += sum(per_task)
-            fg.allocated_max = max(fg.allocated_max, max(per_task))
-            fg.allocations += int(round(allocs))
-            for alloc_bytes in per_task:
-                fg.tasks += 1
-                if len(fg.allocated) < _RESERVOIR:
-                    fg.allocated.append(alloc_bytes)
-                else:
-                    j = self._rng.randrange(fg.tasks)
-                    if j < _RESERVOIR:
-                        fg.allocated[j] = alloc_bytes
+            fg.add(per_task, allocs, self._rng, _RESERVOIR)
             self._folded_tasks += len(per_task)
         return remaining
 
