@@ -630,10 +630,23 @@ static void record_realloc(void *old, void *p, size_t size) {
     record_alloc(p, size);
 }
 
+/* Sampled mode's fast paths, inlined into the hooks: an allocation that does not reach the
+ * next sample only moves the countdown (record_alloc moves it again, so undo it first),
+ * and a free whose block cannot be a sample stops at the filter. */
+static inline int skip_sampled_alloc(size_t size) {
+    tls_t *t = &tls;
+    if (S.mode != MODE_SAMPLED || t->session != S.session) return 0;
+    if ((t->countdown -= (int64_t)size) > 0) return 1;
+    t->countdown += (int64_t)size;
+    return 0;
+}
+
+static inline int skip_sampled_free(void *p) { return S.mode == MODE_SAMPLED && !filter_maybe(p); }
+
 static void *hook_malloc(void *ctx, size_t size) {
     PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
     void *p = a->malloc(a->ctx, size);
-    if (p != NULL && !tls.guard) {
+    if (p != NULL && !tls.guard && !skip_sampled_alloc(size)) {
         tls.guard = 1;
         record_alloc(p, size);
         tls.guard = 0;
@@ -644,7 +657,7 @@ static void *hook_malloc(void *ctx, size_t size) {
 static void *hook_calloc(void *ctx, size_t nelem, size_t elsize) {
     PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
     void *p = a->calloc(a->ctx, nelem, elsize);
-    if (p != NULL && !tls.guard) {
+    if (p != NULL && !tls.guard && !skip_sampled_alloc(nelem * elsize)) {
         tls.guard = 1;
         record_alloc(p, nelem * elsize);
         tls.guard = 0;
@@ -666,7 +679,7 @@ static void *hook_realloc(void *ctx, void *ptr, size_t size) {
 
 static void hook_free(void *ctx, void *ptr) {
     PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
-    if (ptr != NULL && !tls.guard) {
+    if (ptr != NULL && !tls.guard && !skip_sampled_free(ptr)) {
         tls.guard = 1;
         record_free(ptr);
         tls.guard = 0;
@@ -1123,6 +1136,7 @@ static PyMethodDef core_methods[] = {
     {"records", core_records, METH_NOARGS, records_doc},
     {"fold", core_fold, METH_O, fold_doc},
     {"tid_of", core_tid_of, METH_O, tid_of_doc},
+    {"tag_running_task", core_tag_running_task, METH_VARARGS, tag_running_task_doc},
     {"task_labels", core_task_labels, METH_O, task_labels_doc},
     {"set_task_labels", core_set_task_labels, METH_VARARGS, set_task_labels_doc},
     {NULL, NULL, 0, NULL},

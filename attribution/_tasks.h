@@ -73,8 +73,8 @@ static PyObject *qualname_of(PyObject *coro) {
     return NULL;
 }
 
-/* Make a record for a task about to run in `ctx` (a context not entered right now) and put
- * its Tag into that context.  *out is the new task id, or 0 when the context cannot be
+/* Make a record for a task about to run in `ctx` (a context not entered right now; NULL:
+ * the running context, for a task tagging itself) and put its Tag into that context.  *out is the new task id, or 0 when the context cannot be
  * tagged (it is running: the caller passed its own) or nothing is being recorded.  Returns
  * -1 with an exception set on failure.  Our own allocations here are not recorded. */
 static int register_task(PyObject *ctx, int explicit, uint32_t flags, uint32_t serial, PyObject *coro,
@@ -90,7 +90,7 @@ static int register_task(PyObject *ctx, int explicit, uint32_t flags, uint32_t s
     TagObject *tag = PyObject_New(TagObject, &TagType);
     if (tag == NULL) goto error;
     tag->tid = tid;
-    if (PyContext_Enter(ctx) < 0) {
+    if (ctx != NULL && PyContext_Enter(ctx) < 0) {
         Py_DECREF(tag);
         if (!PyErr_ExceptionMatches(PyExc_RuntimeError)) goto error;
         PyErr_Clear();
@@ -107,7 +107,7 @@ static int register_task(PyObject *ctx, int explicit, uint32_t flags, uint32_t s
         labels = NULL;
     }
     PyObject *token = PyContextVar_Set(S.tag_var, (PyObject *)tag);
-    if (PyContext_Exit(ctx) < 0) PyErr_Clear();
+    if (ctx != NULL && PyContext_Exit(ctx) < 0) PyErr_Clear();
     Py_DECREF(tag);
     if (token == NULL) {
         Py_XDECREF(ptag);
@@ -297,6 +297,29 @@ static void adopt_task(PyObject *loop, PyObject *task, PyObject *ctx) {
 static int is_step_wrapper_name(const char *name) {
     const char *dot = strrchr(name, '.');
     return strcmp(dot ? dot + 1 : name, "TaskStepMethWrapper") == 0;
+}
+
+PyDoc_STRVAR(tag_running_task_doc,
+"tag_running_task(task, loop_serial) -> int\n--\n\nRecord the running task (made before its loop was instrumented) from\n"
+"inside its own step, tagging the running context.  Returns its id, 0 if not recorded.");
+
+static PyObject *core_tag_running_task(PyObject *m, PyObject *args) {
+    PyObject *task;
+    unsigned long serial;
+    if (!PyArg_ParseTuple(args, "Ok", &task, &serial)) return NULL;
+    uint32_t tid = 0;
+    if (S.active && !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) {
+        int g = tls.guard;
+        tls.guard = 1;
+        PyObject *coro = PyObject_CallMethodNoArgs(task, G.s_get_coro);
+        if (coro == NULL) PyErr_Clear();
+        int rc = register_task(NULL, 0, 0, (uint32_t)serial, coro, &tid);
+        Py_XDECREF(coro);
+        tls.guard = g;
+        if (rc < 0) return NULL;
+        if (tid) attach_task(tid, task);
+    }
+    return PyLong_FromUnsignedLong(tid);
 }
 
 /* call_soon(callback, context=ctx) is about to schedule a step of some task: make sure

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from pathlib import Path
 from typing import Any, Callable
 
@@ -156,9 +155,8 @@ class Profiler:
         task = asyncio.current_task()
         if task is None or TAG.get(None) is not None:
             return
-        rec = self._tagger.record_for(contextvars.copy_context(), False, False, task.get_loop())
-        TAG.set(rec.tag)  # we are inside the task's context: this tags it
-        rec.attach(task)
+        state = getattr(task.get_loop(), "_ms_state", None)
+        _core.tag_running_task(task, getattr(state, "serial", 0))
 
     def loop_factory(self, base: Callable[[], asyncio.AbstractEventLoop] | None = None) -> Callable[[], Any]:
         """A loop factory whose loops report to this profiler."""
