@@ -633,6 +633,87 @@ static PyTypeObject FactoryType = {
     .tp_methods = Factory_methods,
 };
 
+/* ---- hand-over to another thread ---------------------------------------------------- */
+/* Handed(tid, fn): calling it runs fn(*args, **kwargs) with the calling thread marked as
+ * doing task tid's work (the propagated route), then restores the previous mark.  What
+ * run_in_executor and call_soon_threadsafe send to the other thread; a C object, so the
+ * worker runs no extra Python frame per job. */
+typedef struct {
+    PyObject_HEAD
+    uint32_t tid;
+    PyObject *fn;
+    vectorcallfunc vectorcall;
+} HandedObject;
+
+static PyTypeObject HandedType;
+
+static PyObject *handed_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    HandedObject *h = (HandedObject *)self;
+    tls_t *t = &tls;
+    if (S.has_data && t->session != S.session) tls_enter_session(t);
+    uint32_t prev = t->handover;
+    t->handover = h->tid;
+    PyObject *r = PyObject_Vectorcall(h->fn, args, nargsf, kwnames);
+    t->handover = prev;
+    return r;
+}
+
+static PyObject *Handed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    unsigned long tid;
+    PyObject *fn;
+    if (!PyArg_ParseTuple(args, "kO:Handed", &tid, &fn)) return NULL;
+    if (!PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "Handed(tid, fn): fn must be callable");
+        return NULL;
+    }
+    HandedObject *self = (HandedObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->tid = (uint32_t)tid;
+    self->fn = Py_NewRef(fn);
+    self->vectorcall = handed_vectorcall;
+    return (PyObject *)self;
+}
+
+static int Handed_traverse(HandedObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->fn);
+    return 0;
+}
+
+static int Handed_clear(HandedObject *self) {
+    Py_CLEAR(self->fn);
+    return 0;
+}
+
+static void Handed_dealloc(HandedObject *self) {
+    PyObject_GC_UnTrack(self);
+    Handed_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Handed_repr(HandedObject *self) {
+    return PyUnicode_FromFormat("<handed to task %lu: %R>", (unsigned long)self->tid, self->fn);
+}
+
+static PyMemberDef Handed_members[] = {
+    {"func", T_OBJECT, offsetof(HandedObject, fn), READONLY, "the wrapped callable"},
+    {NULL},
+};
+
+static PyTypeObject HandedType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.Handed",
+    .tp_basicsize = sizeof(HandedObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = PyDoc_STR("Handed(tid, fn): fn, run with this thread marked as doing task tid's work."),
+    .tp_new = Handed_new,
+    .tp_dealloc = (destructor)Handed_dealloc,
+    .tp_traverse = (traverseproc)Handed_traverse,
+    .tp_clear = (inquiry)Handed_clear,
+    .tp_repr = (reprfunc)Handed_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(HandedObject, vectorcall),
+    .tp_members = Handed_members,
+};
+
 /* ---- reading and maintaining records (Python side: tracker.py) ---------------------- */
 PyDoc_STRVAR(configure_doc,
 "configure(labels_var, task_type)\n--\n\nThe LABELS ContextVar and asyncio.Task (once, at import).");

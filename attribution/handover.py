@@ -1,6 +1,6 @@
 """Hand-over of a task's work to another thread (the *propagated* route).
 
-``run_handed(tid, fn, *args)`` runs ``fn`` with the calling thread marked as doing task
+``Handed(tid, fn)`` (a C callable) runs ``fn`` with the calling thread marked as doing task
 ``tid``'s work: allocations with no tag in their context are charged to that task, and
 tagged ones (``asyncio.to_thread`` copies the context) are recorded as propagated rather
 than inherited.  The mark is thread-local, lives only for the call, and changes nothing
@@ -13,17 +13,16 @@ from typing import Any, Callable
 
 from . import _core
 
-__all__ = ["run_handed", "current"]
+__all__ = ["Handed", "run_handed", "current"]
 
-_set_handover = _core.set_handover
+
+
+Handed = _core.Handed
 
 
 def run_handed(tid: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-    prev = _set_handover(tid)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _set_handover(prev)
+    """Call ``fn(*args, **kwargs)`` now, marked as task ``tid``'s work."""
+    return Handed(tid, fn)(*args, **kwargs)
 
 
 def current() -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import inspect
 import itertools
 import threading
@@ -122,7 +121,7 @@ def _run_in_executor(self, executor, func, *args):
         tag = TAG.get(None)
         tid = tag.id if tag is not None else handover.current()
         if tid:
-            func = functools.partial(handover.run_handed, tid, func)
+            func = handover.Handed(tid, func)
     return st.original_class.run_in_executor(self, executor, func, *args)
 
 
@@ -134,7 +133,7 @@ def _call_soon_threadsafe(self, callback, *args, context=None):
         tag = context.get(TAG, None) if context is not None else TAG.get(None)
         tid = tag.id if tag is not None else handover.current()
         if tid:
-            callback = functools.partial(handover.run_handed, tid, callback)
+            callback = handover.Handed(tid, callback)
     return st.original_class.call_soon_threadsafe(self, callback, *args, context=context)
 
 

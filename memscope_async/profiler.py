@@ -49,7 +49,7 @@ class Profiler:
     sample_interval
         Mean bytes between samples in sampled mode (default 512 KiB).
     stack_interval
-        Exact mode: mean bytes between stack samples for hotspots (default 64 KiB;
+        Exact mode: mean bytes between stack samples for hotspots (default 256 KiB;
         0 disables stacks).
     stack_depth
         Frames kept per stack, innermost first (default 32; 0 disables stacks).
