@@ -339,11 +339,11 @@ static inline uint32_t context_tid(void) {
         return t->ctx_tid;
     uint32_t tid = 0;
     PyObject *v = NULL;
+    /* Never touch the error indicator here: an allocation can happen while an exception
+     * is being raised, and PyContextVar_Get cannot fail for a real ContextVar. */
     if (PyContextVar_Get(S.tag_var, NULL, &v) == 0 && v != NULL) {
         if (Py_TYPE(v) == &TagType) tid = ((TagObject *)v)->tid;
         Py_DECREF(v); /* the context still holds it: never the last reference */
-    } else {
-        PyErr_Clear();
     }
     t->ctx_seen = ts->context;
     t->ctx_ver = ts->context_ver;
