@@ -381,22 +381,13 @@ static inline uint32_t current_cell(tls_t *t) {
         uint32_t unused;
         if (tid && !u64map_get(&S.task_index, (uint64_t)tid + 1, &unused)) {
             /* A tag whose task is not registered (folded away, or left over from an
-             * earlier run): the bytes are this thread's, unattributed. */
-            tid = 0;
-            route = ROUTE_CONTEXT;
-            phase = 0;
+             * earlier run): the bytes are this thread's, unattributed.  The cache keeps
+             * the original key, so the next allocation under that tag lands here directly. */
             uint64_t ukey = cell_key(0, slot, ROUTE_CONTEXT, 0);
             if (!u64map_get(&S.cell_index, ukey, &idx)) idx = new_cell(ukey, 0, slot, ROUTE_CONTEXT);
-            if (idx == 0) {
-                S.dropped_cells++;
-                return 0;
-            }
-            t->cache_key = key;
-            t->cache_cell = idx;
-            t->cache_gen = S.cell_gen;
-            return idx;
+        } else {
+            idx = new_cell(key, tid, slot, route);
         }
-        idx = new_cell(key, tid, slot, route);
         if (idx == 0) {
             S.dropped_cells++;
             return 0;
