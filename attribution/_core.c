@@ -656,24 +656,31 @@ static void *hook_calloc(void *ctx, size_t nelem, size_t elsize) {
     return p;
 }
 
+/* The guard keeps *allocations* made by our own bookkeeping out of the books; frees are
+ * always recorded (the guard can be up while Python code runs, e.g. a collection inside
+ * the fold hook, and a lost free would leave a block "live" for good). */
 static void *hook_realloc(void *ctx, void *ptr, size_t size) {
     PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
     void *p = a->realloc(a->ctx, ptr, size);
-    if (p != NULL && !tls.guard) {
+    if (p == NULL) return p;
+    if (!tls.guard) {
         tls.guard = 1;
         if (ptr == NULL) record_alloc(p, size);
         else record_realloc(ptr, p, size);
         tls.guard = 0;
+    } else if (ptr != NULL) {
+        record_free(ptr); /* the old block ends; the new one is ours, not tracked */
     }
     return p;
 }
 
 static void hook_free(void *ctx, void *ptr) {
     PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
-    if (ptr != NULL && !tls.guard && !skip_sampled_free(ptr)) {
+    if (ptr != NULL && !skip_sampled_free(ptr)) {
+        int g = tls.guard;
         tls.guard = 1;
         record_free(ptr);
-        tls.guard = 0;
+        tls.guard = g;
     }
     a->free(a->ctx, ptr);
 }

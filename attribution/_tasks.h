@@ -85,8 +85,10 @@ static int register_task(PyObject *ctx, int explicit, uint32_t flags, uint32_t s
     if (t->session != S.session) tls_enter_session(t);
     int g = t->guard;
     t->guard = 1;
-    uint32_t tid = ++G.next_tid;
-    if (tid == 0) tid = ++G.next_tid;
+    uint32_t tid, unused;
+    do { /* ids are 32-bit: after a wrap, skip those still in use */
+        tid = ++G.next_tid;
+    } while (tid == 0 || task_registered(tid, &unused));
     TagObject *tag = PyObject_New(TagObject, &TagType);
     if (tag == NULL) goto error;
     tag->tid = tid;
@@ -132,10 +134,14 @@ static int register_task(PyObject *ctx, int explicit, uint32_t flags, uint32_t s
             Py_CLEAR(labels);
         }
     }
+    /* Before taking a pointer into S.tasks: reading __qualname__ can run Python code,
+     * which can make tasks and move the array. */
+    PyObject *qualname = qualname_of(coro);
     uint32_t slot = thread_slot(t);
     uint32_t ti = task_info_for(tid, slot, 1);
     if (ti == 0) { /* no memory for the record: the task runs, its bytes go unattributed */
         Py_XDECREF(labels);
+        Py_XDECREF(qualname);
         t->guard = g;
         return 0;
     }
@@ -149,9 +155,10 @@ static int register_task(PyObject *ctx, int explicit, uint32_t flags, uint32_t s
     r->created_ns = now_ns();
     r->ctx = (uintptr_t)ctx;
     r->labels = labels;
-    r->coro = qualname_of(coro);
+    r->coro = qualname;
     S.records++;
     S.pending++;
+    if (ctx == NULL) t->ctx_seen = NULL; /* ContextVar.set does not bump context_ver */
     t->guard = g;
     *out = tid;
     return 0;
@@ -168,14 +175,35 @@ static PyObject *callback_context(void) {
     return t->empty_ctx;
 }
 
+static void queue_finished(uint32_t tid) {
+    if (grow_array((void **)&S.finished, &S.capfinished, sizeof(uint32_t), S.nfinished + 1) == 0)
+        S.finished[S.nfinished++] = tid;
+}
+
+/* Map task -> tid.  If the address still names an unfinished record, that task object is
+ * gone (it was destroyed while pending: its done callback never ran), so its record ends
+ * now, still "pending", and becomes foldable. */
+static void note_object(uint32_t tid, uint32_t ti, PyObject *task) {
+    uint32_t old, oti;
+    uint64_t key = (uint64_t)(uintptr_t)task;
+    if (u64map_get(&S.obj_index, key, &old) && old != tid && task_registered(old, &oti) &&
+        !(S.tasks[oti].flags & TF_FINISHED)) {
+        S.tasks[oti].flags |= TF_FINISHED;
+        S.tasks[oti].finished_ns = now_ns();
+        S.pending--;
+        queue_finished(old);
+    }
+    S.tasks[ti].obj = (uintptr_t)task;
+    (void)u64map_put(&S.obj_index, key, tid);
+}
+
 /* Link record tid to its task object and watch for its end. */
 static void attach_task(uint32_t tid, PyObject *task) {
     uint32_t ti;
     if (!task_registered(tid, &ti)) return;
     int g = tls.guard;
     tls.guard = 1;
-    S.tasks[ti].obj = (uintptr_t)task;
-    (void)u64map_put(&S.obj_index, (uint64_t)(uintptr_t)task, tid);
+    note_object(tid, ti, task);
     PyObject *ctx = callback_context();
     if (ctx != NULL) {
         PyObject *args[4] = {NULL, task, G.done_cb, ctx};
@@ -212,17 +240,25 @@ static uint32_t task_state_of(PyObject *task) {
     return st;
 }
 
-static void run_fold_hook(void) {
+/* Run the tracker's fold hook if enough finished tasks wait.  Called where running Python
+ * code is safe (our factory, before it makes a task); never lets an exception escape. */
+static void maybe_fold(void) {
     PyObject *hook = G.fold_hook;
-    if (hook == NULL) return;
-    G.fold_at = UINT64_MAX; /* the hook sets the next threshold */
+    if (hook == NULL || S.nfinished <= G.fold_at) return;
+    uint64_t at = G.fold_at;
+    G.fold_at = UINT64_MAX; /* the hook sets the next threshold; no re-entry meanwhile */
     Py_INCREF(hook);
     int g = tls.guard;
     tls.guard = 1;
     PyObject *r = PyObject_CallNoArgs(hook);
-    if (r == NULL) PyErr_WriteUnraisable(hook);
-    Py_XDECREF(r);
     tls.guard = g;
+    if (r == NULL) {
+        if (G.fold_at == UINT64_MAX) G.fold_at = at + 1000; /* try again later */
+        int interrupted = PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
+        PyErr_WriteUnraisable(hook);
+        if (interrupted) PyErr_SetInterrupt(); /* delivered at the next check */
+    }
+    Py_XDECREF(r);
     Py_DECREF(hook);
 }
 
@@ -243,6 +279,11 @@ static PyObject *core_task_done(PyObject *m, PyObject *task) {
         PyErr_Clear();
         Py_CLEAR(name);
     }
+    if (!task_registered(tid, &ti) || (S.tasks[ti].flags & TF_FINISHED)) { /* changed meanwhile */
+        Py_XDECREF(name);
+        tls.guard = g;
+        Py_RETURN_NONE;
+    }
     task_info_t *r = &S.tasks[ti]; /* after the calls above: they may grow S.tasks */
     r->finished_ns = now;
     r->state = state;
@@ -254,10 +295,10 @@ static PyObject *core_task_done(PyObject *m, PyObject *task) {
             if (S.threads[i].inferred_tid == tid) S.threads[i].owner_done = 1;
         }
     }
-    if (grow_array((void **)&S.finished, &S.capfinished, sizeof(uint32_t), S.nfinished + 1) == 0)
-        S.finished[S.nfinished++] = tid;
+    queue_finished(tid);
     tls.guard = g;
-    if (S.nfinished > G.fold_at) run_fold_hook();
+    /* The fold itself waits for the next task creation: this callback runs inside asyncio's
+     * future_schedule_callbacks, where running Python code is best avoided. */
     Py_RETURN_NONE;
 }
 
@@ -291,6 +332,19 @@ static void adopt_task(PyObject *loop, PyObject *task, PyObject *ctx) {
     Py_XDECREF(coro);
     if (tid) attach_task(tid, task);
     tls.guard = g;
+}
+
+/* The task id tagged in a context that is not running, 0 if none. */
+static uint32_t ctx_tag(PyObject *ctx) {
+    uint32_t tid = 0;
+    PyObject *v = PyObject_GetItem(ctx, S.tag_var);
+    if (v == NULL) {
+        PyErr_Clear(); /* KeyError: not tagged (call_soon has no exception pending) */
+        return 0;
+    }
+    if (Py_TYPE(v) == &TagType) tid = ((TagObject *)v)->tid;
+    Py_DECREF(v);
+    return tid;
 }
 
 /* "TaskStepMethWrapper" (3.11) or "_asyncio.TaskStepMethWrapper" (3.12+). */
@@ -349,13 +403,11 @@ static void check_step(PyObject *loop, PyObject *cb, PyObject *ctx) {
     if (!PyObject_TypeCheck(task, (PyTypeObject *)G.task_type) ||
         u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) {
         /* not a task, or one we know */
-    } else if (tls.pending_tid && tls.pending_ctx == ctx) {
-        /* the first step of the task our factory is making right now */
+    } else if (tls.pending_tid && (tls.pending_ctx == ctx || ctx_tag(ctx) == tls.pending_tid)) {
+        /* The first step of the task our factory is making right now: in the context we
+         * made, or in a copy of it (a legacy (loop, coro) factory runs inside ours). */
         uint32_t ti;
-        if (task_registered(tls.pending_tid, &ti)) {
-            S.tasks[ti].obj = (uintptr_t)task;
-            (void)u64map_put(&S.obj_index, (uint64_t)(uintptr_t)task, tls.pending_tid);
-        }
+        if (task_registered(tls.pending_tid, &ti)) note_object(tls.pending_tid, ti, task);
     } else {
         adopt_task(loop, task, ctx);
     }
@@ -475,6 +527,7 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
 /* Make a tagged task.  kwargs (a dict this call may change, or NULL) are the factory's
  * keyword arguments; name is given only by our own create_task (stdlib loops). */
 static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro, PyObject *name, PyObject *kwargs) {
+    maybe_fold();
     PyObject *ctx = NULL;
     if (kwargs != NULL) {
         ctx = PyDict_GetItemWithError(kwargs, G.s_context);
@@ -525,7 +578,7 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
             if (S.tasks[ti].obj) u64map_del(&S.obj_index, (uint64_t)S.tasks[ti].obj);
             S.tasks[ti].flags |= TF_FINISHED;
             S.pending--;
-            (void)release_task_slot(tid);
+            if (release_task_slot(tid) != 0) queue_finished(tid); /* still holds memory */
             PyErr_SetRaisedException_compat(exc);
         }
     }
@@ -582,8 +635,19 @@ static PyObject *Factory_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     return (PyObject *)self;
 }
 
-static void Factory_dealloc(FactoryObject *self) {
+static int Factory_traverse(FactoryObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->user_factory);
+    return 0;
+}
+
+static int Factory_clear(FactoryObject *self) {
     Py_CLEAR(self->user_factory);
+    return 0;
+}
+
+static void Factory_dealloc(FactoryObject *self) {
+    PyObject_GC_UnTrack(self);
+    Factory_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -623,10 +687,12 @@ static PyMethodDef Factory_methods[] = {
 static PyTypeObject FactoryType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.TaskFactory",
     .tp_basicsize = sizeof(FactoryObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
     .tp_doc = PyDoc_STR("TaskFactory(serial, user_factory=None, takes_context=True): an instrumented loop's task factory."),
     .tp_new = Factory_new,
     .tp_dealloc = (destructor)Factory_dealloc,
+    .tp_traverse = (traverseproc)Factory_traverse,
+    .tp_clear = (inquiry)Factory_clear,
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(FactoryObject, vectorcall),
     .tp_getset = Factory_getset,

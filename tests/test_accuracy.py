@@ -156,3 +156,43 @@ def test_eager_tasks_attributed(loop_kind):
     sizes = sorted(round(t.live_bytes / MiB) for t in report.find(coro="holder"))
     assert sizes == [3, 4]
     KEEP.clear()
+
+
+def test_legacy_factory_tasks_have_one_record_with_their_bytes():
+    """A (loop, coro) factory runs inside our tagged context and makes its task in a copy
+    of it: still one record per task, holding the task's bytes, and it finishes."""
+    KEEP.clear()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(lambda loop, coro: asyncio.Task(coro, loop=loop))
+        await asyncio.gather(*(loop.create_task(holder(2)) for _ in range(3)))
+
+    _, report = run_profiled(main)
+    holders = report.find(coro="holder")
+    assert len(holders) == 3, holders
+    for t in holders:
+        assert t.state == "done"
+        assert close_to(t.live_bytes, 2 * MiB), t
+    KEEP.clear()
+
+
+def test_instrument_from_a_running_task_charges_that_task():
+    """ms.instrument() inside a task made before any profiler: what the task allocates
+    afterwards is its own (tagging the running context must not be missed by the hook's
+    context cache)."""
+    KEEP.clear()
+
+    async def main():
+        prof = ms.instrument()
+        KEEP.append(bytearray(3 * MiB))
+        await asyncio.sleep(0)
+        return prof, asyncio.current_task()
+
+    prof, task = asyncio.run(main())
+    try:
+        report = prof.snapshot()
+        assert close_to(report.task(task).live_bytes, 3 * MiB), report.task(task)
+    finally:
+        prof.close()
+        KEEP.clear()
