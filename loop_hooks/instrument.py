@@ -1,15 +1,14 @@
 """Instrumenting one event loop: tagging every task, carrying work across threads.
 
-An instrumented loop is the same object with its class swapped for a subclass of its own
-class (same ``__name__``, ``__qualname__`` and ``__module__``, so reprs and isinstance checks
-do not change) that adds a thin layer:
+An instrumented loop is the same object, of the same type, with a few instance attributes
+that shadow its own methods (bound to it) and add a thin layer:
 
 * **Task factory.**  Ours (``_core.TaskFactory``, in C) is the one the loop calls; a
   user's factory (set before or after us, through ``set_task_factory``) is called from
   inside it, and ``get_task_factory()`` keeps answering with the user's.  Each task gets a
   context whose tag names the new task; the parent is whatever tag that context already
   held (the creating task's, since a new context is a copy of the creator's).
-* **call_soon** (``_core.CallSoon``, in C, in front of the class's own).  Every task
+* **call_soon** (``_core.CallSoon``, in C, in front of the loop class's own).  Every task
   schedules its steps with ``loop.call_soon(step, context=ctx)``; a task we did not see
   being made (``asyncio.Task(coro)`` called directly, or tasks that existed before
   ``instrument()``) is adopted there, before its first step runs.  It also runs our done
@@ -18,8 +17,8 @@ do not change) that adds a thin layer:
   carry the submitting task's id to the thread that runs them (the *propagated* route).
 
 Nothing here counts bytes; the C core does, reading the tag.  Works for the stdlib loops
-and for uvloop (whose ``Loop`` is a Python subclass of a Cython base, so the same trick
-applies).
+and for uvloop (whose ``Loop`` is a Python subclass of a Cython base, so its instances take
+attributes too).  Uninstrumenting deletes the attributes again.
 """
 
 from __future__ import annotations
