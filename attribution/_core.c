@@ -1173,7 +1173,7 @@ static int init_strings(void) {
 
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&TagType) < 0 || PyType_Ready(&FactoryType) < 0 || PyType_Ready(&CallSoonType) < 0 ||
-        PyType_Ready(&HandedType) < 0 ||
+        PyType_Ready(&HandedType) < 0 || PyType_Ready(&HandOverType) < 0 ||
         init_strings() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&core_module);
@@ -1186,10 +1186,12 @@ PyMODINIT_FUNC PyInit__core(void) {
     Py_INCREF(&FactoryType);
     Py_INCREF(&CallSoonType);
     Py_INCREF(&HandedType);
+    Py_INCREF(&HandOverType);
     if (PyModule_AddObject(m, "Tag", (PyObject *)&TagType) < 0 ||
         PyModule_AddObject(m, "TaskFactory", (PyObject *)&FactoryType) < 0 ||
         PyModule_AddObject(m, "CallSoon", (PyObject *)&CallSoonType) < 0 ||
         PyModule_AddObject(m, "Handed", (PyObject *)&HandedType) < 0 ||
+        PyModule_AddObject(m, "HandOver", (PyObject *)&HandOverType) < 0 ||
         PyModule_AddObjectRef(m, "task_done", G.done_cb) < 0 ||
         PyModule_AddIntConstant(m, "ROUTE_CONTEXT", ROUTE_CONTEXT) < 0 ||
         PyModule_AddIntConstant(m, "ROUTE_HANDED", ROUTE_HANDED) < 0 ||

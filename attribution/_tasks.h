@@ -780,6 +780,121 @@ static PyTypeObject HandedType = {
     .tp_members = Handed_members,
 };
 
+/* HandOver(original, kind, pool_type, get_running_loop): an instrumented loop's
+ * run_in_executor (kind 0) or call_soon_threadsafe (kind 1), in front of the class's own.
+ * Work sent to a thread pool, or a callback sent from another thread, is wrapped in Handed
+ * with the id of the task that sent it (the context's tag, else the thread's hand-over). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *orig;
+    PyObject *pool_type;
+    PyObject *get_running_loop;
+    int kind;
+    vectorcallfunc vectorcall;
+} HandOverObject;
+
+static PyTypeObject HandOverType;
+
+static PyObject *wrap_handed(uint32_t tid, PyObject *fn) {
+    HandedObject *h = PyObject_GC_New(HandedObject, &HandedType);
+    if (h == NULL) return NULL;
+    h->tid = tid;
+    h->fn = Py_NewRef(fn);
+    h->vectorcall = handed_vectorcall;
+    PyObject_GC_Track(h);
+    return (PyObject *)h;
+}
+
+/* Call orig with args[pos] replaced by `repl` (the args array is the caller's: copy). */
+static PyObject *call_replacing(PyObject *orig, PyObject *const *args, Py_ssize_t n, PyObject *kwnames,
+                                Py_ssize_t pos, PyObject *repl) {
+    Py_ssize_t total = n + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject *small[9];
+    PyObject **buf = total + 1 <= 9 ? small : (PyObject **)PyMem_Malloc((size_t)(total + 1) * sizeof(PyObject *));
+    if (buf == NULL) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < total; i++) buf[i + 1] = args[i];
+    buf[pos + 1] = repl;
+    PyObject *r = PyObject_Vectorcall(orig, buf + 1, (size_t)n | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames);
+    if (buf != small) PyMem_Free(buf);
+    return r;
+}
+
+static PyObject *handover_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    HandOverObject *ho = (HandOverObject *)self;
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    uint32_t tid = 0;
+    Py_ssize_t pos = -1;
+    if (S.active && ho->kind == 0 && n >= 3) {
+        /* run_in_executor(loop, executor, func, *args): thread pools only */
+        PyObject *ex = args[1];
+        int pool = ex == Py_None ? 1 : PyObject_IsInstance(ex, ho->pool_type);
+        if (pool < 0) return NULL;
+        if (pool) {
+            tid = current_tid();
+            pos = 2;
+        }
+    } else if (S.active && ho->kind == 1 && n >= 2) {
+        /* call_soon_threadsafe(loop, callback, *args, context=None): from another thread */
+        PyObject *running = PyObject_CallNoArgs(ho->get_running_loop);
+        if (running == NULL) return NULL;
+        int other = running != args[0];
+        Py_DECREF(running);
+        if (other) {
+            PyObject *ctx = NULL;
+            for (Py_ssize_t i = 0; kwnames != NULL && i < PyTuple_GET_SIZE(kwnames); i++) {
+                if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, i), "context") == 0) ctx = args[n + i];
+            }
+            tid = (ctx != NULL && ctx != Py_None && PyContext_CheckExact(ctx)) ? ctx_tag(ctx) : context_tid();
+            if (tid == 0) tid = tls.handover;
+            pos = 1;
+        }
+    }
+    if (tid == 0 || pos < 0) return PyObject_Vectorcall(ho->orig, args, nargsf, kwnames);
+    PyObject *wrapped = wrap_handed(tid, args[pos]);
+    if (wrapped == NULL) return NULL;
+    PyObject *r = call_replacing(ho->orig, args, n, kwnames, pos, wrapped);
+    Py_DECREF(wrapped);
+    return r;
+}
+
+static PyObject *HandOver_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *orig, *pool_type, *grl;
+    int kind;
+    if (!PyArg_ParseTuple(args, "OiOO:HandOver", &orig, &kind, &pool_type, &grl)) return NULL;
+    if (kind != 0 && kind != 1) {
+        PyErr_SetString(PyExc_ValueError, "kind is 0 (run_in_executor) or 1 (call_soon_threadsafe)");
+        return NULL;
+    }
+    HandOverObject *self = (HandOverObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->orig = Py_NewRef(orig);
+    self->pool_type = Py_NewRef(pool_type);
+    self->get_running_loop = Py_NewRef(grl);
+    self->kind = kind;
+    self->vectorcall = handover_vectorcall;
+    return (PyObject *)self;
+}
+
+static void HandOver_dealloc(HandOverObject *self) {
+    Py_CLEAR(self->orig);
+    Py_CLEAR(self->pool_type);
+    Py_CLEAR(self->get_running_loop);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject HandOverType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.HandOver",
+    .tp_basicsize = sizeof(HandOverObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = PyDoc_STR("HandOver(original, kind, pool_type, get_running_loop): run_in_executor (0) or "
+                        "call_soon_threadsafe (1) carrying the sending task's id to the other thread."),
+    .tp_new = HandOver_new,
+    .tp_dealloc = (destructor)HandOver_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(HandOverObject, vectorcall),
+    .tp_descr_get = CallSoon_get,
+};
+
 /* ---- reading and maintaining records (Python side: tracker.py) ---------------------- */
 PyDoc_STRVAR(configure_doc,
 "configure(labels_var, task_type)\n--\n\nThe LABELS ContextVar and asyncio.Task (once, at import).");

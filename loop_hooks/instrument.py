@@ -32,8 +32,7 @@ import types
 import weakref
 from typing import Any, Callable
 
-from ..attribution import _core, handover
-from .tagging import TAG
+from ..attribution import _core
 
 __all__ = ["LoopState", "Tagger", "instrument_loop", "uninstrument_loop", "is_instrumented"]
 
@@ -83,10 +82,6 @@ def _accepts_context(factory: Any) -> bool:
     return any(p.kind is p.VAR_KEYWORD or (p.name == "context" and p.kind is not p.POSITIONAL_ONLY) for p in params)
 
 
-def _thread_pool(executor: Any) -> bool:
-    return executor is None or isinstance(executor, concurrent.futures.ThreadPoolExecutor)
-
-
 # The methods an instrumented loop gets as instance attributes (bound to the loop).  No class
 # swap: ``loop.__class__ = ...`` makes CPython materialise the instance dict, after which
 # every method call on the loop loses its specialised fast path (measured: 2x slower
@@ -114,28 +109,6 @@ def _create_task(self, coro, *, name=None, context=None, **kwargs):
     return self._ms_state.factory.create(self, coro, name, kwargs)
 
 
-def _run_in_executor(self, executor, func, *args):
-    st = self._ms_state
-    if st.tagger.propagate_threads and _thread_pool(executor):
-        tag = TAG.get(None)
-        tid = tag.id if tag is not None else handover.current()
-        if tid:
-            func = handover.Handed(tid, func)
-    return st.original_class.run_in_executor(self, executor, func, *args)
-
-
-def _call_soon_threadsafe(self, callback, *args, context=None):
-    st = self._ms_state
-    # From the loop's own thread nothing crosses: the callback simply runs in a copy of
-    # the caller's context.
-    if st.tagger.propagate_threads and _get_running_loop() is not self:
-        tag = context.get(TAG, None) if context is not None else TAG.get(None)
-        tid = tag.id if tag is not None else handover.current()
-        if tid:
-            callback = handover.Handed(tid, callback)
-    return st.original_class.call_soon_threadsafe(self, callback, *args, context=context)
-
-
 def _close(self):
     st = self._ms_state
     try:
@@ -148,22 +121,30 @@ def _close(self):
 _METHODS = {
     "set_task_factory": _set_task_factory,
     "get_task_factory": _get_task_factory,
-    "run_in_executor": _run_in_executor,
-    "call_soon_threadsafe": _call_soon_threadsafe,
     "close": _close,
 }
+# C objects placed in front of the class's own methods (one per loop class and name).
+_IN_C = ("call_soon", "run_in_executor", "call_soon_threadsafe")
 
-_call_soons: dict[type, Any] = {}
-_call_soon_lock = threading.Lock()
+_c_methods: dict[tuple[type, str], Any] = {}
+_c_methods_lock = threading.Lock()
 
 
-def _call_soon_for(cls: type) -> Any:
-    """The C call_soon placed in front of ``cls.call_soon`` (one per loop class)."""
-    with _call_soon_lock:
-        cs = _call_soons.get(cls)
-        if cs is None:
-            cs = _call_soons[cls] = _core.CallSoon(cls.call_soon)
-        return cs
+def _c_method(cls: type, name: str) -> Any:
+    """call_soon: ``_core.CallSoon``; run_in_executor and call_soon_threadsafe:
+    ``_core.HandOver``, which carry the sending task's id to the thread that runs the work
+    (thread pools only; a ProcessPoolExecutor gets the function untouched)."""
+    with _c_methods_lock:
+        m = _c_methods.get((cls, name))
+        if m is None:
+            orig = getattr(cls, name)
+            if name == "call_soon":
+                m = _core.CallSoon(orig)
+            else:
+                kind = 0 if name == "run_in_executor" else 1
+                m = _core.HandOver(orig, kind, concurrent.futures.ThreadPoolExecutor, _get_running_loop)
+            _c_methods[(cls, name)] = m
+        return m
 
 
 def _state(loop: Any) -> "LoopState | None":
@@ -188,7 +169,8 @@ def instrument_loop(loop: Any, tagger: Tagger) -> Any:
     cls = type(loop)
     state = LoopState(tagger, loop.get_task_factory(), cls)
     bound = {name: types.MethodType(fn, loop) for name, fn in _METHODS.items()}
-    bound["call_soon"] = types.MethodType(_call_soon_for(cls), loop)
+    for name in _IN_C if tagger.propagate_threads else ("call_soon",):
+        bound[name] = types.MethodType(_c_method(cls, name), loop)
     if isinstance(loop, asyncio.BaseEventLoop):
         bound["create_task"] = types.MethodType(_create_task, loop)
     try:
@@ -213,7 +195,7 @@ def uninstrument_loop(loop: Any) -> None:
         cls.set_task_factory(loop, state.user_factory)
     except Exception:
         pass
-    for name in (*_METHODS, "call_soon", "create_task", "_ms_state"):
+    for name in (*_METHODS, *_IN_C, "create_task", "_ms_state"):
         try:
             delattr(loop, name)
         except AttributeError:
