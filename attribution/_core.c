@@ -14,7 +14,7 @@
  *
  * Rules for the hook path: no Python code runs (no object is created, no refcount drops
  * to zero), a thread-local re-entrancy guard skips allocations we cause ourselves, and all
- * our memory comes from the C library.  Design notes and sources: docs/internals.md.
+ * our memory comes from the C library.  Design notes: README.md, "How it works".
  *
  * Reference ownership: every function exposed to Python returns a new reference or NULL
  * with an exception set; arguments are borrowed.
@@ -173,7 +173,7 @@ static struct {
     uint32_t nfree_tasks, capfree_tasks;
     thread_info_t *threads;
     uint32_t nthreads, capthreads;
-    u64map_t obj_index;          /* id(task) + 1 -> tid, for tasks not yet finished */
+    u64map_t obj_index;          /* id(task) -> tid, for tasks not yet finished */
     uint32_t *finished;          /* finished task ids not yet folded, oldest first */
     uint32_t nfinished, capfinished;
     uint64_t records, pending;   /* registered task records; those not finished */
@@ -308,14 +308,7 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t slot, uint32_t rou
     cell_t *c = &S.cells[idx];
     memset(c, 0, sizeof(*c));
     c->key = key;
-    uint32_t ti = tid ? task_info_for(tid, slot, 0) : 0;
-    if (tid && ti == 0) { /* only registered tasks get cells (callers check first) */
-        u64map_del(&S.cell_index, key);
-        c->key = 0;
-        if (grow_array((void **)&S.free_cells, &S.capfree_cells, sizeof(uint32_t), S.nfree_cells + 1) == 0)
-            S.free_cells[S.nfree_cells++] = idx;
-        return 0;
-    }
+    uint32_t ti = tid ? task_info_for(tid, slot, 0) : 0; /* registered: current_cell checked */
     c->tinfo = ti;
     if (tid) {
         c->next_in_task = S.tasks[ti].first_cell;
@@ -329,8 +322,9 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t slot, uint32_t rou
 }
 
 /* The task id tagged in the running context, 0 if none.  CPython bumps the thread's
- * context_ver on every context switch and every ContextVar.set, so while (context,
- * context_ver) is unchanged the answer is too: most allocations skip the lookup. */
+ * context_ver on every context switch (not on ContextVar.set: the one place we set the tag
+ * in the running context, register_task, resets ctx_seen), so while (context, context_ver)
+ * is unchanged the answer is too: most allocations skip the lookup. */
 static inline uint32_t context_tid(void) {
     PyThreadState *ts = tstate_unchecked();
     if (ts == NULL) return 0;
@@ -888,18 +882,6 @@ static PyObject *core_set_inferred(PyObject *m, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(inferred_owner_done_doc,
-"inferred_owner_done(tid)\n--\n\nTask tid finished: inference to it from threads it started decays faster.");
-
-static PyObject *core_inferred_owner_done(PyObject *m, PyObject *arg) {
-    unsigned long tid;
-    if (parse_tid(arg, &tid) < 0) return NULL;
-    for (uint32_t i = 0; i < S.nthreads; i++) {
-        if (S.threads[i].inferred_tid == tid) S.threads[i].owner_done = 1;
-    }
-    Py_RETURN_NONE;
-}
-
 static PyObject *core_set_guard(PyObject *m, PyObject *arg) {
     int v = PyObject_IsTrue(arg);
     if (v < 0) return NULL;
@@ -981,20 +963,6 @@ static PyObject *core_threads(PyObject *m, PyObject *noargs) {
     return out;
 }
 
-PyDoc_STRVAR(task_summary_doc,
-"task_summary(tid) -> tuple | None\n--\n\n(allocated_bytes, allocations, live_entries, live_bytes, peak_live_bytes)\n"
-"over all of a task's cells, or None if the core holds nothing for it.");
-
-static PyObject *core_task_summary(PyObject *m, PyObject *arg) {
-    unsigned long tid;
-    if (parse_tid(arg, &tid) < 0) return NULL;
-    uint32_t ti;
-    if (!S.has_data || !u64map_get(&S.task_index, (uint64_t)tid + 1, &ti)) Py_RETURN_NONE;
-    task_info_t t = S.tasks[ti];
-    return Py_BuildValue("(LdLLL)", (long long)t.alloc_bytes, t.allocs, (long long)t.live_entries,
-                         (long long)t.live_bytes, (long long)t.peak_live_bytes);
-}
-
 /* Forget task tid: its cells and its record.  Returns 0 if done (or nothing was held), 1
  * if some cell still names a live allocation (then nothing changes). */
 static int release_task_slot(uint32_t tid) {
@@ -1034,19 +1002,6 @@ static int release_task_slot(uint32_t tid) {
 }
 
 #include "_tasks.h"
-
-PyDoc_STRVAR(release_task_doc,
-"release_task(tid) -> bool\n--\n\nForget a task and its record (its counters have been folded into\n"
-"an aggregate by the caller).  Returns False, changing nothing, if any of its cells still\n"
-"names a live allocation.");
-
-static PyObject *core_release_task(PyObject *m, PyObject *arg) {
-    unsigned long tid;
-    if (parse_tid(arg, &tid) < 0) return NULL;
-    if (tid == 0 || !S.has_data) Py_RETURN_FALSE;
-    if (release_task_slot((uint32_t)tid)) Py_RETURN_FALSE;
-    Py_RETURN_TRUE;
-}
 
 PyDoc_STRVAR(stats_doc,
 "stats() -> dict\n--\n\nThe tracker's own footprint: tracked_allocations, table_bytes, tracker_bytes,\n"
@@ -1117,7 +1072,6 @@ static PyMethodDef core_methods[] = {
     {"set_handover", core_set_handover, METH_O, set_handover_doc},
     {"handover", core_handover, METH_NOARGS, "handover() -> int\n--\n\nThe task id handed over to this thread, 0 if none."},
     {"set_inferred", core_set_inferred, METH_VARARGS, set_inferred_doc},
-    {"inferred_owner_done", core_inferred_owner_done, METH_O, inferred_owner_done_doc},
     {"now_ns", core_now_ns, METH_NOARGS, NULL},
     {"set_guard", core_set_guard, METH_O,
      "set_guard(flag) -> bool\n--\n\nWhile set, this thread's allocations are not recorded (our own\n"
@@ -1125,8 +1079,6 @@ static PyMethodDef core_methods[] = {
     {"cells", core_cells, METH_NOARGS, cells_doc},
     {"tasks", core_tasks, METH_NOARGS, tasks_doc},
     {"threads", core_threads, METH_NOARGS, threads_doc},
-    {"release_task", core_release_task, METH_O, release_task_doc},
-    {"task_summary", core_task_summary, METH_O, task_summary_doc},
     {"stats", core_stats, METH_NOARGS, stats_doc},
     {"stack_samples", core_stack_samples, METH_NOARGS, stack_samples_doc},
     {"configure", core_configure, METH_VARARGS, configure_doc},
@@ -1141,7 +1093,7 @@ static PyMethodDef core_methods[] = {
 };
 
 static struct PyModuleDef core_module = {
-    PyModuleDef_HEAD_INIT, "_core", "Allocator hooks and per-task accounting (see _core.pyi).", -1, core_methods,
+    PyModuleDef_HEAD_INIT, "_core", "Allocator hooks and per-task accounting (see attribution/tracker.py).", -1, core_methods,
 };
 
 static PyMethodDef task_done_def = {"task_done", core_task_done, METH_O, task_done_doc};

@@ -9,17 +9,20 @@
  *                the context, enter it once to read the parent's Tag and the labels and to
  *                set the new Tag, fill the task's slot in S.tasks, make the task (asyncio's
  *                Task, or the user's factory inside the tagged context), and watch its end.
- *  CallSoon      placed as ``call_soon`` on the instrumented loop class, in front of the
- *                original.  It runs our done callback inline (it only reads the task's
- *                state: scheduling it as a loop callback would cost a Handle and a loop
- *                turn per task), and adopts tasks we did not see being made (built with
- *                ``asyncio.Task(coro)`` directly, or existing before instrumentation) on
- *                their first scheduled step.  It is a method descriptor, so asyncio's C
+ *  CallSoon      an instrumented loop's ``call_soon`` (an instance attribute, in front of
+ *                the loop class's own).  It runs our done callback inline (it only reads
+ *                the task's state: scheduling it as a loop callback would cost a Handle and
+ *                a loop turn per task), and adopts tasks we did not see being made (built
+ *                with ``asyncio.Task(coro)`` directly, or existing before instrumentation)
+ *                on their first scheduled step.  It is a method descriptor, so asyncio's C
  *                futures and Python callers reach it without a bound-method object.
- *  task_done     the done callback: finish time, final state and name; folds are
- *                triggered from here in batches (Python decides what to fold).
+ *  task_done     the done callback: finish time, final state and name.  Finished tasks
+ *                wait in S.finished; the next task creation runs the tracker's fold hook
+ *                when enough of them wait (never inside asyncio's callback scheduling).
+ *  HandOver      an instrumented loop's ``run_in_executor`` / ``call_soon_threadsafe``:
+ *                work sent to another thread is wrapped in a Handed carrying the task id.
  *
- * A task's record lives in its S.tasks slot until the tracker folds it (release_task).
+ * A task's record lives in its S.tasks slot until the tracker folds it (core_fold, release_task_slot).
  * Task objects are never referenced: the slot keeps id(task) only to find the record from
  * the done callback and from call_soon, through S.obj_index, for tasks not finished yet.
  */
@@ -74,9 +77,10 @@ static PyObject *qualname_of(PyObject *coro) {
 }
 
 /* Make a record for a task about to run in `ctx` (a context not entered right now; NULL:
- * the running context, for a task tagging itself) and put its Tag into that context.  *out is the new task id, or 0 when the context cannot be
- * tagged (it is running: the caller passed its own) or nothing is being recorded.  Returns
- * -1 with an exception set on failure.  Our own allocations here are not recorded. */
+ * the running context, for a task tagging itself) and put its Tag into that context.
+ * *out is the new task id, or 0 when the context cannot be tagged (it is running: the
+ * caller passed its own) or nothing is being recorded.  Returns -1 with an exception set
+ * on failure.  Our own allocations here are not recorded. */
 static int register_task(PyObject *ctx, int explicit, uint32_t flags, uint32_t serial, PyObject *coro,
                          uint32_t *out) {
     *out = 0;
@@ -180,6 +184,14 @@ static void queue_finished(uint32_t tid) {
         S.finished[S.nfinished++] = tid;
 }
 
+/* Record tid (slot ti) ends now: it waits in S.finished to be folded. */
+static void finish_record(uint32_t tid, uint32_t ti) {
+    S.tasks[ti].flags |= TF_FINISHED;
+    S.tasks[ti].finished_ns = now_ns();
+    S.pending--;
+    queue_finished(tid);
+}
+
 /* Map task -> tid.  If the address still names an unfinished record, that task object is
  * gone (it was destroyed while pending: its done callback never ran), so its record ends
  * now, still "pending", and becomes foldable. */
@@ -187,12 +199,8 @@ static void note_object(uint32_t tid, uint32_t ti, PyObject *task) {
     uint32_t old, oti;
     uint64_t key = (uint64_t)(uintptr_t)task;
     if (u64map_get(&S.obj_index, key, &old) && old != tid && task_registered(old, &oti) &&
-        !(S.tasks[oti].flags & TF_FINISHED)) {
-        S.tasks[oti].flags |= TF_FINISHED;
-        S.tasks[oti].finished_ns = now_ns();
-        S.pending--;
-        queue_finished(old);
-    }
+        !(S.tasks[oti].flags & TF_FINISHED))
+        finish_record(old, oti);
     S.tasks[ti].obj = (uintptr_t)task;
     (void)u64map_put(&S.obj_index, key, tid);
 }
@@ -272,7 +280,6 @@ static PyObject *core_task_done(PyObject *m, PyObject *task) {
         Py_RETURN_NONE;
     int g = tls.guard;
     tls.guard = 1;
-    uint64_t now = now_ns();
     uint32_t state = task_state_of(task);
     PyObject *name = PyObject_CallMethodNoArgs(task, G.s_get_name);
     if (name == NULL || !PyUnicode_Check(name)) {
@@ -285,17 +292,14 @@ static PyObject *core_task_done(PyObject *m, PyObject *task) {
         Py_RETURN_NONE;
     }
     task_info_t *r = &S.tasks[ti]; /* after the calls above: they may grow S.tasks */
-    r->finished_ns = now;
     r->state = state;
-    r->flags |= TF_FINISHED;
     Py_XSETREF(r->name, name);
-    S.pending--;
+    finish_record(tid, ti);
     if (S.ninferred) {
         for (uint32_t i = 0; i < S.nthreads; i++) {
             if (S.threads[i].inferred_tid == tid) S.threads[i].owner_done = 1;
         }
     }
-    queue_finished(tid);
     tls.guard = g;
     /* The fold itself waits for the next task creation: this callback runs inside asyncio's
      * future_schedule_callbacks, where running Python code is best avoided. */
@@ -314,24 +318,34 @@ static uint32_t loop_serial_of(PyObject *loop) {
     return serial;
 }
 
+/* Record a task that already exists (not finished: get_coro() of a finished eager task
+ * crashes CPython 3.12.1) and runs in ctx (NULL: the running context).  *tid is its id, 0
+ * if it could not be tagged.  Returns -1 with an exception set on failure. */
+static int record_existing_task(PyObject *task, PyObject *ctx, uint32_t serial, uint32_t *tid) {
+    int g = tls.guard;
+    tls.guard = 1;
+    PyObject *coro = PyObject_CallMethodNoArgs(task, G.s_get_coro);
+    if (coro == NULL) PyErr_Clear();
+    int rc = register_task(ctx, 0, 0, serial, coro, tid);
+    Py_XDECREF(coro);
+    if (rc == 0 && *tid) attach_task(*tid, task);
+    tls.guard = g;
+    return rc;
+}
+
 static void adopt_task(PyObject *loop, PyObject *task, PyObject *ctx) {
     int g = tls.guard;
     tls.guard = 1;
     PyObject *done = PyObject_CallMethodNoArgs(task, G.s_done);
+    tls.guard = g;
     if (done != Py_False) { /* finished, or not a future after all */
         Py_XDECREF(done);
         PyErr_Clear();
-        tls.guard = g;
         return;
     }
     Py_DECREF(done);
-    PyObject *coro = PyObject_CallMethodNoArgs(task, G.s_get_coro);
-    if (coro == NULL) PyErr_Clear();
-    uint32_t tid = 0;
-    if (register_task(ctx, 0, 0, loop_serial_of(loop), coro, &tid) < 0) PyErr_Clear();
-    Py_XDECREF(coro);
-    if (tid) attach_task(tid, task);
-    tls.guard = g;
+    uint32_t tid;
+    if (record_existing_task(task, ctx, loop_serial_of(loop), &tid) < 0) PyErr_Clear();
 }
 
 /* The task id tagged in a context that is not running, 0 if none. */
@@ -362,17 +376,9 @@ static PyObject *core_tag_running_task(PyObject *m, PyObject *args) {
     unsigned long serial;
     if (!PyArg_ParseTuple(args, "Ok", &task, &serial)) return NULL;
     uint32_t tid = 0;
-    if (S.active && !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) {
-        int g = tls.guard;
-        tls.guard = 1;
-        PyObject *coro = PyObject_CallMethodNoArgs(task, G.s_get_coro);
-        if (coro == NULL) PyErr_Clear();
-        int rc = register_task(NULL, 0, 0, (uint32_t)serial, coro, &tid);
-        Py_XDECREF(coro);
-        tls.guard = g;
-        if (rc < 0) return NULL;
-        if (tid) attach_task(tid, task);
-    }
+    if (S.active && !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid) &&
+        record_existing_task(task, NULL, (uint32_t)serial, &tid) < 0)
+        return NULL;
     return PyLong_FromUnsignedLong(tid);
 }
 
@@ -573,12 +579,13 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
         if (task != NULL) {
             attach_task(tid, task);
         } else if (task_registered(tid, &ti)) {
-            /* the task was never made: drop its record (keeping an error in flight) */
+            /* The task was never made: drop its record (keeping the error in flight), or,
+             * if something it allocated is still live, end it to be folded later. */
             PyObject *exc = PyErr_GetRaisedException_compat();
-            if (S.tasks[ti].obj) u64map_del(&S.obj_index, (uint64_t)S.tasks[ti].obj);
-            S.tasks[ti].flags |= TF_FINISHED;
-            S.pending--;
-            if (release_task_slot(tid) != 0) queue_finished(tid); /* still holds memory */
+            if (release_task_slot(tid) != 0) {
+                if (S.tasks[ti].obj) u64map_del(&S.obj_index, (uint64_t)S.tasks[ti].obj);
+                finish_record(tid, ti);
+            }
             PyErr_SetRaisedException_compat(exc);
         }
     }
@@ -700,10 +707,10 @@ static PyTypeObject FactoryType = {
 };
 
 /* ---- hand-over to another thread ---------------------------------------------------- */
-/* Handed(tid, fn): calling it runs fn(*args, **kwargs) with the calling thread marked as
+/* Handed (tid, fn): calling it runs fn(*args, **kwargs) with the calling thread marked as
  * doing task tid's work (the propagated route), then restores the previous mark.  What
- * run_in_executor and call_soon_threadsafe send to the other thread; a C object, so the
- * worker runs no extra Python frame per job. */
+ * HandOver sends to the other thread; a C object, so the worker runs no extra Python frame
+ * per job. */
 typedef struct {
     PyObject_HEAD
     uint32_t tid;
@@ -722,22 +729,6 @@ static PyObject *handed_vectorcall(PyObject *self, PyObject *const *args, size_t
     PyObject *r = PyObject_Vectorcall(h->fn, args, nargsf, kwnames);
     t->handover = prev;
     return r;
-}
-
-static PyObject *Handed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    unsigned long tid;
-    PyObject *fn;
-    if (!PyArg_ParseTuple(args, "kO:Handed", &tid, &fn)) return NULL;
-    if (!PyCallable_Check(fn)) {
-        PyErr_SetString(PyExc_TypeError, "Handed(tid, fn): fn must be callable");
-        return NULL;
-    }
-    HandedObject *self = (HandedObject *)type->tp_alloc(type, 0);
-    if (self == NULL) return NULL;
-    self->tid = (uint32_t)tid;
-    self->fn = Py_NewRef(fn);
-    self->vectorcall = handed_vectorcall;
-    return (PyObject *)self;
 }
 
 static int Handed_traverse(HandedObject *self, visitproc visit, void *arg) {
@@ -769,8 +760,7 @@ static PyTypeObject HandedType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.Handed",
     .tp_basicsize = sizeof(HandedObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = PyDoc_STR("Handed(tid, fn): fn, run with this thread marked as doing task tid's work."),
-    .tp_new = Handed_new,
+    .tp_doc = PyDoc_STR("fn, run with this thread marked as doing task tid's work (made by HandOver)."),
     .tp_dealloc = (destructor)Handed_dealloc,
     .tp_traverse = (traverseproc)Handed_traverse,
     .tp_clear = (inquiry)Handed_clear,

@@ -263,7 +263,7 @@ def build_report(raw: RawData) -> Report:
     base: dict[int, dict[str, Any]] = {}
     for tid, rec in records.items():
         a = accs.get(tid) or _Acc()
-        state = rec.current_state()
+        state = rec.state
         done = state != "pending"
         peak = raw.task_peaks.get(tid, (0, 0, 0))[2]
         shares = tuple(
@@ -292,7 +292,7 @@ def build_report(raw: RawData) -> Report:
         task_sites = sites_by_task.get(tid, ())
         base[tid] = dict(
             id=tid,
-            name=rec.current_name(),
+            name=rec.name,
             coro=rec.coro,
             parent_id=rec.parent_id,
             labels=dict(rec.labels),

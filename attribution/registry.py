@@ -40,12 +40,6 @@ class TaskRecord:
     cross_thread_parent: bool
     obj_id: int
 
-    def current_name(self) -> str | None:
-        return self.name
-
-    def current_state(self) -> str:
-        return self.state
-
 
 def task_state(task: Any) -> str:
     """pending / done / cancelled / failed, read without touching the exception's

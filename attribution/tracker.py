@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import random
-from array import array
 import threading
+from array import array
 from typing import Any, Callable, Iterable
 
 from . import _core
@@ -153,7 +153,8 @@ class Tracker:
         return max(waiting, self.max_finished_tasks) + max(100, self.max_finished_tasks // 2)
 
     def _fold_hook(self) -> None:
-        """Called by the core (from a task's done callback) when enough finished tasks wait."""
+        """Called by the core (from our task factory, before it makes a task) when enough
+        finished tasks wait."""
         waiting = self._fold(self.max_finished_tasks)
         if self._active:
             _core.set_fold_hook(self._fold_hook, self._fold_threshold(waiting))

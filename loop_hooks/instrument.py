@@ -69,10 +69,6 @@ class LoopState:
         self.factory.takes_context = factory is None or _accepts_context(factory)
         self.factory.user_factory = factory
 
-    def create(self, loop: Any, coro: Any, name: Any, kwargs: dict) -> Any:
-        """Make a tagged task (``name`` only from our own create_task)."""
-        return self.factory.create(loop, coro, name, kwargs)
-
 
 def _accepts_context(factory: Any) -> bool:
     try:

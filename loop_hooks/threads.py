@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures.thread as _cf_thread
 import threading
 import weakref
+
 from ..attribution import handover
 from ..attribution import threads as core_threads
 from .tagging import TAG
@@ -79,4 +80,3 @@ def uninstall() -> None:
     threading.Thread._bootstrap_inner = _original_bootstrap_inner  # type: ignore[attr-defined]
     _pending.clear()
     _installed = False
-
