@@ -1082,6 +1082,8 @@ static PyMethodDef core_methods[] = {
     {"stats", core_stats, METH_NOARGS, stats_doc},
     {"stack_samples", core_stack_samples, METH_NOARGS, stack_samples_doc},
     {"configure", core_configure, METH_VARARGS, configure_doc},
+    {"register_loop", core_register_loop, METH_VARARGS, register_loop_doc},
+    {"unregister_loop", core_unregister_loop, METH_O, unregister_loop_doc},
     {"set_fold_hook", core_set_fold_hook, METH_VARARGS, set_fold_hook_doc},
     {"records", core_records, METH_NOARGS, records_doc},
     {"fold", core_fold, METH_O, fold_doc},
@@ -1111,20 +1113,21 @@ static int init_strings(void) {
     INTERN(s_add_done_callback, "add_done_callback");
     INTERN(s_get_coro, "get_coro");
     INTERN(s_done, "done");
-    INTERN(s_ms_state, "_ms_state");
-    INTERN(s_factory, "factory");
     INTERN(s_eager_start, "eager_start");
     INTERN(s_name, "name");
     INTERN(s_loop, "loop");
     INTERN(s_context, "context");
+    INTERN(s_check_closed, "_check_closed");
 #undef INTERN
     G.kw_context = PyTuple_Pack(1, G.s_context);
     G.kw_loop_context = PyTuple_Pack(2, G.s_loop, G.s_context);
-    return (G.kw_context == NULL || G.kw_loop_context == NULL) ? -1 : 0;
+    G.kw_loop_context_name = PyTuple_Pack(3, G.s_loop, G.s_context, G.s_name);
+    return (G.kw_context == NULL || G.kw_loop_context == NULL || G.kw_loop_context_name == NULL) ? -1 : 0;
 }
 
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&TagType) < 0 || PyType_Ready(&FactoryType) < 0 || PyType_Ready(&CallSoonType) < 0 ||
+        PyType_Ready(&CreateTaskType) < 0 ||
         PyType_Ready(&HandedType) < 0 || PyType_Ready(&HandOverType) < 0 ||
         init_strings() < 0)
         return NULL;
@@ -1137,11 +1140,13 @@ PyMODINIT_FUNC PyInit__core(void) {
     Py_INCREF(&TagType);
     Py_INCREF(&FactoryType);
     Py_INCREF(&CallSoonType);
+    Py_INCREF(&CreateTaskType);
     Py_INCREF(&HandedType);
     Py_INCREF(&HandOverType);
     if (PyModule_AddObject(m, "Tag", (PyObject *)&TagType) < 0 ||
         PyModule_AddObject(m, "TaskFactory", (PyObject *)&FactoryType) < 0 ||
         PyModule_AddObject(m, "CallSoon", (PyObject *)&CallSoonType) < 0 ||
+        PyModule_AddObject(m, "CreateTask", (PyObject *)&CreateTaskType) < 0 ||
         PyModule_AddObject(m, "Handed", (PyObject *)&HandedType) < 0 ||
         PyModule_AddObject(m, "HandOver", (PyObject *)&HandOverType) < 0 ||
         PyModule_AddObjectRef(m, "task_done", G.done_cb) < 0 ||

@@ -37,10 +37,14 @@ static struct {
     uint64_t fold_at;          /* call fold_hook when this many finished tasks wait */
     uint32_t next_tid;         /* task ids are never reused, even across runs */
     PyObject *s_qualname, *s_self, *s_get_name, *s_set_name, *s_state, *s_exception, *s_cancelled,
-        *s_add_done_callback, *s_get_coro, *s_done, *s_ms_state, *s_factory, *s_eager_start, *s_name,
-        *s_loop, *s_context;
+        *s_add_done_callback, *s_get_coro, *s_done, *s_eager_start, *s_name,
+        *s_loop, *s_context, *s_check_closed;
     PyObject *kw_context;      /* ("context",) */
     PyObject *kw_loop_context; /* ("loop", "context") */
+    PyObject *kw_loop_context_name; /* ("loop", "context", "name") */
+    /* Where a C Task keeps its name (see task_name_of): 0 still learning, -1 unknown. */
+    Py_ssize_t name_off, name_candidate;
+    int name_hits;
 } G;
 
 typedef struct {
@@ -58,6 +62,30 @@ typedef struct {
 } CallSoonObject;
 
 static PyTypeObject FactoryType, CallSoonType;
+
+/* ---- instrumented loops -------------------------------------------------------------- */
+/* Our methods sit on loop *classes* (instance attributes would cost every method call on
+ * the loop its specialised fast path: see loop_hooks/instrument.py), so each call first
+ * asks whether its loop is one of ours.  Few loops are instrumented at a time: a short
+ * array, searched linearly.  An entry holds the loop's factory (strong) and leaves when
+ * the loop is uninstrumented or dies (a weakref callback in instrument.py). */
+typedef struct {
+    uintptr_t loop;
+    FactoryObject *factory;
+    int propagate; /* carry work to thread pools / from other threads */
+} loop_entry_t;
+
+static struct {
+    loop_entry_t *v;
+    uint32_t n, cap;
+} LR;
+
+static inline loop_entry_t *loop_entry(PyObject *loop) {
+    for (uint32_t i = 0; i < LR.n; i++) {
+        if (LR.v[i].loop == (uintptr_t)loop) return &LR.v[i];
+    }
+    return NULL;
+}
 
 static inline int task_registered(uint32_t tid, uint32_t *ti) {
     return tid && u64map_get(&S.task_index, (uint64_t)tid + 1, ti);
@@ -270,6 +298,49 @@ static void maybe_fold(void) {
     Py_DECREF(hook);
 }
 
+/* The offset of the name field in a C Task, learnt from the first tasks whose get_name()
+ * we call: the one pointer-sized slot of the object that holds the very string returned,
+ * the same slot for two tasks in a row.  (Task.__init__ formats the name on 3.11; 3.12+
+ * keep the counter as an int and format "Task-<n>" only when asked, which costs ~2,500
+ * instructions per task, so we keep the int and format it when a report is made.)  A
+ * Task without such a slot (asyncio's pure-Python Task) keeps using get_name(). */
+static void learn_name_offset(PyObject *task, PyObject *name) {
+    PyTypeObject *tp = (PyTypeObject *)G.task_type;
+    Py_ssize_t found = 0, n = 0;
+    for (Py_ssize_t off = (Py_ssize_t)sizeof(PyObject); off + (Py_ssize_t)sizeof(PyObject *) <= tp->tp_basicsize;
+         off += (Py_ssize_t)sizeof(PyObject *)) {
+        if (*(PyObject **)((char *)task + off) == name) {
+            found = off;
+            n++;
+        }
+    }
+    if (n != 1 || (G.name_hits && found != G.name_candidate)) {
+        G.name_off = -1;
+        return;
+    }
+    G.name_candidate = found;
+    if (++G.name_hits == 2) G.name_off = found;
+}
+
+/* The task's name: a str, or (3.12+, never asked for) the int n of "Task-<n>"; NULL if
+ * none.  Runs no Python code once the name slot is known. */
+static PyObject *task_name_of(PyObject *task) {
+    if (G.name_off > 0 && PyObject_TypeCheck(task, (PyTypeObject *)G.task_type)) {
+        PyObject *v = *(PyObject **)((char *)task + G.name_off);
+        if (v != NULL && (PyUnicode_CheckExact(v) || PyLong_CheckExact(v))) return Py_NewRef(v);
+    }
+    PyObject *name = PyObject_CallMethodNoArgs(task, G.s_get_name);
+    if (name == NULL || !PyUnicode_Check(name)) {
+        PyErr_Clear();
+        Py_CLEAR(name);
+        return NULL;
+    }
+    if (G.name_off == 0 && Py_TYPE(task) == (PyTypeObject *)G.task_type && PyType_Check(G.task_type) &&
+        Py_REFCNT(name) > 1)
+        learn_name_offset(task, name);
+    return name;
+}
+
 PyDoc_STRVAR(task_done_doc, "task_done(task)\n--\n\nThe done callback our factory adds to every task it records.");
 
 static PyObject *core_task_done(PyObject *m, PyObject *task) {
@@ -281,11 +352,7 @@ static PyObject *core_task_done(PyObject *m, PyObject *task) {
     int g = tls.guard;
     tls.guard = 1;
     uint32_t state = task_state_of(task);
-    PyObject *name = PyObject_CallMethodNoArgs(task, G.s_get_name);
-    if (name == NULL || !PyUnicode_Check(name)) {
-        PyErr_Clear();
-        Py_CLEAR(name);
-    }
+    PyObject *name = task_name_of(task);
     if (!task_registered(tid, &ti) || (S.tasks[ti].flags & TF_FINISHED)) { /* changed meanwhile */
         Py_XDECREF(name);
         tls.guard = g;
@@ -307,17 +374,6 @@ static PyObject *core_task_done(PyObject *m, PyObject *task) {
 }
 
 /* ---- adopting tasks we did not make ------------------------------------------------- */
-static uint32_t loop_serial_of(PyObject *loop) {
-    uint32_t serial = 0;
-    PyObject *st = PyObject_GetAttr(loop, G.s_ms_state);
-    PyObject *f = st != NULL ? PyObject_GetAttr(st, G.s_factory) : NULL;
-    if (f != NULL && Py_TYPE(f) == &FactoryType) serial = ((FactoryObject *)f)->serial;
-    Py_XDECREF(f);
-    Py_XDECREF(st);
-    PyErr_Clear();
-    return serial;
-}
-
 /* Record a task that already exists (not finished: get_coro() of a finished eager task
  * crashes CPython 3.12.1) and runs in ctx (NULL: the running context).  *tid is its id, 0
  * if it could not be tagged.  Returns -1 with an exception set on failure. */
@@ -333,7 +389,7 @@ static int record_existing_task(PyObject *task, PyObject *ctx, uint32_t serial, 
     return rc;
 }
 
-static void adopt_task(PyObject *loop, PyObject *task, PyObject *ctx) {
+static void adopt_task(uint32_t serial, PyObject *task, PyObject *ctx) {
     int g = tls.guard;
     tls.guard = 1;
     PyObject *done = PyObject_CallMethodNoArgs(task, G.s_done);
@@ -345,7 +401,7 @@ static void adopt_task(PyObject *loop, PyObject *task, PyObject *ctx) {
     }
     Py_DECREF(done);
     uint32_t tid;
-    if (record_existing_task(task, ctx, loop_serial_of(loop), &tid) < 0) PyErr_Clear();
+    if (record_existing_task(task, ctx, serial, &tid) < 0) PyErr_Clear();
 }
 
 /* The task id tagged in a context that is not running, 0 if none. */
@@ -415,7 +471,8 @@ static void check_step(PyObject *loop, PyObject *cb, PyObject *ctx) {
         uint32_t ti;
         if (task_registered(tls.pending_tid, &ti)) note_object(tls.pending_tid, ti, task);
     } else {
-        adopt_task(loop, task, ctx);
+        loop_entry_t *e = loop_entry(loop); /* only tasks of instrumented loops */
+        if (e != NULL) adopt_task(e->factory->serial, task, ctx);
     }
     if (owned) Py_DECREF(task);
 }
@@ -485,9 +542,10 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
     int has_name = name != NULL && name != Py_None;
     PyObject *task = NULL;
     if (f->user_factory == NULL) {
-        if (kwargs == NULL && !has_name) {
-            PyObject *args[4] = {NULL, coro, loop, ctx};
-            return PyObject_Vectorcall(G.task_type, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, G.kw_loop_context);
+        if (kwargs == NULL) {
+            PyObject *args[5] = {NULL, coro, loop, ctx, name};
+            return PyObject_Vectorcall(G.task_type, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                       has_name ? G.kw_loop_context_name : G.kw_loop_context);
         }
         PyObject *d = kwargs != NULL ? Py_NewRef(kwargs) : PyDict_New();
         if (d == NULL) return NULL;
@@ -530,25 +588,15 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
     return task;
 }
 
-/* Make a tagged task.  kwargs (a dict this call may change, or NULL) are the factory's
- * keyword arguments; name is given only by our own create_task (stdlib loops). */
-static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro, PyObject *name, PyObject *kwargs) {
+/* Make a tagged task.  ctx is the context= argument (NULL or None: a copy of the running
+ * context); kwargs (a dict this call may change, or NULL) are the factory's other keyword
+ * arguments; name is given only by our own create_task (stdlib loops). */
+static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro, PyObject *name, PyObject *ctx,
+                                PyObject *kwargs) {
     maybe_fold();
-    PyObject *ctx = NULL;
-    if (kwargs != NULL) {
-        ctx = PyDict_GetItemWithError(kwargs, G.s_context);
-        if (ctx != NULL) {
-            Py_INCREF(ctx);
-            if (PyDict_DelItem(kwargs, G.s_context) < 0) {
-                Py_DECREF(ctx);
-                return NULL;
-            }
-            if (ctx == Py_None) Py_CLEAR(ctx);
-        } else if (PyErr_Occurred()) {
-            return NULL;
-        }
-        if (PyDict_GET_SIZE(kwargs) == 0) kwargs = NULL;
-    }
+    if (ctx == Py_None) ctx = NULL;
+    Py_XINCREF(ctx);
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) == 0) kwargs = NULL;
     int explicit = ctx != NULL;
     if (ctx == NULL) {
         ctx = PyContext_CopyCurrent();
@@ -599,18 +647,21 @@ static PyObject *factory_vectorcall(PyObject *self, PyObject *const *args, size_
         PyErr_Format(PyExc_TypeError, "task factory takes (loop, coro), got %zd positional arguments", n);
         return NULL;
     }
-    PyObject *kwargs = NULL;
-    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
-        kwargs = PyDict_New();
-        if (kwargs == NULL) return NULL;
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kwnames); i++) {
-            if (PyDict_SetItem(kwargs, PyTuple_GET_ITEM(kwnames, i), args[n + i]) < 0) {
-                Py_DECREF(kwargs);
-                return NULL;
-            }
+    PyObject *kwargs = NULL, *ctx = NULL;
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+        if (key == G.s_context || PyUnicode_Compare(key, G.s_context) == 0) {
+            ctx = args[n + i];
+            continue;
+        }
+        if (kwargs == NULL && (kwargs = PyDict_New()) == NULL) return NULL;
+        if (PyDict_SetItem(kwargs, key, args[n + i]) < 0) {
+            Py_DECREF(kwargs);
+            return NULL;
         }
     }
-    PyObject *task = factory_create((FactoryObject *)self, args[0], args[1], NULL, kwargs);
+    PyObject *task = factory_create((FactoryObject *)self, args[0], args[1], NULL, ctx, kwargs);
     Py_XDECREF(kwargs);
     return task;
 }
@@ -624,7 +675,16 @@ static PyObject *Factory_create(PyObject *self, PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_TypeError, "create(loop, coro, name, kwargs: dict)");
         return NULL;
     }
-    return factory_create((FactoryObject *)self, args[0], args[1], args[2], args[3]);
+    PyObject *kwargs = args[3], *ctx = PyDict_GetItemWithError(kwargs, G.s_context);
+    if (ctx == NULL && PyErr_Occurred()) return NULL;
+    Py_XINCREF(ctx);
+    if (ctx != NULL && PyDict_DelItem(kwargs, G.s_context) < 0) {
+        Py_DECREF(ctx);
+        return NULL;
+    }
+    PyObject *task = factory_create((FactoryObject *)self, args[0], args[1], args[2], ctx, kwargs);
+    Py_XDECREF(ctx);
+    return task;
 }
 
 static PyObject *Factory_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
@@ -704,6 +764,93 @@ static PyTypeObject FactoryType = {
     .tp_vectorcall_offset = offsetof(FactoryObject, vectorcall),
     .tp_getset = Factory_getset,
     .tp_methods = Factory_methods,
+};
+
+/* ---- create_task on stdlib loops ---------------------------------------------------- */
+/* CreateTask(original, slow): create_task on a stdlib loop class.  On an instrumented loop
+ * the usual call (create_task(coro, name=..., context=...)) goes straight to the loop's
+ * factory after the loop's own _check_closed(); any other shape goes to slow(loop, *args,
+ * **kwargs), the Python version, so errors read exactly as asyncio's do.  Other loops get
+ * the original. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *orig;
+    PyObject *slow;
+    vectorcallfunc vectorcall;
+} CreateTaskObject;
+
+static PyObject *createtask_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    CreateTaskObject *ct = (CreateTaskObject *)self;
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf), nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    loop_entry_t *e = n >= 1 ? loop_entry(args[0]) : NULL;
+    if (e == NULL) return PyObject_Vectorcall(ct->orig, args, nargsf, kwnames);
+    PyObject *name = NULL, *ctx = NULL;
+    int usual = n == 2;
+    for (Py_ssize_t i = 0; usual && i < nkw; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+        if (key == G.s_name && name == NULL) name = args[n + i];
+        else if (key == G.s_context && ctx == NULL) ctx = args[n + i];
+        else usual = 0; /* not interned, repeated or another keyword: the slow, exact path */
+    }
+    if (!usual) return PyObject_Vectorcall(ct->slow, args, nargsf, kwnames);
+    FactoryObject *f = (FactoryObject *)Py_NewRef(e->factory); /* the calls below may drop the entry */
+    PyObject *task = NULL, *r = PyObject_CallMethodNoArgs(args[0], G.s_check_closed);
+    if (r != NULL) {
+        Py_DECREF(r);
+        task = factory_create(f, args[0], args[1], name, ctx, NULL);
+    }
+    Py_DECREF(f);
+    return task;
+}
+
+static PyObject *CreateTask_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *orig, *slow;
+    if (!PyArg_ParseTuple(args, "OO:CreateTask", &orig, &slow)) return NULL;
+    CreateTaskObject *self = PyObject_GC_New(CreateTaskObject, type);
+    if (self == NULL) return NULL;
+    self->orig = Py_NewRef(orig);
+    self->slow = Py_NewRef(slow);
+    self->vectorcall = createtask_vectorcall;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static int CreateTask_traverse(CreateTaskObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->orig);
+    Py_VISIT(self->slow);
+    return 0;
+}
+
+static int CreateTask_clear(CreateTaskObject *self) {
+    Py_CLEAR(self->orig);
+    Py_CLEAR(self->slow);
+    return 0;
+}
+
+static void CreateTask_dealloc(CreateTaskObject *self) {
+    PyObject_GC_UnTrack(self);
+    CreateTask_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyMemberDef CreateTask_members[] = {
+    {"original", T_OBJECT, offsetof(CreateTaskObject, orig), READONLY, "the loop class's own create_task"},
+    {NULL},
+};
+
+static PyTypeObject CreateTaskType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.CreateTask",
+    .tp_basicsize = sizeof(CreateTaskObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = PyDoc_STR("CreateTask(original, slow): create_task for a stdlib loop class."),
+    .tp_new = CreateTask_new,
+    .tp_dealloc = (destructor)CreateTask_dealloc,
+    .tp_traverse = (traverseproc)CreateTask_traverse,
+    .tp_clear = (inquiry)CreateTask_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(CreateTaskObject, vectorcall),
+    .tp_descr_get = CallSoon_get,
+    .tp_members = CreateTask_members,
 };
 
 /* ---- hand-over to another thread ---------------------------------------------------- */
@@ -814,7 +961,10 @@ static PyObject *handover_vectorcall(PyObject *self, PyObject *const *args, size
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     uint32_t tid = 0;
     Py_ssize_t pos = -1;
-    if (S.active && ho->kind == 0 && n >= 3) {
+    loop_entry_t *e = n >= 1 ? loop_entry(args[0]) : NULL;
+    if (e == NULL || !e->propagate) {
+        /* not ours, or not carrying work across threads */
+    } else if (S.active && ho->kind == 0 && n >= 3) {
         /* run_in_executor(loop, executor, func, *args): thread pools only */
         PyObject *ex = args[1];
         int pool = ex == Py_None ? 1 : PyObject_IsInstance(ex, ho->pool_type);
@@ -872,6 +1022,11 @@ static void HandOver_dealloc(HandOverObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+static PyMemberDef HandOver_members[] = {
+    {"original", T_OBJECT, offsetof(HandOverObject, orig), READONLY, "the loop class's own method"},
+    {NULL},
+};
+
 static PyTypeObject HandOverType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.HandOver",
     .tp_basicsize = sizeof(HandOverObject),
@@ -883,7 +1038,46 @@ static PyTypeObject HandOverType = {
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(HandOverObject, vectorcall),
     .tp_descr_get = CallSoon_get,
+    .tp_members = HandOver_members,
 };
+
+PyDoc_STRVAR(register_loop_doc,
+"register_loop(loop, factory, propagate)\n--\n\nMark loop as instrumented, with its TaskFactory; propagate: carry\n"
+"work across threads.  Registering a loop again updates its entry.");
+
+static PyObject *core_register_loop(PyObject *m, PyObject *args) {
+    PyObject *loop, *factory;
+    int propagate;
+    if (!PyArg_ParseTuple(args, "OO!p", &loop, &FactoryType, &factory, &propagate)) return NULL;
+    loop_entry_t *e = loop_entry(loop);
+    if (e == NULL) {
+        if (grow_array((void **)&LR.v, &LR.cap, sizeof(loop_entry_t), LR.n + 1) < 0) return PyErr_NoMemory();
+        e = &LR.v[LR.n++];
+        e->loop = (uintptr_t)loop;
+        e->factory = NULL;
+    }
+    PyObject *old = (PyObject *)e->factory;
+    e->factory = (FactoryObject *)Py_NewRef(factory);
+    e->propagate = propagate;
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(unregister_loop_doc,
+"unregister_loop(loop_id)\n--\n\nForget the loop whose id() is loop_id (it may be gone already).");
+
+static PyObject *core_unregister_loop(PyObject *m, PyObject *arg) {
+    uintptr_t addr = (uintptr_t)PyLong_AsVoidPtr(arg);
+    if (addr == 0 && PyErr_Occurred()) return NULL;
+    for (uint32_t i = 0; i < LR.n; i++) {
+        if (LR.v[i].loop != addr) continue;
+        PyObject *f = (PyObject *)LR.v[i].factory;
+        LR.v[i] = LR.v[--LR.n];
+        Py_DECREF(f); /* last: this may run arbitrary code */
+        break;
+    }
+    Py_RETURN_NONE;
+}
 
 /* ---- reading and maintaining records (Python side: tracker.py) ---------------------- */
 PyDoc_STRVAR(configure_doc,
@@ -928,6 +1122,11 @@ static PyObject *core_records(PyObject *m, PyObject *noargs) {
         if (!r->in_use || !(r->flags & TF_REGISTERED)) continue;
         PyObject *parent = r->parent ? PyLong_FromUnsignedLong(r->parent) : Py_NewRef(Py_None);
         PyObject *fin = (r->flags & TF_FINISHED) ? PyLong_FromUnsignedLongLong(r->finished_ns) : Py_NewRef(Py_None);
+        if (r->name != NULL && PyLong_CheckExact(r->name)) { /* a default name, as get_name() formats it */
+            PyObject *s = PyUnicode_FromFormat("Task-%S", r->name);
+            if (s != NULL) Py_SETREF(r->name, s);
+            else PyErr_Clear();
+        }
         PyObject *row = NULL;
         if (parent != NULL && fin != NULL)
             row = Py_BuildValue("(kOOOOkkkKOsOON)", (unsigned long)r->tid, parent, r->coro ? r->coro : Py_None,

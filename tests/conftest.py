@@ -44,6 +44,10 @@ def _leaves_nothing_behind():
         import memscope_async as ms
 
         ms.uninstall_policy()
+    from memscope_async.loop_hooks import instrument
+
+    if instrument._patches:
+        leaked.append(f"loop methods still patched: {sorted(f'{c.__qualname__}.{n}' for c, n in instrument._patches)}")
     if leaked:
         pytest.fail("test left state behind: " + "; ".join(leaked))
 

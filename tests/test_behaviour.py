@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import types
 
 import pytest
 
@@ -200,3 +201,92 @@ def test_loop_class_unchanged_for_users():
     finally:
         prof.close()
         loop.close()
+
+
+# -- the layer sits on the loop's class, not on the instance ----------------------------
+def _loop_kinds():
+    kinds = [asyncio.new_event_loop]
+    try:
+        import uvloop
+
+        kinds.append(uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover
+        pass
+    return kinds
+
+
+@pytest.mark.parametrize("new_loop", _loop_kinds(), ids=lambda f: f.__module__.split(".")[0])
+def test_instance_gets_one_attribute_and_class_is_restored(new_loop):
+    # More instance attributes would push a stdlib loop past CPython's shared-key limit
+    # and slow every method call on it (loop_hooks/instrument.py); one is within it.
+    plain = new_loop()
+    plain_attrs = set(vars(plain))
+    classes = type(plain).__mro__
+    own = [dict(k.__dict__) for k in classes]
+    prof = ms.Profiler().start()
+    loop = new_loop()
+    try:
+        prof.instrument_loop(loop)
+        assert set(vars(loop)) - plain_attrs == {"_ms_state"}
+        # a loop of the same class that is not instrumented keeps working, unrecorded
+        assert plain.run_until_complete(_sleeper(0)) == 0
+        assert loop.run_until_complete(_sleeper(0)) == 0
+        rep = prof.snapshot()
+        assert len(rep.find(coro="_sleeper")) == 1
+    finally:
+        prof.close()
+        loop.close()
+        plain.close()
+    assert [dict(k.__dict__) for k in classes] == own
+    assert "_ms_state" not in vars(loop)
+
+
+def test_class_restored_when_an_instrumented_loop_is_collected():
+    import gc
+
+    from memscope_async.loop_hooks import instrument
+
+    prof = ms.Profiler().start()
+    try:
+        loop = asyncio.new_event_loop()
+        prof.instrument_loop(loop)
+        assert (asyncio.BaseEventLoop, "call_soon") in instrument._patches
+        loop.close()
+        prof._tagger.loops.discard(loop)
+        del loop
+        gc.collect()
+        assert not instrument._patches
+        assert isinstance(asyncio.BaseEventLoop.__dict__["call_soon"], types.FunctionType)
+    finally:
+        prof.close()
+
+
+def test_user_subclass_overriding_loop_methods():
+    seen = []
+
+    class MyLoop(asyncio.SelectorEventLoop):
+        def call_soon(self, callback, *args, context=None):
+            seen.append("call_soon")
+            return super().call_soon(callback, *args, context=context)
+
+        def create_task(self, coro, *, name=None, context=None):
+            seen.append("create_task")
+            return super().create_task(coro, name=name, context=context)
+
+    async def main():
+        t = asyncio.get_running_loop().create_task(_sleeper(0), name="kid")
+        await t
+        return t.get_name()
+
+    prof = ms.Profiler().start()
+    try:
+        with asyncio.Runner(loop_factory=prof.loop_factory(MyLoop)) as runner:
+            assert runner.run(main()) == "kid"
+        rep = prof.snapshot()
+    finally:
+        prof.close()
+    assert "call_soon" in seen and "create_task" in seen
+    kid = rep.find(name="kid")
+    assert len(kid) == 1 and kid[0].coro.endswith("_sleeper")
+    assert kid[0].parent_id == rep.find(coro="main")[0].id
+    assert MyLoop.__dict__["call_soon"].__qualname__.endswith("MyLoop.call_soon")
