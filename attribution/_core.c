@@ -139,6 +139,10 @@ typedef struct {
     uint64_t ctx_ver;
     uint32_t ctx_session;
     uint32_t ctx_tid;
+    uint32_t fast_ok;        /* cache_cell holds while context, hand-over and cell_gen do */
+    uint32_t fast_handover;
+    PyObject *fast_ctx;      /* borrowed, compared only */
+    uint64_t fast_ver;
 } tls_t;
 
 /* initial-exec: one offset from the thread pointer instead of a __tls_get_addr call */
@@ -251,6 +255,7 @@ static void tls_enter_session(tls_t *t) {
     t->handover = 0;
     t->cache_key = 0;
     t->cache_gen = 0;
+    t->fast_ok = 0;
     t->rng = S.seed ^ (uint64_t)(uintptr_t)t ^ UINT64_C(0x9E3779B97F4A7C15);
     if (t->rng == 0) t->rng = 1;
     t->countdown = S.mode == MODE_SAMPLED ? draw_gap(&t->rng, S.sample_interval) : 0;
@@ -346,8 +351,14 @@ static inline uint32_t context_tid(void) {
     return tid;
 }
 
-/* The cell for the code running now on this thread.  0 means "could not record". */
+/* The cell for the code running now on this thread.  0 means "could not record".  Most
+ * allocations take the first return: same context as the last one, same hand-over, no
+ * cell ended meanwhile, and not an inferred route (whose phase moves with time). */
 static inline uint32_t current_cell(tls_t *t) {
+    PyThreadState *ts = tstate_unchecked();
+    if (t->fast_ok && ts != NULL && ts->context == t->fast_ctx && ts->context_ver == t->fast_ver &&
+        t->cache_gen == S.cell_gen && t->handover == t->fast_handover)
+        return t->cache_cell;
     uint32_t slot = thread_slot(t);
     if (slot == 0) return 0;
     uint32_t tid = context_tid(), route = ROUTE_CONTEXT, phase = 0;
@@ -369,6 +380,10 @@ static inline uint32_t current_cell(tls_t *t) {
         }
     }
     uint64_t key = cell_key(tid, slot, route, phase);
+    t->fast_ok = route != ROUTE_INFERRED && ts != NULL;
+    t->fast_handover = t->handover;
+    t->fast_ctx = ts != NULL ? ts->context : NULL;
+    t->fast_ver = ts != NULL ? ts->context_ver : 0;
     if (key == t->cache_key && t->cache_gen == S.cell_gen) return t->cache_cell;
     uint32_t idx;
     if (!u64map_get(&S.cell_index, key, &idx)) {
@@ -384,6 +399,7 @@ static inline uint32_t current_cell(tls_t *t) {
         }
         if (idx == 0) {
             S.dropped_cells++;
+            t->fast_ok = 0;
             return 0;
         }
     }
@@ -875,6 +891,7 @@ static PyObject *core_set_inferred(PyObject *m, PyObject *args) {
         thread_info_t *th = &S.threads[slot - 1];
         th->inferred_tid = (uint32_t)tid;
         th->inferred_start_ns = started;
+        t->fast_ok = 0;
         th->shared = 0;
         th->owner_done = 0;
         S.ninferred++;

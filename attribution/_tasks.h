@@ -190,7 +190,10 @@ static int register_task(PyObject *ctx, int explicit, uint32_t flags, uint32_t s
     r->coro = qualname;
     S.records++;
     S.pending++;
-    if (ctx == NULL) t->ctx_seen = NULL; /* ContextVar.set does not bump context_ver */
+    if (ctx == NULL) { /* ContextVar.set does not bump context_ver */
+        t->ctx_seen = NULL;
+        t->fast_ok = 0;
+    }
     t->guard = g;
     *out = tid;
     return 0;
@@ -485,8 +488,9 @@ static PyObject *callsoon_vectorcall(PyObject *self, PyObject *const *args, size
         if (cb == G.done_cb && n == 3) return core_task_done(NULL, args[2]);
         if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) == 1 && S.active) {
             PyObject *ctx = args[n];
+            PyObject *key = PyTuple_GET_ITEM(kwnames, 0);
             if (ctx != Py_None && PyContext_CheckExact(ctx) &&
-                PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "context") == 0)
+                (key == G.s_context || PyUnicode_CompareWithASCIIString(key, "context") == 0))
                 check_step(args[0], cb, ctx);
         }
     }
