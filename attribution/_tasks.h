@@ -87,6 +87,12 @@ static inline loop_entry_t *loop_entry(PyObject *loop) {
     return NULL;
 }
 
+/* Is the keyword name `key` (a str from kwnames) the interned `name`?  Call sites pass
+ * interned names, so the identity test nearly always decides. */
+static inline int kw_is(PyObject *key, PyObject *name) {
+    return key == name || PyUnicode_Compare(key, name) == 0;
+}
+
 static inline int task_registered(uint32_t tid, uint32_t *ti) {
     return tid && u64map_get(&S.task_index, (uint64_t)tid + 1, ti);
 }
@@ -490,7 +496,7 @@ static PyObject *callsoon_vectorcall(PyObject *self, PyObject *const *args, size
             PyObject *ctx = args[n];
             PyObject *key = PyTuple_GET_ITEM(kwnames, 0);
             if (ctx != Py_None && PyContext_CheckExact(ctx) &&
-                (key == G.s_context || PyUnicode_CompareWithASCIIString(key, "context") == 0))
+                kw_is(key, G.s_context))
                 check_step(args[0], cb, ctx);
         }
     }
@@ -655,7 +661,7 @@ static PyObject *factory_vectorcall(PyObject *self, PyObject *const *args, size_
     Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-        if (key == G.s_context || PyUnicode_Compare(key, G.s_context) == 0) {
+        if (kw_is(key, G.s_context)) {
             ctx = args[n + i];
             continue;
         }
@@ -986,7 +992,7 @@ static PyObject *handover_vectorcall(PyObject *self, PyObject *const *args, size
         if (other) {
             PyObject *ctx = NULL;
             for (Py_ssize_t i = 0; kwnames != NULL && i < PyTuple_GET_SIZE(kwnames); i++) {
-                if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, i), "context") == 0) ctx = args[n + i];
+                if (kw_is(PyTuple_GET_ITEM(kwnames, i), G.s_context)) ctx = args[n + i];
             }
             tid = (ctx != NULL && ctx != Py_None && PyContext_CheckExact(ctx)) ? ctx_tag(ctx) : context_tid();
             if (tid == 0) tid = tls.handover;

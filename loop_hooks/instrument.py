@@ -133,9 +133,9 @@ _MARK = "__memscope_original__"
 _MISSING = object()
 
 
-def _python_method(name: str, impl: Callable[..., Any], original: Any) -> Any:
+def _python_method(impl: Callable[..., Any], original: Any) -> Any:
     def method(self, *args, **kwargs):
-        if type(getattr(self, "_ms_state", None)) is LoopState:
+        if _state(self) is not None:
             return impl(self, *args, _original=original, **kwargs)
         return original(self, *args, **kwargs)
 
@@ -152,7 +152,7 @@ def _replacement(name: str, original: Any) -> Any:
     if name in _IN_C:
         kind = 0 if name == "run_in_executor" else 1
         return _core.HandOver(original, kind, concurrent.futures.ThreadPoolExecutor, _get_running_loop)
-    return _python_method(name, _IN_PYTHON[name], original)
+    return _python_method(_IN_PYTHON[name], original)
 
 
 def _unwrap(attr: Any) -> Any:
