@@ -168,7 +168,8 @@ static struct {
     ptrmap_t ptrs;               /* big blocks (exact mode), every sample (sampled mode) */
     shadow_t shadow;             /* small blocks, exact mode: metadata next to metadata */
     uint64_t *filter;            /* sampled mode: bit set "this granule may be sampled" */
-    uint64_t filter_bits;        /* bits set in filter */
+    u64map_t filter_more;        /* filter bit + 1 -> live samples on it, where more than one */
+    int filter_sticky;           /* filter_more ran out of memory: bits are no longer cleared */
     u64map_t cell_index;
     cell_t *cells;
     uint32_t ncells, capcells;
@@ -465,7 +466,11 @@ static MS_HOT void account_free(uint32_t cell, int64_t bytes, double count) {
  * Exact mode: blocks under SHADOW_MAX_SIZE go to the shadow map (no hashing: neighbours in
  * memory have neighbouring metadata), bigger or odd ones to the pointer table.  Sampled
  * mode: the few sampled blocks go to the pointer table, and a 32 KiB bit filter lets the
- * free of an unsampled block (nearly all of them) return after one load. */
+ * free of an unsampled block (nearly all of them) return after one load.  A bit clears when
+ * the last live sample on it is freed (a second one on the same bit is counted aside, in
+ * filter_more): pymalloc hands a freed address straight back out, so a bit left behind by a
+ * freed sample would send a busy address's every free down the slow path (callgrind, server
+ * workload: 7% of frees did with stale bits). */
 #define FILTER_BITS 18
 #define FILTER_WORDS ((size_t)1 << (FILTER_BITS - 6))
 
@@ -478,30 +483,34 @@ static inline int filter_maybe(const void *p) {
     return (int)((S.filter[h >> 6] >> (h & 63)) & 1u);
 }
 
-static void filter_rebuild(void) {
-    memset(S.filter, 0, FILTER_WORDS * sizeof(uint64_t));
-    S.filter_bits = 0;
-    for (uint64_t i = 0; i < S.ptrs.capacity; i++) {
-        uint64_t w = S.ptrs.slots[i].word;
-        if (w == 0) continue;
-        uint64_t h = filter_hash((const void *)(uintptr_t)((w & PTRMAP_PTR_MASK) << 3));
-        uint64_t bit = UINT64_C(1) << (h & 63);
-        if (!(S.filter[h >> 6] & bit)) {
-            S.filter[h >> 6] |= bit;
-            S.filter_bits++;
-        }
-    }
-}
-
 static inline void filter_add(const void *p) {
     uint64_t h = filter_hash(p);
     uint64_t bit = UINT64_C(1) << (h & 63);
-    if (S.filter[h >> 6] & bit) return;
-    S.filter[h >> 6] |= bit;
-    /* Bits are not cleared on free; rebuild once stale ones dominate. */
-    if (++S.filter_bits > 8192 && S.filter_bits > 4 * S.ptrs.count) filter_rebuild();
+    if (!(S.filter[h >> 6] & bit)) {
+        S.filter[h >> 6] |= bit;
+        return;
+    }
+    uint32_t n = 1;
+    (void)u64map_get(&S.filter_more, h + 1, &n);
+    /* no memory to count it: bits are never cleared from now on (slower, still right) */
+    if (u64map_put(&S.filter_more, h + 1, n + 1) < 0) S.filter_sticky = 1;
 }
 
+/* p, a sample, was freed (taken out of the pointer table). */
+static inline void filter_del(const void *p) {
+    if (S.filter_sticky) return;
+    uint64_t h = filter_hash(p);
+    uint32_t n;
+    if (S.filter_more.count != 0 && u64map_get(&S.filter_more, h + 1, &n)) {
+        if (n > 2) {
+            if (u64map_put(&S.filter_more, h + 1, n - 1) < 0) S.filter_sticky = 1;
+        } else {
+            u64map_del(&S.filter_more, h + 1);
+        }
+        return;
+    }
+    S.filter[h >> 6] &= ~(UINT64_C(1) << (h & 63));
+}
 
 /* Keep p -> (size, cell, flag).  Returns 0, or -1 if it cannot be kept (not tracked). */
 static MS_HOT int ptrs_put(void *p, size_t size, uint32_t cell, int flag) {
@@ -538,6 +547,7 @@ static MS_HOT int ptrs_take(void *p, size_t *size, uint32_t *cell, int *flag) {
         return 0;
     }
     if (S.ptrs.count == 0 || !ptrmap_remove(&S.ptrs, p, size, cell)) return 0;
+    if (S.mode == MODE_SAMPLED) filter_del(p);
     *flag = 1;
     return 1;
 }
@@ -771,11 +781,15 @@ static void clear_task_refs(task_info_t *r) {
     Py_CLEAR(r->labels);
 }
 
+static void tasks_watch(int on);
+
 static void clear_data(void) {
+    tasks_watch(0);
     shadow_free(&S.shadow);
     free(S.filter);
     S.filter = NULL;
-    S.filter_bits = 0;
+    u64map_free(&S.filter_more);
+    S.filter_sticky = 0;
     for (uint32_t i = 1; S.tasks != NULL && i < S.ntasks; i++) clear_task_refs(&S.tasks[i]);
     u64map_free(&S.obj_index);
     free(S.finished);
@@ -841,7 +855,8 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
     if (ptrmap_init(&S.ptrs, mode == MODE_SAMPLED ? 1u << 10 : 1u << 14) < 0 || u64map_init(&S.cell_index, 1024) < 0 ||
         u64map_init(&S.task_index, 1024) < 0 || u64map_init(&S.obj_index, 1024) < 0 || stacks_init(depth) < 0 ||
         shadow_init(&S.shadow) < 0 ||
-        (mode == MODE_SAMPLED && (S.filter = (uint64_t *)calloc(FILTER_WORDS, sizeof(uint64_t))) == NULL)) {
+        (mode == MODE_SAMPLED && ((S.filter = (uint64_t *)calloc(FILTER_WORDS, sizeof(uint64_t))) == NULL ||
+                                  u64map_init(&S.filter_more, 64) < 0))) {
         clear_data();
         return PyErr_NoMemory();
     }
@@ -865,6 +880,7 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
     S.start_ns = now_ns();
     S.has_data = 1;
 
+    tasks_watch(1); /* before the hooks: it may import _asyncio */
     static PyMemAllocatorEx hook_obj, hook_mem;
     PyMem_GetAllocator(PYMEM_DOMAIN_OBJ, &S.orig_obj);
     PyMem_GetAllocator(PYMEM_DOMAIN_MEM, &S.orig_mem);
@@ -1098,7 +1114,8 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
     int g = tls.guard;
     tls.guard = 1;
     size_t table = ptrmap_bytes(&S.ptrs) + shadow_resident_bytes(&S.shadow) +
-                   (S.filter ? FILTER_WORDS * sizeof(uint64_t) : 0);
+                   (S.filter ? FILTER_WORDS * sizeof(uint64_t) : 0) +
+                   (S.filter_more.slots ? (S.filter_more.mask + 1) * sizeof(u64map_entry_t) : 0);
     size_t other = (size_t)S.capcells * sizeof(cell_t) + (size_t)S.captasks * sizeof(task_info_t) +
                    (size_t)S.capthreads * sizeof(thread_info_t) +
                    ((size_t)(S.cell_index.slots ? S.cell_index.mask + 1 : 0) +

@@ -45,6 +45,14 @@ static struct {
     /* Where a C Task keeps its name (see task_name_of): 0 still learning, -1 unknown. */
     Py_ssize_t name_off, name_candidate;
     int name_hits;
+    /* 3.12+: ends of C Tasks seen through _asyncio's running-task dict (see tasks_watcher) */
+    int watcher;               /* dict watcher id + 1; 0 none */
+    PyObject *watched;         /* _asyncio._current_tasks while watched (strong), else NULL */
+    getter state_get;          /* the C Task's _state getter, NULL if not found */
+    void *state_closure;
+    getter exc_get;            /* its _exception getter, NULL if not found */
+    void *exc_closure;
+    PyObject *st_pending, *st_finished, *st_cancelled; /* what state_get returns (strong) */
 } G;
 
 typedef struct {
@@ -242,6 +250,50 @@ static void note_object(uint32_t tid, uint32_t ti, PyObject *task) {
     (void)u64map_put(&S.obj_index, key, tid);
 }
 
+#if PY_VERSION_HEX >= 0x030C0000 && PY_VERSION_HEX < 0x030D0000
+#define MS_LATE_NAMES 1 /* see late_name_watch */
+static void late_name_watch(uint32_t tid, PyObject *task);
+#endif
+
+/* A C Task (asyncio.Task exactly) whose end the running-task watcher sees. */
+static inline int watched_task(PyObject *task) {
+    return G.watched != NULL && G.state_get != NULL && Py_TYPE(task) == (PyTypeObject *)G.task_type;
+}
+
+/* The state of a watched_task(), from the C getters of Task._state and Task._exception
+ * called directly (an attribute lookup and a string comparison cost ~400 instructions a
+ * task).  The getter returns one of three interned strings: each is compared by value the
+ * first time and by identity after.  full=0: only whether it is pending. */
+static uint32_t c_task_state(PyObject *task, int full) {
+    PyObject *s = G.state_get(task, G.state_closure);
+    if (s == NULL) {
+        PyErr_Clear();
+        return TS_PENDING;
+    }
+    uint32_t st;
+    if (s == G.st_pending) st = TS_PENDING;
+    else if (s == G.st_finished) st = TS_DONE;
+    else if (s == G.st_cancelled) st = TS_CANCELLED;
+    else if (!PyUnicode_Check(s)) st = TS_DONE;
+    else if (PyUnicode_CompareWithASCIIString(s, "PENDING") == 0) st = TS_PENDING, G.st_pending = Py_NewRef(s);
+    else if (PyUnicode_CompareWithASCIIString(s, "CANCELLED") == 0) st = TS_CANCELLED, G.st_cancelled = Py_NewRef(s);
+    else if (PyUnicode_CompareWithASCIIString(s, "FINISHED") == 0) st = TS_DONE, G.st_finished = Py_NewRef(s);
+    else st = TS_DONE;
+    Py_DECREF(s);
+    if (st == TS_DONE && full) {
+        /* _exception, not exception(): that would mark it retrieved */
+        PyObject *e = G.exc_get != NULL ? G.exc_get(task, G.exc_closure) : PyObject_GetAttr(task, G.s_exception);
+        if (e == NULL) PyErr_Clear();
+        else if (e != Py_None) st = TS_FAILED;
+        Py_XDECREF(e);
+    }
+    return st;
+}
+
+static inline int task_ended(PyObject *task) { return c_task_state(task, 0) != TS_PENDING; }
+
+static PyObject *core_task_done(PyObject *m, PyObject *task);
+
 /* Link record tid to its task object and watch for its end. */
 static void attach_task(uint32_t tid, PyObject *task) {
     uint32_t ti;
@@ -249,6 +301,19 @@ static void attach_task(uint32_t tid, PyObject *task) {
     int g = tls.guard;
     tls.guard = 1;
     note_object(tid, ti, task);
+    if (watched_task(task)) {
+        /* its end will pass the watcher, unless it has already happened (an eager task
+         * whose first step finished it, before we knew the object) */
+        if (task_ended(task)) {
+            Py_XDECREF(core_task_done(NULL, task));
+#ifdef MS_LATE_NAMES
+            late_name_watch(tid, task);
+#endif
+        }
+        PyErr_Clear();
+        tls.guard = g;
+        return;
+    }
     PyObject *ctx = callback_context();
     if (ctx != NULL) {
         PyObject *args[4] = {NULL, task, G.done_cb, ctx};
@@ -261,6 +326,7 @@ static void attach_task(uint32_t tid, PyObject *task) {
 }
 
 static uint32_t task_state_of(PyObject *task) {
+    if (watched_task(task)) return c_task_state(task, 1);
     uint32_t st = TS_DONE;
     PyObject *s = PyObject_GetAttr(task, G.s_state);
     if (s != NULL && PyUnicode_Check(s)) {
@@ -380,6 +446,158 @@ static PyObject *core_task_done(PyObject *m, PyObject *task) {
     /* The fold itself waits for the next task creation: this callback runs inside asyncio's
      * future_schedule_callbacks, where running Python code is best avoided. */
     Py_RETURN_NONE;
+}
+
+/* ---- names given after a task ended (3.12) ---------------------------------------------
+ * 3.12's asyncio.create_task names a task after the loop made it, so a task whose eager
+ * first step finished it (eager_task_factory) ends before its name is set.  Such a task is
+ * watched with a weak reference; its name is read again at the next safe point (the next
+ * task made, the next snapshot) or, if it goes first, from its name slot while it is being
+ * destroyed (the weakref callback runs before the Task's fields are cleared). */
+#ifdef MS_LATE_NAMES
+typedef struct {
+    PyObject *ref;  /* owned weakref; NULL: slot free */
+    PyObject *task; /* borrowed, read only while alive or being destroyed */
+    uint32_t tid;
+} late_name_t;
+static late_name_t *late_names;
+static uint32_t nlate, caplate;
+
+static void set_late_name(uint32_t tid, PyObject *task, PyObject *name) {
+    uint32_t ti;
+    if (name != NULL && task_registered(tid, &ti) && S.tasks[ti].obj == (uintptr_t)task)
+        Py_XSETREF(S.tasks[ti].name, name);
+    else
+        Py_XDECREF(name);
+}
+
+static PyObject *late_name_gone(PyObject *m, PyObject *ref) {
+    for (uint32_t i = 0; i < nlate; i++) {
+        late_name_t *e = &late_names[i];
+        if (e->ref != ref || e->task == NULL) continue;
+        /* the slot, or while it is still being learnt, the one candidate found so far */
+        Py_ssize_t off = G.name_off > 0 ? G.name_off : (G.name_off == 0 && G.name_hits ? G.name_candidate : 0);
+        PyObject *v = off > 0 && Py_TYPE(e->task) == (PyTypeObject *)G.task_type ? *(PyObject **)((char *)e->task + off)
+                                                                                : NULL;
+        if (v != NULL && PyUnicode_CheckExact(v)) set_late_name(e->tid, e->task, Py_NewRef(v));
+        e->task = NULL; /* the weakref itself is dropped at the next flush, not inside its callback */
+        break;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef late_name_def = {"late_name_gone", late_name_gone, METH_O, NULL};
+static PyObject *late_name_cb;
+
+static void late_name_watch(uint32_t tid, PyObject *task) {
+    if (late_name_cb == NULL && (late_name_cb = PyCFunction_NewEx(&late_name_def, NULL, NULL)) == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    if (grow_array((void **)&late_names, &caplate, sizeof(late_name_t), nlate + 1) < 0) return;
+    PyObject *ref = PyWeakref_NewRef(task, late_name_cb);
+    if (ref == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    late_names[nlate++] = (late_name_t){ref, task, tid};
+}
+
+/* Where running Python code is safe: read the names of those still alive, drop the refs. */
+static void late_names_flush(void) {
+    if (nlate == 0) return;
+    int g = tls.guard;
+    tls.guard = 1;
+    uint32_t n = nlate;
+    nlate = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        late_name_t e = late_names[i];
+        if (e.task != NULL && PyWeakref_GetObject(e.ref) == e.task) set_late_name(e.tid, e.task, task_name_of(e.task));
+        PyErr_Clear();
+        Py_DECREF(e.ref);
+    }
+    tls.guard = g;
+}
+#else
+static inline void late_names_flush(void) {}
+#endif
+
+/* ---- seeing C Tasks end without a done callback (3.12+) ---------------------------------
+ * A done callback costs each task ~2,800 instructions (callgrind, 3.12, task tree): the
+ * add_done_callback call, and, as ours takes the future's single inline callback slot, a
+ * list and a tuple for the awaiting task's wakeup.  On 3.12+ we watch instead the dict in
+ * which _asyncio keeps each loop's running task: every step of a C Task leaves it (a
+ * deletion, or a replacement when an eager task's first step ends, 3.12's
+ * swap_current_task), and a task that is done when its step leaves has ended.  The watcher
+ * runs before the change, so the leaving task is still the dict's value (and alive).  Only
+ * asyncio.Task itself: subclasses and other task types keep the done callback. */
+#if PY_VERSION_HEX >= 0x030C0000
+static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObject *new_value) {
+    if ((ev != PyDict_EVENT_DELETED && ev != PyDict_EVENT_MODIFIED) || d != G.watched || S.obj_index.count == 0)
+        return 0;
+    PyObject *exc = PyErr_Occurred() ? PyErr_GetRaisedException_compat() : NULL;
+    PyObject *old = PyDict_GetItemWithError(d, key);
+    uint32_t tid;
+    if (old != NULL && Py_TYPE(old) == (PyTypeObject *)G.task_type &&
+        u64map_get(&S.obj_index, (uint64_t)(uintptr_t)old, &tid) && task_ended(old)) {
+        Py_INCREF(old);
+        Py_XDECREF(core_task_done(NULL, old));
+        Py_DECREF(old);
+    }
+    if (PyErr_Occurred()) PyErr_Clear();
+    if (exc != NULL) PyErr_SetRaisedException_compat(exc);
+    return 0;
+}
+#endif
+
+/* The C getter behind asyncio.Task.<name>, if it is a getset descriptor. */
+static void find_getter(PyObject *name, getter *get, void **closure) {
+    PyObject *d = PyObject_GetAttr(G.task_type, name);
+    if (d != NULL && Py_IS_TYPE(d, &PyGetSetDescr_Type) && ((PyGetSetDescrObject *)d)->d_getset->get != NULL) {
+        *get = ((PyGetSetDescrObject *)d)->d_getset->get;
+        *closure = ((PyGetSetDescrObject *)d)->d_getset->closure;
+    }
+    Py_XDECREF(d);
+    PyErr_Clear();
+}
+
+/* Start (on) or stop watching _asyncio._current_tasks.  Failing to start is not an error:
+ * tasks then get done callbacks. */
+static void tasks_watch(int on) {
+#if PY_VERSION_HEX >= 0x030C0000
+    if (!on) {
+        if (G.watched != NULL) {
+            if (PyDict_Unwatch(G.watcher - 1, G.watched) < 0) PyErr_Clear();
+            Py_CLEAR(G.watched);
+        }
+        return;
+    }
+    if (G.watched != NULL || G.task_type == NULL) return;
+    if (G.state_get == NULL) {
+        find_getter(G.s_state, &G.state_get, &G.state_closure);
+        find_getter(G.s_exception, &G.exc_get, &G.exc_closure);
+        if (G.state_get == NULL) return;
+    }
+    if (G.watcher == 0) {
+        int id = PyDict_AddWatcher(tasks_watcher);
+        if (id < 0) {
+            PyErr_Clear();
+            return;
+        }
+        G.watcher = id + 1;
+    }
+    PyObject *mod = PyImport_ImportModule("_asyncio");
+    PyObject *d = mod != NULL ? PyObject_GetAttrString(mod, "_current_tasks") : NULL;
+    Py_XDECREF(mod);
+    if (d != NULL && PyDict_CheckExact(d) && PyDict_Watch(G.watcher - 1, d) == 0) {
+        G.watched = d;
+    } else {
+        Py_XDECREF(d);
+    }
+    PyErr_Clear();
+#else
+    (void)on;
+#endif
 }
 
 /* ---- adopting tasks we did not make ------------------------------------------------- */
@@ -604,6 +822,7 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
 static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro, PyObject *name, PyObject *ctx,
                                 PyObject *kwargs) {
     maybe_fold();
+    late_names_flush();
     if (ctx == Py_None) ctx = NULL;
     Py_XINCREF(ctx);
     if (kwargs != NULL && PyDict_GET_SIZE(kwargs) == 0) kwargs = NULL;
@@ -1124,6 +1343,7 @@ PyDoc_STRVAR(records_doc,
 "loop_serial, home_slot, created_ns, finished_ns, state, via_factory, cross_thread_parent, obj_id).");
 
 static PyObject *core_records(PyObject *m, PyObject *noargs) {
+    late_names_flush();
     int g = tls.guard;
     tls.guard = 1;
     PyObject *out = PyList_New(0);
