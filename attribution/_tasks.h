@@ -107,6 +107,10 @@ static inline int task_registered(uint32_t tid, uint32_t *ti) {
 
 static PyObject *qualname_of(PyObject *coro) {
     if (coro == NULL || coro == Py_None) return NULL;
+    if (PyCoro_CheckExact(coro)) { /* the field __qualname__ reads, without the lookup */
+        PyObject *q = ((PyCoroObject *)coro)->cr_qualname;
+        if (q != NULL && PyUnicode_Check(q)) return Py_NewRef(q);
+    }
     PyObject *q = PyObject_GetAttr(coro, G.s_qualname);
     if (q != NULL && PyUnicode_Check(q)) return q;
     Py_XDECREF(q);
