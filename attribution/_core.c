@@ -143,6 +143,9 @@ typedef struct {
     uint32_t fast_handover;
     PyObject *fast_ctx;      /* borrowed, compared only */
     uint64_t fast_ver;
+    PyObject *step_loop;     /* borrowed: the key and value this thread last put in   */
+    PyObject *step_task;     /* _asyncio._current_tasks (see tasks_watcher); NULL: none */
+    uint32_t step_gen;
 } tls_t;
 
 /* The few functions every tracked allocation and free goes through: inlined into the

@@ -1,4 +1,4 @@
-/* Task registration in C: the task factory, the call_soon hook and the done callback.
+/* Task registration in C: the task factory, the call_soon hook and seeing tasks end.
  *
  * Included by _core.c (it uses S, tls, TagType and the task table).  Everything a loop does
  * per task runs here without a Python frame and without creating a garbage-collected
@@ -9,22 +9,25 @@
  *                the context, enter it once to read the parent's Tag and the labels and to
  *                set the new Tag, fill the task's slot in S.tasks, make the task (asyncio's
  *                Task, or the user's factory inside the tagged context), and watch its end.
- *  CallSoon      an instrumented loop's ``call_soon`` (an instance attribute, in front of
- *                the loop class's own).  It runs our done callback inline (it only reads
+ *  CallSoon      an instrumented loop's ``call_soon`` (on the loop class, in front of the
+ *                class's own).  It runs our done callback inline (it only reads
  *                the task's state: scheduling it as a loop callback would cost a Handle and
  *                a loop turn per task), and adopts tasks we did not see being made (built
  *                with ``asyncio.Task(coro)`` directly, or existing before instrumentation)
  *                on their first scheduled step.  It is a method descriptor, so asyncio's C
  *                futures and Python callers reach it without a bound-method object.
- *  task_done     the done callback: finish time, final state and name.  Finished tasks
- *                wait in S.finished; the next task creation runs the tracker's fold hook
- *                when enough of them wait (never inside asyncio's callback scheduling).
+ *  task_done     a task's end: finish time, final state and name.  Reached from the
+ *                running-task watcher (3.12+, C Tasks: tasks_watcher) or from the done
+ *                callback (3.11, other task types).  Finished tasks wait in S.finished;
+ *                the next task creation runs the tracker's fold hook when enough of them
+ *                wait (never inside asyncio's callback scheduling).
  *  HandOver      an instrumented loop's ``run_in_executor`` / ``call_soon_threadsafe``:
  *                work sent to another thread is wrapped in a Handed carrying the task id.
  *
  * A task's record lives in its S.tasks slot until the tracker folds it (core_fold, release_task_slot).
- * Task objects are never referenced: the slot keeps id(task) only to find the record from
- * the done callback and from call_soon, through S.obj_index, for tasks not finished yet.
+ * Task objects are never strongly referenced: the slot keeps id(task) only to find the
+ * record from the watcher, the done callback and call_soon, through S.obj_index, for tasks
+ * not finished yet (and a weak reference waits for a 3.12 eager task's late name).
  */
 
 /* Settings that outlive a profiler run. */
@@ -48,6 +51,7 @@ static struct {
     /* 3.12+: ends of C Tasks seen through _asyncio's running-task dict (see tasks_watcher) */
     int watcher;               /* dict watcher id + 1; 0 none */
     PyObject *watched;         /* _asyncio._current_tasks while watched (strong), else NULL */
+    uint32_t watch_gen;        /* bumped when what threads remember of it (tls.step_*) is void */
     getter state_get;          /* the C Task's _state getter, NULL if not found */
     void *state_closure;
     getter exc_get;            /* its _exception getter, NULL if not found */
@@ -537,10 +541,23 @@ static inline void late_names_flush(void) {}
  * asyncio.Task itself: subclasses and other task types keep the done callback. */
 #if PY_VERSION_HEX >= 0x030C0000
 static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObject *new_value) {
-    if ((ev != PyDict_EVENT_DELETED && ev != PyDict_EVENT_MODIFIED) || d != G.watched || S.obj_index.count == 0)
+    if (d != G.watched) return 0;
+    tls_t *t = &tls;
+    if (ev != PyDict_EVENT_ADDED && ev != PyDict_EVENT_MODIFIED && ev != PyDict_EVENT_DELETED) {
+        G.watch_gen++; /* cleared, cloned, gone: what every thread remembers is void */
         return 0;
+    }
+    /* The leaving task: the value this thread saw go in for this loop (a loop runs in one
+     * thread at a time, and every change to the dict passes here), else a lookup. */
+    PyObject *old = NULL;
+    int known = ev != PyDict_EVENT_ADDED && t->step_task != NULL && t->step_loop == key && t->step_gen == G.watch_gen;
+    if (known) old = t->step_task;
+    t->step_loop = key;
+    t->step_task = ev == PyDict_EVENT_DELETED ? NULL : new_value;
+    t->step_gen = G.watch_gen;
+    if (ev == PyDict_EVENT_ADDED || S.obj_index.count == 0) return 0;
     PyObject *exc = PyErr_Occurred() ? PyErr_GetRaisedException_compat() : NULL;
-    PyObject *old = PyDict_GetItemWithError(d, key);
+    if (!known) old = PyDict_GetItemWithError(d, key);
     uint32_t tid;
     if (old != NULL && Py_TYPE(old) == (PyTypeObject *)G.task_type &&
         u64map_get(&S.obj_index, (uint64_t)(uintptr_t)old, &tid) && task_ended(old)) {
@@ -595,6 +612,7 @@ static void tasks_watch(int on) {
     Py_XDECREF(mod);
     if (d != NULL && PyDict_CheckExact(d) && PyDict_Watch(G.watcher - 1, d) == 0) {
         G.watched = d;
+        G.watch_gen++;
     } else {
         Py_XDECREF(d);
     }
