@@ -735,14 +735,14 @@ static inline int sampled_skip(size_t size) {
 static void *hook_malloc_sampled(void *ctx, size_t size) {
     PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
     void *p = a->malloc(a->ctx, size);
-    if (sampled_skip(size)) return p;
+    if (p != NULL && sampled_skip(size)) return p;
     return sampled_alloc_slow(p, size);
 }
 
 static void *hook_calloc_sampled(void *ctx, size_t nelem, size_t elsize) {
     PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
     void *p = a->calloc(a->ctx, nelem, elsize);
-    if (sampled_skip(nelem * elsize)) return p;
+    if (p != NULL && sampled_skip(nelem * elsize)) return p;
     return sampled_alloc_slow(p, nelem * elsize);
 }
 
@@ -1225,6 +1225,7 @@ static int init_strings(void) {
     INTERN(s_loop, "loop");
     INTERN(s_context, "context");
     INTERN(s_check_closed, "_check_closed");
+    INTERN(s_get_context, "get_context");
 #undef INTERN
     G.kw_context = PyTuple_Pack(1, G.s_context);
     G.kw_loop_context = PyTuple_Pack(2, G.s_loop, G.s_context);

@@ -41,7 +41,7 @@ static struct {
     uint32_t next_tid;         /* task ids are never reused, even across runs */
     PyObject *s_qualname, *s_self, *s_get_name, *s_set_name, *s_state, *s_exception, *s_cancelled,
         *s_add_done_callback, *s_get_coro, *s_done, *s_eager_start, *s_name,
-        *s_loop, *s_context, *s_check_closed;
+        *s_loop, *s_context, *s_check_closed, *s_get_context;
     PyObject *kw_context;      /* ("context",) */
     PyObject *kw_loop_context; /* ("loop", "context") */
     PyObject *kw_loop_context_name; /* ("loop", "context", "name") */
@@ -111,10 +111,12 @@ static inline int task_registered(uint32_t tid, uint32_t *ti) {
 
 static PyObject *qualname_of(PyObject *coro) {
     if (coro == NULL || coro == Py_None) return NULL;
+#if PY_VERSION_HEX < 0x030E0000 /* 3.14 moves PyCoroObject into an internal header */
     if (PyCoro_CheckExact(coro)) { /* the field __qualname__ reads, without the lookup */
         PyObject *q = ((PyCoroObject *)coro)->cr_qualname;
         if (q != NULL && PyUnicode_Check(q)) return Py_NewRef(q);
     }
+#endif
     PyObject *q = PyObject_GetAttr(coro, G.s_qualname);
     if (q != NULL && PyUnicode_Check(q)) return q;
     Py_XDECREF(q);
@@ -279,14 +281,26 @@ static uint32_t c_task_state(PyObject *task, int full) {
         return TS_PENDING;
     }
     uint32_t st;
-    if (s == G.st_pending) st = TS_PENDING;
-    else if (s == G.st_finished) st = TS_DONE;
-    else if (s == G.st_cancelled) st = TS_CANCELLED;
-    else if (!PyUnicode_Check(s)) st = TS_DONE;
-    else if (PyUnicode_CompareWithASCIIString(s, "PENDING") == 0) st = TS_PENDING, G.st_pending = Py_NewRef(s);
-    else if (PyUnicode_CompareWithASCIIString(s, "CANCELLED") == 0) st = TS_CANCELLED, G.st_cancelled = Py_NewRef(s);
-    else if (PyUnicode_CompareWithASCIIString(s, "FINISHED") == 0) st = TS_DONE, G.st_finished = Py_NewRef(s);
-    else st = TS_DONE;
+    if (s == G.st_pending) {
+        st = TS_PENDING;
+    } else if (s == G.st_finished) {
+        st = TS_DONE;
+    } else if (s == G.st_cancelled) {
+        st = TS_CANCELLED;
+    } else if (!PyUnicode_Check(s)) {
+        st = TS_DONE;
+    } else if (PyUnicode_CompareWithASCIIString(s, "PENDING") == 0) {
+        st = TS_PENDING;
+        Py_XSETREF(G.st_pending, Py_NewRef(s));
+    } else if (PyUnicode_CompareWithASCIIString(s, "CANCELLED") == 0) {
+        st = TS_CANCELLED;
+        Py_XSETREF(G.st_cancelled, Py_NewRef(s));
+    } else if (PyUnicode_CompareWithASCIIString(s, "FINISHED") == 0) {
+        st = TS_DONE;
+        Py_XSETREF(G.st_finished, Py_NewRef(s));
+    } else {
+        st = TS_DONE;
+    }
     Py_DECREF(s);
     if (st == TS_DONE && full) {
         /* _exception, not exception(): that would mark it retrieved */
@@ -464,9 +478,10 @@ static PyObject *core_task_done(PyObject *m, PyObject *task) {
  * destroyed (the weakref callback runs before the Task's fields are cleared). */
 #ifdef MS_LATE_NAMES
 typedef struct {
-    PyObject *ref;  /* owned weakref; NULL: slot free */
-    PyObject *task; /* borrowed, read only while alive or being destroyed */
+    PyObject *ref;  /* owned weakref */
+    PyObject *task; /* borrowed, read only while alive or being destroyed; NULL: gone */
     uint32_t tid;
+    unsigned long thread; /* the thread that made it: its create_task names it */
 } late_name_t;
 static late_name_t *late_names;
 static uint32_t nlate, caplate;
@@ -508,26 +523,34 @@ static void late_name_watch(uint32_t tid, PyObject *task) {
         PyErr_Clear();
         return;
     }
-    late_names[nlate++] = (late_name_t){ref, task, tid};
+    late_names[nlate++] = (late_name_t){ref, task, tid, PyThread_get_thread_ident()};
 }
 
-/* Where running Python code is safe: read the names of those still alive, drop the refs. */
-static void late_names_flush(void) {
+/* Where running Python code is safe: read the names of those still alive and drop the
+ * refs; this_thread: only those made by this thread (another thread's create_task may not
+ * have named its task yet: it can give up the GIL in between).  Nothing here runs Python
+ * code (C getters of exact Tasks; a weakref going away calls nothing). */
+static void late_names_flush(int this_thread) {
     if (nlate == 0) return;
     int g = tls.guard;
     tls.guard = 1;
-    uint32_t n = nlate;
-    nlate = 0;
-    for (uint32_t i = 0; i < n; i++) {
+    unsigned long me = PyThread_get_thread_ident();
+    uint32_t kept = 0;
+    for (uint32_t i = 0; i < nlate; i++) {
         late_name_t e = late_names[i];
+        if (this_thread && e.thread != me) {
+            late_names[kept++] = e;
+            continue;
+        }
         if (e.task != NULL && PyWeakref_GetObject(e.ref) == e.task) set_late_name(e.tid, e.task, task_name_of(e.task));
         PyErr_Clear();
         Py_DECREF(e.ref);
     }
+    nlate = kept;
     tls.guard = g;
 }
 #else
-static inline void late_names_flush(void) {}
+static inline void late_names_flush(int this_thread) { (void)this_thread; }
 #endif
 
 /* ---- seeing C Tasks end without a done callback (3.12+) ---------------------------------
@@ -540,6 +563,23 @@ static inline void late_names_flush(void) {}
  * runs before the change, so the leaving task is still the dict's value (and alive).  Only
  * asyncio.Task itself: subclasses and other task types keep the done callback. */
 #if PY_VERSION_HEX >= 0x030C0000
+/* Is `task` (ended, on `loop`) the task record tid was made for, and not another task now
+ * at the address of one that was destroyed while pending (its record never ended, so the
+ * address is still in S.obj_index; pymalloc hands the address straight back out)?  A
+ * recorded task is on an instrumented loop, and its steps run in its own context, which is
+ * current when the step leaves: that context carries the record's Tag (ids are never
+ * reused), or, if several tasks were given one context= object, is the context the record
+ * was made with.  (The end of an eager first step comes after the context was left, but a
+ * task whose first step ends it is finished by attach_task, not here.) */
+static int is_recorded_task(uint32_t tid, PyObject *task, PyObject *loop) {
+    uint32_t ti;
+    loop_entry_t *e = loop_entry(loop);
+    if (e == NULL || !task_registered(tid, &ti) || S.tasks[ti].loop_serial != e->factory->serial) return 0;
+    if (context_tid() == tid) return 1;
+    PyThreadState *ts = tstate_unchecked();
+    return ts != NULL && S.tasks[ti].ctx != 0 && S.tasks[ti].ctx == (uintptr_t)ts->context;
+}
+
 static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObject *new_value) {
     if (d != G.watched) return 0;
     tls_t *t = &tls;
@@ -562,7 +602,7 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
     if (old != NULL && Py_TYPE(old) == (PyTypeObject *)G.task_type &&
         u64map_get(&S.obj_index, (uint64_t)(uintptr_t)old, &tid) && task_ended(old)) {
         Py_INCREF(old);
-        Py_XDECREF(core_task_done(NULL, old));
+        if (is_recorded_task(tid, old, key)) Py_XDECREF(core_task_done(NULL, old));
         Py_DECREF(old);
     }
     if (PyErr_Occurred()) PyErr_Clear();
@@ -571,6 +611,7 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
 }
 #endif
 
+#if PY_VERSION_HEX >= 0x030C0000
 /* The C getter behind asyncio.Task.<name>, if it is a getset descriptor. */
 static void find_getter(PyObject *name, getter *get, void **closure) {
     PyObject *d = PyObject_GetAttr(G.task_type, name);
@@ -581,6 +622,7 @@ static void find_getter(PyObject *name, getter *get, void **closure) {
     Py_XDECREF(d);
     PyErr_Clear();
 }
+#endif
 
 /* Start (on) or stop watching _asyncio._current_tasks.  Failing to start is not an error:
  * tasks then get done callbacks. */
@@ -844,7 +886,7 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
 static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro, PyObject *name, PyObject *ctx,
                                 PyObject *kwargs) {
     maybe_fold();
-    late_names_flush();
+    late_names_flush(1);
     if (ctx == Py_None) ctx = NULL;
     Py_XINCREF(ctx);
     if (kwargs != NULL && PyDict_GET_SIZE(kwargs) == 0) kwargs = NULL;
@@ -1365,7 +1407,7 @@ PyDoc_STRVAR(records_doc,
 "loop_serial, home_slot, created_ns, finished_ns, state, via_factory, cross_thread_parent, obj_id).");
 
 static PyObject *core_records(PyObject *m, PyObject *noargs) {
-    late_names_flush();
+    late_names_flush(0);
     int g = tls.guard;
     tls.guard = 1;
     PyObject *out = PyList_New(0);

@@ -115,3 +115,69 @@ def test_eager_tasks_keep_their_names(loop_kind):
     for name in ("eager-kept", "eager-dropped", "eager-later"):
         assert name in t, sorted(t)
         assert t[name].state == "done" and t[name].finished_at is not None
+
+
+async def hang():
+    await asyncio.get_running_loop().create_future()  # never completes
+
+
+def test_records_of_destroyed_tasks_do_not_take_other_tasks_ends():
+    # Tasks destroyed while pending leave their addresses behind; other tasks reusing
+    # them (on a loop we do not instrument, or built directly on ours) must not end
+    # those records with their own name and state.
+    import logging
+
+    import memscope_async as ms
+
+    async def main():
+        for i in range(50):
+            asyncio.create_task(hang(), name=f"hung-{i}")  # noqa: RUF006 - dropped on purpose
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    async def others(loop):
+        tasks = [loop.create_task(at_once(), name=f"other-{i}") for i in range(200)]
+        if sys.version_info >= (3, 12):
+            tasks += [asyncio.Task(at_once(), loop=loop, name=f"direct-{i}", eager_start=True) for i in range(200)]
+        await asyncio.gather(*tasks)
+
+    prof = ms.Profiler().start()
+    logging.disable(logging.CRITICAL)  # "Task was destroyed but it is pending!"
+    try:
+        loop = prof.loop_factory()()
+        loop.run_until_complete(main())
+        loop.close()
+        del loop
+        gc.collect()
+        plain = asyncio.new_event_loop()
+        plain.run_until_complete(others(plain))
+        plain.close()
+        mine = prof.loop_factory()()
+        mine.run_until_complete(others(mine))
+        mine.close()
+    finally:
+        logging.disable(logging.NOTSET)
+        prof.stop()
+    report = prof.snapshot()
+    prof.close()
+    hung = report.find(coro="hang")
+    assert len(hung) == 50
+    assert all(t.state == "pending" and not (t.name or "").startswith(("other", "direct")) for t in hung), [
+        (t.name, t.state) for t in hung if t.state != "pending"
+    ][:5]
+
+
+def test_tasks_sharing_one_context_all_end(loop_kind):
+    import contextvars
+
+    async def main():
+        ctx = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(ok(), name=f"shared-{i}", context=ctx) for i in range(3)]
+        await asyncio.sleep(0.01)  # they end before anyone awaits them
+        await asyncio.gather(*tasks)
+
+    _, report = run_profiled(main, loop_kind)
+    shared = [t for t in report.tasks if (t.name or "").startswith("shared-")]
+    assert len(shared) == 3
+    assert all(t.state == "done" and t.finished_at is not None for t in shared), shared
