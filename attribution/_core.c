@@ -653,10 +653,12 @@ static void record_realloc(void *old, void *p, size_t size) {
     record_alloc(p, size);
 }
 
-/* Exact mode: every allocation is recorded, so the record steps are inlined here. */
-static void *hook_malloc(void *ctx, size_t size) {
-    PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
-    void *p = a->malloc(a->ctx, size);
+/* What every hook does around the original allocator.  The guard keeps *allocations*
+ * made by our own bookkeeping out of the books; frees are always recorded (the guard can
+ * be up while Python code runs, e.g. a collection inside the fold hook, and a lost free
+ * would leave a block "live" for good).  Exact mode records every allocation, so these
+ * steps are inlined into its hooks. */
+static MS_HOT void *alloc_after(void *p, size_t size) {
     if (p != NULL && !tls.guard) {
         tls.guard = 1;
         record_alloc(p, size);
@@ -665,20 +667,26 @@ static void *hook_malloc(void *ctx, size_t size) {
     return p;
 }
 
-static void *hook_calloc(void *ctx, size_t nelem, size_t elsize) {
-    PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
-    void *p = a->calloc(a->ctx, nelem, elsize);
-    if (p != NULL && !tls.guard) {
+static MS_HOT void free_with(PyMemAllocatorEx *a, void *ptr) {
+    if (ptr != NULL) {
+        int g = tls.guard;
         tls.guard = 1;
-        record_alloc(p, nelem * elsize);
-        tls.guard = 0;
+        record_free(ptr);
+        tls.guard = g;
     }
-    return p;
+    a->free(a->ctx, ptr);
 }
 
-/* The guard keeps *allocations* made by our own bookkeeping out of the books; frees are
- * always recorded (the guard can be up while Python code runs, e.g. a collection inside
- * the fold hook, and a lost free would leave a block "live" for good). */
+static void *hook_malloc(void *ctx, size_t size) {
+    PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
+    return alloc_after(a->malloc(a->ctx, size), size);
+}
+
+static void *hook_calloc(void *ctx, size_t nelem, size_t elsize) {
+    PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
+    return alloc_after(a->calloc(a->ctx, nelem, elsize), nelem * elsize);
+}
+
 static MS_HOT void *hook_realloc_after(void *ptr, void *p, size_t size) {
     if (p == NULL) return p;
     if (!tls.guard) {
@@ -697,16 +705,7 @@ static void *hook_realloc(void *ctx, void *ptr, size_t size) {
     return hook_realloc_after(ptr, a->realloc(a->ctx, ptr, size), size);
 }
 
-static void hook_free(void *ctx, void *ptr) {
-    PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
-    if (ptr != NULL) {
-        int g = tls.guard;
-        tls.guard = 1;
-        record_free(ptr);
-        tls.guard = g;
-    }
-    a->free(a->ctx, ptr);
-}
+static void hook_free(void *ctx, void *ptr) { free_with((PyMemAllocatorEx *)ctx, ptr); }
 
 /* Sampled mode: nearly every call only moves the countdown (an allocation) or stops at the
  * filter (a free), so those paths are a few instructions in a function that needs no
@@ -714,12 +713,7 @@ static void hook_free(void *ctx, void *ptr) {
  * hooks cost ~39 instructions per malloc here, most of it saving and restoring registers
  * for the inlined record path that one call in thousands takes). */
 __attribute__((noinline)) static void *sampled_alloc_slow(void *p, size_t size) {
-    tls_t *t = &tls;
-    if (p == NULL || t->guard) return p;
-    t->guard = 1; /* record_alloc moves the countdown (sampled_skip left it as it was) */
-    record_alloc(p, size);
-    t->guard = 0;
-    return p;
+    return alloc_after(p, size); /* record_alloc moves the countdown (sampled_skip left it) */
 }
 
 static inline int sampled_skip(size_t size) {
@@ -758,15 +752,7 @@ static void *hook_realloc_sampled(void *ctx, void *ptr, size_t size) {
     return sampled_realloc_slow(ptr, p, size);
 }
 
-__attribute__((noinline)) static void sampled_free_slow(PyMemAllocatorEx *a, void *ptr) {
-    if (ptr != NULL) {
-        int g = tls.guard;
-        tls.guard = 1;
-        record_free(ptr);
-        tls.guard = g;
-    }
-    a->free(a->ctx, ptr);
-}
+__attribute__((noinline)) static void sampled_free_slow(PyMemAllocatorEx *a, void *ptr) { free_with(a, ptr); }
 
 static void hook_free_sampled(void *ctx, void *ptr) {
     PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;

@@ -267,19 +267,15 @@ static void late_name_watch(uint32_t tid, PyObject *task);
 
 /* A C Task (asyncio.Task exactly) whose end the running-task watcher sees. */
 static inline int watched_task(PyObject *task) {
-    return G.watched != NULL && G.state_get != NULL && Py_TYPE(task) == (PyTypeObject *)G.task_type;
+    return G.watched != NULL && Py_TYPE(task) == (PyTypeObject *)G.task_type; /* watched: state_get known */
 }
 
-/* The state of a watched_task(), from the C getters of Task._state and Task._exception
- * called directly (an attribute lookup and a string comparison cost ~400 instructions a
- * task).  The getter returns one of three interned strings: each is compared by value the
- * first time and by identity after.  full=0: only whether it is pending. */
-static uint32_t c_task_state(PyObject *task, int full) {
-    PyObject *s = G.state_get(task, G.state_closure);
-    if (s == NULL) {
-        PyErr_Clear();
-        return TS_PENDING;
-    }
+/* TS_* of a task whose Task._state is the str s (borrowed).  The strings are compared by
+ * identity with those seen before (the C getter returns one of three interned strings),
+ * by value the first time; a finished task is failed if _exception is set (read
+ * _exception, not exception(): that would mark it retrieved; through the C getter for a
+ * watched_task()). */
+static uint32_t state_code(PyObject *task, PyObject *s) {
     uint32_t st;
     if (s == G.st_pending) {
         st = TS_PENDING;
@@ -287,8 +283,6 @@ static uint32_t c_task_state(PyObject *task, int full) {
         st = TS_DONE;
     } else if (s == G.st_cancelled) {
         st = TS_CANCELLED;
-    } else if (!PyUnicode_Check(s)) {
-        st = TS_DONE;
     } else if (PyUnicode_CompareWithASCIIString(s, "PENDING") == 0) {
         st = TS_PENDING;
         Py_XSETREF(G.st_pending, Py_NewRef(s));
@@ -301,10 +295,9 @@ static uint32_t c_task_state(PyObject *task, int full) {
     } else {
         st = TS_DONE;
     }
-    Py_DECREF(s);
-    if (st == TS_DONE && full) {
-        /* _exception, not exception(): that would mark it retrieved */
-        PyObject *e = G.exc_get != NULL ? G.exc_get(task, G.exc_closure) : PyObject_GetAttr(task, G.s_exception);
+    if (st == TS_DONE) {
+        PyObject *e = watched_task(task) && G.exc_get != NULL ? G.exc_get(task, G.exc_closure)
+                                                               : PyObject_GetAttr(task, G.s_exception);
         if (e == NULL) PyErr_Clear();
         else if (e != Py_None) st = TS_FAILED;
         Py_XDECREF(e);
@@ -312,9 +305,22 @@ static uint32_t c_task_state(PyObject *task, int full) {
     return st;
 }
 
-static inline int task_ended(PyObject *task) { return c_task_state(task, 0) != TS_PENDING; }
+/* The state of a watched_task(), from the C getter of Task._state called directly (an
+ * attribute lookup and string comparisons cost ~400 instructions a task). */
+static uint32_t c_task_state(PyObject *task) {
+    PyObject *s = G.state_get(task, G.state_closure);
+    if (s == NULL) {
+        PyErr_Clear();
+        return TS_PENDING;
+    }
+    uint32_t st = PyUnicode_Check(s) ? state_code(task, s) : TS_DONE;
+    Py_DECREF(s);
+    return st;
+}
 
-static PyObject *core_task_done(PyObject *m, PyObject *task);
+#define TS_UNREAD UINT32_MAX /* end_task: read the state */
+static void end_task(PyObject *task, uint32_t state);
+
 
 /* Link record tid to its task object and watch for its end. */
 static void attach_task(uint32_t tid, PyObject *task) {
@@ -326,8 +332,9 @@ static void attach_task(uint32_t tid, PyObject *task) {
     if (watched_task(task)) {
         /* its end will pass the watcher, unless it has already happened (an eager task
          * whose first step finished it, before we knew the object) */
-        if (task_ended(task)) {
-            Py_XDECREF(core_task_done(NULL, task));
+        uint32_t st = c_task_state(task);
+        if (st != TS_PENDING) {
+            end_task(task, st);
 #ifdef MS_LATE_NAMES
             late_name_watch(tid, task);
 #endif
@@ -348,20 +355,11 @@ static void attach_task(uint32_t tid, PyObject *task) {
 }
 
 static uint32_t task_state_of(PyObject *task) {
-    if (watched_task(task)) return c_task_state(task, 1);
+    if (watched_task(task)) return c_task_state(task);
     uint32_t st = TS_DONE;
     PyObject *s = PyObject_GetAttr(task, G.s_state);
     if (s != NULL && PyUnicode_Check(s)) {
-        if (PyUnicode_CompareWithASCIIString(s, "CANCELLED") == 0) {
-            st = TS_CANCELLED;
-        } else if (PyUnicode_CompareWithASCIIString(s, "PENDING") == 0) {
-            st = TS_PENDING;
-        } else {
-            /* read _exception, not exception(): that would mark it retrieved */
-            PyObject *e = PyObject_GetAttr(task, G.s_exception);
-            if (e != NULL && e != Py_None) st = TS_FAILED;
-            Py_XDECREF(e);
-        }
+        st = state_code(task, s);
     } else {
         PyErr_Clear();
         PyObject *c = PyObject_CallMethodNoArgs(task, G.s_cancelled);
@@ -438,22 +436,21 @@ static PyObject *task_name_of(PyObject *task) {
     return name;
 }
 
-PyDoc_STRVAR(task_done_doc, "task_done(task)\n--\n\nThe done callback our factory adds to every task it records.");
-
-static PyObject *core_task_done(PyObject *m, PyObject *task) {
+/* Task `task` has ended in `state` (TS_UNREAD: read it now): end its record, if we hold one. */
+static void end_task(PyObject *task, uint32_t state) {
     uint32_t tid, ti;
-    if (!S.has_data || !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) Py_RETURN_NONE;
+    if (!S.has_data || !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) return;
     u64map_del(&S.obj_index, (uint64_t)(uintptr_t)task);
     if (!task_registered(tid, &ti) || (S.tasks[ti].flags & TF_FINISHED) || S.tasks[ti].obj != (uintptr_t)task)
-        Py_RETURN_NONE;
+        return;
     int g = tls.guard;
     tls.guard = 1;
-    uint32_t state = task_state_of(task);
+    if (state == TS_UNREAD) state = task_state_of(task);
     PyObject *name = task_name_of(task);
     if (!task_registered(tid, &ti) || (S.tasks[ti].flags & TF_FINISHED)) { /* changed meanwhile */
         Py_XDECREF(name);
         tls.guard = g;
-        Py_RETURN_NONE;
+        return;
     }
     task_info_t *r = &S.tasks[ti]; /* after the calls above: they may grow S.tasks */
     r->state = state;
@@ -465,8 +462,17 @@ static PyObject *core_task_done(PyObject *m, PyObject *task) {
         }
     }
     tls.guard = g;
-    /* The fold itself waits for the next task creation: this callback runs inside asyncio's
-     * future_schedule_callbacks, where running Python code is best avoided. */
+    /* The fold itself waits for the next task creation: we are inside asyncio's
+     * future_schedule_callbacks or its running-task dict, where running Python code is
+     * best avoided. */
+}
+
+PyDoc_STRVAR(task_done_doc,
+"task_done(task)\n--\n\nThe done callback our factory adds to tasks whose end the running-task\n"
+"watcher does not see (3.11, Task subclasses, other task types).");
+
+static PyObject *core_task_done(PyObject *m, PyObject *task) {
+    end_task(task, TS_UNREAD);
     Py_RETURN_NONE;
 }
 
@@ -599,19 +605,18 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
     PyObject *exc = PyErr_Occurred() ? PyErr_GetRaisedException_compat() : NULL;
     if (!known) old = PyDict_GetItemWithError(d, key);
     uint32_t tid;
+    uint32_t st;
     if (old != NULL && Py_TYPE(old) == (PyTypeObject *)G.task_type &&
-        u64map_get(&S.obj_index, (uint64_t)(uintptr_t)old, &tid) && task_ended(old)) {
+        u64map_get(&S.obj_index, (uint64_t)(uintptr_t)old, &tid) && (st = c_task_state(old)) != TS_PENDING) {
         Py_INCREF(old);
-        if (is_recorded_task(tid, old, key)) Py_XDECREF(core_task_done(NULL, old));
+        if (is_recorded_task(tid, old, key)) end_task(old, st);
         Py_DECREF(old);
     }
     if (PyErr_Occurred()) PyErr_Clear();
     if (exc != NULL) PyErr_SetRaisedException_compat(exc);
     return 0;
 }
-#endif
 
-#if PY_VERSION_HEX >= 0x030C0000
 /* The C getter behind asyncio.Task.<name>, if it is a getset descriptor. */
 static void find_getter(PyObject *name, getter *get, void **closure) {
     PyObject *d = PyObject_GetAttr(G.task_type, name);
