@@ -28,6 +28,7 @@
 
 #include "_ptrmap.h"
 #include "_shadow.h"
+#include "_tstate.h"
 #include "_u64map.h"
 
 #if PY_VERSION_HEX >= 0x030C0000
@@ -75,7 +76,6 @@ typedef struct {
     double allocs;
     int64_t freed_bytes;
     double frees;
-    int64_t live_bytes;
     int64_t live_entries;  /* pointer-table entries naming this cell (exact count) */
     int64_t cross_free_bytes;
     double cross_frees;
@@ -87,11 +87,8 @@ typedef struct {
 typedef struct {
     uint32_t tid;
     uint32_t home_slot;
-    int64_t live_bytes;
+    int64_t live_bytes;     /* running, for the peak; the other totals: task_totals() */
     int64_t peak_live_bytes;
-    int64_t alloc_bytes;
-    double allocs;
-    int64_t live_entries;
     uint32_t first_cell;    /* head of the task's cell chain */
     uint32_t in_use;
     /* What the loop hooks registered (see _tasks.h); all zero/NULL for a bare slot. */
@@ -139,14 +136,17 @@ typedef struct {
     uint64_t ctx_ver;
     uint32_t ctx_session;
     uint32_t ctx_tid;
-    uint32_t fast_ok;        /* cache_cell holds while context, hand-over and cell_gen do */
-    uint32_t fast_handover;
-    PyObject *fast_ctx;      /* borrowed, compared only */
-    uint64_t fast_ver;
+    PyObject *fast_ctx;      /* borrowed, compared only; FAST_NONE: no fast answer.  While */
+    uint64_t fast_ver;       /* (context, context_ver) and cell_gen hold, the current cell */
+    uint32_t fast_now;       /* is cache_cell and the running task (current_tid) fast_now */
+    PyThreadState **ts_slot; /* where this thread's thread state is read (_tstate.h) */
     PyObject *step_loop;     /* borrowed: the key and value this thread last put in   */
     PyObject *step_task;     /* _asyncio._current_tasks (see tasks_watcher); NULL: none */
     uint32_t step_gen;
 } tls_t;
+
+/* tls_t.fast_ctx when the cached cell must not be trusted (no context lives at address 1) */
+#define FAST_NONE ((PyObject *)(uintptr_t)1)
 
 /* The few functions every tracked allocation and free goes through: inlined into the
  * hooks (callgrind: each call layer costs ~15 instructions of prologue and epilogue). */
@@ -207,13 +207,7 @@ static inline uint64_t coarse_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static inline PyThreadState *tstate_unchecked(void) {
-#if PY_VERSION_HEX >= 0x030D0000
-    return PyThreadState_GetUnchecked();
-#else
-    return _PyThreadState_UncheckedGet();
-#endif
-}
+static inline PyThreadState *tstate_unchecked(void) { return tstate_read(tls.ts_slot); }
 
 static inline uint64_t rng_next(uint64_t *s) {
     uint64_t x = *s;
@@ -259,11 +253,12 @@ static int grow_array(void **arr, uint32_t *cap, size_t elem, uint32_t need) {
 /* ---- threads ------------------------------------------------------------------------ */
 static void tls_enter_session(tls_t *t) {
     t->session = S.session;
+    t->ts_slot = tstate_bind();
     t->slot = 0;
     t->handover = 0;
     t->cache_key = 0;
     t->cache_gen = 0;
-    t->fast_ok = 0;
+    t->fast_ctx = FAST_NONE;
     t->rng = S.seed ^ (uint64_t)(uintptr_t)t ^ UINT64_C(0x9E3779B97F4A7C15);
     if (t->rng == 0) t->rng = 1;
     t->countdown = S.mode == MODE_SAMPLED ? draw_gap(&t->rng, S.sample_interval) : 0;
@@ -359,16 +354,27 @@ static inline uint32_t context_tid(void) {
     return tid;
 }
 
+/* Set this thread's hand-over; the cached cell no longer holds. */
+static inline void set_handover(tls_t *t, uint32_t tid) {
+    t->handover = tid;
+    t->fast_ctx = FAST_NONE;
+}
+
+/* Is the cached answer (cache_cell, fast_now) right for thread state ts?  It is while the
+ * context is the one it was computed in (CPython bumps context_ver on every switch) and no
+ * cell has ended since; a hand-over change or an inferred route resets fast_ctx. */
+static MS_HOT int fast_valid(const tls_t *t, const PyThreadState *ts) {
+    return ts != NULL && ts->context == t->fast_ctx && ts->context_ver == t->fast_ver;
+}
+
 /* The cell for the code running now on this thread.  0 means "could not record".  Most
  * allocations take the first return: same context as the last one, same hand-over, no
  * cell ended meanwhile, and not an inferred route (whose phase moves with time). */
 static uint32_t current_cell_slow(tls_t *t, PyThreadState *ts);
 
 static MS_HOT uint32_t current_cell(tls_t *t) {
-    PyThreadState *ts = tstate_unchecked();
-    if (t->fast_ok && ts != NULL && ts->context == t->fast_ctx && ts->context_ver == t->fast_ver &&
-        t->cache_gen == S.cell_gen && t->handover == t->fast_handover)
-        return t->cache_cell;
+    PyThreadState *ts = tstate_read(t->ts_slot);
+    if (fast_valid(t, ts) && t->cache_gen == S.cell_gen) return t->cache_cell;
     return current_cell_slow(t, ts);
 }
 
@@ -376,6 +382,7 @@ __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadSt
     uint32_t slot = thread_slot(t);
     if (slot == 0) return 0;
     uint32_t tid = context_tid(), route = ROUTE_CONTEXT, phase = 0;
+    t->fast_now = tid ? tid : t->handover; /* = current_tid() */
     thread_info_t *th = &S.threads[slot - 1];
     if (tid) {
         if (t->handover == tid) route = ROUTE_HANDED;
@@ -394,9 +401,7 @@ __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadSt
         }
     }
     uint64_t key = cell_key(tid, slot, route, phase);
-    t->fast_ok = route != ROUTE_INFERRED && ts != NULL;
-    t->fast_handover = t->handover;
-    t->fast_ctx = ts != NULL ? ts->context : NULL;
+    t->fast_ctx = (route != ROUTE_INFERRED && ts != NULL) ? ts->context : FAST_NONE;
     t->fast_ver = ts != NULL ? ts->context_ver : 0;
     if (key == t->cache_key && t->cache_gen == S.cell_gen) return t->cache_cell;
     uint32_t idx;
@@ -413,7 +418,7 @@ __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadSt
         }
         if (idx == 0) {
             S.dropped_cells++;
-            t->fast_ok = 0;
+            t->fast_ctx = FAST_NONE;
             return 0;
         }
     }
@@ -428,22 +433,50 @@ static inline uint32_t current_tid(void) {
     return tid ? tid : tls.handover;
 }
 
+/* current_tid(), from the cached answer when it holds (the free hook asks on every free of
+ * a task's block, to count frees by another task). */
+static MS_HOT uint32_t current_tid_fast(void) {
+    tls_t *t = &tls;
+    if (t->session == S.session && fast_valid(t, tstate_read(t->ts_slot))) return t->fast_now;
+    return current_tid();
+}
+
 static inline uint32_t cell_tid(const cell_t *c) { return (uint32_t)(c->key & 0xFFFFFFFFu); }
 
+/* Totals of task slot ti over its cells. */
+static void task_totals(uint32_t ti, int64_t *alloc_bytes, double *allocs, int64_t *live_entries) {
+    int64_t ab = 0, le = 0;
+    double na = 0;
+    for (uint32_t i = S.tasks[ti].first_cell; i != 0; i = S.cells[i].next_in_task) {
+        ab += S.cells[i].alloc_bytes;
+        na += S.cells[i].allocs;
+        le += S.cells[i].live_entries;
+    }
+    if (alloc_bytes) *alloc_bytes = ab;
+    if (allocs) *allocs = na;
+    if (live_entries) *live_entries = le;
+}
+
+static inline int64_t task_live_entries(uint32_t ti) {
+    int64_t le;
+    task_totals(ti, NULL, NULL, &le);
+    return le;
+}
+
+/* Per allocation and free only what cannot be summed later is kept: the cell's counters
+ * (its live bytes are alloc_bytes - freed_bytes) and the task's running live bytes, for its
+ * peak.  A task's other totals are the sums over its cells (task_totals). */
 static MS_HOT void account_alloc(uint32_t cell, int64_t bytes, double count) {
     cell_t *c = &S.cells[cell];
     c->alloc_bytes += bytes;
     c->allocs += count;
-    c->live_bytes += bytes;
     c->live_entries++;
     if (c->track_time) c->last_ns = coarse_ns();
     if (c->tinfo) {
         task_info_t *ti = &S.tasks[c->tinfo];
-        ti->alloc_bytes += bytes;
-        ti->allocs += count;
-        ti->live_entries++;
-        ti->live_bytes += bytes;
-        if (ti->live_bytes > ti->peak_live_bytes) ti->peak_live_bytes = ti->live_bytes;
+        int64_t live = ti->live_bytes + bytes;
+        ti->live_bytes = live;
+        if (live > ti->peak_live_bytes) ti->peak_live_bytes = live;
     }
 }
 
@@ -451,13 +484,11 @@ static MS_HOT void account_free(uint32_t cell, int64_t bytes, double count) {
     cell_t *c = &S.cells[cell];
     c->freed_bytes += bytes;
     c->frees += count;
-    c->live_bytes -= bytes;
     c->live_entries--;
     uint32_t owner = cell_tid(c);
     if (owner) {
         S.tasks[c->tinfo].live_bytes -= bytes;
-        S.tasks[c->tinfo].live_entries--;
-        uint32_t now = current_tid();
+        uint32_t now = current_tid_fast();
         if (now != 0 && now != owner) {
             c->cross_free_bytes += bytes;
             c->cross_frees += count;
@@ -637,11 +668,9 @@ static void record_realloc(void *old, void *p, size_t size) {
         int64_t delta = (int64_t)size - (int64_t)old_size;
         if (delta >= 0) c->alloc_bytes += delta;
         else c->freed_bytes += -delta;
-        c->live_bytes += delta;
         if (c->track_time) c->last_ns = coarse_ns();
         if (cell_tid(c)) {
             task_info_t *ti = &S.tasks[c->tinfo];
-            if (delta > 0) ti->alloc_bytes += delta;
             ti->live_bytes += delta;
             if (ti->live_bytes > ti->peak_live_bytes) ti->peak_live_bytes = ti->live_bytes;
         }
@@ -843,12 +872,14 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
     if (S.has_data) clear_data();
     if (ptrmap_init(&S.ptrs, mode == MODE_SAMPLED ? 1u << 10 : 1u << 14) < 0 || u64map_init(&S.cell_index, 1024) < 0 ||
         u64map_init(&S.task_index, 1024) < 0 || u64map_init(&S.obj_index, 1024) < 0 || stacks_init(depth) < 0 ||
-        shadow_init(&S.shadow) < 0 ||
         (mode == MODE_SAMPLED && ((S.filter = (uint64_t *)calloc(FILTER_WORDS, sizeof(uint64_t))) == NULL ||
                                   u64map_init(&S.filter_more, 64) < 0))) {
         clear_data();
         return PyErr_NoMemory();
     }
+    /* Exact mode keeps small blocks in the shadow map; if its directory cannot be mapped
+     * they all go to the pointer table instead (slower, still exact). */
+    if (mode == MODE_EXACT) (void)shadow_init(&S.shadow);
     /* cell 0 and task slot 0 are reserved (0 = "none") */
     if (grow_array((void **)&S.cells, &S.capcells, sizeof(cell_t), 1) < 0 ||
         grow_array((void **)&S.tasks, &S.captasks, sizeof(task_info_t), 1) < 0) {
@@ -869,6 +900,7 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
     S.start_ns = now_ns();
     S.has_data = 1;
 
+    tstate_locate();
     tasks_watch(1); /* before the hooks: it may import _asyncio */
     static PyMemAllocatorEx hook_obj, hook_mem;
     PyMem_GetAllocator(PYMEM_DOMAIN_OBJ, &S.orig_obj);
@@ -937,7 +969,7 @@ static PyObject *core_set_handover(PyObject *m, PyObject *arg) {
     tls_t *t = &tls;
     if (S.has_data && t->session != S.session) tls_enter_session(t);
     uint32_t prev = t->handover;
-    t->handover = (uint32_t)tid;
+    set_handover(t, (uint32_t)tid);
     return PyLong_FromUnsignedLong(prev);
 }
 
@@ -966,7 +998,7 @@ static PyObject *core_set_inferred(PyObject *m, PyObject *args) {
         thread_info_t *th = &S.threads[slot - 1];
         th->inferred_tid = (uint32_t)tid;
         th->inferred_start_ns = started;
-        t->fast_ok = 0;
+        t->fast_ctx = FAST_NONE;
         th->shared = 0;
         th->owner_done = 0;
         S.ninferred++;
@@ -1001,7 +1033,7 @@ static PyObject *core_cells(PyObject *m, PyObject *noargs) {
         PyObject *row = Py_BuildValue(
             "(kkkkLdLdLLLdKK)", (unsigned long)(c.key & 0xFFFFFFFFu), (unsigned long)((c.key >> 32) & 0xFFFFFu),
             (unsigned long)((c.key >> 52) & 0xFu), (unsigned long)((c.key >> 56) & 0x7u), (long long)c.alloc_bytes,
-            c.allocs, (long long)c.freed_bytes, c.frees, (long long)c.live_bytes, (long long)c.live_entries,
+            c.allocs, (long long)c.freed_bytes, c.frees, (long long)(c.alloc_bytes - c.freed_bytes), (long long)c.live_entries,
             (long long)c.cross_free_bytes, c.cross_frees, (unsigned long long)c.first_ns,
             (unsigned long long)c.last_ns);
         if (row == NULL || PyList_Append(out, row) < 0) {
@@ -1060,7 +1092,7 @@ static PyObject *core_threads(PyObject *m, PyObject *noargs) {
 static int release_task_slot(uint32_t tid) {
     uint32_t ti;
     if (!u64map_get(&S.task_index, (uint64_t)tid + 1, &ti)) return 0;
-    if (S.tasks[ti].live_entries != 0) return 1;
+    if (task_live_entries(ti) != 0) return 1;
     int g = tls.guard;
     tls.guard = 1;
     for (uint32_t i = S.tasks[ti].first_cell; i != 0;) {
@@ -1113,14 +1145,14 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
                    (size_t)(S.obj_index.slots ? S.obj_index.mask + 1 : 0) * sizeof(u64map_entry_t);
     size_t stacks = stacks_bytes();
     PyObject *d = Py_BuildValue(
-        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:K,s:K}", "tracked_allocations",
+        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:K,s:K,s:i}", "tracked_allocations",
         (unsigned long long)ptrs_count(), "table_bytes", (Py_ssize_t)table, "stacks_bytes", (Py_ssize_t)stacks,
         "tracker_bytes", (Py_ssize_t)(table + other + stacks), "cells",
         (unsigned int)(S.ncells - 1 - S.nfree_cells), "tasks", (unsigned int)(S.ntasks - 1 - S.nfree_tasks),
         "threads", (unsigned int)S.nthreads, "untracked", (unsigned long long)S.untracked, "dropped",
         (unsigned long long)S.dropped_cells, "start_ns", (unsigned long long)S.start_ns, "active", S.active,
         "table_capacity", (unsigned long long)S.ptrs.capacity, "task_records", (unsigned long long)S.records,
-        "pending_task_records", (unsigned long long)S.pending);
+        "pending_task_records", (unsigned long long)S.pending, "fast_thread_state", tls.ts_slot != NULL);
     tls.guard = g;
     return d;
 }

@@ -5,50 +5,46 @@
  * shadow map instead keeps one 32-bit entry per 16-byte granule of address space, so the
  * metadata of consecutive blocks is consecutive too and an asyncio task that builds and
  * drops objects walks its metadata linearly.  Only blocks smaller than SHADOW_MAX_SIZE go
- * here; anything it cannot hold goes to the pointer table as before.
+ * here; anything it cannot hold goes to the pointer table.
  *
- * Layout (like CPython's own arena radix tree), for an address a < 2^SHADOW_ADDR_BITS:
+ * Layout, for an address a < 2^SHADOW_ADDR_BITS (47: the x86-64 4-level user space):
  *
- *     a bits 46..34  top index   -> s->top[]: 8192 mid pointers inside shadow_t (64 KiB;
- *                                   bits 47..34 and 128 KiB with SHADOW_ADDR_BITS 48)
- *     a bits 33..20  mid index   -> mid array (mmap, 16384 slots of 16 B = 256 KiB):
- *                                   { leaf pointer, live count }
- *     a bits 19..4   granule     -> leaf (mmap, 65536 entries of 4 B = 256 KiB):
- *                                   one leaf covers 1 MiB of address space
- *     a bits 3..0    must be 0   (pymalloc and glibc both return 16-byte aligned blocks)
+ *     a bits 46..26  directory index -> s->dir[]: 2^21 leaf pointers (16 MiB of address
+ *                                      space reserved, only touched pages resident: one
+ *                                      4 KiB page of it covers 32 GiB of heap)
+ *     a bits 25..4   granule         -> leaf: 2^22 entries of 4 B (16 MiB reserved), one
+ *                                      leaf covers 64 MiB of address space
+ *     a bits 3..0    must be 0       (pymalloc and glibc both return 16-byte aligned blocks)
  *
  *     entry: bits 0..9 size, bit 10 flag, bits 11..31 cell (cell >= 1, so used != 0)
  *
- * Leaves and mid arrays are mapped lazily with MAP_NORESERVE, so only the pages that are
- * actually written cost RSS: densely packed 48-byte objects cost 12 B of metadata each.
- * Each new mapping also gets MADV_NOHUGEPAGE, because the kernel merges adjacent leaf
- * mappings into one VMA and with THP "always" would back a 2 MiB stretch with a huge page.
- * That madvise runs only when a leaf or mid array is created (already an mmap); put and
- * take themselves never make a syscall once the leaf exists, and a leaf that empties is
- * kept (an alloc/free pattern oscillating around it costs nothing).  Only shadow_trim and
- * shadow_free release memory.
- *
- * The live count of a leaf sits next to the leaf pointer in the mid slot, so besides the
- * (hot) top pointer and shadow_t.count, put and take touch two cache lines: the mid slot
- * and the entry.  take also checks the live
- * count before reading the leaf, so freeing a pointer that was never recorded costs at
- * most the top and mid loads.  A registry (calloc'd array of leaf keys = a >> 20) lists
- * every leaf, so trim, free and the byte counters never walk whole mid arrays.
+ * So a put or a take is two dependent loads (directory slot, entry) and a store, with no
+ * per-leaf bookkeeping: the first version had a three-level tree with a live count per
+ * leaf, and callgrind put it at ~35 instructions per put and per take; this one is ~12.
+ * Everything is mapped with MAP_NORESERVE, so only the pages that are written cost RSS:
+ * densely packed 48-byte objects cost 12 B of metadata each.  Each mapping also gets
+ * MADV_NOHUGEPAGE, because the kernel merges adjacent leaf mappings into one VMA and with
+ * THP "always" would back a 2 MiB stretch with a huge page.  That madvise runs only when a
+ * leaf is created (already an mmap); put and take never make a syscall once the leaf
+ * exists, and leaves are kept until shadow_free (an alloc/free pattern oscillating around
+ * a leaf costs nothing).  A registry (calloc'd array of directory indexes) lists every
+ * leaf, so shadow_free and the byte counters never walk the directory.
  *
  * Overwrite rule: a put on a granule that already holds an entry (its free was not seen)
- * replaces the entry; the live counts do not change (one live block before and after).
+ * replaces the entry; the live count does not change (one live block before and after).
  * shadow_put_ex reports the replaced entry so the caller can settle the old cell.  The
  * free hook should ask shadow_take first and the pointer table only when it answers 0;
  * if frees can be missed, routing an aligned block to the pointer table should also
  * shadow_take it first, or a stale small entry would shadow the big block's record.
  *
- * Addresses at or above 2^SHADOW_ADDR_BITS (default 47: the x86-64 4-level user space) are
- * refused by put and ignored by take/get.  Define SHADOW_ADDR_BITS 48 before including this
- * header on systems whose user space reaches 2^48 (arm64 with 48-bit VA).
+ * Addresses at or above 2^SHADOW_ADDR_BITS are refused by put and ignored by take/get.
+ * Define SHADOW_ADDR_BITS 48 before including this header on systems whose user space
+ * reaches 2^48 (arm64 with 48-bit VA; the directory is then 32 MiB reserved).
  *
- * The empty state is all zeros, so a static shadow_t is valid without shadow_init.  Memory
- * comes from mmap and the C library (calloc/free), never from a Python domain.  No locking:
- * all functions run with the GIL held.
+ * The empty state is all zeros: a map whose directory could not be mapped (shadow_init
+ * failed, or was never called) refuses every put and finds nothing.  Memory comes from
+ * mmap and the C library (calloc/free), never from a Python domain.  No locking: all
+ * functions run with the GIL held.
  */
 #ifndef MEMSCOPE_SHADOW_H
 #define MEMSCOPE_SHADOW_H
@@ -83,15 +79,12 @@ int mincore(void *addr, size_t len, unsigned char *vec);
 #endif
 
 #define SHADOW_GRANULE_BITS 4
-#define SHADOW_LEAF_BITS 16 /* granules per leaf: 2^16 x 16 B = 1 MiB of address space */
-#define SHADOW_MID_BITS 14
-#define SHADOW_LEAF_SHIFT (SHADOW_GRANULE_BITS + SHADOW_LEAF_BITS)  /* 20 */
-#define SHADOW_TOP_SHIFT (SHADOW_LEAF_SHIFT + SHADOW_MID_BITS)      /* 34 */
-#define SHADOW_TOP_LEN ((size_t)1 << (SHADOW_ADDR_BITS - SHADOW_TOP_SHIFT))
-#define SHADOW_MID_LEN ((size_t)1 << SHADOW_MID_BITS)
+#define SHADOW_LEAF_BITS 22 /* granules per leaf: 2^22 x 16 B = 64 MiB of address space */
+#define SHADOW_LEAF_SHIFT (SHADOW_GRANULE_BITS + SHADOW_LEAF_BITS) /* 26 */
+#define SHADOW_DIR_LEN ((size_t)1 << (SHADOW_ADDR_BITS - SHADOW_LEAF_SHIFT))
 #define SHADOW_LEAF_LEN ((size_t)1 << SHADOW_LEAF_BITS)
 #define SHADOW_LEAF_BYTES (SHADOW_LEAF_LEN * sizeof(uint32_t))
-#define SHADOW_MID_BYTES (SHADOW_MID_LEN * sizeof(shadow_slot_t))
+#define SHADOW_DIR_BYTES (SHADOW_DIR_LEN * sizeof(uint32_t *))
 
 #define SHADOW_SIZE_MASK 0x3FFu
 #define SHADOW_FLAG_BIT 10
@@ -100,19 +93,11 @@ int mincore(void *addr, size_t len, unsigned char *vec);
 #define SHADOW_UNLIKELY(x) __builtin_expect(!!(x), 0)
 #define SHADOW_UNUSED __attribute__((unused)) /* not every includer uses every function */
 
-/* One mid slot per leaf.  16 bytes (with padding), so a slot never straddles a cache line
- * and the live count is on the line put/take load the leaf pointer from anyway. */
-typedef struct {
-    uint32_t *leaf; /* NULL until the first put in this MiB */
-    uint32_t live;  /* used entries in the leaf (0..65536) */
-} shadow_slot_t;
-
 typedef struct shadow {
-    shadow_slot_t *top[SHADOW_TOP_LEN]; /* in .bss, only the touched pages become resident */
-    uint64_t count;                     /* live entries */
-    uint32_t *leaves;                   /* registry: key (a >> 20) of every mapped leaf */
+    uint32_t **dir;   /* SHADOW_DIR_LEN leaf pointers (NULL until the first put there) */
+    uint64_t count;   /* live entries */
+    uint32_t *leaves; /* registry: directory index of every mapped leaf */
     size_t nleaves, capleaves;
-    size_t nmids;
 } shadow_t;
 
 static inline int shadow_bad_addr(uintptr_t a) {
@@ -125,10 +110,6 @@ static inline void shadow_decode(uint32_t e, uint32_t *size, uint32_t *cell, int
     *cell = e >> SHADOW_CELL_SHIFT;
 }
 
-static inline shadow_slot_t *shadow_slot_of_key(const shadow_t *s, uint32_t key) {
-    return &s->top[key >> SHADOW_MID_BITS][key & (SHADOW_MID_LEN - 1)];
-}
-
 SHADOW_UNUSED static void *shadow_map(size_t bytes) {
     void *m = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                    -1, 0);
@@ -139,25 +120,15 @@ SHADOW_UNUSED static void *shadow_map(size_t bytes) {
     return m;
 }
 
+/* Map the directory.  Returns 0, or -1 (the map then stays empty and refuses puts). */
 SHADOW_UNUSED static int shadow_init(shadow_t *s) {
     memset(s, 0, sizeof(*s));
-    return 0;
+    s->dir = (uint32_t **)shadow_map(SHADOW_DIR_BYTES);
+    return s->dir != NULL ? 0 : -1;
 }
 
-/* Slow path of put: map the mid array and/or the leaf holding address a.  Returns the
- * slot with a non-NULL leaf, or NULL when memory could not be had. */
-__attribute__((noinline, cold, unused)) static shadow_slot_t *shadow_make_leaf(shadow_t *s,
-                                                                          uintptr_t a) {
-    size_t ti = (size_t)(a >> SHADOW_TOP_SHIFT);
-    shadow_slot_t *mid = s->top[ti];
-    if (mid == NULL) {
-        mid = (shadow_slot_t *)shadow_map(SHADOW_MID_BYTES);
-        if (mid == NULL) return NULL;
-        s->top[ti] = mid;
-        s->nmids++;
-    }
-    shadow_slot_t *slot = &mid[(a >> SHADOW_LEAF_SHIFT) & (SHADOW_MID_LEN - 1)];
-    if (slot->leaf != NULL) return slot;
+/* Slow path of put: map the leaf holding address a.  NULL when memory could not be had. */
+__attribute__((noinline, cold, unused)) static uint32_t *shadow_make_leaf(shadow_t *s, uintptr_t a) {
     if (s->nleaves == s->capleaves) {
         size_t ncap = s->capleaves ? s->capleaves * 2 : 64;
         uint32_t *nl = (uint32_t *)calloc(ncap, sizeof(uint32_t));
@@ -169,76 +140,65 @@ __attribute__((noinline, cold, unused)) static shadow_slot_t *shadow_make_leaf(s
     }
     uint32_t *leaf = (uint32_t *)shadow_map(SHADOW_LEAF_BYTES);
     if (leaf == NULL) return NULL;
-    slot->leaf = leaf;
-    slot->live = 0;
+    s->dir[a >> SHADOW_LEAF_SHIFT] = leaf;
     s->leaves[s->nleaves++] = (uint32_t)(a >> SHADOW_LEAF_SHIFT);
-    return slot;
+    return leaf;
 }
 
-/* put, also reporting what it replaced: *old = the previous raw entry (0 if the granule
- * was free; decode it with shadow_decode).  Returns 0, or -1 when p cannot be held. */
+/* Record p.  The caller guarantees size < SHADOW_MAX_SIZE and 1 <= cell <= SHADOW_MAX_CELL
+ * (the pointer table's 19-bit cell limit caps cells far below).  *old = the entry it
+ * replaced (0 if the granule was free; decode it with shadow_decode).  Returns 0, or -1
+ * when p cannot be held here (unaligned, too high, no directory, mmap failed). */
 static inline int shadow_put_ex(shadow_t *s, const void *p, uint32_t size, uint32_t cell, int flag,
                                 uint32_t *old) {
     uintptr_t a = (uintptr_t)p;
-    if (SHADOW_UNLIKELY(shadow_bad_addr(a) || size >= SHADOW_MAX_SIZE ||
-                        cell - 1u >= SHADOW_MAX_CELL))
-        return -1;
-    shadow_slot_t *mid = s->top[a >> SHADOW_TOP_SHIFT];
-    shadow_slot_t *slot = mid ? &mid[(a >> SHADOW_LEAF_SHIFT) & (SHADOW_MID_LEN - 1)] : NULL;
-    if (SHADOW_UNLIKELY(slot == NULL || slot->leaf == NULL)) {
-        slot = shadow_make_leaf(s, a);
-        if (slot == NULL) return -1;
+    uint32_t **dir = s->dir;
+    if (SHADOW_UNLIKELY(shadow_bad_addr(a) || dir == NULL)) return -1;
+    uint32_t *leaf = dir[a >> SHADOW_LEAF_SHIFT];
+    if (SHADOW_UNLIKELY(leaf == NULL)) {
+        leaf = shadow_make_leaf(s, a);
+        if (leaf == NULL) return -1;
     }
-    uint32_t *e = &slot->leaf[(a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1)];
+    uint32_t *e = &leaf[(a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1)];
     uint32_t prev = *e;
     *e = size | ((uint32_t)(flag != 0) << SHADOW_FLAG_BIT) | (cell << SHADOW_CELL_SHIFT);
-    if (prev == 0) {
-        slot->live++;
-        s->count++;
-    }
+    if (prev == 0) s->count++;
     *old = prev;
     return 0;
 }
 
-/* Record p (size < SHADOW_MAX_SIZE, 1 <= cell <= SHADOW_MAX_CELL).  Returns 0, or -1 when p
- * cannot be held here (unaligned, too high, size too big, bad cell, mmap failed): the
- * caller then uses the pointer table.  Overwrites an existing entry for p. */
-static inline int shadow_put(shadow_t *s, const void *p, uint32_t size, uint32_t cell, int flag) {
+/* Record p, overwriting an existing entry (see shadow_put_ex for the contract). */
+SHADOW_UNUSED static inline int shadow_put(shadow_t *s, const void *p, uint32_t size, uint32_t cell,
+                                           int flag) {
     uint32_t old;
     return shadow_put_ex(s, p, size, cell, flag, &old);
 }
 
-/* Find the entry of p, or NULL (cheap for pointers never recorded). */
-static inline uint32_t *shadow_find(const shadow_t *s, uintptr_t a, shadow_slot_t **slotp) {
-    if (SHADOW_UNLIKELY(shadow_bad_addr(a))) return NULL;
-    shadow_slot_t *mid = s->top[a >> SHADOW_TOP_SHIFT];
-    if (mid == NULL) return NULL;
-    shadow_slot_t *slot = &mid[(a >> SHADOW_LEAF_SHIFT) & (SHADOW_MID_LEN - 1)];
-    if (slot->live == 0) return NULL; /* also covers "no leaf" */
-    uint32_t *e = &slot->leaf[(a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1)];
-    if (*e == 0) return NULL;
-    *slotp = slot;
-    return e;
+/* The entry of p, or NULL if p is not recorded (cheap for pointers never recorded). */
+static inline uint32_t *shadow_find(const shadow_t *s, uintptr_t a) {
+    uint32_t **dir = s->dir;
+    if (SHADOW_UNLIKELY(shadow_bad_addr(a) || dir == NULL)) return NULL;
+    uint32_t *leaf = dir[a >> SHADOW_LEAF_SHIFT];
+    if (leaf == NULL) return NULL;
+    uint32_t *e = &leaf[(a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1)];
+    return *e != 0 ? e : NULL;
 }
 
 /* If p is recorded: clear it, fill size/cell/flag, return 1.  Otherwise 0. */
 static inline int shadow_take(shadow_t *s, const void *p, uint32_t *size, uint32_t *cell,
                               int *flag) {
-    shadow_slot_t *slot;
-    uint32_t *e = shadow_find(s, (uintptr_t)p, &slot);
+    uint32_t *e = shadow_find(s, (uintptr_t)p);
     if (e == NULL) return 0;
     shadow_decode(*e, size, cell, flag);
     *e = 0;
-    slot->live--;
     s->count--;
     return 1;
 }
 
 /* Like take, without clearing. */
-static inline int shadow_get(const shadow_t *s, const void *p, uint32_t *size, uint32_t *cell,
-                             int *flag) {
-    shadow_slot_t *slot;
-    uint32_t *e = shadow_find(s, (uintptr_t)p, &slot);
+SHADOW_UNUSED static inline int shadow_get(const shadow_t *s, const void *p, uint32_t *size,
+                                           uint32_t *cell, int *flag) {
+    uint32_t *e = shadow_find(s, (uintptr_t)p);
     if (e == NULL) return 0;
     shadow_decode(*e, size, cell, flag);
     return 1;
@@ -270,61 +230,26 @@ SHADOW_UNUSED static size_t shadow_resident_range(const void *p, size_t len) {
     return total;
 }
 
-/* Real RSS of the metadata: resident pages of the top array, every mid array and leaf,
- * plus the registry.  Pages only ever read (the kernel's shared zero page) count too. */
+/* Real RSS of the metadata: resident pages of the directory and every leaf, plus the
+ * registry.  Pages only ever read (the kernel's shared zero page) count too. */
 SHADOW_UNUSED static size_t shadow_resident_bytes(const shadow_t *s) {
-    size_t total = shadow_resident_range(s->top, sizeof(s->top));
-    for (size_t i = 0; i < SHADOW_TOP_LEN; i++) {
-        if (s->top[i] != NULL) total += shadow_resident_range(s->top[i], SHADOW_MID_BYTES);
-    }
-    for (size_t i = 0; i < s->nleaves; i++) {
-        const uint32_t *leaf = shadow_slot_of_key(s, s->leaves[i])->leaf;
-        total += shadow_resident_range(leaf, SHADOW_LEAF_BYTES);
-    }
+    if (s->dir == NULL) return 0;
+    size_t total = shadow_resident_range(s->dir, SHADOW_DIR_BYTES);
+    for (size_t i = 0; i < s->nleaves; i++) total += shadow_resident_range(s->dir[s->leaves[i]], SHADOW_LEAF_BYTES);
     return total + s->capleaves * sizeof(uint32_t);
 }
 
-/* Virtual size: top array + all mid arrays + all leaves + registry. */
+/* Virtual size: directory + all leaves + registry. */
 SHADOW_UNUSED static size_t shadow_mapped_bytes(const shadow_t *s) {
-    return sizeof(s->top) + s->nmids * SHADOW_MID_BYTES + s->nleaves * SHADOW_LEAF_BYTES +
-           s->capleaves * sizeof(uint32_t);
-}
-
-/* Unmap every leaf whose live count is 0, then every mid array left without leaves.
- * Never called from put/take; meant for a periodic or end-of-phase clean-up. */
-SHADOW_UNUSED static void shadow_trim(shadow_t *s) {
-    size_t i = s->nleaves;
-    while (i > 0) {
-        i--;
-        shadow_slot_t *slot = shadow_slot_of_key(s, s->leaves[i]);
-        if (slot->live != 0) continue;
-        munmap(slot->leaf, SHADOW_LEAF_BYTES);
-        slot->leaf = NULL;
-        /* Swap-remove from the registry; the moved entry (index > i) was already visited. */
-        s->leaves[i] = s->leaves[--s->nleaves];
-    }
-    /* A mid array is released when no registered leaf points into it. */
-    if (s->nmids == 0) return;
-    unsigned char *used = (unsigned char *)calloc(SHADOW_TOP_LEN, 1);
-    if (used == NULL) return; /* keep the mids; nothing is lost */
-    for (i = 0; i < s->nleaves; i++) used[s->leaves[i] >> SHADOW_MID_BITS] = 1;
-    for (i = 0; i < SHADOW_TOP_LEN; i++) {
-        if (s->top[i] != NULL && !used[i]) {
-            munmap(s->top[i], SHADOW_MID_BYTES);
-            s->top[i] = NULL;
-            s->nmids--;
-        }
-    }
-    free(used);
+    if (s->dir == NULL) return 0;
+    return SHADOW_DIR_BYTES + s->nleaves * SHADOW_LEAF_BYTES + s->capleaves * sizeof(uint32_t);
 }
 
 /* Unmap everything and return to the empty (all-zero) state. */
 SHADOW_UNUSED static void shadow_free(shadow_t *s) {
-    for (size_t i = 0; i < s->nleaves; i++) {
-        munmap(shadow_slot_of_key(s, s->leaves[i])->leaf, SHADOW_LEAF_BYTES);
-    }
-    for (size_t i = 0; i < SHADOW_TOP_LEN; i++) {
-        if (s->top[i] != NULL) munmap(s->top[i], SHADOW_MID_BYTES);
+    if (s->dir != NULL) {
+        for (size_t i = 0; i < s->nleaves; i++) munmap(s->dir[s->leaves[i]], SHADOW_LEAF_BYTES);
+        munmap(s->dir, SHADOW_DIR_BYTES);
     }
     free(s->leaves);
     memset(s, 0, sizeof(*s));

@@ -216,7 +216,7 @@ static int register_task(PyObject *ctx, int explicit, uint32_t flags, uint32_t s
     S.pending++;
     if (ctx == NULL) { /* ContextVar.set does not bump context_ver */
         t->ctx_seen = NULL;
-        t->fast_ok = 0;
+        t->fast_ctx = FAST_NONE;
     }
     t->guard = g;
     *out = tid;
@@ -1170,9 +1170,9 @@ static PyObject *handed_vectorcall(PyObject *self, PyObject *const *args, size_t
     tls_t *t = &tls;
     if (S.has_data && t->session != S.session) tls_enter_session(t);
     uint32_t prev = t->handover;
-    t->handover = h->tid;
+    set_handover(t, h->tid);
     PyObject *r = PyObject_Vectorcall(h->fn, args, nargsf, kwnames);
-    t->handover = prev;
+    set_handover(t, prev);
     return r;
 }
 
@@ -1530,8 +1530,9 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
     uint32_t nc = 0;
     for (uint32_t i = 0; i < n; i++) {
         uint32_t ti;
-        if (task_registered(S.finished[i], &ti) && S.tasks[ti].live_entries == 0) {
-            cand[nc].alloc_bytes = S.tasks[ti].alloc_bytes;
+        int64_t ab, le;
+        if (task_registered(S.finished[i], &ti) && (task_totals(ti, &ab, NULL, &le), le == 0)) {
+            cand[nc].alloc_bytes = ab;
             cand[nc].tid = S.finished[i];
             nc++;
         }
@@ -1565,8 +1566,9 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
             PyErr_NoMemory();
             goto done;
         }
-        int64_t ab = r->alloc_bytes;
-        double na = r->allocs;
+        int64_t ab;
+        double na;
+        task_totals(ti, &ab, &na, NULL);
         if (release_task_slot(cand[k].tid) != 0) continue;
         fg->values[fg->n++] = ab;
         fg->allocs += na;
