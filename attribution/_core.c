@@ -72,19 +72,20 @@ typedef struct {
     uint64_t key;          /* packed (tid, slot, route, phase) */
     uint32_t tinfo;        /* index into tasks[] (0 for unattributed) */
     uint32_t track_time;   /* 1 if this cell is a migration (record last_ns) */
+    struct task_info *task; /* &tasks[tinfo], NULL for unattributed (kept when tasks[] moves) */
     int64_t alloc_bytes;
-    double allocs;
+    int64_t allocs;        /* counts are fixed point: COUNT_ONE per allocation */
     int64_t freed_bytes;
-    double frees;
+    int64_t frees;
     int64_t live_entries;  /* pointer-table entries naming this cell (exact count) */
     int64_t cross_free_bytes;
-    double cross_frees;
+    int64_t cross_frees;
     uint64_t first_ns;
     uint64_t last_ns;
     uint32_t next_in_task;  /* next cell of the same task, 0 = end */
 } cell_t;
 
-typedef struct {
+typedef struct task_info {
     uint32_t tid;
     uint32_t home_slot;
     int64_t live_bytes;     /* running, for the peak; the other totals: task_totals() */
@@ -236,6 +237,13 @@ static inline double scaled_count(size_t size) {
     return 1.0 / (1.0 - exp(-(double)size / S.sample_interval));
 }
 
+/* Allocation counts are kept in fixed point: COUNT_ONE is one allocation. */
+#define COUNT_ONE ((int64_t)1 << 16)
+
+static inline int64_t scaled_count_fp(size_t size) { return llround(scaled_count(size) * (double)COUNT_ONE); }
+
+static inline double count_value(int64_t fp) { return (double)fp / (double)COUNT_ONE; }
+
 static int grow_array(void **arr, uint32_t *cap, size_t elem, uint32_t need) {
     if (need <= *cap) return 0;
     uint32_t ncap = *cap ? *cap : 64;
@@ -286,7 +294,12 @@ static uint32_t task_info_for(uint32_t tid, uint32_t home_slot, int create) {
     if (S.nfree_tasks) {
         idx = S.free_tasks[--S.nfree_tasks];
     } else {
+        task_info_t *before = S.tasks;
         if (grow_array((void **)&S.tasks, &S.captasks, sizeof(task_info_t), S.ntasks + 1) < 0) return 0;
+        if (S.tasks != before) { /* moved: the cells' task pointers follow */
+            for (uint32_t i = 1; i < S.ncells; i++)
+                if (S.cells[i].tinfo) S.cells[i].task = &S.tasks[S.cells[i].tinfo];
+        }
         idx = S.ntasks++;
     }
     if (u64map_put(&S.task_index, (uint64_t)tid + 1, idx) < 0) return 0;
@@ -318,6 +331,7 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t slot, uint32_t rou
     c->key = key;
     uint32_t ti = tid ? task_info_for(tid, slot, 0) : 0; /* registered: current_cell checked */
     c->tinfo = ti;
+    c->task = ti ? &S.tasks[ti] : NULL;
     if (tid) {
         c->next_in_task = S.tasks[ti].first_cell;
         S.tasks[ti].first_cell = idx;
@@ -449,7 +463,7 @@ static void task_totals(uint32_t ti, int64_t *alloc_bytes, double *allocs, int64
     double na = 0;
     for (uint32_t i = S.tasks[ti].first_cell; i != 0; i = S.cells[i].next_in_task) {
         ab += S.cells[i].alloc_bytes;
-        na += S.cells[i].allocs;
+        na += count_value(S.cells[i].allocs);
         le += S.cells[i].live_entries;
     }
     if (alloc_bytes) *alloc_bytes = ab;
@@ -465,31 +479,33 @@ static inline int64_t task_live_entries(uint32_t ti) {
 
 /* Per allocation and free only what cannot be summed later is kept: the cell's counters
  * (its live bytes are alloc_bytes - freed_bytes) and the task's running live bytes, for its
- * peak.  A task's other totals are the sums over its cells (task_totals). */
-static MS_HOT void account_alloc(uint32_t cell, int64_t bytes, double count) {
+ * peak.  A task's other totals are the sums over its cells (task_totals).  Counts are fixed
+ * point (COUNT_ONE per allocation) so exact mode adds a constant and sampled mode its
+ * scaled weight, both as integers. */
+static MS_HOT void account_alloc(uint32_t cell, int64_t bytes, int64_t count) {
     cell_t *c = &S.cells[cell];
     c->alloc_bytes += bytes;
     c->allocs += count;
     c->live_entries++;
     if (c->track_time) c->last_ns = coarse_ns();
-    if (c->tinfo) {
-        task_info_t *ti = &S.tasks[c->tinfo];
+    task_info_t *ti = c->task;
+    if (ti != NULL) {
         int64_t live = ti->live_bytes + bytes;
         ti->live_bytes = live;
         if (live > ti->peak_live_bytes) ti->peak_live_bytes = live;
     }
 }
 
-static MS_HOT void account_free(uint32_t cell, int64_t bytes, double count) {
+static MS_HOT void account_free(uint32_t cell, int64_t bytes, int64_t count) {
     cell_t *c = &S.cells[cell];
     c->freed_bytes += bytes;
     c->frees += count;
     c->live_entries--;
-    uint32_t owner = cell_tid(c);
-    if (owner) {
-        S.tasks[c->tinfo].live_bytes -= bytes;
+    task_info_t *ti = c->task;
+    if (ti != NULL) {
+        ti->live_bytes -= bytes;
         uint32_t now = current_tid_fast();
-        if (now != 0 && now != owner) {
+        if (now != 0 && now != cell_tid(c)) {
             c->cross_free_bytes += bytes;
             c->cross_frees += count;
         }
@@ -546,32 +562,35 @@ static inline void filter_del(const void *p) {
     S.filter[h >> 6] &= ~(UINT64_C(1) << (h & 63));
 }
 
-/* Keep p -> (size, cell, flag).  Returns 0, or -1 if it cannot be kept (not tracked). */
-static MS_HOT int ptrs_put(void *p, size_t size, uint32_t cell, int flag) {
-    if (S.mode == MODE_EXACT) {
+/* Keep p -> (size, cell, flag).  Returns 0, or -1 if it cannot be kept (not tracked).  mode
+ * is a constant at every call site: each hook is compiled with its own mode's steps only. */
+__attribute__((noinline, cold)) static void settle_stale(uint32_t old) {
+    uint32_t osize, ocell;
+    int oflag;
+    shadow_decode(old, &osize, &ocell, &oflag);
+    account_free(ocell, (int64_t)osize, COUNT_ONE);
+}
+
+static MS_HOT int ptrs_put(void *p, size_t size, uint32_t cell, int flag, int mode) {
+    if (mode == MODE_EXACT) {
         uint32_t old;
         if (size < SHADOW_MAX_SIZE && shadow_put_ex(&S.shadow, p, (uint32_t)size, cell, flag, &old) == 0) {
-            if (old != 0) { /* a free we never saw: settle the block it described */
-                uint32_t osize, ocell;
-                int oflag;
-                shadow_decode(old, &osize, &ocell, &oflag);
-                account_free(ocell, (int64_t)osize, 1.0);
-            }
+            if (SHADOW_UNLIKELY(old != 0)) settle_stale(old); /* a free we never saw */
             return 0;
         }
         uint32_t osize, ocell;
         int oflag;
         if (shadow_take(&S.shadow, p, &osize, &ocell, &oflag)) /* same: a stale small entry */
-            account_free(ocell, (int64_t)osize, 1.0);
+            account_free(ocell, (int64_t)osize, COUNT_ONE);
     }
     if (!ptrmap_fits(p) || ptrmap_insert(&S.ptrs, p, size, cell) < 0) return -1;
-    if (S.mode == MODE_SAMPLED) filter_add(p);
+    if (mode == MODE_SAMPLED) filter_add(p);
     return 0;
 }
 
 /* Take p out if it is kept: fills size, cell and flag (1 = "may have a stack sample"). */
-static MS_HOT int ptrs_take(void *p, size_t *size, uint32_t *cell, int *flag) {
-    if (S.mode == MODE_EXACT) {
+static MS_HOT int ptrs_take(void *p, size_t *size, uint32_t *cell, int *flag, int mode) {
+    if (mode == MODE_EXACT) {
         uint32_t sz;
         if (shadow_take(&S.shadow, p, &sz, cell, flag)) {
             *size = sz;
@@ -581,7 +600,7 @@ static MS_HOT int ptrs_take(void *p, size_t *size, uint32_t *cell, int *flag) {
         return 0;
     }
     if (S.ptrs.count == 0 || !ptrmap_remove(&S.ptrs, p, size, cell)) return 0;
-    if (S.mode == MODE_SAMPLED) filter_del(p);
+    if (mode == MODE_SAMPLED) filter_del(p);
     *flag = 1;
     return 1;
 }
@@ -589,60 +608,58 @@ static MS_HOT int ptrs_take(void *p, size_t *size, uint32_t *cell, int *flag) {
 static inline uint64_t ptrs_count(void) { return S.ptrs.count + S.shadow.count; }
 
 /* ---- the hooks ------------------------------------------------------------------------ */
-static MS_HOT void record_alloc(void *p, size_t size) {
+/* Exact mode's stack countdown ran out: draw the next gap.  Returns 1 if this allocation
+ * gets a stack (the countdown is INT64_MAX when stacks are off, so this is rare). */
+__attribute__((noinline)) static int stack_due(tls_t *t) {
+    if (!(S.stack_interval > 0)) {
+        t->stack_countdown = INT64_MAX;
+        return 0;
+    }
+    t->stack_countdown = draw_gap(&t->rng, S.stack_interval);
+    return 1;
+}
+
+static MS_HOT void record_alloc(void *p, size_t size, int mode) {
     tls_t *t = &tls;
-    if (t->session != S.session) tls_enter_session(t);
-    int64_t bytes;
-    double count;
+    if (SHADOW_UNLIKELY(t->session != S.session)) tls_enter_session(t);
+    int64_t bytes, count;
     int stack = 0;
-    if (S.mode == MODE_SAMPLED) {
+    if (mode == MODE_SAMPLED) {
         t->countdown -= (int64_t)size;
         if (t->countdown > 0) return;
         t->countdown = draw_gap(&t->rng, S.sample_interval);
         bytes = scaled_bytes(size);
-        count = scaled_count(size);
+        count = scaled_count_fp(size);
         stack = S.stack_interval > 0; /* every sample carries its stack */
     } else {
         bytes = (int64_t)size;
-        count = 1.0;
-        if (S.stack_interval > 0) {
-            t->stack_countdown -= (int64_t)size;
-            if (t->stack_countdown <= 0) {
-                t->stack_countdown = draw_gap(&t->rng, S.stack_interval);
-                stack = 1;
-            }
-        }
+        count = COUNT_ONE;
+        t->stack_countdown -= (int64_t)size;
+        if (SHADOW_UNLIKELY(t->stack_countdown <= 0)) stack = stack_due(t);
     }
     uint32_t cell = current_cell(t);
-    if (cell == 0 || ptrs_put(p, size, cell, stack) < 0) {
+    if (cell == 0 || ptrs_put(p, size, cell, stack, mode) < 0) {
         S.untracked++;
         return;
     }
     account_alloc(cell, bytes, count);
-    if (stack) stacks_record_alloc(p, size, S.cells[cell].key, S.mode == MODE_SAMPLED ? 0.0 : S.stack_interval);
+    if (stack) stacks_record_alloc(p, size, S.cells[cell].key, mode == MODE_SAMPLED ? 0.0 : S.stack_interval);
 }
 
-static inline int64_t entry_bytes(size_t size) {
-    return S.mode == MODE_SAMPLED ? scaled_bytes(size) : (int64_t)size;
-}
-
-static inline double entry_count(size_t size) {
-    return S.mode == MODE_SAMPLED ? scaled_count(size) : 1.0;
-}
-
-static MS_HOT void record_free(void *p) {
+static MS_HOT void record_free(void *p, int mode) {
     size_t size;
     uint32_t cell;
     int flag;
-    if (!ptrs_take(p, &size, &cell, &flag)) return;
-    account_free(cell, entry_bytes(size), entry_count(size));
+    if (!ptrs_take(p, &size, &cell, &flag, mode)) return;
+    if (mode == MODE_SAMPLED) account_free(cell, scaled_bytes(size), scaled_count_fp(size));
+    else account_free(cell, (int64_t)size, COUNT_ONE);
     if (flag && S.stack_interval > 0) stacks_record_free(p);
 }
 
 static void record_realloc(void *old, void *p, size_t size) {
     if (S.mode == MODE_SAMPLED) {
-        record_free(old);
-        record_alloc(p, size);
+        record_free(old, MODE_SAMPLED);
+        record_alloc(p, size, MODE_SAMPLED);
         return;
     }
     tls_t *t = &tls;
@@ -650,8 +667,8 @@ static void record_realloc(void *old, void *p, size_t size) {
     size_t old_size;
     uint32_t old_cell;
     int flag;
-    if (!ptrs_take(old, &old_size, &old_cell, &flag)) {
-        record_alloc(p, size);
+    if (!ptrs_take(old, &old_size, &old_cell, &flag, MODE_EXACT)) {
+        record_alloc(p, size, MODE_EXACT);
         return;
     }
     int had_stack = (flag && S.stack_interval > 0) ? stacks_record_free(old) : 0;
@@ -660,17 +677,17 @@ static void record_realloc(void *old, void *p, size_t size) {
         /* Same owner: the block keeps its cell and only the size difference counts,
          * so a buffer grown by realloc is charged its final size, not every step. */
         cell_t *c = &S.cells[old_cell];
-        if (ptrs_put(p, size, old_cell, had_stack) < 0) {
+        if (ptrs_put(p, size, old_cell, had_stack, MODE_EXACT) < 0) {
             S.untracked++;
-            account_free(old_cell, (int64_t)old_size, 1.0);
+            account_free(old_cell, (int64_t)old_size, COUNT_ONE);
             return;
         }
         int64_t delta = (int64_t)size - (int64_t)old_size;
         if (delta >= 0) c->alloc_bytes += delta;
         else c->freed_bytes += -delta;
         if (c->track_time) c->last_ns = coarse_ns();
-        if (cell_tid(c)) {
-            task_info_t *ti = &S.tasks[c->tinfo];
+        task_info_t *ti = c->task;
+        if (ti != NULL) {
             ti->live_bytes += delta;
             if (ti->live_bytes > ti->peak_live_bytes) ti->peak_live_bytes = ti->live_bytes;
         }
@@ -678,8 +695,8 @@ static void record_realloc(void *old, void *p, size_t size) {
         return;
     }
     /* Another owner grows or shrinks the block: ownership moves to it. */
-    account_free(old_cell, (int64_t)old_size, 1.0);
-    record_alloc(p, size);
+    account_free(old_cell, (int64_t)old_size, COUNT_ONE);
+    record_alloc(p, size, MODE_EXACT);
 }
 
 /* What every hook does around the original allocator.  The guard keeps *allocations*
@@ -687,54 +704,139 @@ static void record_realloc(void *old, void *p, size_t size) {
  * be up while Python code runs, e.g. a collection inside the fold hook, and a lost free
  * would leave a block "live" for good).  Exact mode records every allocation, so these
  * steps are inlined into its hooks. */
-static MS_HOT void *alloc_after(void *p, size_t size) {
+static MS_HOT void *alloc_after(void *p, size_t size, int mode) {
     if (p != NULL && !tls.guard) {
         tls.guard = 1;
-        record_alloc(p, size);
+        record_alloc(p, size, mode);
         tls.guard = 0;
     }
     return p;
 }
 
-static MS_HOT void free_with(PyMemAllocatorEx *a, void *ptr) {
+static MS_HOT void free_with(PyMemAllocatorEx *a, void *ptr, int mode) {
     if (ptr != NULL) {
         int g = tls.guard;
         tls.guard = 1;
-        record_free(ptr);
+        record_free(ptr, mode);
         tls.guard = g;
     }
     a->free(a->ctx, ptr);
 }
 
+/* Exact mode's common cases, done in registers with no call (so the hooks need next to no
+ * frame; callgrind: saving and restoring registers for the general path cost ~15
+ * instructions a call).  Each returns 1 if it recorded the block, or 0 having changed
+ * nothing, and then the general path runs.  Common means: the thread's cached cell holds,
+ * the block is small, its shadow entry is where it should be, no stack is due or kept, and
+ * the cell is not a migration (those keep a timestamp). */
+static MS_HOT int exact_alloc_fast(void *p, size_t size) {
+    tls_t *t = &tls;
+    int64_t left = t->stack_countdown - (int64_t)size;
+    PyThreadState **slot = t->ts_slot; /* no call here: without a slot, the general path */
+    if (t->guard || t->session != S.session || left <= 0 || size >= SHADOW_MAX_SIZE || slot == NULL) return 0;
+    if (!fast_valid(t, *slot) || t->cache_gen != S.cell_gen) return 0;
+    uintptr_t a = (uintptr_t)p;
+    uint32_t **dir = S.shadow.dir;
+    if (shadow_bad_addr(a) || dir == NULL) return 0;
+    uint32_t *leaf = dir[a >> SHADOW_LEAF_SHIFT];
+    if (leaf == NULL) return 0;
+    uint32_t *e = &leaf[(a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1)];
+    uint32_t cell = t->cache_cell;
+    cell_t *c = &S.cells[cell];
+    if (*e != 0 || c->track_time) return 0;
+    *e = (uint32_t)size | (cell << SHADOW_CELL_SHIFT);
+    S.shadow.count++;
+    t->stack_countdown = left;
+    c->alloc_bytes += (int64_t)size;
+    c->allocs += COUNT_ONE;
+    c->live_entries++;
+    task_info_t *ti = c->task;
+    if (ti != NULL) {
+        int64_t live = ti->live_bytes + (int64_t)size;
+        ti->live_bytes = live;
+        if (live > ti->peak_live_bytes) ti->peak_live_bytes = live;
+    }
+    return 1;
+}
+
+static MS_HOT int exact_free_fast(void *p) {
+    uint32_t *e = shadow_find(&S.shadow, (uintptr_t)p);
+    if (e == NULL) return S.ptrs.count == 0; /* not ours, and the pointer table is empty */
+    uint32_t v = *e;
+    if (v & (1u << SHADOW_FLAG_BIT)) return 0; /* a stack sample to drop */
+    cell_t *c = &S.cells[v >> SHADOW_CELL_SHIFT];
+    task_info_t *ti = c->task;
+    uint32_t now = 0;
+    if (ti != NULL) { /* who frees it, for the cross-task count */
+        tls_t *t = &tls;
+        PyThreadState **slot = t->ts_slot;
+        if (t->session != S.session || slot == NULL || !fast_valid(t, *slot)) return 0;
+        now = t->fast_now;
+    }
+    int64_t size = (int64_t)(v & SHADOW_SIZE_MASK);
+    *e = 0;
+    S.shadow.count--;
+    c->freed_bytes += size;
+    c->frees += COUNT_ONE;
+    c->live_entries--;
+    if (ti != NULL) {
+        ti->live_bytes -= size;
+        if (now != 0 && now != cell_tid(c)) {
+            c->cross_free_bytes += size;
+            c->cross_frees += COUNT_ONE;
+        }
+    }
+    return 1;
+}
+
+__attribute__((noinline)) static void *exact_alloc_slow(void *p, size_t size) {
+    return alloc_after(p, size, MODE_EXACT);
+}
+
 static void *hook_malloc(void *ctx, size_t size) {
     PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
-    return alloc_after(a->malloc(a->ctx, size), size);
+    void *p = a->malloc(a->ctx, size);
+    if (p == NULL || exact_alloc_fast(p, size)) return p;
+    return exact_alloc_slow(p, size);
 }
 
 static void *hook_calloc(void *ctx, size_t nelem, size_t elsize) {
     PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
-    return alloc_after(a->calloc(a->ctx, nelem, elsize), nelem * elsize);
+    void *p = a->calloc(a->ctx, nelem, elsize);
+    if (p == NULL || exact_alloc_fast(p, nelem * elsize)) return p;
+    return exact_alloc_slow(p, nelem * elsize);
 }
 
-static MS_HOT void *hook_realloc_after(void *ptr, void *p, size_t size) {
+static MS_HOT void *hook_realloc_after(void *ptr, void *p, size_t size, int mode) {
     if (p == NULL) return p;
     if (!tls.guard) {
         tls.guard = 1;
-        if (ptr == NULL) record_alloc(p, size);
+        if (ptr == NULL) record_alloc(p, size, mode);
         else record_realloc(ptr, p, size);
         tls.guard = 0;
     } else if (ptr != NULL) {
-        record_free(ptr); /* the old block ends; the new one is ours, not tracked */
+        record_free(ptr, mode); /* the old block ends; the new one is ours, not tracked */
     }
     return p;
 }
 
 static void *hook_realloc(void *ctx, void *ptr, size_t size) {
     PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
-    return hook_realloc_after(ptr, a->realloc(a->ctx, ptr, size), size);
+    return hook_realloc_after(ptr, a->realloc(a->ctx, ptr, size), size, MODE_EXACT);
 }
 
-static void hook_free(void *ctx, void *ptr) { free_with((PyMemAllocatorEx *)ctx, ptr); }
+__attribute__((noinline)) static void exact_free_slow(PyMemAllocatorEx *a, void *ptr) {
+    free_with(a, ptr, MODE_EXACT);
+}
+
+static void hook_free(void *ctx, void *ptr) {
+    PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
+    if (ptr == NULL || exact_free_fast(ptr)) {
+        a->free(a->ctx, ptr);
+        return;
+    }
+    exact_free_slow(a, ptr);
+}
 
 /* Sampled mode: nearly every call only moves the countdown (an allocation) or stops at the
  * filter (a free), so those paths are a few instructions in a function that needs no
@@ -742,7 +844,7 @@ static void hook_free(void *ctx, void *ptr) { free_with((PyMemAllocatorEx *)ctx,
  * hooks cost ~39 instructions per malloc here, most of it saving and restoring registers
  * for the inlined record path that one call in thousands takes). */
 __attribute__((noinline)) static void *sampled_alloc_slow(void *p, size_t size) {
-    return alloc_after(p, size); /* record_alloc moves the countdown (sampled_skip left it) */
+    return alloc_after(p, size, MODE_SAMPLED); /* record_alloc moves the countdown (sampled_skip left it) */
 }
 
 static inline int sampled_skip(size_t size) {
@@ -770,7 +872,7 @@ static void *hook_calloc_sampled(void *ctx, size_t nelem, size_t elsize) {
 }
 
 __attribute__((noinline)) static void *sampled_realloc_slow(void *ptr, void *p, size_t size) {
-    return hook_realloc_after(ptr, p, size);
+    return hook_realloc_after(ptr, p, size, MODE_SAMPLED);
 }
 
 /* A realloc is the old block's free and the new block's allocation. */
@@ -781,7 +883,9 @@ static void *hook_realloc_sampled(void *ctx, void *ptr, size_t size) {
     return sampled_realloc_slow(ptr, p, size);
 }
 
-__attribute__((noinline)) static void sampled_free_slow(PyMemAllocatorEx *a, void *ptr) { free_with(a, ptr); }
+__attribute__((noinline)) static void sampled_free_slow(PyMemAllocatorEx *a, void *ptr) {
+    free_with(a, ptr, MODE_SAMPLED);
+}
 
 static void hook_free_sampled(void *ctx, void *ptr) {
     PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
@@ -1033,8 +1137,9 @@ static PyObject *core_cells(PyObject *m, PyObject *noargs) {
         PyObject *row = Py_BuildValue(
             "(kkkkLdLdLLLdKK)", (unsigned long)(c.key & 0xFFFFFFFFu), (unsigned long)((c.key >> 32) & 0xFFFFFu),
             (unsigned long)((c.key >> 52) & 0xFu), (unsigned long)((c.key >> 56) & 0x7u), (long long)c.alloc_bytes,
-            c.allocs, (long long)c.freed_bytes, c.frees, (long long)(c.alloc_bytes - c.freed_bytes), (long long)c.live_entries,
-            (long long)c.cross_free_bytes, c.cross_frees, (unsigned long long)c.first_ns,
+            count_value(c.allocs), (long long)c.freed_bytes, count_value(c.frees),
+            (long long)(c.alloc_bytes - c.freed_bytes), (long long)c.live_entries, (long long)c.cross_free_bytes,
+            count_value(c.cross_frees), (unsigned long long)c.first_ns,
             (unsigned long long)c.last_ns);
         if (row == NULL || PyList_Append(out, row) < 0) {
             Py_XDECREF(row);
@@ -1100,6 +1205,8 @@ static int release_task_slot(uint32_t tid) {
         u64map_del(&S.cell_index, S.cells[i].key);
         S.cells[i].key = 0;
         S.cells[i].next_in_task = 0;
+        S.cells[i].tinfo = 0;
+        S.cells[i].task = NULL;
         if (grow_array((void **)&S.free_cells, &S.capfree_cells, sizeof(uint32_t), S.nfree_cells + 1) == 0)
             S.free_cells[S.nfree_cells++] = i;
         i = next;

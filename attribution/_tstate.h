@@ -19,9 +19,9 @@
  *   3. each thread checks that read against PyThreadState_GetUnchecked() when it first
  *      enters a session (tstate_bind) and keeps the official call if they differ.
  *
- * Anything else (another architecture or C library, a statically linked interpreter whose
- * variable is not found, 3.11, which keeps the thread state in a global and is cheap
- * already) keeps the official call.  The fast read returns exactly what the official
+ * 3.11 keeps the thread state in a global instead (see below).  Anything else (another
+ * architecture or C library, an interpreter whose variable is not found) keeps the
+ * official call.  The fast read returns exactly what the official
  * call would: it is the same variable.
  */
 #ifndef MEMSCOPE_TSTATE_H
@@ -101,6 +101,24 @@ static PyThreadState **tstate_bind(void) {
     return (ts != NULL && *slot == ts) ? slot : NULL;
 }
 
+#elif PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000
+/* 3.11 keeps the running thread state in a global, _PyRuntime.gilstate.tstate_current (an
+ * _Py_atomic_address read with a relaxed load, a plain load on every platform CPython
+ * supports).  Its offset comes from CPython's own internal header; the slot is the same for
+ * every thread and tstate_bind still checks it against the official call. */
+#define TSTATE_FAST 1
+#undef _PyGC_FINALIZED /* the internal header defines it its own way */
+#define Py_BUILD_CORE 1
+#include "internal/pycore_runtime.h"
+#undef Py_BUILD_CORE
+
+static void tstate_locate(void) {}
+
+static PyThreadState **tstate_bind(void) {
+    PyThreadState **slot = (PyThreadState **)&_PyRuntime.gilstate.tstate_current._value;
+    PyThreadState *ts = tstate_official();
+    return (ts != NULL && *slot == ts) ? slot : NULL;
+}
 #else
 #define TSTATE_FAST 0
 static void tstate_locate(void) {}
