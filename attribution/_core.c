@@ -671,14 +671,17 @@ static void record_realloc(void *old, void *p, size_t size) {
         record_alloc(p, size, MODE_EXACT);
         return;
     }
-    int had_stack = (flag && S.stack_interval > 0) ? stacks_record_free(old) : 0;
+    int sampled = flag && S.stack_interval > 0;
     uint32_t cell = current_cell(t);
     if (cell != 0 && cell_tid(&S.cells[cell]) == cell_tid(&S.cells[old_cell])) {
-        /* Same owner: the block keeps its cell and only the size difference counts,
-         * so a buffer grown by realloc is charged its final size, not every step. */
+        /* Same owner: the block keeps its cell (and its stack sample) and only the size
+         * difference counts, so a buffer grown by realloc is charged its final size, not
+         * every step. */
         cell_t *c = &S.cells[old_cell];
-        if (ptrs_put(p, size, old_cell, had_stack, MODE_EXACT) < 0) {
+        int kept = sampled ? stacks_move(old, p, old_size, size) : 0;
+        if (ptrs_put(p, size, old_cell, kept, MODE_EXACT) < 0) {
             S.untracked++;
+            if (kept) stacks_record_free(p);
             account_free(old_cell, (int64_t)old_size, COUNT_ONE);
             return;
         }
@@ -691,10 +694,10 @@ static void record_realloc(void *old, void *p, size_t size) {
             ti->live_bytes += delta;
             if (ti->live_bytes > ti->peak_live_bytes) ti->peak_live_bytes = ti->live_bytes;
         }
-        if (had_stack) stacks_record_alloc(p, size, c->key, S.stack_interval);
         return;
     }
     /* Another owner grows or shrinks the block: ownership moves to it. */
+    if (sampled) stacks_record_free(old);
     account_free(old_cell, (int64_t)old_size, COUNT_ONE);
     record_alloc(p, size, MODE_EXACT);
 }

@@ -252,6 +252,38 @@ static int stacks_record_free(void *p) {
     return 1;
 }
 
+/* A sampled block was resized in place or moved by realloc, by the task that owns it: the
+ * sample follows it to p and keeps its weight (the bytes it stands for scale with the
+ * size; growth counts as allocated, as in the cells).  Re-sampling it at the new size
+ * would give a block shrunk from 256 KiB to 100 bytes the weight of a 100-byte sample
+ * (~2,600 at R = 256 KiB) and walk the frames again.  Returns 1 if p now carries the
+ * sample, 0 if old had none (or its weight cannot be told: old_size 0; it is dropped). */
+static int stacks_move(void *old, void *p, size_t old_size, size_t size) {
+    uint64_t okey = (uint64_t)(uintptr_t)old | (UINT64_C(1) << 63);
+    uint32_t li;
+    if (K.live_index.count == 0 || !u64map_get(&K.live_index, okey, &li)) return 0;
+    if (old_size == 0) {
+        (void)stacks_record_free(old);
+        return 0;
+    }
+    live_sample_t *ls = &K.live[li];
+    double nb = ls->bytes * ((double)size / (double)old_size);
+    site_t *site = &K.sites[ls->site];
+    if (nb > ls->bytes) site->alloc_bytes += nb - ls->bytes;
+    site->live_bytes += nb - ls->bytes;
+    ls->bytes = nb;
+    if (p != old) {
+        u64map_del(&K.live_index, okey);
+        if (u64map_put(&K.live_index, (uint64_t)(uintptr_t)p | (UINT64_C(1) << 63), li) < 0) {
+            site->live_bytes -= nb; /* no memory to follow it: the sample ends here */
+            ls->next_free = K.free_live;
+            K.free_live = li;
+            return 0;
+        }
+    }
+    return 1;
+}
+
 PyDoc_STRVAR(stack_samples_doc,
 "stack_samples() -> tuple[list, list, list]\n--\n\n(sites, stacks, frames): sites are\n"
 "(tid, stack_index, allocated_bytes, allocations, live_bytes) estimates; stacks are tuples\n"

@@ -131,3 +131,38 @@ def test_many_tasks_fold_with_bounded_records():
     (g,) = [g for g in report.groups if g.coro and g.coro.endswith("tiny")]
     assert g.tasks == 20_000 and g.folded_tasks > 15_000
     KEEP.clear()
+
+
+def _shrunk_buffer():
+    b = bytearray(256 * KiB)  # SHRINK-SITE
+    del b[100:]  # a major downsize: the buffer is realloc'd to 101 bytes
+    return b
+
+
+async def shrinker():
+    for _ in range(200):
+        KEEP.append(_shrunk_buffer())
+        await asyncio.sleep(0)
+
+
+def test_exact_stack_samples_follow_realloc(loop_kind):
+    """A sampled block that its task shrinks keeps its sample's weight: the site's live
+    estimate is about the 200 x 101 bytes still held, not 101 bytes re-weighted as a
+    fresh 101-byte sample (x ~650 at 64 KiB: ~13 MB)."""
+    KEEP.clear()
+
+    async def main():
+        await asyncio.create_task(shrinker(), name="shrinker")
+
+    _, report = run_profiled(main, loop_kind, mode="exact", stack_interval=64 * KiB)
+    (t,) = report.find(name="shrinker")
+    assert t.live_bytes >= 200 * 101
+    sites = [h for h in t.hotspots if h.function == "_shrunk_buffer"]
+    assert sites, t.hotspots
+    live = sum(h.live_bytes for h in sites)
+    # the 200 buffers hold 20,200 bytes; the bytearray objects (~57 B each) are live too and
+    # a rare sample of one stands for ~65 KB, hence the wide upper bound
+    assert 200 * 101 * 0.5 <= live <= 200 * 101 * 20, live
+    allocated = sum(h.bytes for h in sites)
+    assert close_to(allocated, 200 * 256 * KiB, rel=0.25), allocated
+    KEEP.clear()
