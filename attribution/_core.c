@@ -736,7 +736,8 @@ static MS_HOT int exact_alloc_fast(void *p, size_t size) {
     tls_t *t = &tls;
     int64_t left = t->stack_countdown - (int64_t)size;
     PyThreadState **slot = t->ts_slot; /* no call here: without a slot, the general path */
-    if (t->guard || t->session != S.session || left <= 0 || size >= SHADOW_MAX_SIZE || slot == NULL) return 0;
+    /* (no session test: start() bumps cell_gen, so a cache from an older session fails) */
+    if (t->guard || left <= 0 || size >= SHADOW_MAX_SIZE || slot == NULL) return 0;
     if (!fast_valid(t, *slot) || t->cache_gen != S.cell_gen) return 0;
     uintptr_t a = (uintptr_t)p;
     uint32_t **dir = S.shadow.dir;
@@ -792,6 +793,39 @@ static MS_HOT int exact_free_fast(void *p) {
     return 1;
 }
 
+/* realloc(old) -> p by the task that owns old, both small: the block keeps its cell and
+ * only the size difference counts (as in record_realloc). */
+static MS_HOT int exact_realloc_fast(void *old, void *p, size_t size) {
+    tls_t *t = &tls;
+    PyThreadState **slot = t->ts_slot;
+    if (t->guard || size >= SHADOW_MAX_SIZE || slot == NULL) return 0;
+    if (!fast_valid(t, *slot) || t->cache_gen != S.cell_gen) return 0;
+    uint32_t *eo = shadow_find(&S.shadow, (uintptr_t)old);
+    if (eo == NULL) return 0;
+    uint32_t v = *eo, cell = v >> SHADOW_CELL_SHIFT;
+    cell_t *c = &S.cells[cell];
+    if ((v & (1u << SHADOW_FLAG_BIT)) || c->track_time || cell_tid(c) != cell_tid(&S.cells[t->cache_cell]))
+        return 0; /* a stack sample, a migration, or another owner: the general path */
+    uintptr_t a = (uintptr_t)p;
+    if (shadow_bad_addr(a)) return 0;
+    uint32_t *leaf = S.shadow.dir[a >> SHADOW_LEAF_SHIFT]; /* dir is mapped: old was found */
+    if (leaf == NULL) return 0;
+    uint32_t *en = &leaf[(a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1)];
+    if (en != eo && *en != 0) return 0;
+    *eo = 0;
+    *en = (uint32_t)size | (cell << SHADOW_CELL_SHIFT);
+    int64_t delta = (int64_t)size - (int64_t)(v & SHADOW_SIZE_MASK);
+    if (delta >= 0) c->alloc_bytes += delta;
+    else c->freed_bytes -= delta;
+    task_info_t *ti = c->task;
+    if (ti != NULL) {
+        int64_t live = ti->live_bytes + delta;
+        ti->live_bytes = live;
+        if (live > ti->peak_live_bytes) ti->peak_live_bytes = live;
+    }
+    return 1;
+}
+
 __attribute__((noinline)) static void *exact_alloc_slow(void *p, size_t size) {
     return alloc_after(p, size, MODE_EXACT);
 }
@@ -823,9 +857,15 @@ static MS_HOT void *hook_realloc_after(void *ptr, void *p, size_t size, int mode
     return p;
 }
 
+__attribute__((noinline)) static void *exact_realloc_slow(void *ptr, void *p, size_t size) {
+    return hook_realloc_after(ptr, p, size, MODE_EXACT);
+}
+
 static void *hook_realloc(void *ctx, void *ptr, size_t size) {
     PyMemAllocatorEx *a = (PyMemAllocatorEx *)ctx;
-    return hook_realloc_after(ptr, a->realloc(a->ctx, ptr, size), size, MODE_EXACT);
+    void *p = a->realloc(a->ctx, ptr, size);
+    if (p == NULL || (ptr == NULL ? exact_alloc_fast(p, size) : exact_realloc_fast(ptr, p, size))) return p;
+    return exact_realloc_slow(ptr, p, size);
 }
 
 __attribute__((noinline)) static void exact_free_slow(PyMemAllocatorEx *a, void *ptr) {

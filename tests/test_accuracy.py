@@ -142,6 +142,51 @@ def test_realloc_grows_charge_final_size():
     KEEP.clear()
 
 
+def test_small_reallocs_are_exact(loop_kind):
+    """Many small blocks grown by realloc (a list's item array: 0 -> 32 -> 64 -> 128 bytes),
+    and small buffers another task grows: each owner's live bytes match the sizes held."""
+    KEEP.clear()
+
+    async def small_lists():
+        out = []
+        for _ in itertools.repeat(None, 20_000):
+            lst = []
+            for _ in itertools.repeat(None, 9):
+                lst.append(None)
+            out.append(lst)
+        KEEP.append(out)
+        return sys.getsizeof(out) + sum(map(sys.getsizeof, out))
+
+    async def make_buffers():
+        bufs = [bytearray(100) for _ in itertools.repeat(None, 10_000)]
+        KEEP.append(bufs)
+        return bufs
+
+    async def grow_buffers(bufs):
+        tail = b"x" * 200
+        for b in bufs:
+            b.extend(tail)  # realloc of a block make_buffers allocated: it becomes ours
+
+    async def main():
+        held = await asyncio.create_task(small_lists(), name="lists")
+        bufs = await asyncio.create_task(make_buffers(), name="maker")
+        await asyncio.create_task(grow_buffers(bufs), name="grower")
+        buffers = sum(b.__alloc__() for b in bufs)
+        objects = sys.getsizeof(bufs) + sum(sys.getsizeof(b) - b.__alloc__() for b in bufs)
+        return held, buffers, objects
+
+    (held, buffers, objects), report = run_profiled(main, loop_kind)
+    (lists,) = report.find(name="lists")
+    (maker,) = report.find(name="maker")
+    (grower,) = report.find(name="grower")
+    assert close_to(lists.live_bytes, held), (lists.live_bytes, held)
+    assert close_to(grower.live_bytes, buffers), (grower.live_bytes, buffers)
+    assert close_to(maker.live_bytes, objects), (maker.live_bytes, objects)
+    # the grower took each buffer over by realloc: a hand-over, counted as such
+    assert maker.cross_task_frees == 10_000 and maker.allocated_bytes >= objects + 10_000 * 101
+    KEEP.clear()
+
+
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
 def test_eager_tasks_attributed(loop_kind):
     if loop_kind == "uvloop" and sys.version_info >= (3, 13):
