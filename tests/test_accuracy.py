@@ -183,7 +183,8 @@ def test_small_reallocs_are_exact(loop_kind):
     assert close_to(grower.live_bytes, buffers), (grower.live_bytes, buffers)
     assert close_to(maker.live_bytes, objects), (maker.live_bytes, objects)
     # the grower took each buffer over by realloc: a hand-over, counted as such
-    assert maker.cross_task_frees == 10_000 and maker.allocated_bytes >= objects + 10_000 * 101
+    # (plus the odd block of its own frame or result another task drops)
+    assert 10_000 <= maker.cross_task_frees < 10_100 and maker.allocated_bytes >= objects + 10_000 * 101
     KEEP.clear()
 
 
