@@ -152,6 +152,7 @@ typedef struct {
 /* The few functions every tracked allocation and free goes through: inlined into the
  * hooks (callgrind: each call layer costs ~15 instructions of prologue and epilogue). */
 #define MS_HOT inline __attribute__((always_inline))
+#define MS_UNLIKELY(x) __builtin_expect(!!(x), 0)
 
 /* initial-exec: one offset from the thread pointer instead of a __tls_get_addr call */
 static __thread tls_t tls __attribute__((tls_model("initial-exec")));
@@ -562,8 +563,7 @@ static inline void filter_del(const void *p) {
     S.filter[h >> 6] &= ~(UINT64_C(1) << (h & 63));
 }
 
-/* Keep p -> (size, cell, flag).  Returns 0, or -1 if it cannot be kept (not tracked).  mode
- * is a constant at every call site: each hook is compiled with its own mode's steps only. */
+/* A put found an entry whose free we never saw: settle the block it described. */
 __attribute__((noinline, cold)) static void settle_stale(uint32_t old) {
     uint32_t osize, ocell;
     int oflag;
@@ -571,11 +571,14 @@ __attribute__((noinline, cold)) static void settle_stale(uint32_t old) {
     account_free(ocell, (int64_t)osize, COUNT_ONE);
 }
 
+/* Keep p -> (size, cell, flag).  Returns 0, or -1 if it cannot be kept (not tracked).  mode
+ * is a constant at every call site: each hook is compiled with its own mode's steps only. */
+
 static MS_HOT int ptrs_put(void *p, size_t size, uint32_t cell, int flag, int mode) {
     if (mode == MODE_EXACT) {
         uint32_t old;
         if (size < SHADOW_MAX_SIZE && shadow_put_ex(&S.shadow, p, (uint32_t)size, cell, flag, &old) == 0) {
-            if (SHADOW_UNLIKELY(old != 0)) settle_stale(old); /* a free we never saw */
+            if (MS_UNLIKELY(old != 0)) settle_stale(old);
             return 0;
         }
         uint32_t osize, ocell;
@@ -621,7 +624,7 @@ __attribute__((noinline)) static int stack_due(tls_t *t) {
 
 static MS_HOT void record_alloc(void *p, size_t size, int mode) {
     tls_t *t = &tls;
-    if (SHADOW_UNLIKELY(t->session != S.session)) tls_enter_session(t);
+    if (MS_UNLIKELY(t->session != S.session)) tls_enter_session(t);
     int64_t bytes, count;
     int stack = 0;
     if (mode == MODE_SAMPLED) {
@@ -635,7 +638,7 @@ static MS_HOT void record_alloc(void *p, size_t size, int mode) {
         bytes = (int64_t)size;
         count = COUNT_ONE;
         t->stack_countdown -= (int64_t)size;
-        if (SHADOW_UNLIKELY(t->stack_countdown <= 0)) stack = stack_due(t);
+        if (MS_UNLIKELY(t->stack_countdown <= 0)) stack = stack_due(t);
     }
     uint32_t cell = current_cell(t);
     if (cell == 0 || ptrs_put(p, size, cell, stack, mode) < 0) {
@@ -890,10 +893,14 @@ __attribute__((noinline)) static void *sampled_alloc_slow(void *p, size_t size) 
     return alloc_after(p, size, MODE_SAMPLED); /* record_alloc moves the countdown (sampled_skip left it) */
 }
 
+/* Not a sample: move the countdown.  No session test: a thread's countdown left from an
+ * earlier session only ends its first gap of this one (the gap is memoryless; its mean is
+ * the earlier interval, which matters for one sample per thread at most), and the slow
+ * path enters the session before anything is recorded. */
 static inline int sampled_skip(size_t size) {
     tls_t *t = &tls;
     int64_t left = t->countdown - (int64_t)size;
-    if (left > 0 && !t->guard && t->session == S.session) {
+    if (left > 0 && !t->guard) {
         t->countdown = left;
         return 1;
     }

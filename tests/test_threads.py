@@ -305,3 +305,46 @@ def test_stress_executor_jobs_never_charged_to_wrong_task():
         prop = sum(s.bytes for s in share(t, routes.PROPAGATED))
         # each job allocated one bytearray of n bytes (+ its header): all 16, and nobody else's
         assert 16 * n <= prop <= 16 * (n + 200), (name, prop, n)
+
+
+def _fast_tstate_expected() -> bool:
+    import platform
+    import sys
+
+    return (
+        sys.platform == "linux"
+        and platform.machine() == "x86_64"
+        and platform.python_implementation() == "CPython"
+        and platform.libc_ver()[0] == "glibc"
+        and (3, 11) <= sys.version_info[:2] <= (3, 13)
+    )
+
+
+def test_thread_state_read_from_its_slot():
+    """The hooks read the running thread state with one load from its slot (_tstate.h),
+    in the main thread and in threads started later, where that is supported.  Each
+    thread checks the slot against PyThreadState_GetUnchecked() first, so this only
+    says the fast read is in use; the attribution tests say it is right."""
+    import pytest
+
+    if not _fast_tstate_expected():
+        pytest.skip("the thread-state slot is only located on x86-64 glibc CPython 3.11-3.13")
+    from memscope_async.attribution import _core
+
+    p = ms.Profiler()
+    p.start()
+    try:
+        seen = []
+
+        def worker():
+            seen.append(len(bytes(1000)))
+            seen.append(_core.stats()["fast_thread_state"])
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+        assert bytes(1000)
+        assert _core.stats()["fast_thread_state"] == 1
+        assert seen == [1000, 1]
+    finally:
+        p.stop()
