@@ -238,8 +238,10 @@ static inline double scaled_count(size_t size) {
     return 1.0 / (1.0 - exp(-(double)size / S.sample_interval));
 }
 
-/* Allocation counts are kept in fixed point: COUNT_ONE is one allocation. */
-#define COUNT_ONE ((int64_t)1 << 16)
+/* Allocation counts are kept in fixed point: COUNT_ONE is one allocation.  2^10 keeps a
+ * sampled weight to 1/1024 of an allocation and lets a cell count 9e15 allocations (15
+ * years at 20 million a second) before the int64 overflows. */
+#define COUNT_ONE ((int64_t)1 << 10)
 
 static inline int64_t scaled_count_fp(size_t size) { return llround(scaled_count(size) * (double)COUNT_ONE); }
 
@@ -893,14 +895,14 @@ __attribute__((noinline)) static void *sampled_alloc_slow(void *p, size_t size) 
     return alloc_after(p, size, MODE_SAMPLED); /* record_alloc moves the countdown (sampled_skip left it) */
 }
 
-/* Not a sample: move the countdown.  No session test: a thread's countdown left from an
- * earlier session only ends its first gap of this one (the gap is memoryless; its mean is
- * the earlier interval, which matters for one sample per thread at most), and the slow
- * path enters the session before anything is recorded. */
+/* Not a sample: move the countdown.  The session test stays: a countdown left from an
+ * earlier session was drawn for that session's interval, and a thread that outlives it
+ * (a pool or driver thread) would otherwise record nothing until it had allocated that
+ * old gap (1 GiB before a 4 KiB session: nothing at all). */
 static inline int sampled_skip(size_t size) {
     tls_t *t = &tls;
     int64_t left = t->countdown - (int64_t)size;
-    if (left > 0 && !t->guard) {
+    if (left > 0 && !t->guard && t->session == S.session) {
         t->countdown = left;
         return 1;
     }

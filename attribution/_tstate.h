@@ -87,8 +87,10 @@ static void tstate_locate(void) {
     static_info(&static_size, &static_align);
     tstate_search_t s = {ts, 0, 0};
     dl_iterate_phdr(tstate_search_module, &s);
-    if (s.matches != 1) return;
+    if (s.matches != 1) return; /* e.g. 3.14's _Py_tss_gilstate holds it too: the call */
     uintptr_t tp = tstate_thread_pointer();
+    /* static_size also counts the TCB, so this bound is a little loose; harmless, as the
+     * area below the thread pointer is mapped in every thread and tstate_bind checks. */
     if (s.found >= tp || tp - s.found > static_size) return; /* not static TLS: no fixed offset */
     tstate_offset = (intptr_t)s.found - (intptr_t)tp;
 }

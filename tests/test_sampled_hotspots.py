@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import statistics
+import sys
 
 import pytest
 
@@ -166,3 +167,49 @@ def test_exact_stack_samples_follow_realloc(loop_kind):
     allocated = sum(h.bytes for h in sites)
     assert close_to(allocated, 200 * 256 * KiB, rel=0.25), allocated
     KEEP.clear()
+
+
+def test_sampled_restart_samples_threads_that_outlive_a_session():
+    """A thread that outlives a session samples at the next session's interval from its
+    first allocation there: a countdown left from a 1 GiB session would hide its 20 MB."""
+    import threading
+
+    import memscope_async as ms
+
+    go, done, stop = threading.Event(), threading.Event(), threading.Event()
+
+    def worker():
+        while True:
+            go.wait()
+            go.clear()
+            if stop.is_set():
+                return
+            keep = [None] * 20_000  # no list growth: sampled mode counts a realloc in full
+            for i in range(20_000):
+                keep[i] = bytes(1000)
+            del keep
+            done.set()
+
+    t = threading.Thread(target=worker, name="outliving-worker")
+    t.start()
+
+    def session(interval: int):
+        p = ms.Profiler(mode="sampled", sample_interval=interval)
+        p.start()
+        try:
+            done.clear()
+            go.set()
+            assert done.wait(60)
+        finally:
+            p.stop()
+        return sum(th.attributed_bytes + th.unattributed_bytes for th in p.snapshot().threads if th.id == t.ident)
+
+    try:
+        session(1 << 30)
+        truth = 20_000 * (1000 + sys.getsizeof(b""))
+        got = session(4 * KiB)
+        assert close_to(got, truth, rel=0.10), (got, truth)
+    finally:
+        stop.set()
+        go.set()
+        t.join()
