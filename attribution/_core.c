@@ -1287,8 +1287,10 @@ static int release_task_slot(uint32_t tid) {
 #include "_tasks.h"
 
 PyDoc_STRVAR(stats_doc,
-"stats() -> dict\n--\n\nThe tracker's own footprint: tracked_allocations, table_bytes, tracker_bytes,\n"
-"cells, tasks, threads, untracked, dropped, start_ns.");
+"stats() -> dict\n--\n\nThe tracker's own footprint: tracked_allocations, table_bytes, stacks_bytes,\n"
+"tracker_bytes, cells, tasks, threads, untracked, dropped, start_ns, active, table_capacity,\n"
+"task_records, pending_task_records; fast_thread_state: 1 if the calling thread reads its\n"
+"thread state from its slot (_tstate.h), 0 if through the call.");
 
 static PyObject *core_stats(PyObject *m, PyObject *noargs) {
     int g = tls.guard;
