@@ -485,34 +485,50 @@ static inline int64_t task_live_entries(uint32_t ti) {
  * peak.  A task's other totals are the sums over its cells (task_totals).  Counts are fixed
  * point (COUNT_ONE per allocation) so exact mode adds a constant and sampled mode its
  * scaled weight, both as integers. */
-static MS_HOT void account_alloc(uint32_t cell, int64_t bytes, int64_t count) {
-    cell_t *c = &S.cells[cell];
+static MS_HOT void task_live_add(task_info_t *ti, int64_t delta) {
+    int64_t live = ti->live_bytes + delta;
+    ti->live_bytes = live;
+    if (live > ti->peak_live_bytes) ti->peak_live_bytes = live;
+}
+
+/* The counting itself, with no call in it (the exact hooks' fast paths use these too):
+ * a new block, a freed one (`now`: the task freeing it, 0 if none), a block resized in
+ * place by its owner (only the difference counts). */
+static MS_HOT void charge_alloc(cell_t *c, int64_t bytes, int64_t count) {
     c->alloc_bytes += bytes;
     c->allocs += count;
     c->live_entries++;
-    if (c->track_time) c->last_ns = coarse_ns();
-    task_info_t *ti = c->task;
-    if (ti != NULL) {
-        int64_t live = ti->live_bytes + bytes;
-        ti->live_bytes = live;
-        if (live > ti->peak_live_bytes) ti->peak_live_bytes = live;
-    }
+    if (c->task != NULL) task_live_add(c->task, bytes);
 }
 
-static MS_HOT void account_free(uint32_t cell, int64_t bytes, int64_t count) {
-    cell_t *c = &S.cells[cell];
+static MS_HOT void charge_free(cell_t *c, int64_t bytes, int64_t count, uint32_t now) {
     c->freed_bytes += bytes;
     c->frees += count;
     c->live_entries--;
-    task_info_t *ti = c->task;
-    if (ti != NULL) {
-        ti->live_bytes -= bytes;
-        uint32_t now = current_tid_fast();
+    if (c->task != NULL) {
+        c->task->live_bytes -= bytes;
         if (now != 0 && now != cell_tid(c)) {
             c->cross_free_bytes += bytes;
             c->cross_frees += count;
         }
     }
+}
+
+static MS_HOT void charge_resize(cell_t *c, int64_t delta) {
+    if (delta >= 0) c->alloc_bytes += delta;
+    else c->freed_bytes -= delta;
+    if (c->task != NULL) task_live_add(c->task, delta);
+}
+
+static MS_HOT void account_alloc(uint32_t cell, int64_t bytes, int64_t count) {
+    cell_t *c = &S.cells[cell];
+    charge_alloc(c, bytes, count);
+    if (c->track_time) c->last_ns = coarse_ns();
+}
+
+static MS_HOT void account_free(uint32_t cell, int64_t bytes, int64_t count) {
+    cell_t *c = &S.cells[cell];
+    charge_free(c, bytes, count, c->task != NULL ? current_tid_fast() : 0);
 }
 
 /* ---- where live tracked blocks are kept ------------------------------------------------
@@ -575,7 +591,6 @@ __attribute__((noinline, cold)) static void settle_stale(uint32_t old) {
 
 /* Keep p -> (size, cell, flag).  Returns 0, or -1 if it cannot be kept (not tracked).  mode
  * is a constant at every call site: each hook is compiled with its own mode's steps only. */
-
 static MS_HOT int ptrs_put(void *p, size_t size, uint32_t cell, int flag, int mode) {
     if (mode == MODE_EXACT) {
         uint32_t old;
@@ -690,15 +705,8 @@ static void record_realloc(void *old, void *p, size_t size) {
             account_free(old_cell, (int64_t)old_size, COUNT_ONE);
             return;
         }
-        int64_t delta = (int64_t)size - (int64_t)old_size;
-        if (delta >= 0) c->alloc_bytes += delta;
-        else c->freed_bytes += -delta;
+        charge_resize(c, (int64_t)size - (int64_t)old_size);
         if (c->track_time) c->last_ns = coarse_ns();
-        task_info_t *ti = c->task;
-        if (ti != NULL) {
-            ti->live_bytes += delta;
-            if (ti->live_bytes > ti->peak_live_bytes) ti->peak_live_bytes = ti->live_bytes;
-        }
         return;
     }
     /* Another owner grows or shrinks the block: ownership moves to it. */
@@ -744,27 +752,14 @@ static MS_HOT int exact_alloc_fast(void *p, size_t size) {
     /* (no session test: start() bumps cell_gen, so a cache from an older session fails) */
     if (t->guard || left <= 0 || size >= SHADOW_MAX_SIZE || slot == NULL) return 0;
     if (!fast_valid(t, *slot) || t->cache_gen != S.cell_gen) return 0;
-    uintptr_t a = (uintptr_t)p;
-    uint32_t **dir = S.shadow.dir;
-    if (shadow_bad_addr(a) || dir == NULL) return 0;
-    uint32_t *leaf = dir[a >> SHADOW_LEAF_SHIFT];
-    if (leaf == NULL) return 0;
-    uint32_t *e = &leaf[(a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1)];
+    uint32_t *e = shadow_slot(&S.shadow, (uintptr_t)p);
     uint32_t cell = t->cache_cell;
     cell_t *c = &S.cells[cell];
-    if (*e != 0 || c->track_time) return 0;
-    *e = (uint32_t)size | (cell << SHADOW_CELL_SHIFT);
+    if (e == NULL || *e != 0 || c->track_time) return 0;
+    *e = shadow_encode((uint32_t)size, cell, 0);
     S.shadow.count++;
     t->stack_countdown = left;
-    c->alloc_bytes += (int64_t)size;
-    c->allocs += COUNT_ONE;
-    c->live_entries++;
-    task_info_t *ti = c->task;
-    if (ti != NULL) {
-        int64_t live = ti->live_bytes + (int64_t)size;
-        ti->live_bytes = live;
-        if (live > ti->peak_live_bytes) ti->peak_live_bytes = live;
-    }
+    charge_alloc(c, (int64_t)size, COUNT_ONE);
     return 1;
 }
 
@@ -782,19 +777,9 @@ static MS_HOT int exact_free_fast(void *p) {
         if (t->session != S.session || slot == NULL || !fast_valid(t, *slot)) return 0;
         now = t->fast_now;
     }
-    int64_t size = (int64_t)(v & SHADOW_SIZE_MASK);
     *e = 0;
     S.shadow.count--;
-    c->freed_bytes += size;
-    c->frees += COUNT_ONE;
-    c->live_entries--;
-    if (ti != NULL) {
-        ti->live_bytes -= size;
-        if (now != 0 && now != cell_tid(c)) {
-            c->cross_free_bytes += size;
-            c->cross_frees += COUNT_ONE;
-        }
-    }
+    charge_free(c, (int64_t)(v & SHADOW_SIZE_MASK), COUNT_ONE, now);
     return 1;
 }
 
@@ -811,23 +796,11 @@ static MS_HOT int exact_realloc_fast(void *old, void *p, size_t size) {
     cell_t *c = &S.cells[cell];
     if ((v & (1u << SHADOW_FLAG_BIT)) || c->track_time || cell_tid(c) != cell_tid(&S.cells[t->cache_cell]))
         return 0; /* a stack sample, a migration, or another owner: the general path */
-    uintptr_t a = (uintptr_t)p;
-    if (shadow_bad_addr(a)) return 0;
-    uint32_t *leaf = S.shadow.dir[a >> SHADOW_LEAF_SHIFT]; /* dir is mapped: old was found */
-    if (leaf == NULL) return 0;
-    uint32_t *en = &leaf[(a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1)];
-    if (en != eo && *en != 0) return 0;
+    uint32_t *en = shadow_slot(&S.shadow, (uintptr_t)p);
+    if (en == NULL || (en != eo && *en != 0)) return 0;
     *eo = 0;
-    *en = (uint32_t)size | (cell << SHADOW_CELL_SHIFT);
-    int64_t delta = (int64_t)size - (int64_t)(v & SHADOW_SIZE_MASK);
-    if (delta >= 0) c->alloc_bytes += delta;
-    else c->freed_bytes -= delta;
-    task_info_t *ti = c->task;
-    if (ti != NULL) {
-        int64_t live = ti->live_bytes + delta;
-        ti->live_bytes = live;
-        if (live > ti->peak_live_bytes) ti->peak_live_bytes = live;
-    }
+    *en = shadow_encode((uint32_t)size, cell, 0);
+    charge_resize(c, (int64_t)size - (int64_t)(v & SHADOW_SIZE_MASK));
     return 1;
 }
 
@@ -1404,7 +1377,6 @@ static int init_strings(void) {
     INTERN(s_loop, "loop");
     INTERN(s_context, "context");
     INTERN(s_check_closed, "_check_closed");
-    INTERN(s_get_context, "get_context");
 #undef INTERN
     G.kw_context = PyTuple_Pack(1, G.s_context);
     G.kw_loop_context = PyTuple_Pack(2, G.s_loop, G.s_context);

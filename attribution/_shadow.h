@@ -104,6 +104,10 @@ static inline int shadow_bad_addr(uintptr_t a) {
     return ((a & ((1u << SHADOW_GRANULE_BITS) - 1)) | ((uint64_t)a >> SHADOW_ADDR_BITS)) != 0;
 }
 
+static inline uint32_t shadow_encode(uint32_t size, uint32_t cell, int flag) {
+    return size | ((uint32_t)(flag != 0) << SHADOW_FLAG_BIT) | (cell << SHADOW_CELL_SHIFT);
+}
+
 static inline void shadow_decode(uint32_t e, uint32_t *size, uint32_t *cell, int *flag) {
     *size = e & SHADOW_SIZE_MASK;
     *flag = (int)((e >> SHADOW_FLAG_BIT) & 1u);
@@ -161,7 +165,7 @@ static inline int shadow_put_ex(shadow_t *s, const void *p, uint32_t size, uint3
     }
     uint32_t *e = &leaf[(a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1)];
     uint32_t prev = *e;
-    *e = size | ((uint32_t)(flag != 0) << SHADOW_FLAG_BIT) | (cell << SHADOW_CELL_SHIFT);
+    *e = shadow_encode(size, cell, flag);
     if (prev == 0) s->count++;
     *old = prev;
     return 0;
@@ -174,14 +178,19 @@ SHADOW_UNUSED static inline int shadow_put(shadow_t *s, const void *p, uint32_t 
     return shadow_put_ex(s, p, size, cell, flag, &old);
 }
 
-/* The entry of p, or NULL if p is not recorded (cheap for pointers never recorded). */
-static inline uint32_t *shadow_find(const shadow_t *s, uintptr_t a) {
+/* The entry slot for address a, used or not, or NULL when there is none (bad address,
+ * no directory, no leaf mapped there yet): lookups that must not map anything. */
+static inline uint32_t *shadow_slot(const shadow_t *s, uintptr_t a) {
     uint32_t **dir = s->dir;
     if (SHADOW_UNLIKELY(shadow_bad_addr(a) || dir == NULL)) return NULL;
     uint32_t *leaf = dir[a >> SHADOW_LEAF_SHIFT];
-    if (leaf == NULL) return NULL;
-    uint32_t *e = &leaf[(a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1)];
-    return *e != 0 ? e : NULL;
+    return leaf != NULL ? &leaf[(a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1)] : NULL;
+}
+
+/* The entry of p, or NULL if p is not recorded (cheap for pointers never recorded). */
+static inline uint32_t *shadow_find(const shadow_t *s, uintptr_t a) {
+    uint32_t *e = shadow_slot(s, a);
+    return e != NULL && *e != 0 ? e : NULL;
 }
 
 /* If p is recorded: clear it, fill size/cell/flag, return 1.  Otherwise 0. */

@@ -187,6 +187,17 @@ static int64_t intern_stack(const uint32_t *fr, uint32_t n) {
     return idx;
 }
 
+/* K.live_index key of a live sampled pointer (the high bit keeps it off u64map's 0). */
+static inline uint64_t live_key(const void *p) { return (uint64_t)(uintptr_t)p | (UINT64_C(1) << 63); }
+
+/* Live sample li ends (its pointer is already out of K.live_index): take its bytes off its
+ * site and free the slot. */
+static void live_release(uint32_t li) {
+    K.sites[K.live[li].site].live_bytes -= K.live[li].bytes;
+    K.live[li].next_free = K.free_live;
+    K.free_live = li;
+}
+
 /* Record one stack sample for allocation p.  R: the mean bytes of the sampling process
  * that chose it (the sample's weight follows from it). */
 static void stacks_record_alloc(void *p, size_t size, uint64_t cell_key, double R) {
@@ -234,7 +245,7 @@ static void stacks_record_alloc(void *p, size_t size, uint64_t cell_key, double 
         if (grow_array((void **)&K.live, &K.caplive, sizeof(live_sample_t), K.nlive + 1) < 0) return;
         li = K.nlive++;
     }
-    if (u64map_put(&K.live_index, (uint64_t)(uintptr_t)p | (UINT64_C(1) << 63), li) < 0) return;
+    if (u64map_put(&K.live_index, live_key(p), li) < 0) return;
     K.live[li].site = site;
     K.live[li].bytes = bytes;
     K.live[li].next_free = UINT32_MAX;
@@ -242,13 +253,11 @@ static void stacks_record_alloc(void *p, size_t size, uint64_t cell_key, double 
 
 /* Returns 1 if p was a sampled pointer (now forgotten), else 0. */
 static int stacks_record_free(void *p) {
-    uint64_t key = (uint64_t)(uintptr_t)p | (UINT64_C(1) << 63);
+    uint64_t key = live_key(p);
     uint32_t li;
     if (K.live_index.count == 0 || !u64map_get(&K.live_index, key, &li)) return 0;
     u64map_del(&K.live_index, key);
-    K.sites[K.live[li].site].live_bytes -= K.live[li].bytes;
-    K.live[li].next_free = K.free_live;
-    K.free_live = li;
+    live_release(li);
     return 1;
 }
 
@@ -259,11 +268,12 @@ static int stacks_record_free(void *p) {
  * (~2,600 at R = 256 KiB) and walk the frames again.  Returns 1 if p now carries the
  * sample, 0 if old had none (or its weight cannot be told: old_size 0; it is dropped). */
 static int stacks_move(void *old, void *p, size_t old_size, size_t size) {
-    uint64_t okey = (uint64_t)(uintptr_t)old | (UINT64_C(1) << 63);
+    uint64_t okey = live_key(old);
     uint32_t li;
     if (K.live_index.count == 0 || !u64map_get(&K.live_index, okey, &li)) return 0;
     if (old_size == 0) {
-        (void)stacks_record_free(old);
+        u64map_del(&K.live_index, okey);
+        live_release(li);
         return 0;
     }
     live_sample_t *ls = &K.live[li];
@@ -274,10 +284,8 @@ static int stacks_move(void *old, void *p, size_t old_size, size_t size) {
     ls->bytes = nb;
     if (p != old) {
         u64map_del(&K.live_index, okey);
-        if (u64map_put(&K.live_index, (uint64_t)(uintptr_t)p | (UINT64_C(1) << 63), li) < 0) {
-            site->live_bytes -= nb; /* no memory to follow it: the sample ends here */
-            ls->next_free = K.free_live;
-            K.free_live = li;
+        if (u64map_put(&K.live_index, live_key(p), li) < 0) {
+            live_release(li); /* no memory to follow it: the sample ends here */
             return 0;
         }
     }

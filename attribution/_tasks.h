@@ -41,7 +41,7 @@ static struct {
     uint32_t next_tid;         /* task ids are never reused, even across runs */
     PyObject *s_qualname, *s_self, *s_get_name, *s_set_name, *s_state, *s_exception, *s_cancelled,
         *s_add_done_callback, *s_get_coro, *s_done, *s_eager_start, *s_name,
-        *s_loop, *s_context, *s_check_closed, *s_get_context;
+        *s_loop, *s_context, *s_check_closed;
     PyObject *kw_context;      /* ("context",) */
     PyObject *kw_loop_context; /* ("loop", "context") */
     PyObject *kw_loop_context_name; /* ("loop", "context", "name") */
