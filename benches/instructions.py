@@ -29,9 +29,10 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .configs import import_memscope
+from .configs import CONFIGS, RunContext
 from .workloads import WORKLOADS
 
 __all__ = ["CASES", "main"]
@@ -50,7 +51,7 @@ class Case:
     small: dict[str, Any]
     large: dict[str, Any]
     units: tuple[int, int]
-    configs: tuple[str, ...] = ("plain", "exact", "sampled")
+    configs: tuple[str, ...] = ("plain", "memscope-exact", "memscope-sampled")  # benches.configs names
     gc_off: bool = False
 
 
@@ -63,7 +64,7 @@ CASES: dict[str, Case] = {
         Case("server", "request", {"requests": 1000, "clients": 50}, {"requests": 3000, "clients": 50},
              (1000, 3000)),
         Case("to_thread", "job", {"jobs": 2000, "tasks": 200}, {"jobs": 6000, "tasks": 200}, (2000, 6000),
-             configs=("exact-nothreads", "exact")),
+             configs=("memscope-exact-nothreads", "memscope-exact")),
         *(
             Case(name, "task", {"depth": 4, **_TREE}, {"depth": 5, **_TREE}, (_tree_tasks(4), _tree_tasks(5)),
                  gc_off=True)
@@ -74,25 +75,13 @@ CASES: dict[str, Case] = {
 
 
 def _child(workload: str, config: str, params: dict[str, Any], gc_off: bool) -> None:
-    """Run one workload once (inside callgrind): plain, or under memscope in one mode."""
+    """Run one workload once (inside callgrind) under one of benches.run's configs."""
     if gc_off:
         gc.disable()
-    factory = None
-    profiler = None
-    if config != "plain":
-        ms = import_memscope()
-        kwargs: dict[str, Any] = {"mode": "sampled" if config == "sampled" else "exact"}
-        if config == "sampled":
-            kwargs["sample_interval"] = 512 * 1024
-        if config == "exact-nothreads":
-            kwargs["threads"] = False
-        profiler = ms.Profiler(**kwargs)
-        profiler.start()
-        factory = ms.loop_factory(profiler=profiler)
-    with asyncio.Runner(loop_factory=factory) as runner:
-        result = runner.run(WORKLOADS[workload].main(**params))
-    if profiler is not None:
-        profiler.stop()
+    # first_repeat=False: no report after the run, whose cost grows with the size
+    with tempfile.TemporaryDirectory() as tmp, CONFIGS[config].session(RunContext(Path(tmp), False)) as session:
+        with asyncio.Runner(loop_factory=session.loop_factory) as runner:
+            result = runner.run(WORKLOADS[workload].main(**params))
     expected = WORKLOADS[workload].expected(**params)
     if result != expected:
         raise SystemExit(f"{workload}/{config}: result {result} != expected {expected}")
@@ -139,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(choose from {', '.join(CASES)})", file=sys.stderr)
         return 2
     rows = []
-    print(f"{'workload':<22} {'config':<16} {'instructions per unit':>22} {'ratio':>8}")
+    print(f"{'workload':<22} {'config':<26} {'instructions per unit':>22} {'ratio':>8}")
     with tempfile.TemporaryDirectory(prefix="memscope-cg-") as tmp:
         for name in names:
             case = CASES[name]
@@ -160,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = per_unit / base
                 rows.append({"workload": name, "config": config, "unit": case.unit,
                              "instructions_per_unit": per_unit, "ratio": ratio})
-                print(f"{name:<22} {config:<16} {per_unit:>16,.0f} /{case.unit:<5} {ratio:>7.3f}x", flush=True)
+                print(f"{name:<22} {config:<26} {per_unit:>16,.0f} /{case.unit:<5} {ratio:>7.3f}x", flush=True)
     if args.json:
         tmp_path = args.json + ".tmp"
         with open(tmp_path, "w") as f:
