@@ -6,8 +6,11 @@ import asyncio
 import random
 import statistics
 import sys
+import threading
 
 import pytest
+
+import memscope_async as ms
 
 from conftest import KiB, MiB, close_to, run_profiled
 
@@ -172,10 +175,6 @@ def test_exact_stack_samples_follow_realloc(loop_kind):
 def test_sampled_restart_samples_threads_that_outlive_a_session():
     """A thread that outlives a session samples at the next session's interval from its
     first allocation there: a countdown left from a 1 GiB session would hide its 20 MB."""
-    import threading
-
-    import memscope_async as ms
-
     go, done, stop = threading.Event(), threading.Event(), threading.Event()
 
     def worker():

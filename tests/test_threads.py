@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import platform
 import queue
+import sys
 import threading
+
+import pytest
 
 import memscope_async as ms
 from conftest import MiB, base_loop, close_to, run_profiled
@@ -308,9 +312,6 @@ def test_stress_executor_jobs_never_charged_to_wrong_task():
 
 
 def _fast_tstate_expected() -> bool:
-    import platform
-    import sys
-
     return (
         sys.platform == "linux"
         and platform.machine() == "x86_64"
@@ -325,8 +326,6 @@ def test_thread_state_read_from_its_slot():
     in the main thread and in threads started later, where that is supported.  Each
     thread checks the slot against PyThreadState_GetUnchecked() first, so this only
     says the fast read is in use; the attribution tests say it is right."""
-    import pytest
-
     if not _fast_tstate_expected():
         pytest.skip("the thread-state slot is only located on x86-64 glibc CPython 3.11-3.13")
     from memscope_async.attribution import _core
