@@ -875,11 +875,14 @@ __attribute__((noinline)) static void *sampled_alloc_slow(void *p, size_t size) 
 static inline int sampled_skip(size_t size) {
     tls_t *t = &tls;
     int64_t left = t->countdown - (int64_t)size;
-    if (left > 0 && !t->guard && t->session == S.session) {
-        t->countdown = left;
+    if (left > 0 && t->session == S.session) {
+        /* our own bookkeeping (the guard is up: a task's Tag, its context's new HAMT) is
+         * never recorded and does not use up the gap; that is decided here, not on the
+         * slow path (a task tree makes ~5 such allocations per task) */
+        if (!t->guard) t->countdown = left;
         return 1;
     }
-    return 0;
+    return t->guard; /* due, or a new session: the slow path, unless it is ours */
 }
 
 static void *hook_malloc_sampled(void *ctx, size_t size) {
@@ -1263,7 +1266,9 @@ PyDoc_STRVAR(stats_doc,
 "stats() -> dict\n--\n\nThe tracker's own footprint: tracked_allocations, table_bytes, stacks_bytes,\n"
 "tracker_bytes, cells, tasks, threads, untracked, dropped, start_ns, active, table_capacity,\n"
 "task_records, pending_task_records; fast_thread_state: 1 if the calling thread reads its\n"
-"thread state from its slot (_tstate.h), 0 if through the call.");
+"thread state from its slot (_tstate.h), 0 if through the call; direct_context_tagging: 1\n"
+"if new tasks' contexts are tagged through the HAMT directly (_tasks.h), 0 if not yet known,\n"
+"-1 if through PyContextVar_Set.");
 
 static PyObject *core_stats(PyObject *m, PyObject *noargs) {
     int g = tls.guard;
@@ -1279,14 +1284,15 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
                    (size_t)(S.obj_index.slots ? S.obj_index.mask + 1 : 0) * sizeof(u64map_entry_t);
     size_t stacks = stacks_bytes();
     PyObject *d = Py_BuildValue(
-        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:K,s:K,s:i}", "tracked_allocations",
+        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:K,s:K,s:i,s:i}", "tracked_allocations",
         (unsigned long long)ptrs_count(), "table_bytes", (Py_ssize_t)table, "stacks_bytes", (Py_ssize_t)stacks,
         "tracker_bytes", (Py_ssize_t)(table + other + stacks), "cells",
         (unsigned int)(S.ncells - 1 - S.nfree_cells), "tasks", (unsigned int)(S.ntasks - 1 - S.nfree_tasks),
         "threads", (unsigned int)S.nthreads, "untracked", (unsigned long long)S.untracked, "dropped",
         (unsigned long long)S.dropped_cells, "start_ns", (unsigned long long)S.start_ns, "active", S.active,
         "table_capacity", (unsigned long long)S.ptrs.capacity, "task_records", (unsigned long long)S.records,
-        "pending_task_records", (unsigned long long)S.pending, "fast_thread_state", tls.ts_slot != NULL);
+        "pending_task_records", (unsigned long long)S.pending, "fast_thread_state", tls.ts_slot != NULL,
+        "direct_context_tagging", HAMT.known);
     tls.guard = g;
     return d;
 }
@@ -1341,6 +1347,7 @@ static PyMethodDef core_methods[] = {
     {"stats", core_stats, METH_NOARGS, stats_doc},
     {"stack_samples", core_stack_samples, METH_NOARGS, stack_samples_doc},
     {"configure", core_configure, METH_VARARGS, configure_doc},
+    {"labels_in_use", core_labels_in_use, METH_NOARGS, labels_in_use_doc},
     {"register_loop", core_register_loop, METH_VARARGS, register_loop_doc},
     {"unregister_loop", core_unregister_loop, METH_O, unregister_loop_doc},
     {"set_fold_hook", core_set_fold_hook, METH_VARARGS, set_fold_hook_doc},

@@ -33,6 +33,7 @@
 /* Settings that outlive a profiler run. */
 static struct {
     PyObject *labels_var;      /* the LABELS ContextVar (strong) */
+    int labels_used;           /* labels() has been entered: new tasks read LABELS */
     PyObject *task_type;       /* asyncio.Task (strong) */
     PyObject *done_cb;         /* our task_done function object (strong) */
     PyTypeObject *step_type;   /* _asyncio's TaskStepMethWrapper, learnt on first sight */
@@ -128,12 +129,94 @@ static PyObject *qualname_of(PyObject *coro) {
     return NULL;
 }
 
+/* ---- tagging a fresh context ----------------------------------------------------------
+ * A context the factory has just copied from the running one is tagged by updating its
+ * variable mapping directly: one HAMT insertion through the HAMT type's own `set` method,
+ * the new mapping put in the context (no one else has seen it yet).  The documented way,
+ * PyContext_Enter + PyContextVar_Set + PyContext_Exit, costs ~900 instructions more a
+ * task (callgrind, 3.12): a Token object made and destroyed, a lookup of the old value
+ * for it, and two context switches that void every ContextVar's cache, so the reads of the
+ * parent's tag and labels miss it too.  Here they are read in the running context, where
+ * the copy's values are the same, usually from the cache.  The HAMT type is not exported:
+ * it is found from an empty context; anything unexpected (another type, a missing method,
+ * an entered context) keeps the documented way. */
+#define Py_BUILD_CORE 1
+#include "internal/pycore_context.h"
+#undef Py_BUILD_CORE
+
+static struct {
+    PyTypeObject *type; /* CPython's HAMT type (borrowed: static type) */
+    PyCFunction set;    /* its set(key, value) -> new mapping, METH_VARARGS */
+    PyObject *args;     /* a 2-tuple of ours (untracked), filled with borrowed items per call */
+    int known;          /* 1 learnt, -1 not available */
+} HAMT;
+
+static void hamt_learn(void) {
+    HAMT.known = -1;
+    PyObject *c = PyContext_New();
+    if (c == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    PyTypeObject *tp = Py_TYPE((PyObject *)((PyContext *)c)->ctx_vars);
+    for (PyMethodDef *m = tp->tp_methods; m != NULL && m->ml_name != NULL; m++) {
+        if (strcmp(m->ml_name, "set") == 0 && (m->ml_flags & (METH_VARARGS | METH_KEYWORDS | METH_FASTCALL |
+                                                              METH_O | METH_NOARGS)) == METH_VARARGS) {
+            if ((HAMT.args = PyTuple_New(2)) == NULL) {
+                PyErr_Clear();
+                break;
+            }
+            PyObject_GC_UnTrack(HAMT.args);
+            HAMT.type = tp;
+            HAMT.set = m->ml_meth;
+            HAMT.known = 1;
+            break;
+        }
+    }
+    Py_DECREF(c);
+}
+
+/* Set var = value in ctx, a context no one has entered or seen.  Returns 0, -1 with an
+ * exception set, or 1: not possible this way (nothing changed). */
+static int fresh_context_set(PyObject *ctx, PyObject *var, PyObject *value) {
+    if (MS_UNLIKELY(HAMT.known == 0)) hamt_learn();
+    PyContext *c = (PyContext *)ctx;
+    PyObject *vars = (PyObject *)c->ctx_vars;
+    if (HAMT.known < 0 || c->ctx_entered || vars == NULL || Py_TYPE(vars) != HAMT.type) return 1;
+    /* set() only unpacks its arguments (no Python code runs in it: ContextVar keys hash
+     * and compare in C), so one tuple of ours serves every call, its items lent for the
+     * call (a tuple made and freed per task: ~300 instructions) */
+    PyObject *args = HAMT.args;
+    if (Py_REFCNT(args) != 1 || PyTuple_GET_ITEM(args, 0) != NULL) return 1; /* in use: cannot happen */
+    PyTuple_SET_ITEM(args, 0, var);
+    PyTuple_SET_ITEM(args, 1, value);
+    PyObject *nv = HAMT.set(vars, args);
+    PyTuple_SET_ITEM(args, 0, NULL);
+    PyTuple_SET_ITEM(args, 1, NULL);
+    if (nv == NULL) return -1;
+    if (Py_TYPE(nv) != HAMT.type) {
+        Py_DECREF(nv);
+        HAMT.known = -1;
+        return 1;
+    }
+    c->ctx_vars = (PyHamtObject *)nv;
+    Py_DECREF(vars);
+    return 0;
+}
+
+/* How register_task's ctx came: */
+enum {
+    CTX_COPIED,  /* the factory copied it from the running context just now */
+    CTX_GIVEN,   /* the caller's context= argument */
+    CTX_ADOPTED, /* the context of a task we did not see being made */
+};
+
 /* Make a record for a task about to run in `ctx` (a context not entered right now; NULL:
  * the running context, for a task tagging itself) and put its Tag into that context.
  * *out is the new task id, or 0 when the context cannot be tagged (it is running: the
  * caller passed its own) or nothing is being recorded.  Returns -1 with an exception set
  * on failure.  Our own allocations here are not recorded. */
-static int register_task(PyObject *ctx, int explicit, uint32_t flags, uint32_t serial, PyObject *coro,
+static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial, PyObject *coro,
                          uint32_t *out) {
     *out = 0;
     if (!S.active || S.tag_var == NULL) return 0;
@@ -148,36 +231,43 @@ static int register_task(PyObject *ctx, int explicit, uint32_t flags, uint32_t s
     TagObject *tag = PyObject_New(TagObject, &TagType);
     if (tag == NULL) goto error;
     tag->tid = tid;
-    if (ctx != NULL && PyContext_Enter(ctx) < 0) {
+    /* a fresh copy holds what the running context holds: read there, and tag it directly */
+    int enter = ctx != NULL && how != CTX_COPIED;
+    if (enter && PyContext_Enter(ctx) < 0) {
         Py_DECREF(tag);
         if (!PyErr_ExceptionMatches(PyExc_RuntimeError)) goto error;
         PyErr_Clear();
         t->guard = g;
         return 0;
     }
-    PyObject *ptag = NULL, *labels = NULL;
-    if (PyContextVar_Get(S.tag_var, NULL, &ptag) < 0) {
-        PyErr_Clear();
-        ptag = NULL;
-    }
-    if (G.labels_var != NULL && PyContextVar_Get(G.labels_var, NULL, &labels) < 0) {
+    /* the parent: the tag where we read (context_tid: the hooks' cached answer when it
+     * holds); the labels, once labels() has ever been used */
+    uint32_t parent = context_tid();
+    PyObject *labels = NULL;
+    if (G.labels_used && G.labels_var != NULL && PyContextVar_Get(G.labels_var, NULL, &labels) < 0) {
         PyErr_Clear();
         labels = NULL;
     }
-    PyObject *token = PyContextVar_Set(S.tag_var, (PyObject *)tag);
-    if (ctx != NULL && PyContext_Exit(ctx) < 0) PyErr_Clear();
+    int rc = 1;
+    if (ctx != NULL && !enter) {
+        rc = fresh_context_set(ctx, S.tag_var, (PyObject *)tag);
+        if (rc > 0 && PyContext_Enter(ctx) == 0) enter = 1; /* the documented way after all */
+        else if (rc > 0) rc = -1;
+    }
+    if (rc > 0) {
+        PyObject *token = PyContextVar_Set(S.tag_var, (PyObject *)tag);
+        rc = token == NULL ? -1 : 0;
+        Py_XDECREF(token);
+    }
+    if (enter && PyContext_Exit(ctx) < 0) PyErr_Clear();
     Py_DECREF(tag);
-    if (token == NULL) {
-        Py_XDECREF(ptag);
+    if (rc < 0) {
         Py_XDECREF(labels);
         goto error;
     }
-    Py_DECREF(token);
 
-    uint32_t parent = (ptag != NULL && Py_TYPE(ptag) == &TagType) ? ((TagObject *)ptag)->tid : 0;
-    Py_XDECREF(ptag);
     uint32_t pti = 0;
-    if (parent && task_registered(parent, &pti) && explicit && S.tasks[pti].ctx == (uintptr_t)ctx) {
+    if (parent && task_registered(parent, &pti) && how == CTX_GIVEN && S.tasks[pti].ctx == (uintptr_t)ctx) {
         /* One context handed to several create_task calls (asyncio.Runner does this): the
          * tag in it is an earlier sibling's, so the parent is that sibling's parent. */
         parent = S.tasks[pti].parent;
@@ -263,6 +353,8 @@ static void note_object(uint32_t tid, uint32_t ti, PyObject *task) {
 #if PY_VERSION_HEX >= 0x030C0000 && PY_VERSION_HEX < 0x030D0000
 #define MS_LATE_NAMES 1 /* see late_name_watch */
 static void late_name_watch(uint32_t tid, PyObject *task);
+static void set_late_name(uint32_t tid, PyObject *task, PyObject *name);
+static PyObject *task_name_of(PyObject *task);
 #endif
 
 /* A C Task (asyncio.Task exactly) whose end the running-task watcher sees. */
@@ -322,8 +414,9 @@ static uint32_t c_task_state(PyObject *task) {
 static void end_task(PyObject *task, uint32_t state);
 
 
-/* Link record tid to its task object and watch for its end. */
-static void attach_task(uint32_t tid, PyObject *task) {
+/* Link record tid to its task object and watch for its end.  named: the task already has
+ * the name its creator gives it (it was made with that name), so no late name is awaited. */
+static void attach_task(uint32_t tid, PyObject *task, int named) {
     uint32_t ti;
     if (!task_registered(tid, &ti)) return;
     int g = tls.guard;
@@ -336,7 +429,12 @@ static void attach_task(uint32_t tid, PyObject *task) {
         if (st != TS_PENDING) {
             end_task(task, st);
 #ifdef MS_LATE_NAMES
-            late_name_watch(tid, task);
+            /* the end may have been seen inside the factory, before make_task named it:
+             * read the name again now, or, if the loop names it after us, later */
+            if (named) set_late_name(tid, task, task_name_of(task));
+            else late_name_watch(tid, task);
+#else
+            (void)named;
 #endif
         }
         PyErr_Clear();
@@ -678,9 +776,9 @@ static int record_existing_task(PyObject *task, PyObject *ctx, uint32_t serial, 
     tls.guard = 1;
     PyObject *coro = PyObject_CallMethodNoArgs(task, G.s_get_coro);
     if (coro == NULL) PyErr_Clear();
-    int rc = register_task(ctx, 0, 0, serial, coro, tid);
+    int rc = register_task(ctx, CTX_ADOPTED, 0, serial, coro, tid);
     Py_XDECREF(coro);
-    if (rc == 0 && *tid) attach_task(*tid, task);
+    if (rc == 0 && *tid) attach_task(*tid, task, 1); /* it exists already: its name is its own */
     tls.guard = g;
     return rc;
 }
@@ -887,7 +985,10 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
 
 /* Make a tagged task.  ctx is the context= argument (NULL or None: a copy of the running
  * context); kwargs (a dict this call may change, or NULL) are the factory's other keyword
- * arguments; name is given only by our own create_task (stdlib loops). */
+ * arguments; name is given only by our own create_task (stdlib loops).  A task made with
+ * a name has it when we get it back (make_task gives it); one made without may be named
+ * by its creator afterwards (3.12's asyncio.create_task and TaskGroup.create_task do, see
+ * late_name_watch). */
 static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro, PyObject *name, PyObject *ctx,
                                 PyObject *kwargs) {
     maybe_fold();
@@ -906,7 +1007,7 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
         return task;
     }
     uint32_t tid = 0;
-    if (register_task(ctx, explicit, TF_VIA_FACTORY, f->serial, coro, &tid) < 0) {
+    if (register_task(ctx, explicit ? CTX_GIVEN : CTX_COPIED, TF_VIA_FACTORY, f->serial, coro, &tid) < 0) {
         Py_DECREF(ctx);
         return NULL;
     }
@@ -923,7 +1024,7 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
     if (tid) {
         uint32_t ti;
         if (task != NULL) {
-            attach_task(tid, task);
+            attach_task(tid, task, name != NULL && name != Py_None);
         } else if (task_registered(tid, &ti)) {
             /* The task was never made: drop its record (keeping the error in flight), or,
              * if something it allocated is still live, end it to be folded later. */
@@ -1390,6 +1491,15 @@ static PyObject *core_configure(PyObject *m, PyObject *args) {
     }
     Py_XSETREF(G.labels_var, Py_NewRef(labels_var));
     Py_XSETREF(G.task_type, Py_NewRef(task_type));
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(labels_in_use_doc,
+"labels_in_use()\n--\n\nLABELS is about to be set (labels() calls this first): from now on every new task\n"
+"reads it.  Until then it holds its default everywhere and task creation skips reading it.");
+
+static PyObject *core_labels_in_use(PyObject *m, PyObject *noargs) {
+    G.labels_used = 1;
     Py_RETURN_NONE;
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import sys
 import types
 
@@ -128,7 +129,41 @@ async def prog_eager():
     return order
 
 
+_USER_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("user_var", default="unset")
+
+
+async def prog_contextvars():
+    # What a task's context holds and shares: the profiler tags each new task's context
+    # (directly, for the copies its factory makes) and must not change any of this.
+    seen = []
+
+    async def child(n):
+        seen.append((n, "start", _USER_VAR.get()))
+        _USER_VAR.set(f"child-{n}")
+        await asyncio.sleep(0)
+        seen.append((n, "end", _USER_VAR.get()))
+        grand = await asyncio.create_task(grandchild(n))
+        return grand, _USER_VAR.get()
+
+    async def grandchild(n):
+        return _USER_VAR.get(), contextvars.copy_context().get(_USER_VAR)
+
+    _USER_VAR.set("parent")
+    first = asyncio.create_task(child(1))
+    _USER_VAR.set("parent-later")
+    second = asyncio.create_task(child(2))
+    given = contextvars.copy_context()
+    given.run(_USER_VAR.set, "given")
+    third = asyncio.get_running_loop().create_task(child(3), context=given)
+    results = await asyncio.gather(first, second, third)
+    async with asyncio.TaskGroup() as tg:
+        fourth = tg.create_task(child(4))
+    ran = contextvars.copy_context().run(lambda: _USER_VAR.get())
+    return results, fourth.result(), sorted(seen), _USER_VAR.get(), ran, given.get(_USER_VAR)
+
+
 PROGRAMS = [
+    prog_contextvars,
     prog_results,
     prog_exception,
     prog_cancel,

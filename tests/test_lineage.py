@@ -104,3 +104,44 @@ def test_eager_tree_does_not_touch_finished_tasks():
     assert result == 1 + 3 + 9 + 27
     nodes = report.find(coro="node")
     assert len(nodes) == 3 + 9 + 27 and all(t.state == "done" for t in nodes)
+
+
+def test_tasks_in_contexts_tagged_directly_keep_their_own_bytes_and_parents(loop_kind):
+    # The factory tags the context it copies for a new task by updating the copy's
+    # variable mapping directly (_tasks.h, fresh_context_set).  Each task must see its own
+    # tag, its children must see it as their parent, and its bytes must be its own, not
+    # its parent's; a context given with context= goes the documented way and gets its
+    # parent from the tag it holds.
+    import contextvars
+
+    from memscope_async.attribution import _core
+
+    held = []
+
+    async def grow(n, depth):
+        held.append(bytearray(n * 64 * 1024))
+        if depth:
+            await asyncio.gather(*(asyncio.create_task(grow(n + 1, depth - 1)) for _ in range(2)))
+        return asyncio.current_task()
+
+    async def main():
+        given = contextvars.copy_context()
+        outer = await asyncio.create_task(grow(1, 2))
+        explicit = await asyncio.get_running_loop().create_task(grow(9, 0), context=given)
+        return asyncio.current_task(), outer, explicit, _core.stats()["direct_context_tagging"]
+
+    (main_task, outer, explicit, direct), report = run_profiled(main, loop_kind)
+    if sys.implementation.name == "cpython" and sys.version_info < (3, 14):
+        assert direct == 1
+    m = report.task(main_task)
+    grows = report.find(coro="grow")
+    assert len(grows) == 1 + 2 + 4 + 1
+    for t in grows:
+        depth = len(t.lineage) - len(m.lineage)
+        n = 9 if t.id == report.task(explicit).id else depth
+        # each task holds its one bytearray: n * 64 KiB (+ a few hundred bytes of its own)
+        assert n * 64 * 1024 <= t.live_bytes < n * 64 * 1024 + 32 * 1024, (t.coro, depth, t.live_bytes)
+        assert t.lineage[: len(m.lineage)] == m.lineage
+    assert report.task(outer).parent_id == m.id
+    assert report.task(explicit).parent_id == m.id
+    assert m.subtree.tasks == 1 + len(grows)
