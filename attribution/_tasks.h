@@ -6,9 +6,11 @@
  * itself the bottleneck of a task-heavy program (measured: 40% of a 56k-task tree run).
  *
  *  TaskFactory   the factory installed on an instrumented loop.  Per task: copy (or take)
- *                the context, enter it once to read the parent's Tag and the labels and to
- *                set the new Tag, fill the task's slot in S.tasks, make the task (asyncio's
- *                Task, or the user's factory inside the tagged context), and watch its end.
+ *                the context, read the parent's Tag (and the labels, once labels() is in
+ *                use) and set the new Tag in it (in the copy's variable mapping directly,
+ *                see fresh_context_set; a context given with context= is entered), fill the
+ *                task's slot in S.tasks, make the task (asyncio's Task, or the user's
+ *                factory inside the tagged context), and watch its end.
  *  CallSoon      an instrumented loop's ``call_soon`` (on the loop class, in front of the
  *                class's own).  It runs our done callback inline (it only reads
  *                the task's state: scheduling it as a loop callback would cost a Handle and
