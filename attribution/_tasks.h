@@ -35,7 +35,6 @@
 /* Settings that outlive a profiler run. */
 static struct {
     PyObject *labels_var;      /* the LABELS ContextVar (strong) */
-    int labels_used;           /* labels() has been entered: new tasks read LABELS */
     PyObject *task_type;       /* asyncio.Task (strong) */
     PyObject *done_cb;         /* our task_done function object (strong) */
     PyTypeObject *step_type;   /* _asyncio's TaskStepMethWrapper, learnt on first sight */
@@ -243,10 +242,10 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
         return 0;
     }
     /* the parent: the tag where we read (context_tid: the hooks' cached answer when it
-     * holds); the labels, once labels() has ever been used */
+     * holds); the labels (LABELS is public: set by labels() or directly) */
     uint32_t parent = context_tid();
     PyObject *labels = NULL;
-    if (G.labels_used && G.labels_var != NULL && PyContextVar_Get(G.labels_var, NULL, &labels) < 0) {
+    if (G.labels_var != NULL && PyContextVar_Get(G.labels_var, NULL, &labels) < 0) {
         PyErr_Clear();
         labels = NULL;
     }
@@ -260,6 +259,10 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
         PyObject *token = PyContextVar_Set(S.tag_var, (PyObject *)tag);
         rc = token == NULL ? -1 : 0;
         Py_XDECREF(token);
+        if (ctx == NULL) { /* set in the running context: ContextVar.set does not bump context_ver */
+            t->ctx_seen = NULL;
+            t->fast_ctx = FAST_NONE;
+        }
     }
     if (enter && PyContext_Exit(ctx) < 0) PyErr_Clear();
     Py_DECREF(tag);
@@ -306,10 +309,6 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     r->coro = qualname;
     S.records++;
     S.pending++;
-    if (ctx == NULL) { /* ContextVar.set does not bump context_ver */
-        t->ctx_seen = NULL;
-        t->fast_ctx = FAST_NONE;
-    }
     t->guard = g;
     *out = tid;
     return 0;
@@ -1496,14 +1495,6 @@ static PyObject *core_configure(PyObject *m, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(labels_in_use_doc,
-"labels_in_use()\n--\n\nLABELS is about to be set (labels() calls this first): from now on every new task\n"
-"reads it.  Until then it holds its default everywhere and task creation skips reading it.");
-
-static PyObject *core_labels_in_use(PyObject *m, PyObject *noargs) {
-    G.labels_used = 1;
-    Py_RETURN_NONE;
-}
 
 PyDoc_STRVAR(set_fold_hook_doc,
 "set_fold_hook(hook, at)\n--\n\nCall hook() when more than `at` finished tasks wait to be folded (None: never).");

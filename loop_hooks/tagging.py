@@ -51,7 +51,6 @@ def labels(**kv: object) -> Iterator[Mapping[str, str]]:
     override) the outer one, and the previous labels come back when the block exits.
     A task keeps every label it was given, so its report shows them after the block.
     """
-    _core.labels_in_use()  # task creation reads LABELS from now on
     merged = dict(LABELS.get())
     merged.update((str(k), str(v)) for k, v in kv.items())
     frozen = MappingProxyType(merged)
