@@ -1347,6 +1347,7 @@ static PyMethodDef core_methods[] = {
     {"stats", core_stats, METH_NOARGS, stats_doc},
     {"stack_samples", core_stack_samples, METH_NOARGS, stack_samples_doc},
     {"configure", core_configure, METH_VARARGS, configure_doc},
+    {"labels_in_use", core_labels_in_use, METH_NOARGS, labels_in_use_doc},
     {"register_loop", core_register_loop, METH_VARARGS, register_loop_doc},
     {"unregister_loop", core_unregister_loop, METH_O, unregister_loop_doc},
     {"set_fold_hook", core_set_fold_hook, METH_VARARGS, set_fold_hook_doc},

@@ -34,7 +34,8 @@
 
 /* Settings that outlive a profiler run. */
 static struct {
-    PyObject *labels_var;      /* the LABELS ContextVar (strong) */
+    PyObject *labels_var;      /* the _LABELS ContextVar (strong) */
+    int labels_used;           /* labels() has been entered: new tasks read _LABELS */
     PyObject *task_type;       /* asyncio.Task (strong) */
     PyObject *done_cb;         /* our task_done function object (strong) */
     PyTypeObject *step_type;   /* _asyncio's TaskStepMethWrapper, learnt on first sight */
@@ -242,10 +243,10 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
         return 0;
     }
     /* the parent: the tag where we read (context_tid: the hooks' cached answer when it
-     * holds); the labels (LABELS is public: set by labels() or directly) */
+     * holds); the labels, once labels() (their only setter) has been used */
     uint32_t parent = context_tid();
     PyObject *labels = NULL;
-    if (G.labels_var != NULL && PyContextVar_Get(G.labels_var, NULL, &labels) < 0) {
+    if (G.labels_used && G.labels_var != NULL && PyContextVar_Get(G.labels_var, NULL, &labels) < 0) {
         PyErr_Clear();
         labels = NULL;
     }
@@ -1495,6 +1496,16 @@ static PyObject *core_configure(PyObject *m, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+
+PyDoc_STRVAR(labels_in_use_doc,
+"labels_in_use()\n--\n\n_LABELS is about to be set (labels(), the only setter, calls this first): from\n"
+"now on every new task reads it.  Until then it holds its default everywhere, and task\n"
+"creation skips the read (a ContextVar that was never set misses its cache).");
+
+static PyObject *core_labels_in_use(PyObject *m, PyObject *noargs) {
+    G.labels_used = 1;
+    Py_RETURN_NONE;
+}
 
 PyDoc_STRVAR(set_fold_hook_doc,
 "set_fold_hook(hook, at)\n--\n\nCall hook() when more than `at` finished tasks wait to be folded (None: never).");

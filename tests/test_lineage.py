@@ -147,30 +147,29 @@ def test_tasks_in_contexts_tagged_directly_keep_their_own_bytes_and_parents(loop
     assert m.subtree.tasks == 1 + len(grows)
 
 
-def test_labels_are_inherited_however_they_were_set(loop_kind):
-    # labels() and a direct LABELS.set (the ContextVar is public) both reach the tasks
-    # created under them, whichever way their contexts are tagged.
-    from types import MappingProxyType
-
+def test_labels_reach_the_tasks_created_under_them(loop_kind):
+    # labels() is the one way to set labels (task creation reads them only once it has
+    # been used); nested blocks add to them, and tasks keep what they were created with.
     import memscope_async as ms
-    from memscope_async.loop_hooks.tagging import LABELS
 
     async def child():
         await asyncio.sleep(0)
         return asyncio.current_task()
 
-    async def direct():
-        LABELS.set(MappingProxyType({"tenant": "acme"}))
-        return await asyncio.create_task(child())
+    async def labelled():
+        with ms.labels(tenant="acme"):
+            return await asyncio.create_task(child())
 
     async def main():
         plain = await asyncio.create_task(child())
-        d = await asyncio.create_task(direct())
         with ms.labels(route="/items"):
             w = await asyncio.create_task(child())
-        return plain, d, w
+            nested = await asyncio.create_task(labelled())
+        after = await asyncio.create_task(child())
+        return plain, w, nested, after
 
-    (plain, d, w), report = run_profiled(main, loop_kind)
+    (plain, w, nested, after), report = run_profiled(main, loop_kind)
     assert dict(report.task(plain).labels) == {}
-    assert dict(report.task(d).labels) == {"tenant": "acme"}
     assert dict(report.task(w).labels) == {"route": "/items"}
+    assert dict(report.task(nested).labels) == {"route": "/items", "tenant": "acme"}
+    assert dict(report.task(after).labels) == {}
