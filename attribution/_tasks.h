@@ -355,8 +355,6 @@ static void note_object(uint32_t tid, uint32_t ti, PyObject *task) {
 #if PY_VERSION_HEX >= 0x030C0000 && PY_VERSION_HEX < 0x030D0000
 #define MS_LATE_NAMES 1 /* see late_name_watch */
 static void late_name_watch(uint32_t tid, PyObject *task);
-static void set_late_name(uint32_t tid, PyObject *task, PyObject *name);
-static PyObject *task_name_of(PyObject *task);
 #endif
 
 /* A C Task (asyncio.Task exactly) whose end the running-task watcher sees. */
@@ -431,10 +429,9 @@ static void attach_task(uint32_t tid, PyObject *task, int named) {
         if (st != TS_PENDING) {
             end_task(task, st);
 #ifdef MS_LATE_NAMES
-            /* the end may have been seen inside the factory, before make_task named it:
-             * read the name again now, or, if the loop names it after us, later */
-            if (named) set_late_name(tid, task, task_name_of(task));
-            else late_name_watch(tid, task);
+            /* end_task has read its name; one made without a name may get it only when
+             * we return (see late_name_watch) */
+            if (!named) late_name_watch(tid, task);
 #else
             (void)named;
 #endif
@@ -1495,7 +1492,6 @@ static PyObject *core_configure(PyObject *m, PyObject *args) {
     Py_XSETREF(G.task_type, Py_NewRef(task_type));
     Py_RETURN_NONE;
 }
-
 
 PyDoc_STRVAR(labels_in_use_doc,
 "labels_in_use()\n--\n\n_LABELS is about to be set (labels(), the only setter, calls this first): from\n"

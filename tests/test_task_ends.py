@@ -103,6 +103,7 @@ def test_eager_tasks_keep_their_names(loop_kind):
         loop.set_task_factory(asyncio.eager_task_factory)
         kept = asyncio.create_task(at_once(), name="eager-kept")
         asyncio.create_task(at_once(), name="eager-dropped")  # noqa: RUF006 - freed at once
+        loop.create_task(at_once(), name="eager-loop-named")  # the name reaches the factory
         gc.collect()
         later = asyncio.create_task(ok(), name="eager-later")
         await later
@@ -112,7 +113,7 @@ def test_eager_tasks_keep_their_names(loop_kind):
     result, report = run_profiled(main, loop_kind)
     assert result == 2
     t = by_name(report)
-    for name in ("eager-kept", "eager-dropped", "eager-later"):
+    for name in ("eager-kept", "eager-dropped", "eager-loop-named", "eager-later"):
         assert name in t, sorted(t)
         assert t[name].state == "done" and t[name].finished_at is not None
 
