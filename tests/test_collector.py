@@ -1,0 +1,122 @@
+"""The garbage collector sees what it would see without the profiler.
+
+A task's tag lives in its context's variable mapping, so every tagged task's context holds a
+mapping of its own (two collector-tracked objects), where a plain task's context shares its
+parent's.  They leave the collector's lists only when they cannot be part of a reference
+cycle; these tests hold both halves: cycles through a context are still collected, and the
+collector does not run more often because of us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import decimal
+import gc
+import sys
+import weakref
+
+import pytest
+
+from conftest import run_profiled
+
+HOLDER = contextvars.ContextVar("test_collector.holder")
+TEXT = contextvars.ContextVar("test_collector.text")
+
+
+def own_mapping_tracked() -> bool:
+    """Whether the running context's variable mapping is tracked by the collector (a copy
+    of a context shares its mapping; the mapping is the copy's one referent)."""
+    (mapping,) = gc.get_referents(contextvars.copy_context())
+    return gc.is_tracked(mapping)
+
+
+class Marker:
+    """Something to hold a weak reference to."""
+
+
+def test_a_tasks_mapping_is_untracked_only_when_it_cannot_be_in_a_cycle(loop_kind):
+    seen = {}
+
+    async def probe(key):
+        seen[key] = own_mapping_tracked()
+
+    async def main():
+        await asyncio.create_task(probe("tag only"))
+        TEXT.set("a string")
+        await asyncio.create_task(probe("tag and a string"))
+        decimal.setcontext(decimal.Context(prec=50))  # as Decimal arithmetic does in a fresh context
+        await asyncio.create_task(probe("a decimal context"))
+        HOLDER.set([])
+        await asyncio.create_task(probe("a list"))
+
+    async def main_default():
+        contextvars.ContextVar("with_default", default=[]).set("x")  # a key whose default is a list
+        await asyncio.create_task(probe("a key with a container default"))
+
+    run_profiled(main, loop_kind)
+    run_profiled(main_default, loop_kind)
+    assert seen == {
+        "tag only": False,
+        "tag and a string": False,
+        "a decimal context": False,
+        "a list": True,
+        "a key with a container default": True,
+    }
+
+
+def test_cycles_through_a_tasks_context_are_collected(loop_kind):
+    """task -> its context -> mapping -> value (or key's default) -> task: garbage the
+    collector must still find."""
+    refs = []
+
+    async def joins(box):
+        box.append(asyncio.current_task())  # a value in our context refers back to us
+        box.append(Marker())
+        refs.append(weakref.ref(box[-1]))
+
+    async def main():
+        box = []
+        HOLDER.set(box)
+        await asyncio.create_task(joins(box))
+
+    async def main_default():
+        box = []
+        var = contextvars.ContextVar("with_default", default=box)
+        var.set("x")  # in the mapping as a key, with a string; its default refers back
+        await asyncio.create_task(joins(box))
+
+    gc.collect()
+    run_profiled(main, loop_kind)
+    run_profiled(main_default, loop_kind)
+    gc.collect()
+    assert len(refs) == 2
+    assert [r() for r in refs] == [None, None]
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 12),
+    reason="3.11 sees a task end through a done callback, which costs the awaiting task a list and a tuple",
+)
+def test_the_collector_runs_as_often_as_without_the_profiler():
+    """Young collections over a 9,331-task tree (the collector's trigger counts allocations
+    of tracked objects): the two mappings per task we make must not add to it."""
+
+    async def node(depth):
+        if depth:
+            await asyncio.gather(*(node(depth - 1) for _ in range(6)))
+
+    def young_collections(run):
+        async def main():
+            await node(1)  # warm: the first tasks make caches, interned names, ...
+            before = sum(g["collections"] for g in gc.get_stats())
+            await node(5)
+            return sum(g["collections"] for g in gc.get_stats()) - before
+
+        return run(main)
+
+    gc.collect()
+    plain = young_collections(lambda m: asyncio.run(m()))
+    profiled = young_collections(lambda m: run_profiled(m)[0])
+    assert plain > 20  # the tree does exercise the collector
+    assert profiled <= plain * 1.05 + 2, (plain, profiled)
