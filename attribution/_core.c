@@ -80,7 +80,7 @@ typedef struct {
     int64_t live_entries;  /* pointer-table entries naming this cell (exact count) */
     int64_t cross_free_bytes;
     int64_t cross_frees;
-    uint64_t first_ns;
+    uint64_t first_ns;     /* migrations (track_time) only: 0 on a task's own cell */
     uint64_t last_ns;
     uint32_t next_in_task;  /* next cell of the same task, 0 = end */
 } cell_t;
@@ -342,7 +342,9 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t slot, uint32_t rou
     } else {
         c->track_time = 0;
     }
-    c->first_ns = c->last_ns = now_ns();
+    /* the times are a migration's (first and last seen on its route): a task's own cell
+     * (most cells) does not read the clock */
+    if (c->track_time) c->first_ns = c->last_ns = now_ns();
     return idx;
 }
 
