@@ -665,7 +665,9 @@ static MS_HOT void record_alloc(void *p, size_t size, int mode) {
         return;
     }
     account_alloc(cell, bytes, count);
-    if (stack) stacks_record_alloc(p, size, S.cells[cell].key, mode == MODE_SAMPLED ? 0.0 : S.stack_interval);
+    /* a sample stands for 1/(1-exp(-size/R)) blocks of its size, R the interval it was drawn at */
+    if (stack)
+        stacks_record_alloc(p, size, S.cells[cell].key, mode == MODE_SAMPLED ? (double)S.sample_interval : S.stack_interval);
 }
 
 static MS_HOT void record_free(void *p, int mode) {

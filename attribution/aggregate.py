@@ -146,12 +146,16 @@ class _Acc:
         self.migr: dict[tuple[str, int | None], list] = {}
 
 
+NO_FRAME = Frame("<unknown>", 0, "<no Python frame>")
+
+
 def _hotspots(site_rows: Iterable[tuple], stacks: list[tuple], frames: list[Frame], by_live: bool) -> tuple[Hotspot, ...]:
-    """Top sites, keyed by the innermost frame; each keeps its heaviest stack."""
-    agg: dict[int | None, list] = {}
+    """Top sites, keyed by the innermost frame's file, line and function (several
+    instructions of one line are one site); each keeps its heaviest stack."""
+    agg: dict[Frame | None, list] = {}
     for _tid, stack_idx, ab, na, live in site_rows:
         st = stacks[stack_idx]
-        top = st[0] if st else None
+        top = frames[st[0]] if st else None
         weight = live if by_live else ab
         entry = agg.get(top)
         if entry is None:
@@ -162,14 +166,18 @@ def _hotspots(site_rows: Iterable[tuple], stacks: list[tuple], frames: list[Fram
             entry[2] += live
             if weight > entry[4]:
                 entry[3], entry[4] = stack_idx, weight
-    ranked = sorted(agg.items(), key=lambda kv: (-(kv[1][2] if by_live else kv[1][0]), kv[0] or 0))
+    def rank(kv):
+        fr = kv[0] or NO_FRAME
+        return (-(kv[1][2] if by_live else kv[1][0]), fr.file, fr.line, fr.function)
+
+    ranked = sorted(agg.items(), key=rank)
     out = []
     for top, (ab, na, live, stack_idx, _w) in ranked:
         if by_live and live < 0.5:
             continue
         if not by_live and ab < 0.5:
             continue
-        fr = frames[top] if top is not None else Frame("<unknown>", 0, "<no Python frame>")
+        fr = top if top is not None else NO_FRAME
         out.append(
             Hotspot(
                 file=fr.file,
@@ -411,6 +419,7 @@ def build_report(raw: RawData) -> Report:
                 live_bytes=g["live"],
                 retained_after_done_bytes=g["ret"],
                 hotspots=_hotspots(group_sites, raw.stacks, frames, by_live=False),
+                live_hotspots=_hotspots(group_sites, raw.stacks, frames, by_live=True),
             )
         )
         if g["ret"] > 0:

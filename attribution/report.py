@@ -165,6 +165,7 @@ class Group:
     live_bytes: int
     retained_after_done_bytes: int
     hotspots: tuple[Hotspot, ...] = ()
+    live_hotspots: tuple[Hotspot, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,6 +408,7 @@ def _group_from(d: Mapping[str, Any]) -> Group:
     d["allocated_bytes"] = Distribution(**d["allocated_bytes"])
     d["labels"] = dict(d.get("labels") or {})
     d["hotspots"] = _hotspots(d.get("hotspots", ()))
+    d["live_hotspots"] = _hotspots(d.get("live_hotspots", ()))
     return Group(**d)
 
 
