@@ -30,7 +30,7 @@ from .profiler import ProfilerError
 __all__ = ["COMMANDS", "Command", "CommandError", "main", "parse_size"]
 
 PROG = "memscope-async"
-DEFAULT_REPORT = "memscope-report.json"
+DEFAULT_REPORT = "report.json"
 DEMO_MODULE = "memscope_async.demo"
 USAGE_ERROR = 2
 
@@ -133,8 +133,9 @@ class RunCommand(Command):
     """Run a Python program under the profiler and summarise its memory per asyncio task.
 
     Every event loop the program makes (asyncio.run, asyncio.Runner, new_event_loop) is
-    instrumented.  The summary goes to stderr, so the program's stdout stays its own; the
-    JSON report is written to -o.  The exit status is the program's.
+    instrumented.  When the program ends, the summary is printed on stdout after its own
+    output (-q: none) and the JSON report is written to -o.  The exit status is the
+    program's.
     """
 
     name = "run"
@@ -241,7 +242,9 @@ class _Target:
         """Run the program as ``__main__``; returns its globals (keeping them alive)."""
         if self.is_module:
             return runpy.run_module(self.name, run_name="__main__", alter_sys=True)
-        return runpy.run_path(self.name, run_name="__main__")
+        # as Python (3.9+) does, the script runs under its absolute path (__file__, code
+        # objects, tracebacks); sys.argv[0] stays as given
+        return runpy.run_path(os.path.abspath(self.name), run_name="__main__")
 
 
 @contextlib.contextmanager
@@ -293,7 +296,7 @@ def _check_output(name: str) -> Path:
 def _profile(target: _Target, args: argparse.Namespace) -> int:
     options = _profiler_options(args)
     output = _check_output(args.output)
-    err = sys.stderr  # the program may replace sys.stderr; the summary goes to ours
+    out, err = sys.stdout, sys.stderr  # the program may replace them; the summary goes to ours
     with _program_environment(target):
         target.check_module()
         try:
@@ -312,13 +315,14 @@ def _profile(target: _Target, args: argparse.Namespace) -> int:
         status = status or 1
         output = None
     if not args.quiet:
-        err.write("\n" + render_text(report, top=args.top, width=_width(err)))
+        out.write("\n" + render_text(report, top=args.top, width=_width(out)))
+        out.flush()
         if report.totals.tasks == 0:
             print(f"{PROG}: note: no asyncio task was seen; loops made by a loop_factory (uvloop.run, "
                   "asyncio.Runner(loop_factory=...)) or under a replaced event-loop policy are not "
                   "instrumented", file=err)
         if output is not None:
-            print(f"{PROG}: report written to {output} (view it again with: {PROG} report {output})", file=err)
+            print(f"{PROG}: report written to {output} (view it again with: {PROG} report {output})", file=out)
     return status
 
 
@@ -357,9 +361,10 @@ def _print_user_traceback(exc: BaseException) -> None:
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_globals.get("__name__") in (__name__, "runpy"):
         tb = tb.tb_next
-    if tb is not None:
-        exc.__traceback__ = tb  # the default hook prints the exception's own traceback
-    sys.excepthook(type(exc), exc, exc.__traceback__)
+    # the default hook prints the exception's own traceback; with none left (the script
+    # did not compile: a SyntaxError) it prints what Python prints, the error alone
+    exc.__traceback__ = tb
+    sys.excepthook(type(exc), exc, tb)
 
 
 def _width(stream: TextIO) -> int:
@@ -385,7 +390,7 @@ def _version() -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=(__doc__ or "").splitlines()[0].rstrip("."))
+    parser = _Parser(prog=PROG, description=(__doc__ or "").splitlines()[0].rstrip(".").replace("``", ""))
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
@@ -402,13 +407,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     try:
         try:
-            args = parser.parse_args(argv)
+            args, unknown = parser.parse_known_args(argv)
         except SystemExit as exc:  # --help, --version
             return exc.code if isinstance(exc.code, int) else 0
         command = getattr(args, "command", None)
         if command is None:
             names = ", ".join(c.name for c in COMMANDS)
             raise CommandError(f"a command is required: one of {names} (see '{PROG} --help')", USAGE_ERROR)
+        if unknown:
+            raise CommandError(f"unrecognized arguments: {' '.join(unknown)} (see '{PROG} {command.name} --help')",
+                               USAGE_ERROR)
         return command.run(args)
     except CommandError as exc:
         print(f"{PROG}: error: {exc.message}", file=sys.stderr)

@@ -54,27 +54,28 @@ def grabber(report: Report):
     return task
 
 
-def test_run_writes_report_and_prints_summary_to_stderr(tmp_path: Path, script: Path) -> None:
+def test_run_writes_report_and_prints_summary_after_the_programs_output(tmp_path: Path, script: Path) -> None:
     out = tmp_path / "out" / "report.json"
     out.parent.mkdir()
     proc = cli("run", "-o", str(out), str(script), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "argv: []\n"  # the program's stdout, untouched
+    assert proc.stdout.startswith("argv: []\n")  # the program's own output first
     report = Report.load(out)
     task = grabber(report)
     assert task.coro == "grab"
     assert abs(task.live_bytes - 4 * MiB) <= 64 * 1024
-    assert "memscope-async report" in proc.stderr
-    assert "grabber (grab)" in proc.stderr
-    assert f"report written to {out}" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    summary = proc.stdout.split("argv: []\n", 1)[1]
+    assert "memscope-async report" in summary
+    assert "grabber (grab)" in summary
+    assert f"report written to {out}" in summary
+    assert proc.stderr == ""
 
 
 def test_default_report_path_is_in_the_working_directory(tmp_path: Path, script: Path) -> None:
     proc = cli("run", "--quiet", script.name, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == ""
-    assert abs(grabber(Report.load(tmp_path / "memscope-report.json")).live_bytes - 4 * MiB) <= 64 * 1024
+    assert proc.stderr == "" and proc.stdout == "argv: []\n"
+    assert abs(grabber(Report.load(tmp_path / "report.json")).live_bytes - 4 * MiB) <= 64 * 1024
 
 
 def test_program_arguments_are_passed_through(tmp_path: Path, script: Path) -> None:
@@ -92,12 +93,21 @@ def test_program_exit_code_is_propagated_after_the_report(tmp_path: Path, script
 def test_program_exception_shows_its_traceback_and_exits_1(tmp_path: Path, script: Path) -> None:
     proc = cli("run", "-o", "r.json", script.name, "raise", cwd=tmp_path)
     assert proc.returncode == 1
-    traceback = proc.stderr.split("memscope-async report")[0]
+    traceback = proc.stderr
     assert "Traceback (most recent call last):" in traceback
     assert "ValueError: the program failed" in traceback
     assert "script.py" in traceback
     assert "cli.py" not in traceback and "runpy" not in traceback  # the user's frames only
     assert grabber(Report.load(tmp_path / "r.json")).live_bytes >= 4 * MiB
+
+
+def test_a_script_that_does_not_compile_shows_what_python_shows(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text("print('never')\ndef (:\n")
+    plain = subprocess.run([sys.executable, "broken.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = cli("run", "-q", "-o", "r.json", "broken.py", cwd=tmp_path)
+    assert proc.returncode == 1 and plain.returncode == 1
+    assert proc.stderr == plain.stderr  # the SyntaxError alone: no traceback through our code
+    assert "SyntaxError" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_run_module_finds_modules_in_the_working_directory(tmp_path: Path) -> None:
@@ -146,6 +156,7 @@ def test_parse_size_rejects(text: str) -> None:
         (["run", "-o", ".", "script.py"], "it is a directory"),
         (["run"], "nothing to run"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["run", "--bogus", "script.py"], "unrecognized arguments: --bogus (see 'memscope-async run --help')"),
         ([], "a command is required"),
     ],
 )
@@ -157,7 +168,7 @@ def test_bad_input_is_one_line_with_exit_2(tmp_path: Path, script: Path, args: l
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("memscope-async: error: ")
     assert expected in lines[0]
-    assert not (tmp_path / "memscope-report.json").exists()  # the program never ran
+    assert not (tmp_path / "report.json").exists()  # the program never ran
 
 
 def test_report_subcommand_renders_and_reemits(tmp_path: Path, script: Path) -> None:
@@ -201,7 +212,7 @@ def test_demo_shows_the_session_tracker_leak(tmp_path: Path) -> None:
         assert top.coro == "session_tracker"
     handlers = {g.labels.get("route") for g in report.groups if g.coro == "handle_request"}
     assert handlers == {"/api/search", "/api/checkout"}
-    assert "Leak suspects" in proc.stderr
+    assert "Leak suspects" in proc.stdout
 
 
 def test_help_and_version_exit_0(tmp_path: Path) -> None:
