@@ -187,22 +187,32 @@ static void hamt_learn(void) {
  * refer to can refer back: every key a ContextVar whose default is not a container (or one
  * of ours), every value an object of a type the collector does not track (str, int,
  * None, our Tag, ...), an untracked tuple (immutable, holding only such objects) or a
- * decimal context, and no sub-node.  CPython untracks tuples and dicts on the same
- * reasoning.  A context holding anything else keeps its mapping tracked (a cycle through
- * it must stay collectable: tests/test_collector.py). */
+ * decimal context, at every level of the mapping.  CPython untracks tuples and dicts on
+ * the same reasoning.  A context holding anything else keeps its mapping tracked (a cycle
+ * through it must stay collectable: tests/test_collector.py). */
+static int is_hamt_node(PyObject *o) {
+    const char *n = Py_TYPE(o)->tp_name;
+    return strcmp(n, "hamt_bitmap_node") == 0 || strcmp(n, "hamt_array_node") == 0 ||
+           strcmp(n, "hamt_collision_node") == 0;
+}
+
 static int acyclic_item(PyObject *o, void *arg) {
-    (void)arg;
+    int depth = (int)(intptr_t)arg;
     if (!PyObject_IS_GC(o)) return 0;
+    if (PyContextVar_CheckExact(o)) {
+        if (o == S.tag_var || o == G.labels_var) return 0; /* defaults: none / our empty proxy */
+        PyObject *d = ((PyContextVar *)o)->var_default;
+        return d != NULL && PyObject_IS_GC(d);
+    }
     if (PyTuple_CheckExact(o) && !PyObject_GC_IsTracked(o)) return 0;
+    /* a lower level of the mapping (keys whose hashes share their first bits): its
+     * contents must pass too (nodes only point down; the mapping is at most 7 deep) */
+    if (is_hamt_node(o))
+        return depth < 8 ? Py_TYPE(o)->tp_traverse(o, acyclic_item, (void *)(intptr_t)(depth + 1)) : 1;
     /* decimal's context (a collected type from 3.13; any program doing Decimal arithmetic
      * has one in its contexts): the type itself, not a subclass, holds only numbers,
      * strings and its two maps of signal flags, whatever is assigned to it */
     if (strcmp(Py_TYPE(o)->tp_name, "decimal.Context") == 0) return 0;
-    if (PyContextVar_CheckExact(o)) {
-        if (o == S.tag_var || o == G.labels_var) return 0; /* defaults: none / our empty proxy */
-        PyObject *d = ((PyContextVar *)o)->var_default;
-        if (d == NULL || !PyObject_IS_GC(d)) return 0;
-    }
     return 1; /* may refer back: stop */
 }
 
@@ -213,7 +223,7 @@ static void hamt_untrack_if_acyclic(PyHamtObject *nv, PyHamtObject *old) {
         return;
     if (!PyObject_GC_IsTracked((PyObject *)nv) || !PyObject_GC_IsTracked(root)) return;
     traverseproc trav = Py_TYPE(root)->tp_traverse;
-    if (trav == NULL || trav(root, acyclic_item, NULL) != 0) return;
+    if (trav == NULL || trav(root, acyclic_item, (void *)(intptr_t)1) != 0) return;
     PyObject_GC_UnTrack(root);
     PyObject_GC_UnTrack((PyObject *)nv);
     /* Nor do they count toward the collector's next pass: its trigger counts allocations
