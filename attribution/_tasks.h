@@ -1032,7 +1032,13 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
         Py_XDECREF(a);
         if (PyContext_Exit(ctx) < 0) Py_CLEAR(task);
     }
-    if (task != NULL && has_name) {
+    /* CPython 3.13.0-3.13.2's create_task calls task.set_name(name) after the user's
+     * factory whatever name is, so an unnamed task is named "None" (CPython issue 130033;
+     * 3.13.3 passes the name to the factory instead).  Our create_task does the same there
+     * (name is None, not NULL, only when create_task was called), so names stay as
+     * without us. */
+    int none_quirk = name == Py_None && Py_Version >= 0x030D00F0 && Py_Version < 0x030D03F0;
+    if (task != NULL && (has_name || none_quirk)) {
         PyObject *r = PyObject_CallMethodOneArg(task, G.s_set_name, name);
         if (r == NULL) Py_CLEAR(task);
         Py_XDECREF(r);
@@ -1249,6 +1255,7 @@ static PyObject *createtask_vectorcall(PyObject *self, PyObject *const *args, si
         else usual = 0; /* not interned, repeated or another keyword: the slow, exact path */
     }
     if (!usual) return PyObject_Vectorcall(ct->slow, args, nargsf, kwnames);
+    if (name == NULL) name = Py_None; /* create_task's default (make_task tells it from a factory call's NULL) */
     FactoryObject *f = (FactoryObject *)Py_NewRef(e->factory); /* the calls below may drop the entry */
     PyObject *task = NULL, *r = PyObject_CallMethodNoArgs(args[0], G.s_check_closed);
     if (r != NULL) {

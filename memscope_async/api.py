@@ -128,9 +128,14 @@ def run(main: Awaitable[T], *, report: str | Path | None = None, uvloop: bool = 
     """Like ``asyncio.run(main)``, under a profiler; writes the JSON report to ``report``
     when given.  Returns main's result (or raises its exception) exactly as asyncio.run.
     The profiler is ``memscope_async.current_profiler()`` afterwards."""
-    profiler = Profiler(**options)
-    base = loop_factory or (_uvloop_module().new_event_loop if uvloop else None)
-    profiler.start()
+    try:
+        profiler = Profiler(**options)
+        base = loop_factory or (_uvloop_module().new_event_loop if uvloop else None)
+        profiler.start()
+    except BaseException:
+        if asyncio.iscoroutine(main):
+            main.close()  # it will never run: no "coroutine was never awaited" warning
+        raise
     try:
         with asyncio.Runner(debug=debug, loop_factory=LoopFactory(base, profiler=profiler)) as runner:
             return runner.run(main)
@@ -154,6 +159,15 @@ def instrument(loop: asyncio.AbstractEventLoop | None = None, **options: Any) ->
     if prof is None or not prof.active:
         prof = Profiler(**options).start()
         prof._tagger.on_loop_close = lambda _loop: prof.stop()
+    else:
+        running = {"mode": prof.mode, "sample_interval": prof._tracker.sample_interval}
+        differ = [k for k, v in running.items() if k in options and options[k] != v and
+                  not (k == "sample_interval" and prof.mode == "exact")]
+        if differ:
+            raise ProfilerError(
+                f"a profiler is already running ({', '.join(f'{k}={running[k]!r}' for k in differ)}); "
+                f"instrument() uses it and cannot change {', '.join(differ)}"
+            )
     prof.instrument_loop(loop)
     if asyncio.current_task() is not None and loop is asyncio.get_running_loop():
         prof.tag_current_task()

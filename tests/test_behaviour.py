@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import contextvars
 import sys
 import types
@@ -80,8 +81,14 @@ async def prog_user_factory():
     loop.set_task_factory(factory)
     got = loop.get_task_factory() is factory
     r = await asyncio.create_task(_sleeper(0))
+    # names as the loop leaves them (CPython 3.13.0-3.13.2 name an unnamed task "None"
+    # here); Task-N numbers differ between runs, so only their form is compared
+    tasks = [asyncio.create_task(_sleeper(0)), loop.create_task(_sleeper(0)),
+             asyncio.create_task(_sleeper(0), name="given"), *asyncio.gather(_sleeper(0))._children]
+    await asyncio.gather(*tasks)
+    names = [re.sub(r"^Task-\d+$", "Task-N", t.get_name()) for t in tasks]
     loop.set_task_factory(None)
-    return r, seen, got, loop.get_task_factory()
+    return r, seen, got, loop.get_task_factory(), names
 
 
 async def prog_legacy_factory():

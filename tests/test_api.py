@@ -1,0 +1,52 @@
+"""One profiler per process, and what the entry points do when one is already running."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import warnings
+
+import pytest
+
+import memscope_async as ms
+
+
+def test_a_second_concurrent_start_is_refused_clearly():
+    first = ms.Profiler().start()
+    try:
+        with pytest.raises(ms.ProfilerError, match="already running"):
+            ms.Profiler().start()
+        assert first.active
+    finally:
+        first.stop()
+    second = ms.Profiler().start()  # once the first has stopped, another may start
+    second.stop()
+
+
+def test_run_refused_leaves_no_unawaited_coroutine():
+    async def main():
+        return 1
+
+    first = ms.Profiler().start()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(ms.ProfilerError, match="already running"):
+                ms.run(main())
+            gc.collect()
+    finally:
+        first.stop()
+    assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_instrument_uses_the_running_profiler_and_refuses_other_options():
+    seen = {}
+
+    async def main():
+        seen["same"] = ms.instrument() is ms.current_profiler()
+        seen["same mode"] = ms.instrument(mode="exact") is ms.current_profiler()
+        with pytest.raises(ms.ProfilerError, match="cannot change mode"):
+            ms.instrument(mode="sampled")
+
+    ms.run(main())
+    assert seen == {"same": True, "same mode": True}
