@@ -1350,6 +1350,7 @@ static PyMethodDef core_methods[] = {
     {"threads", core_threads, METH_NOARGS, threads_doc},
     {"stats", core_stats, METH_NOARGS, stats_doc},
     {"stack_samples", core_stack_samples, METH_NOARGS, stack_samples_doc},
+    {"fold_sites", core_fold_sites, METH_VARARGS, fold_sites_doc},
     {"configure", core_configure, METH_VARARGS, configure_doc},
     {"labels_in_use", core_labels_in_use, METH_NOARGS, labels_in_use_doc},
     {"register_loop", core_register_loop, METH_VARARGS, register_loop_doc},
@@ -1421,6 +1422,7 @@ PyMODINIT_FUNC PyInit__core(void) {
         PyModule_AddObject(m, "HandOver", (PyObject *)&HandOverType) < 0 ||
         PyModule_AddObjectRef(m, "task_done", G.done_cb) < 0 ||
         PyModule_AddIntConstant(m, "ROUTE_CONTEXT", ROUTE_CONTEXT) < 0 ||
+        PyModule_AddIntConstant(m, "GROUP_SITE_BIT", (long)GROUP_SITE_BIT) < 0 ||
         PyModule_AddIntConstant(m, "ROUTE_HANDED", ROUTE_HANDED) < 0 ||
         PyModule_AddIntConstant(m, "ROUTE_INFERRED", ROUTE_INFERRED) < 0 ||
         PyModule_AddIntConstant(m, "INFERRED_PHASES", INFERRED_PHASES) < 0 ||

@@ -33,12 +33,17 @@ typedef struct {
     uint32_t off, len;
 } stack_rec_t;
 
+/* A site's tid is a task's, or, with GROUP_SITE_BIT, a group of folded tasks' (see
+ * stacks_fold_sites); 0 marks a free slot (chained through `stack`). */
+#define GROUP_SITE_BIT 0x80000000u
+
 typedef struct {
     uint32_t tid;
     uint32_t stack;
     double alloc_bytes;
     double allocs;
     double live_bytes;
+    uint32_t nlive; /* live samples that name this site */
 } site_t;
 
 typedef struct {
@@ -59,7 +64,7 @@ static struct {
     uint32_t ndata, capdata;
     u64map_t site_index;
     site_t *sites;
-    uint32_t nsites, capsites;
+    uint32_t nsites, capsites, free_site; /* free_site: first free slot, UINT32_MAX none */
     u64map_t live_index; /* pointer -> live sample */
     live_sample_t *live;
     uint32_t nlive, caplive, free_live;
@@ -70,6 +75,7 @@ static int stacks_init(int depth) {
     memset(&K, 0, sizeof(K));
     K.depth = depth < 1 ? 1 : (depth > STACK_MAX_DEPTH ? STACK_MAX_DEPTH : depth);
     K.free_live = UINT32_MAX;
+    K.free_site = UINT32_MAX;
     if (u64map_init(&K.frame_index, 1024) < 0 || u64map_init(&K.stack_index, 1024) < 0 ||
         u64map_init(&K.site_index, 1024) < 0 || u64map_init(&K.live_index, 1024) < 0)
         return -1;
@@ -89,6 +95,7 @@ static void stacks_clear(void) {
     free(K.live);
     memset(&K, 0, sizeof(K));
     K.free_live = UINT32_MAX;
+    K.free_site = UINT32_MAX;
 }
 
 static size_t stacks_bytes(void) {
@@ -192,8 +199,14 @@ static inline uint64_t live_key(const void *p) { return (uint64_t)(uintptr_t)p |
 
 /* Live sample li ends (its pointer is already out of K.live_index): take its bytes off its
  * site and free the slot. */
+static inline uint64_t site_key(uint32_t tid, uint32_t stack) {
+    /* tids use bits 32..63; bit 63 also keeps every key non-zero */
+    return ((uint64_t)tid << 32) | (uint64_t)stack | (UINT64_C(1) << 63);
+}
+
 static void live_release(uint32_t li) {
     K.sites[K.live[li].site].live_bytes -= K.live[li].bytes;
+    K.sites[K.live[li].site].nlive--;
     K.live[li].next_free = K.free_live;
     K.free_live = li;
 }
@@ -217,18 +230,18 @@ static void stacks_record_alloc(void *p, size_t size, uint64_t cell_key, double 
     int64_t stack = intern_stack(fr, n);
     if (stack < 0) return;
     uint32_t tid = (uint32_t)(cell_key & 0xFFFFFFFFu);
-    uint64_t skey = ((uint64_t)tid << 32) | (uint64_t)stack | (UINT64_C(1) << 63);
-    /* tid uses bits 32..62 only up to 2**31 tasks; beyond that sites of two tids may
-     * share a key, which only merges their hotspots */
+    uint64_t skey = site_key(tid, (uint32_t)stack);
     uint32_t site;
     if (!u64map_get(&K.site_index, skey, &site)) {
-        if (grow_array((void **)&K.sites, &K.capsites, sizeof(site_t), K.nsites + 1) < 0) return;
-        site = K.nsites;
+        int reuse = K.free_site != UINT32_MAX;
+        if (!reuse && grow_array((void **)&K.sites, &K.capsites, sizeof(site_t), K.nsites + 1) < 0) return;
+        site = reuse ? K.free_site : K.nsites;
         if (u64map_put(&K.site_index, skey, site) < 0) return;
+        if (reuse) K.free_site = K.sites[site].stack;
+        else K.nsites++;
         memset(&K.sites[site], 0, sizeof(site_t));
         K.sites[site].tid = tid;
         K.sites[site].stack = (uint32_t)stack;
-        K.nsites++;
     }
     double w = 1.0 / (1.0 - exp(-(double)size / R));
     double bytes = (double)size * w;
@@ -245,7 +258,13 @@ static void stacks_record_alloc(void *p, size_t size, uint64_t cell_key, double 
         if (grow_array((void **)&K.live, &K.caplive, sizeof(live_sample_t), K.nlive + 1) < 0) return;
         li = K.nlive++;
     }
-    if (u64map_put(&K.live_index, live_key(p), li) < 0) return;
+    if (u64map_put(&K.live_index, live_key(p), li) < 0) {
+        K.live[li].next_free = K.free_live; /* no memory to remember it: not live-tracked */
+        K.free_live = li;
+        K.sites[site].live_bytes -= bytes;
+        return;
+    }
+    K.sites[site].nlive++;
     K.live[li].site = site;
     K.live[li].bytes = bytes;
     K.live[li].next_free = UINT32_MAX;
@@ -292,6 +311,71 @@ static int stacks_move(void *old, void *p, size_t old_size, size_t size) {
     return 1;
 }
 
+/* Tasks folded into a group (tids, n of them) hand their sites to the group's own sites
+ * (tid = gid, with GROUP_SITE_BIT): a site of the same stack is merged, others re-keyed.
+ * The site table then grows with the program's distinct stacks per task kept and per
+ * group, not with every task that was ever sampled (a service running for days samples
+ * millions of short tasks).  A site a live sample still names is left as it is (a folded
+ * task holds no live bytes, so only an estimate's rounding can leave one). */
+static int stacks_fold_sites(const uint32_t *tids, size_t n, uint32_t gid) {
+    if (n == 0 || K.nsites == 0) return 0;
+    u64map_t folded;
+    uint64_t cap = 16;
+    while (cap < (uint64_t)n * 2 + 16) cap <<= 1;
+    if (u64map_init(&folded, cap) < 0) return -1;
+    for (size_t i = 0; i < n; i++)
+        if (u64map_put(&folded, (uint64_t)tids[i] + 1, 1) < 0) {
+            u64map_free(&folded);
+            return -1;
+        }
+    uint32_t unused;
+    for (uint32_t i = 0; i < K.nsites; i++) {
+        site_t *st = &K.sites[i];
+        if (st->tid == 0 || (st->tid & GROUP_SITE_BIT) || st->nlive != 0 ||
+            !u64map_get(&folded, (uint64_t)st->tid + 1, &unused))
+            continue;
+        uint64_t okey = site_key(st->tid, st->stack), nkey = site_key(gid, st->stack);
+        uint32_t j;
+        if (u64map_get(&K.site_index, nkey, &j)) {
+            site_t *to = &K.sites[j];
+            to->alloc_bytes += st->alloc_bytes;
+            to->allocs += st->allocs;
+            to->live_bytes += st->live_bytes;
+            u64map_del(&K.site_index, okey);
+            memset(st, 0, sizeof(*st));
+            st->stack = K.free_site; /* tid 0: free */
+            K.free_site = i;
+        } else if (u64map_put(&K.site_index, nkey, i) == 0) {
+            u64map_del(&K.site_index, okey);
+            st->tid = gid;
+        }
+    }
+    u64map_free(&folded);
+    return 0;
+}
+
+PyDoc_STRVAR(fold_sites_doc,
+"fold_sites(tids: bytes, gid: int)\n--\n\nHand the allocation sites of folded tasks (tids: native uint32\n"
+"array) to their group's sites, gid (a group id with the top bit set).");
+
+static PyObject *core_fold_sites(PyObject *m, PyObject *args) {
+    Py_buffer buf;
+    unsigned long gid;
+    if (!PyArg_ParseTuple(args, "y*k", &buf, &gid)) return NULL;
+    if (!(gid & GROUP_SITE_BIT) || gid > 0xFFFFFFFFul || buf.len % (Py_ssize_t)sizeof(uint32_t) != 0) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "fold_sites(tids, gid): uint32 tids and a group id with the top bit set");
+        return NULL;
+    }
+    int g = tls.guard;
+    tls.guard = 1;
+    int rc = stacks_fold_sites((const uint32_t *)buf.buf, (size_t)buf.len / sizeof(uint32_t), (uint32_t)gid);
+    tls.guard = g;
+    PyBuffer_Release(&buf);
+    if (rc < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(stack_samples_doc,
 "stack_samples() -> tuple[list, list, list]\n--\n\n(sites, stacks, frames): sites are\n"
 "(tid, stack_index, allocated_bytes, allocations, live_bytes) estimates; stacks are tuples\n"
@@ -304,6 +388,7 @@ static PyObject *core_stack_samples(PyObject *m, PyObject *noargs) {
     if (sites == NULL || stacks == NULL || frames == NULL) goto done;
     for (uint32_t i = 0; i < K.nsites; i++) {
         site_t s = K.sites[i];
+        if (s.tid == 0) continue; /* a free slot */
         PyObject *row = Py_BuildValue("(kkddd)", (unsigned long)s.tid, (unsigned long)s.stack, s.alloc_bytes,
                                       s.allocs, s.live_bytes);
         if (row == NULL || PyList_Append(sites, row) < 0) {

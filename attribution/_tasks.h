@@ -285,9 +285,10 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     int g = t->guard;
     t->guard = 1;
     uint32_t tid, unused;
-    do { /* ids are 32-bit: after a wrap, skip those still in use */
+    do { /* ids are 31-bit (the top bit names groups' sites): after a wrap, skip those still in use */
         tid = ++G.next_tid;
-    } while (tid == 0 || task_registered(tid, &unused));
+        if (tid & GROUP_SITE_BIT) tid = G.next_tid = 1;
+    } while (task_registered(tid, &unused));
     TagObject *tag = PyObject_New(TagObject, &TagType);
     if (tag == NULL) goto error;
     tag->tid = tid;
@@ -1664,8 +1665,9 @@ static void select_smallest(fold_cand_t *a, uint32_t n, uint32_t k) {
 
 typedef struct {
     PyObject *coro, *labels; /* borrowed from the records while folding */
-    int64_t *values;
-    uint32_t n, cap;
+    int64_t *values;  /* per folded task: allocated bytes */
+    uint32_t *tids;   /* per folded task: its id (its sites go to the group's) */
+    uint32_t n, cap, tcap;
     double allocs;
 } fold_group_t;
 
@@ -1737,7 +1739,8 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
         }
         last = gi;
         fold_group_t *fg = &groups[gi];
-        if (grow_array((void **)&fg->values, &fg->cap, sizeof(int64_t), fg->n + 1) < 0) {
+        if (grow_array((void **)&fg->values, &fg->cap, sizeof(int64_t), fg->n + 1) < 0 ||
+            grow_array((void **)&fg->tids, &fg->tcap, sizeof(uint32_t), fg->n + 1) < 0) {
             PyErr_NoMemory();
             goto done;
         }
@@ -1745,6 +1748,7 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
         double na;
         task_totals(ti, &ab, &na, NULL);
         if (release_task_slot(cand[k].tid) != 0) continue;
+        fg->tids[fg->n] = cand[k].tid;
         fg->values[fg->n++] = ab;
         fg->allocs += na;
     }
@@ -1752,9 +1756,10 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
     for (uint32_t gi = 0; list != NULL && gi < ngroups; gi++) {
         fold_group_t *fg = &groups[gi];
         if (fg->n == 0) continue;
-        PyObject *row = Py_BuildValue("(OOy#d)", fg->coro ? fg->coro : Py_None, fg->labels ? fg->labels : Py_None,
+        PyObject *row = Py_BuildValue("(OOy#dy#)", fg->coro ? fg->coro : Py_None, fg->labels ? fg->labels : Py_None,
                                       (const char *)fg->values, (Py_ssize_t)fg->n * (Py_ssize_t)sizeof(int64_t),
-                                      fg->allocs);
+                                      fg->allocs, (const char *)fg->tids,
+                                      (Py_ssize_t)fg->n * (Py_ssize_t)sizeof(uint32_t));
         if (row == NULL || PyList_Append(list, row) < 0) Py_CLEAR(list);
         Py_XDECREF(row);
     }
@@ -1764,6 +1769,7 @@ done:
         Py_XDECREF(groups[gi].coro);
         Py_XDECREF(groups[gi].labels);
         free(groups[gi].values);
+        free(groups[gi].tids);
     }
     free(groups);
     free(cand);

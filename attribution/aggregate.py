@@ -111,6 +111,7 @@ class RawData:
     tracker_bytes: int
     folded: Mapping[str, FoldedGroup]
     folded_tasks: int
+    group_site_ids: Mapping[int, str]  # the tid that folded tasks' sites carry -> group key
     loop_threads: set[int]
     live_objects: Mapping[int, Any]
 
@@ -147,6 +148,25 @@ class _Acc:
 
 
 NO_FRAME = Frame("<unknown>", 0, "<no Python frame>")
+
+
+def _calibrated(rows: Sequence[tuple], ab: float, na: float, live: float) -> list[tuple]:
+    """Exact mode: a task's sites, rescaled so they add up to its exact totals.
+
+    Stacks there come from samples (Poisson, mean ``stack_interval`` bytes), each weighted
+    to stand for the bytes around it, so the sites' sums only estimate the task's bytes
+    (one 100 KB task sampled once reads 256 KB).  The task's own allocated bytes,
+    allocations and live bytes are counted exactly; the samples tell how they split over
+    sites.  Scaling each site by exact / estimated total (a ratio estimator) keeps the
+    split and makes the parts add up: hotspots never exceed the task, and a task with
+    nothing live has no live hotspots."""
+    sab = sum(r[2] for r in rows)
+    sna = sum(r[3] for r in rows)
+    slive = sum(r[4] for r in rows)
+    fab = ab / sab if sab > 0 else 0.0
+    fna = na / sna if sna > 0 else 0.0
+    flive = max(0.0, live) / slive if slive > 0 else 0.0
+    return [(tid, stack, rab * fab, rna * fna, rlive * flive) for tid, stack, rab, rna, rlive in rows]
 
 
 def _hotspots(site_rows: Iterable[tuple], stacks: list[tuple], frames: list[Frame], by_live: bool) -> tuple[Hotspot, ...]:
@@ -259,8 +279,13 @@ def build_report(raw: RawData) -> Report:
     # stacks
     frames = [Frame(file=f, line=ln, function=fn) for (f, fn, ln) in raw.frames]
     sites_by_task: dict[int, list[tuple]] = defaultdict(list)
+    folded_sites: dict[str, list[tuple]] = defaultdict(list)  # group key -> its folded tasks' sites
     for row in raw.sites:
-        sites_by_task[row[0]].append(row)
+        key = raw.group_site_ids.get(row[0])
+        if key is not None:
+            folded_sites[key].append(row)
+        else:
+            sites_by_task[row[0]].append(row)
 
     # tasks
     children: dict[int, list[int]] = defaultdict(list)
@@ -298,6 +323,8 @@ def build_report(raw: RawData) -> Report:
             for (route, ident), m in sorted(a.migr.items(), key=lambda kv: kv[1][0])
         )
         task_sites = sites_by_task.get(tid, ())
+        if raw.stacks_sampled and task_sites:
+            task_sites = sites_by_task[tid] = _calibrated(task_sites, a.ab, a.na, a.live)
         base[tid] = dict(
             id=tid,
             name=rec.name,
@@ -406,7 +433,7 @@ def build_report(raw: RawData) -> Report:
     leak_suspects = []
     for key, g in groups_acc.items():
         vals = sorted(g["alloc"])
-        group_sites = [row for tid in g["tids"] for row in sites_by_task.get(tid, ())]
+        group_sites = [row for tid in g["tids"] for row in sites_by_task.get(tid, ())] + folded_sites.get(key, [])
         groups.append(
             Group(
                 key=key,

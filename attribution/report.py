@@ -58,8 +58,9 @@ class Hotspot:
     """An allocation site: where bytes were allocated and how many of them are still live.
 
     ``stack`` is innermost first and runs through the task's await chain.  When
-    ``Report.run.stacks_sampled`` is true the byte and allocation numbers of a hotspot are
-    unbiased estimates scaled up from sampled stacks.
+    ``Report.run.stacks_sampled`` is true (exact mode) a task's counts are exact and its
+    hotspots split them over sites in proportion to sampled stacks; in sampled mode
+    (``Report.run.estimated``) every number is an unbiased estimate from the samples.
     """
 
     file: str

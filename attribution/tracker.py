@@ -80,6 +80,7 @@ class Tracker:
         self.loops: Callable[[], Iterable[Any]] = tuple  # the instrumented loops, for live task names
         self._folded: dict[str, FoldedGroup] = {}
         self._folded_tasks = 0
+        self._group_site_ids: dict[str, int] = {}  # group key -> the id its sites carry
         self._rng = random.Random(seed or None)
         self._start_ns = 0
         self._stop_ns: int | None = None
@@ -165,7 +166,7 @@ class Tracker:
         Returns how many finished tasks remain.  The core picks and forgets the tasks;
         only the per-group sums come back here."""
         remaining, groups = _core.fold(keep)
-        for coro, labels, values, allocs in groups:
+        for coro, labels, values, allocs, tids in groups:
             per_task = array("q")
             per_task.frombytes(values)
             labels = labels if labels is not None else {}
@@ -175,6 +176,12 @@ class Tracker:
                 fg = self._folded[key] = FoldedGroup(coro=coro, labels=dict(labels))
             fg.add(per_task, allocs, self._rng, _RESERVOIR)
             self._folded_tasks += len(per_task)
+            # their allocation sites become the group's (the group's hotspots keep them,
+            # and the site table stays bounded by stacks, not by tasks ever sampled)
+            gid = self._group_site_ids.get(key)
+            if gid is None:
+                gid = self._group_site_ids[key] = _core.GROUP_SITE_BIT | (len(self._group_site_ids) + 1)
+            _core.fold_sites(tids, gid)
         return remaining
 
     # -- reading ------------------------------------------------------------------------
@@ -219,11 +226,14 @@ class Tracker:
             mode=self.mode,
             sample_interval=self.sample_interval if self.mode == "sampled" else None,
             stack_depth=self.stack_depth,
-            stacks_sampled=self.mode == "exact",
+            # exact mode with stacks on: hotspots come from stack samples (their split
+            # over sites is estimated; their totals are the task's exact counts)
+            stacks_sampled=self.mode == "exact" and self.stack_depth > 0 and self.stack_interval > 0,
             loop_impl=self.loop_impl,
             tracker_bytes=int(s["tracker_bytes"]),
             folded=self._folded,
             folded_tasks=self._folded_tasks,
+            group_site_ids={gid: key for key, gid in self._group_site_ids.items()},
             loop_threads={r.thread_id for r in records.values() if r.thread_id is not None},
             live_objects=live_objects,
         )

@@ -13,7 +13,9 @@ output directory), 1 for other failures.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import functools
 import importlib.util
 import os
 import re
@@ -25,7 +27,8 @@ from typing import Any, ClassVar, Iterator, Sequence, TextIO
 from . import api
 from .attribution.report import Report, ReportError
 from .exporters import ExportError, render_text, write_json
-from .profiler import ProfilerError
+from .loop_hooks.policy import InstrumentedPolicy, policies_available
+from .profiler import ProfilerError, current_profiler
 
 __all__ = ["COMMANDS", "Command", "CommandError", "main", "parse_size"]
 
@@ -318,12 +321,46 @@ def _profile(target: _Target, args: argparse.Namespace) -> int:
         out.write("\n" + render_text(report, top=args.top, width=_width(out)))
         out.flush()
         if report.totals.tasks == 0:
-            print(f"{PROG}: note: no asyncio task was seen; loops made by a loop_factory (uvloop.run, "
-                  "asyncio.Runner(loop_factory=...)) or under a replaced event-loop policy are not "
-                  "instrumented", file=err)
+            print(f"{PROG}: note: no asyncio task was seen (the program ran no event loop, or ran it "
+                  "in a way we do not see, e.g. a loop made directly as a uvloop.Loop)", file=err)
         if output is not None:
             print(f"{PROG}: report written to {output} (view it again with: {PROG} report {output})", file=out)
     return status
+
+
+@contextlib.contextmanager
+def _loops_made_any_way_instrumented() -> Iterator[None]:
+    """While the program runs, loops that bypass the policy we installed are instrumented
+    too: those an ``asyncio.Runner`` makes with a ``loop_factory`` (``asyncio.run(...,
+    loop_factory=)``, ``uvloop.run``) and those of a policy the program installs itself
+    (``uvloop.install()``, ``asyncio.set_event_loop_policy(...)``)."""
+    profiler = current_profiler()
+    runner_init = asyncio.runners.Runner.__init__
+    set_policy = getattr(asyncio.events, "set_event_loop_policy", None)
+
+    @functools.wraps(runner_init)
+    def init(self, *args: Any, loop_factory: Any = None, **kwargs: Any) -> None:
+        if loop_factory is not None and not isinstance(loop_factory, api.LoopFactory):
+            loop_factory = api.LoopFactory(loop_factory, profiler=profiler)
+        runner_init(self, *args, loop_factory=loop_factory, **kwargs)
+
+    @functools.wraps(set_policy)
+    def set_event_loop_policy(policy: Any) -> None:
+        if policy is None:
+            policy = asyncio.events.DefaultEventLoopPolicy()  # what None means
+        if not isinstance(policy, InstrumentedPolicy):
+            policy = InstrumentedPolicy(policy, profiler.instrument_loop)
+        set_policy(policy)
+
+    asyncio.runners.Runner.__init__ = init  # type: ignore[method-assign]
+    if policies_available():
+        asyncio.events.set_event_loop_policy = asyncio.set_event_loop_policy = set_event_loop_policy
+    try:
+        yield
+    finally:
+        asyncio.runners.Runner.__init__ = runner_init  # type: ignore[method-assign]
+        if policies_available():
+            asyncio.events.set_event_loop_policy = asyncio.set_event_loop_policy = set_policy
 
 
 def _run_program(target: _Target, err: TextIO) -> int:
@@ -332,7 +369,8 @@ def _run_program(target: _Target, err: TextIO) -> int:
     what the program still held when it ended shows as live."""
     try:
         try:
-            namespace = target.execute()  # noqa: F841 - held until the profiler has stopped
+            with _loops_made_any_way_instrumented():
+                namespace = target.execute()  # noqa: F841 - held until the profiler has stopped
         finally:
             api.uninstall_policy()
     except SystemExit as exc:

@@ -110,6 +110,30 @@ def test_a_script_that_does_not_compile_shows_what_python_shows(tmp_path: Path) 
     assert "SyntaxError" in proc.stderr and "Traceback" not in proc.stderr
 
 
+RUNNERS = {
+    "uvloop.run": "import uvloop\nuvloop.run(main())",
+    "uvloop.install": "import uvloop, warnings\nwarnings.simplefilter('ignore', DeprecationWarning)\n"
+                      "uvloop.install()\nasyncio.run(main())",
+    "a policy set by the program": "asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())\n"
+                                   "asyncio.run(main())",
+    "Runner with a loop_factory": "with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop()) as r:\n"
+                                  "    r.run(main())",
+}
+
+
+@pytest.mark.parametrize("how", list(RUNNERS))
+def test_loops_the_policy_does_not_make_are_instrumented_too(tmp_path: Path, how: str) -> None:
+    if how.startswith("uvloop"):
+        pytest.importorskip("uvloop")
+    (tmp_path / "prog.py").write_text(SCRIPT.replace("asyncio.run(main())", RUNNERS[how]))
+    proc = cli("run", "-q", "-o", "r.json", "prog.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "argv: []\n"
+    report = Report.load(tmp_path / "r.json")
+    assert abs(grabber(report).live_bytes - 4 * MiB) <= 64 * 1024
+    assert ("uvloop" in report.run.loop) == how.startswith("uvloop")
+
+
 def test_run_module_finds_modules_in_the_working_directory(tmp_path: Path) -> None:
     (tmp_path / "service.py").write_text(SCRIPT)
     proc = cli("run", "-q", "-o", "r.json", "-m", "service", "a", cwd=tmp_path)
