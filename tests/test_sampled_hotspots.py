@@ -109,6 +109,10 @@ def test_hotspots_and_leak_suspects(mode, loop_kind):
     assert groups["clean"].retained_after_done_bytes < 64 * KiB
     (glive,) = [h for h in groups["leaker"].live_hotspots if h.function == "_leaky_line"]
     assert "LEAK-SITE" in src[glive.line - 1] and glive.live_bytes > 0
+    if mode == "exact":  # sites split the task's exact counts: they never add up to more
+        for t in report.tasks:
+            assert sum(h.bytes for h in t.hotspots) <= t.allocated_bytes + len(t.hotspots), t
+            assert sum(h.live_bytes for h in t.live_hotspots) <= t.live_bytes + len(t.live_hotspots), t
     for lists in ([t.hotspots, t.live_hotspots] for t in report.tasks):
         for hs_list in lists:  # one row per source line: instructions of a line are one site
             sites = [(h.file, h.line, h.function) for h in hs_list]
