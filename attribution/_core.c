@@ -1353,6 +1353,7 @@ static PyMethodDef core_methods[] = {
     {"fold_sites", core_fold_sites, METH_VARARGS, fold_sites_doc},
     {"configure", core_configure, METH_VARARGS, configure_doc},
     {"labels_in_use", core_labels_in_use, METH_NOARGS, labels_in_use_doc},
+    {"unrecorded", (PyCFunction)(void (*)(void))core_unrecorded, METH_FASTCALL, unrecorded_doc},
     {"register_loop", core_register_loop, METH_VARARGS, register_loop_doc},
     {"unregister_loop", core_unregister_loop, METH_O, unregister_loop_doc},
     {"set_fold_hook", core_set_fold_hook, METH_VARARGS, set_fold_hook_doc},
@@ -1389,6 +1390,7 @@ static int init_strings(void) {
     INTERN(s_loop, "loop");
     INTERN(s_context, "context");
     INTERN(s_check_closed, "_check_closed");
+    INTERN(s_decimal_module, "_decimal");
 #undef INTERN
     G.kw_context = PyTuple_Pack(1, G.s_context);
     G.kw_loop_context = PyTuple_Pack(2, G.s_loop, G.s_context);

@@ -33,8 +33,8 @@ typedef struct {
     uint32_t off, len;
 } stack_rec_t;
 
-/* A site's tid is a task's, or, with GROUP_SITE_BIT, a group of folded tasks' (see
- * stacks_fold_sites); 0 marks a free slot (chained through `stack`). */
+/* A site's tid is a task's (0: unattributed), or, with GROUP_SITE_BIT, a group of folded
+ * tasks' (see stacks_fold_sites).  A free slot has `dead` set and chains through `stack`. */
 #define GROUP_SITE_BIT 0x80000000u
 
 typedef struct {
@@ -44,6 +44,7 @@ typedef struct {
     double allocs;
     double live_bytes;
     uint32_t nlive; /* live samples that name this site */
+    uint32_t dead;  /* 1: a free slot */
 } site_t;
 
 typedef struct {
@@ -200,8 +201,10 @@ static inline uint64_t live_key(const void *p) { return (uint64_t)(uintptr_t)p |
 /* Live sample li ends (its pointer is already out of K.live_index): take its bytes off its
  * site and free the slot. */
 static inline uint64_t site_key(uint32_t tid, uint32_t stack) {
-    /* tids use bits 32..63; bit 63 also keeps every key non-zero */
-    return ((uint64_t)tid << 32) | (uint64_t)stack | (UINT64_C(1) << 63);
+    /* the tid (a task's, 0 for unattributed, or a group's with its top bit) in the high
+     * half, stack + 1 in the low half: never 0, which the map reserves (stack indices stay
+     * far below 2**32 - 1) */
+    return ((uint64_t)tid << 32) | ((uint64_t)stack + 1);
 }
 
 static void live_release(uint32_t li) {
@@ -317,22 +320,22 @@ static int stacks_move(void *old, void *p, size_t old_size, size_t size) {
  * group, not with every task that was ever sampled (a service running for days samples
  * millions of short tasks).  A site a live sample still names is left as it is (a folded
  * task holds no live bytes, so only an estimate's rounding can leave one). */
-static int stacks_fold_sites(const uint32_t *tids, size_t n, uint32_t gid) {
+static int stacks_fold_sites(const uint32_t *tids, const uint32_t *gids, size_t n) {
     if (n == 0 || K.nsites == 0) return 0;
-    u64map_t folded;
+    u64map_t folded; /* tid + 1 -> gid */
     uint64_t cap = 16;
     while (cap < (uint64_t)n * 2 + 16) cap <<= 1;
     if (u64map_init(&folded, cap) < 0) return -1;
     for (size_t i = 0; i < n; i++)
-        if (u64map_put(&folded, (uint64_t)tids[i] + 1, 1) < 0) {
+        if (u64map_put(&folded, (uint64_t)tids[i] + 1, gids[i]) < 0) {
             u64map_free(&folded);
             return -1;
         }
-    uint32_t unused;
+    uint32_t gid;
     for (uint32_t i = 0; i < K.nsites; i++) {
         site_t *st = &K.sites[i];
-        if (st->tid == 0 || (st->tid & GROUP_SITE_BIT) || st->nlive != 0 ||
-            !u64map_get(&folded, (uint64_t)st->tid + 1, &unused))
+        if (st->dead || (st->tid & GROUP_SITE_BIT) || st->nlive != 0 ||
+            !u64map_get(&folded, (uint64_t)st->tid + 1, &gid))
             continue;
         uint64_t okey = site_key(st->tid, st->stack), nkey = site_key(gid, st->stack);
         uint32_t j;
@@ -343,7 +346,8 @@ static int stacks_fold_sites(const uint32_t *tids, size_t n, uint32_t gid) {
             to->live_bytes += st->live_bytes;
             u64map_del(&K.site_index, okey);
             memset(st, 0, sizeof(*st));
-            st->stack = K.free_site; /* tid 0: free */
+            st->dead = 1;
+            st->stack = K.free_site;
             K.free_site = i;
         } else if (u64map_put(&K.site_index, nkey, i) == 0) {
             u64map_del(&K.site_index, okey);
@@ -355,23 +359,32 @@ static int stacks_fold_sites(const uint32_t *tids, size_t n, uint32_t gid) {
 }
 
 PyDoc_STRVAR(fold_sites_doc,
-"fold_sites(tids: bytes, gid: int)\n--\n\nHand the allocation sites of folded tasks (tids: native uint32\n"
-"array) to their group's sites, gid (a group id with the top bit set).");
+"fold_sites(tids: bytes, gids: bytes)\n--\n\nHand the allocation sites of folded tasks to their groups' sites\n"
+"(native uint32 arrays of equal length; group ids have the top bit set).  One pass over the sites.");
 
 static PyObject *core_fold_sites(PyObject *m, PyObject *args) {
-    Py_buffer buf;
-    unsigned long gid;
-    if (!PyArg_ParseTuple(args, "y*k", &buf, &gid)) return NULL;
-    if (!(gid & GROUP_SITE_BIT) || gid > 0xFFFFFFFFul || buf.len % (Py_ssize_t)sizeof(uint32_t) != 0) {
-        PyBuffer_Release(&buf);
-        PyErr_SetString(PyExc_ValueError, "fold_sites(tids, gid): uint32 tids and a group id with the top bit set");
+    Py_buffer tb, gb;
+    if (!PyArg_ParseTuple(args, "y*y*", &tb, &gb)) return NULL;
+    int rc = -2;
+    if (tb.len == gb.len && tb.len % (Py_ssize_t)sizeof(uint32_t) == 0) {
+        const uint32_t *gids = (const uint32_t *)gb.buf;
+        size_t n = (size_t)tb.len / sizeof(uint32_t);
+        rc = 0;
+        for (size_t i = 0; i < n; i++)
+            if (!(gids[i] & GROUP_SITE_BIT)) rc = -2;
+        if (rc == 0) {
+            int g = tls.guard;
+            tls.guard = 1;
+            rc = stacks_fold_sites((const uint32_t *)tb.buf, gids, n);
+            tls.guard = g;
+        }
+    }
+    PyBuffer_Release(&tb);
+    PyBuffer_Release(&gb);
+    if (rc == -2) {
+        PyErr_SetString(PyExc_ValueError, "fold_sites(tids, gids): uint32 arrays of one length, group ids with the top bit set");
         return NULL;
     }
-    int g = tls.guard;
-    tls.guard = 1;
-    int rc = stacks_fold_sites((const uint32_t *)buf.buf, (size_t)buf.len / sizeof(uint32_t), (uint32_t)gid);
-    tls.guard = g;
-    PyBuffer_Release(&buf);
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -388,7 +401,7 @@ static PyObject *core_stack_samples(PyObject *m, PyObject *noargs) {
     if (sites == NULL || stacks == NULL || frames == NULL) goto done;
     for (uint32_t i = 0; i < K.nsites; i++) {
         site_t s = K.sites[i];
-        if (s.tid == 0) continue; /* a free slot */
+        if (s.dead) continue; /* a free slot */
         PyObject *row = Py_BuildValue("(kkddd)", (unsigned long)s.tid, (unsigned long)s.stack, s.alloc_bytes,
                                       s.allocs, s.live_bytes);
         if (row == NULL || PyList_Append(sites, row) < 0) {

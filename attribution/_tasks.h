@@ -44,7 +44,7 @@ static struct {
     uint32_t next_tid;         /* task ids are never reused, even across runs */
     PyObject *s_qualname, *s_self, *s_get_name, *s_set_name, *s_state, *s_exception, *s_cancelled,
         *s_add_done_callback, *s_get_coro, *s_done, *s_eager_start, *s_name,
-        *s_loop, *s_context, *s_check_closed;
+        *s_loop, *s_context, *s_check_closed, *s_decimal_module;
     PyObject *kw_context;      /* ("context",) */
     PyObject *kw_loop_context; /* ("loop", "context") */
     PyObject *kw_loop_context_name; /* ("loop", "context", "name") */
@@ -144,8 +144,6 @@ static PyObject *qualname_of(PyObject *coro) {
  * an entered context) keeps the documented way. */
 #define Py_BUILD_CORE 1
 #include "internal/pycore_context.h"
-#undef _PyGC_FINALIZED /* pycore_gc.h (from pycore_interp.h) defines it its own way */
-#include "internal/pycore_interp.h" /* the collector's counts (hamt_untrack_if_acyclic) */
 #undef Py_BUILD_CORE
 
 static struct {
@@ -187,9 +185,30 @@ static void hamt_learn(void) {
  * refer to can refer back: every key a ContextVar whose default is not a container (or one
  * of ours), every value an object of a type the collector does not track (str, int,
  * None, our Tag, ...), an untracked tuple (immutable, holding only such objects) or a
- * decimal context, at every level of the mapping.  CPython untracks tuples and dicts on
- * the same reasoning.  A context holding anything else keeps its mapping tracked (a cycle
+ * decimal context (_decimal's own type), at every level of the mapping.  CPython untracks
+ * tuples and dicts on the same reasoning.  A context holding anything else keeps its mapping tracked (a cycle
  * through it must stay collectable: tests/test_collector.py). */
+/* _decimal.Context, once _decimal is imported (borrowed after the first lookup: we keep a
+ * reference), else NULL.  Only looked up, never imported. */
+static PyTypeObject *decimal_context_type(void) {
+    static PyObject *type;
+    if (type != NULL) return (PyTypeObject *)type;
+    PyObject *mod = PyImport_GetModule(G.s_decimal_module);
+    if (mod == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *t = PyObject_GetAttrString(mod, "Context");
+    Py_DECREF(mod);
+    if (t == NULL || !PyType_Check(t)) {
+        Py_XDECREF(t);
+        PyErr_Clear();
+        return NULL;
+    }
+    type = t;
+    return (PyTypeObject *)type;
+}
+
 static int is_hamt_node(PyObject *o) {
     const char *n = Py_TYPE(o)->tp_name;
     return strcmp(n, "hamt_bitmap_node") == 0 || strcmp(n, "hamt_array_node") == 0 ||
@@ -211,8 +230,10 @@ static int acyclic_item(PyObject *o, void *arg) {
         return depth < 8 ? Py_TYPE(o)->tp_traverse(o, acyclic_item, (void *)(intptr_t)(depth + 1)) : 1;
     /* decimal's context (a collected type from 3.13; any program doing Decimal arithmetic
      * has one in its contexts): the type itself, not a subclass, holds only numbers,
-     * strings and its two maps of signal flags, whatever is assigned to it */
-    if (strcmp(Py_TYPE(o)->tp_name, "decimal.Context") == 0) return 0;
+     * strings and its two maps of signal flags, whatever is assigned to it.  The name
+     * only picks the candidates (a class can be given any name): the type must be
+     * _decimal's own. */
+    if (strcmp(Py_TYPE(o)->tp_name, "decimal.Context") == 0 && Py_TYPE(o) == decimal_context_type()) return 0;
     return 1; /* may refer back: stop */
 }
 
@@ -226,13 +247,10 @@ static void hamt_untrack_if_acyclic(PyHamtObject *nv, PyHamtObject *old) {
     if (trav == NULL || trav(root, acyclic_item, (void *)(intptr_t)1) != 0) return;
     PyObject_GC_UnTrack(root);
     PyObject_GC_UnTrack((PyObject *)nv);
-    /* Nor do they count toward the collector's next pass: its trigger counts allocations
-     * of collected objects (net of frees), and these two per task made the 6x6 gather
-     * tree run 19% more young collections than without us, and so more full ones (~70 ms
-     * each at 56,000 tasks).  When they are freed the count drops as for any such
-     * object, as it does when a plain run frees what it allocated. */
-    int *young = &PyInterpreterState_Get()->gc.generations[0].count;
-    *young = *young > 2 ? *young - 2 : 0;
+    /* (They still count toward the collector's trigger, allocations net of frees, as
+     * CPython's own untracked tuples do: taking them off it here would take them off
+     * twice, here and when they are freed, and a program whose tasks each leave a cycle
+     * or two of garbage would then never be collected automatically.) */
 }
 
 /* Set var = value in ctx, a context no one has entered or seen.  Returns 0, -1 with an
@@ -1567,6 +1585,23 @@ PyDoc_STRVAR(labels_in_use_doc,
 static PyObject *core_labels_in_use(PyObject *m, PyObject *noargs) {
     G.labels_used = 1;
     Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(unrecorded_doc,
+"unrecorded(fn, *args) -> fn(*args)\n--\n\nCall fn with this thread's allocations left out of the books (our own\n"
+"bookkeeping objects that records keep alive, e.g. a task's labels mapping).");
+
+static PyObject *core_unrecorded(PyObject *m, PyObject *const *args, Py_ssize_t n) {
+    if (n < 1) {
+        PyErr_SetString(PyExc_TypeError, "unrecorded(fn, *args)");
+        return NULL;
+    }
+    tls_t *t = &tls;
+    int g = t->guard;
+    t->guard = 1;
+    PyObject *r = PyObject_Vectorcall(args[0], args + 1, (size_t)(n - 1), NULL);
+    t->guard = g;
+    return r;
 }
 
 PyDoc_STRVAR(set_fold_hook_doc,

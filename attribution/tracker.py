@@ -166,6 +166,7 @@ class Tracker:
         Returns how many finished tasks remain.  The core picks and forgets the tasks;
         only the per-group sums come back here."""
         remaining, groups = _core.fold(keep)
+        site_tids, site_gids = array("I"), array("I")
         for coro, labels, values, allocs, tids in groups:
             per_task = array("q")
             per_task.frombytes(values)
@@ -181,7 +182,9 @@ class Tracker:
             gid = self._group_site_ids.get(key)
             if gid is None:
                 gid = self._group_site_ids[key] = _core.GROUP_SITE_BIT | (len(self._group_site_ids) + 1)
-            _core.fold_sites(tids, gid)
+            site_tids.frombytes(tids)
+            site_gids.extend([gid] * (len(tids) // site_tids.itemsize))
+        _core.fold_sites(site_tids.tobytes(), site_gids.tobytes())  # one pass over the sites for all groups
         return remaining
 
     # -- reading ------------------------------------------------------------------------

@@ -317,6 +317,8 @@ def _profile(target: _Target, args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {exc}", file=err)
         status = status or 1
         output = None
+    if out.closed:  # the program closed our stdout: the summary goes where errors go
+        out = err
     if not args.quiet:
         out.write("\n" + render_text(report, top=args.top, width=_width(out)))
         out.flush()
@@ -349,7 +351,14 @@ def _loops_made_any_way_instrumented() -> Iterator[None]:
         if policy is None:
             policy = asyncio.events.DefaultEventLoopPolicy()  # what None means
         if not isinstance(policy, InstrumentedPolicy):
-            policy = InstrumentedPolicy(policy, profiler.instrument_loop)
+            # the program keeps its own object (get_event_loop_policy() is it, isinstance
+            # holds): its new loops are instrumented through an instance attribute, or,
+            # for a policy that takes none (__slots__), through a wrapper
+            make = policy.new_event_loop
+            try:
+                policy.new_event_loop = lambda: profiler.instrument_loop(make())
+            except (AttributeError, TypeError):
+                policy = InstrumentedPolicy(policy, profiler.instrument_loop)
         set_policy(policy)
 
     asyncio.runners.Runner.__init__ = init  # type: ignore[method-assign]

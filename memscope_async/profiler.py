@@ -27,12 +27,16 @@ __all__ = ["Profiler", "ProfilerError", "current_profiler"]
 _last: "Profiler | None" = None
 
 
-def _update_labels(tag: Any, labels: Any) -> None:
-    """Label listener: the running task's record gets the labels set inside it."""
-    current = _core.task_labels(tag.id)
+def _merged_labels(current: Any, labels: Any) -> dict:
     merged = dict(current) if current else {}
     merged.update(labels)
-    _core.set_task_labels(tag.id, merged)
+    return merged
+
+
+def _update_labels(tag: Any, labels: Any) -> None:
+    """Label listener: the running task's record gets the labels set inside it (a mapping
+    only the record keeps: our bookkeeping, so its allocation is not the task's)."""
+    _core.set_task_labels(tag.id, _core.unrecorded(_merged_labels, _core.task_labels(tag.id), labels))
 
 
 class ProfilerError(TrackerError):
