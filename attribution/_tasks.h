@@ -237,24 +237,22 @@ static int acyclic_item(PyObject *o, void *arg) {
     return 1; /* may refer back: stop */
 }
 
-static void hamt_untrack_if_acyclic(PyHamtObject *nv, PyHamtObject *old) {
+static int hamt_untrack_if_acyclic(PyHamtObject *nv, PyHamtObject *old) {
     PyObject *root = (PyObject *)nv->h_root;
     /* only what this insertion made: a new mapping whose new root no one else holds */
     if (nv == old || root == NULL || (PyObject *)old->h_root == root || Py_REFCNT(nv) != 1 || Py_REFCNT(root) != 1)
-        return;
-    if (!PyObject_GC_IsTracked((PyObject *)nv) || !PyObject_GC_IsTracked(root)) return;
+        return 0;
+    if (!PyObject_GC_IsTracked((PyObject *)nv) || !PyObject_GC_IsTracked(root)) return 0;
     traverseproc trav = Py_TYPE(root)->tp_traverse;
-    if (trav == NULL || trav(root, acyclic_item, (void *)(intptr_t)1) != 0) return;
+    if (trav == NULL || trav(root, acyclic_item, (void *)(intptr_t)1) != 0) return 0;
     PyObject_GC_UnTrack(root);
     PyObject_GC_UnTrack((PyObject *)nv);
-    /* (They still count toward the collector's trigger, allocations net of frees, as
-     * CPython's own untracked tuples do: taking them off it here would take them off
-     * twice, here and when they are freed, and a program whose tasks each leave a cycle
-     * or two of garbage would then never be collected automatically.) */
+    return 1; /* the caller may take them off the collector's count (gc_uncount) */
 }
 
-/* Set var = value in ctx, a context no one has entered or seen.  Returns 0, -1 with an
- * exception set, or 1: not possible this way (nothing changed). */
+/* Set var = value in ctx, a context no one has entered or seen.  Returns 0 (2: and its new
+ * mapping is untracked), -1 with an exception set, or 1: not possible this way (nothing
+ * changed). */
 static int fresh_context_set(PyObject *ctx, PyObject *var, PyObject *value) {
     if (MS_UNLIKELY(HAMT.known == 0)) hamt_learn();
     PyContext *c = (PyContext *)ctx;
@@ -276,10 +274,10 @@ static int fresh_context_set(PyObject *ctx, PyObject *var, PyObject *value) {
         HAMT.known = -1;
         return 1;
     }
-    hamt_untrack_if_acyclic((PyHamtObject *)nv, (PyHamtObject *)vars);
+    int untracked = hamt_untrack_if_acyclic((PyHamtObject *)nv, (PyHamtObject *)vars);
     c->ctx_vars = (PyHamtObject *)nv;
     Py_DECREF(vars);
-    return 0;
+    return untracked ? 2 : 0;
 }
 
 /* How register_task's ctx came: */
@@ -327,9 +325,13 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
         PyErr_Clear();
         labels = NULL;
     }
-    int rc = 1;
+    int rc = 1, uncounted = 0;
     if (ctx != NULL && !enter) {
         rc = fresh_context_set(ctx, S.tag_var, (PyObject *)tag);
+        if (rc == 2) {
+            rc = 0;
+            uncounted = gc_uncount();
+        }
         if (rc > 0 && PyContext_Enter(ctx) == 0) enter = 1; /* the documented way after all */
         else if (rc > 0) rc = -1;
     }
@@ -369,6 +371,7 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     uint32_t slot = thread_slot(t);
     uint32_t ti = task_info_for(tid, slot, 1);
     if (ti == 0) { /* no memory for the record: the task runs, its bytes go unattributed */
+        if (uncounted) gc_count_add(2);
         Py_XDECREF(labels);
         Py_XDECREF(qualname);
         t->guard = g;
@@ -377,7 +380,7 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     task_info_t *r = &S.tasks[ti];
     r->parent = parent;
     r->thread_ident = PyThread_get_thread_ident();
-    r->flags = TF_REGISTERED | flags;
+    r->flags = TF_REGISTERED | flags | (uncounted ? TF_UNCOUNTED : 0);
     if (pti && S.tasks[pti].thread_ident != r->thread_ident) r->flags |= TF_CROSS_PARENT;
     r->loop_serial = serial;
     r->state = TS_PENDING;
@@ -410,6 +413,7 @@ static void queue_finished(uint32_t tid) {
 
 /* Record tid (slot ti) ends now: it waits in S.finished to be folded. */
 static void finish_record(uint32_t tid, uint32_t ti) {
+    gc_recount(&S.tasks[ti]);
     S.tasks[ti].flags |= TF_FINISHED;
     S.tasks[ti].finished_ns = now_ns();
     S.pending--;
