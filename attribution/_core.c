@@ -1225,8 +1225,6 @@ static PyObject *core_threads(PyObject *m, PyObject *noargs) {
     return out;
 }
 
-/* Forget task tid: its cells and its record.  Returns 0 if done (or nothing was held), 1
- * if some cell still names a live allocation (then nothing changes). */
 /* ---- the collector's count of a task's tag mapping ---------------------------------
  * The collector starts a young collection when allocations of collected objects, net of
  * frees, pass a threshold.  A task's tag mapping (two such objects; a plain task's context
@@ -1283,6 +1281,8 @@ static inline void gc_recount(task_info_t *r) {
     }
 }
 
+/* Forget task tid: its cells and its record.  Returns 0 if done (or nothing was held), 1
+ * if some cell still names a live allocation (then nothing changes). */
 static int release_task_slot(uint32_t tid) {
     uint32_t ti;
     if (!u64map_get(&S.task_index, (uint64_t)tid + 1, &ti)) return 0;

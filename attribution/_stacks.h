@@ -198,15 +198,15 @@ static int64_t intern_stack(const uint32_t *fr, uint32_t n) {
 /* K.live_index key of a live sampled pointer (the high bit keeps it off u64map's 0). */
 static inline uint64_t live_key(const void *p) { return (uint64_t)(uintptr_t)p | (UINT64_C(1) << 63); }
 
-/* Live sample li ends (its pointer is already out of K.live_index): take its bytes off its
- * site and free the slot. */
+/* K.site_index key: the tid (a task's, 0 for unattributed, or a group's with its top bit)
+ * in the high half, stack + 1 in the low half: never 0, which the map reserves (stack
+ * indices stay far below 2**32 - 1). */
 static inline uint64_t site_key(uint32_t tid, uint32_t stack) {
-    /* the tid (a task's, 0 for unattributed, or a group's with its top bit) in the high
-     * half, stack + 1 in the low half: never 0, which the map reserves (stack indices stay
-     * far below 2**32 - 1) */
     return ((uint64_t)tid << 32) | ((uint64_t)stack + 1);
 }
 
+/* Live sample li ends (its pointer is already out of K.live_index): take its bytes off its
+ * site and free the slot. */
 static void live_release(uint32_t li) {
     K.sites[K.live[li].site].live_bytes -= K.live[li].bytes;
     K.sites[K.live[li].site].nlive--;
@@ -253,18 +253,16 @@ static void stacks_record_alloc(void *p, size_t size, uint64_t cell_key, double 
     K.sites[site].live_bytes += bytes;
     K.samples++;
     /* remember the pointer so its free takes the bytes off the site's live total */
-    uint32_t li;
-    if (K.free_live != UINT32_MAX) {
-        li = K.free_live;
-        K.free_live = K.live[li].next_free;
-    } else {
-        if (grow_array((void **)&K.live, &K.caplive, sizeof(live_sample_t), K.nlive + 1) < 0) return;
-        li = K.nlive++;
-    }
-    if (u64map_put(&K.live_index, live_key(p), li) < 0) {
-        K.live[li].next_free = K.free_live; /* no memory to remember it: not live-tracked */
-        K.free_live = li;
+    uint32_t li = K.free_live;
+    if (li != UINT32_MAX) K.free_live = K.live[li].next_free;
+    else if (grow_array((void **)&K.live, &K.caplive, sizeof(live_sample_t), K.nlive + 1) == 0) li = K.nlive++;
+    if (li == UINT32_MAX || u64map_put(&K.live_index, live_key(p), li) < 0) {
+        /* no memory to remember it: counted as allocated, never as live */
         K.sites[site].live_bytes -= bytes;
+        if (li != UINT32_MAX) {
+            K.live[li].next_free = K.free_live;
+            K.free_live = li;
+        }
         return;
     }
     K.sites[site].nlive++;

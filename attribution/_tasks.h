@@ -178,16 +178,6 @@ static void hamt_learn(void) {
     Py_DECREF(c);
 }
 
-/* The mapping made for a task's tag is two more objects the garbage collector tracks (the
- * mapping and its root node) for as long as the task lives, where a plain task's context
- * shares its parent's: every collection passes over them.  They leave the collector's
- * lists when they can never be part of a reference cycle, which holds when nothing they
- * refer to can refer back: every key a ContextVar whose default is not a container (or one
- * of ours), every value an object of a type the collector does not track (str, int,
- * None, our Tag, ...), an untracked tuple (immutable, holding only such objects) or a
- * decimal context (_decimal's own type), at every level of the mapping.  CPython untracks
- * tuples and dicts on the same reasoning.  A context holding anything else keeps its mapping tracked (a cycle
- * through it must stay collectable: tests/test_collector.py). */
 /* _decimal.Context, once _decimal is imported (borrowed after the first lookup: we keep a
  * reference), else NULL.  Only looked up, never imported. */
 static PyTypeObject *decimal_context_type(void) {
@@ -215,6 +205,16 @@ static int is_hamt_node(PyObject *o) {
            strcmp(n, "hamt_collision_node") == 0;
 }
 
+/* The mapping made for a task's tag is two more objects the garbage collector tracks (the
+ * mapping and its root node) for as long as the task lives, where a plain task's context
+ * shares its parent's: every collection passes over them.  They leave the collector's
+ * lists when they can never be part of a reference cycle, which holds when nothing they
+ * refer to can refer back: every key a ContextVar whose default is not a container (or one
+ * of ours), every value an object of a type the collector does not track (str, int,
+ * None, our Tag, ...), an untracked tuple (immutable, holding only such objects) or a
+ * decimal context (_decimal's own type), at every level of the mapping.  CPython untracks
+ * tuples and dicts on the same reasoning.  A context holding anything else keeps its
+ * mapping tracked (a cycle through it must stay collectable: tests/test_collector.py). */
 static int acyclic_item(PyObject *o, void *arg) {
     int depth = (int)(intptr_t)arg;
     if (!PyObject_IS_GC(o)) return 0;

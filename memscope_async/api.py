@@ -160,16 +160,11 @@ def instrument(loop: asyncio.AbstractEventLoop | None = None, **options: Any) ->
         prof = Profiler(**options).start()
         prof._tagger.on_loop_close = lambda _loop: prof.stop()
     else:
-        Profiler(**options)  # the same errors for bad names or values as when it starts one
-        t = prof._tracker
-        running = {"mode": t.mode, "sample_interval": t.sample_interval, "stack_interval": t.stack_interval,
-                   "stack_depth": t.stack_depth, "max_finished_tasks": t.max_finished_tasks,
-                   "threads": prof.threads, "inferred_half_life": t.inferred_half_life, "seed": t.seed}
-        given = dict(options)
-        if given.get("stack_interval", 0) is None:
-            given["stack_interval"] = 0  # None means off, as 0
-        differ = [k for k, v in running.items() if k in given and given[k] != v and
-                  not (k == "sample_interval" and t.mode == "exact")]
+        # the same errors for bad names or values as when it starts one; then the options
+        # given, as a profiler would take them, against the running one's
+        wanted, running = Profiler(**options)._settings(), prof._settings()
+        differ = [k for k in options if wanted[k] != running[k] and
+                  not (k == "sample_interval" and running["mode"] == "exact")]
         if differ:
             raise ProfilerError(
                 f"a profiler is already running ({', '.join(f'{k}={running[k]!r}' for k in differ)}); "

@@ -338,7 +338,7 @@ def _loops_made_any_way_instrumented() -> Iterator[None]:
     (``uvloop.install()``, ``asyncio.set_event_loop_policy(...)``)."""
     profiler = current_profiler()
     runner_init = asyncio.runners.Runner.__init__
-    set_policy = getattr(asyncio.events, "set_event_loop_policy", None)
+    set_policy = asyncio.events.set_event_loop_policy if policies_available() else None
 
     @functools.wraps(runner_init)
     def init(self, *args: Any, loop_factory: Any = None, **kwargs: Any) -> None:
@@ -346,7 +346,6 @@ def _loops_made_any_way_instrumented() -> Iterator[None]:
             loop_factory = api.LoopFactory(loop_factory, profiler=profiler)
         runner_init(self, *args, loop_factory=loop_factory, **kwargs)
 
-    @functools.wraps(set_policy)
     def set_event_loop_policy(policy: Any) -> None:
         if policy is None:
             policy = asyncio.events.DefaultEventLoopPolicy()  # what None means
@@ -362,13 +361,14 @@ def _loops_made_any_way_instrumented() -> Iterator[None]:
         set_policy(policy)
 
     asyncio.runners.Runner.__init__ = init  # type: ignore[method-assign]
-    if policies_available():
+    if set_policy is not None:
+        functools.update_wrapper(set_event_loop_policy, set_policy)
         asyncio.events.set_event_loop_policy = asyncio.set_event_loop_policy = set_event_loop_policy
     try:
         yield
     finally:
         asyncio.runners.Runner.__init__ = runner_init  # type: ignore[method-assign]
-        if policies_available():
+        if set_policy is not None:
             asyncio.events.set_event_loop_policy = asyncio.set_event_loop_policy = set_policy
 
 

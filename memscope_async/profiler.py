@@ -96,6 +96,14 @@ class Profiler:
         self.threads = threads
         self._loop_kinds: set[str] = set()
 
+    def _settings(self) -> dict[str, Any]:
+        """The options this profiler runs with, by name, as it took them (e.g.
+        ``stack_interval=None`` is 0)."""
+        t = self._tracker
+        return {"mode": t.mode, "sample_interval": t.sample_interval, "stack_interval": t.stack_interval,
+                "stack_depth": t.stack_depth, "max_finished_tasks": t.max_finished_tasks, "threads": self.threads,
+                "inferred_half_life": t.inferred_half_life, "seed": t.seed}
+
     # -- lifecycle ----------------------------------------------------------------------
     @property
     def mode(self) -> str:
