@@ -1008,7 +1008,7 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
     }
     if (S.has_data) clear_data();
     if (ptrmap_init(&S.ptrs, mode == MODE_SAMPLED ? 1u << 10 : 1u << 14) < 0 || u64map_init(&S.cell_index, 1024) < 0 ||
-        u64map_init(&S.task_index, 1024) < 0 || u64map_init(&S.obj_index, 1024) < 0 || stacks_init(depth) < 0 ||
+        u64map_init(&S.task_index, 1024) < 0 || u64map_init_shift(&S.obj_index, 1024, 6) < 0 || stacks_init(depth) < 0 ||
         (mode == MODE_SAMPLED && ((S.filter = (uint64_t *)calloc(FILTER_WORDS, sizeof(uint64_t))) == NULL ||
                                   u64map_init(&S.filter_more, 64) < 0))) {
         clear_data();

@@ -1,9 +1,19 @@
 /* A small open-addressing map from a non-zero uint64 key to a uint32 value.
  *
- * Used for the cell index ((task, thread, route, phase) -> cell) and the task index
- * (task id -> task slot).  Power-of-two capacity, linear probing, backward-shift deletion,
- * load kept under 0.5 (these maps hold thousands of entries, not millions).  Memory comes
- * from the C library so it can grow inside an allocator hook.  GIL held throughout.
+ * Used for the cell index ((task, thread, route, phase) -> cell), the task index (task id
+ * -> task slot), the object index (task address -> task id) and the stack tables.
+ * Power-of-two capacity, linear probing, backward-shift deletion, load kept under 0.5.
+ * Memory comes from the C library so it can grow inside an allocator hook.  GIL held
+ * throughout.
+ *
+ * Keys that come in runs (task ids are handed out in order; tasks made one after another
+ * sit next to each other in memory) keep their order inside blocks of 16 slots: the block
+ * is chosen by a mixing hash of the key's upper bits (key >> shift >> 4), the slot in it by
+ * the next 4 bits.  A task tree touches its tasks roughly in the order they were made, so
+ * neighbouring lookups share cache lines (4 slots a line) instead of each missing the
+ * cache on its own: with 56,000 tasks alive the maps outgrow the core's cache, and the
+ * random placement made their lookups ~8% of a task tree's time (perf, 3.12).  `shift`
+ * drops the low bits that do not vary between neighbours (6 for object addresses).
  */
 #ifndef MEMSCOPE_U64MAP_H
 #define MEMSCOPE_U64MAP_H
@@ -20,6 +30,7 @@ typedef struct {
     u64map_entry_t *slots;
     uint64_t mask;
     uint64_t count;
+    unsigned shift; /* low key bits ignored by the hash (see above) */
 } u64map_t;
 
 static inline uint64_t u64map_hash(uint64_t k) {
@@ -31,12 +42,24 @@ static inline uint64_t u64map_hash(uint64_t k) {
     return k;
 }
 
-static int u64map_init(u64map_t *m, uint64_t capacity_pow2) {
+/* The slot a key starts probing from. */
+static inline uint64_t u64map_home(const u64map_t *m, uint64_t key, uint64_t mask) {
+    uint64_t k = key >> m->shift;
+    return ((u64map_hash(k >> 4) << 4) | (k & 15)) & mask;
+}
+
+static int u64map_init_shift(u64map_t *m, uint64_t capacity_pow2, unsigned shift) {
+    if (capacity_pow2 < 16) capacity_pow2 = 16;
     m->slots = (u64map_entry_t *)calloc(capacity_pow2, sizeof(u64map_entry_t));
     if (m->slots == NULL) return -1;
     m->mask = capacity_pow2 - 1;
     m->count = 0;
+    m->shift = shift;
     return 0;
+}
+
+static int u64map_init(u64map_t *m, uint64_t capacity_pow2) {
+    return u64map_init_shift(m, capacity_pow2, 0);
 }
 
 static void u64map_free(u64map_t *m) {
@@ -49,7 +72,7 @@ static void u64map_free(u64map_t *m) {
 /* Returns 1 and sets *value if found, else 0. */
 static inline int u64map_get(const u64map_t *m, uint64_t key, uint32_t *value) {
     if (m->slots == NULL) return 0;
-    uint64_t i = u64map_hash(key) & m->mask;
+    uint64_t i = u64map_home(m, key, m->mask);
     for (;;) {
         uint64_t k = m->slots[i].key;
         if (k == key) {
@@ -67,7 +90,7 @@ static int u64map_grow(u64map_t *m) {
     if (ns == NULL) return -1;
     for (uint64_t i = 0; i <= m->mask; i++) {
         if (m->slots[i].key != 0) {
-            uint64_t j = u64map_hash(m->slots[i].key) & (ncap - 1);
+            uint64_t j = u64map_home(m, m->slots[i].key, ncap - 1);
             while (ns[j].key != 0) j = (j + 1) & (ncap - 1);
             ns[j] = m->slots[i];
         }
@@ -81,7 +104,7 @@ static int u64map_grow(u64map_t *m) {
 /* Insert or overwrite.  Returns 0, or -1 if memory for the map could not be had. */
 static int u64map_put(u64map_t *m, uint64_t key, uint32_t value) {
     if ((m->count + 1) * 2 > m->mask + 1 && u64map_grow(m) < 0) return -1;
-    uint64_t i = u64map_hash(key) & m->mask;
+    uint64_t i = u64map_home(m, key, m->mask);
     while (m->slots[i].key != 0 && m->slots[i].key != key) i = (i + 1) & m->mask;
     if (m->slots[i].key == 0) m->count++;
     m->slots[i].key = key;
@@ -91,7 +114,7 @@ static int u64map_put(u64map_t *m, uint64_t key, uint32_t value) {
 
 static void u64map_del(u64map_t *m, uint64_t key) {
     if (m->slots == NULL) return;
-    uint64_t i = u64map_hash(key) & m->mask;
+    uint64_t i = u64map_home(m, key, m->mask);
     for (;;) {
         if (m->slots[i].key == 0) return;
         if (m->slots[i].key == key) break;
@@ -102,7 +125,7 @@ static void u64map_del(u64map_t *m, uint64_t key) {
         j = (j + 1) & m->mask;
         uint64_t k = m->slots[j].key;
         if (k == 0) break;
-        uint64_t home = u64map_hash(k) & m->mask;
+        uint64_t home = u64map_home(m, k, m->mask);
         int stays = (hole <= j) ? (home > hole && home <= j) : (home > hole || home <= j);
         if (!stays) {
             m->slots[hole] = m->slots[j];
