@@ -1663,42 +1663,49 @@ typedef struct {
     uint32_t tid;
 } fold_cand_t;
 
-static int fold_cand_cmp(const void *a, const void *b) {
-    int64_t x = ((const fold_cand_t *)a)->alloc_bytes, y = ((const fold_cand_t *)b)->alloc_bytes;
-    if (x != y) return x < y ? -1 : 1;
-    uint32_t s = ((const fold_cand_t *)a)->tid, t = ((const fold_cand_t *)b)->tid;
-    return s < t ? -1 : (s > t);
+/* a < b: fewer bytes first, then the older task (ties are common: tasks alike allocate
+ * alike, and a sampled task is often charged nothing).  Written without branches: the
+ * selection below runs over every waiting finished task on each pass, and its
+ * comparisons are coin flips for the branch predictor. */
+static inline int fold_cand_less(fold_cand_t a, fold_cand_t b) {
+    return (a.alloc_bytes < b.alloc_bytes) | ((a.alloc_bytes == b.alloc_bytes) & (a.tid < b.tid));
 }
 
-/* Reorder a[0..n) so that its k smallest (by fold_cand_cmp) come first, in O(n) on average
- * (quickselect; the pivot is the median of three). */
+/* Reorder a[0..n) so that its k smallest (by fold_cand_less) come first, in O(n) on
+ * average: quickselect, the pivot the median of three, each partition a branchless Lomuto
+ * pass (every element is swapped with the boundary one; the boundary moves on when the
+ * element is smaller than the pivot: both elements are then on their right sides). */
 static void select_smallest(fold_cand_t *a, uint32_t n, uint32_t k) {
-    uint32_t lo = 0, hi = n; /* the k-th boundary lies in [lo, hi) */
-    while (hi - lo > 1 && k > lo && k < hi) {
-        uint32_t mid = lo + (hi - lo) / 2;
-        fold_cand_t x = a[lo], y = a[mid], z = a[hi - 1], pivot;
-        if (fold_cand_cmp(&x, &y) < 0)
-            pivot = fold_cand_cmp(&y, &z) < 0 ? y : (fold_cand_cmp(&x, &z) < 0 ? z : x);
+    uint32_t lo = 0, hi = n; /* a[..lo) <= a[lo..hi) <= a[hi..), and lo <= k < hi */
+    while (lo < k && k < hi && hi - lo > 1) {
+        uint32_t mid = lo + (hi - lo) / 2, z = hi - 1, p;
+        if (fold_cand_less(a[lo], a[mid]))
+            p = fold_cand_less(a[mid], a[z]) ? mid : (fold_cand_less(a[lo], a[z]) ? z : lo);
         else
-            pivot = fold_cand_cmp(&x, &z) < 0 ? x : (fold_cand_cmp(&y, &z) < 0 ? z : y);
-        /* three-way partition: [lo, lt) < pivot, [lt, gt) == pivot, [gt, hi) > pivot */
-        uint32_t lt = lo, i = lo, gt = hi;
-        while (i < gt) {
-            int c = fold_cand_cmp(&a[i], &pivot);
-            if (c < 0) {
-                fold_cand_t t = a[lt]; a[lt] = a[i]; a[i] = t;
-                lt++;
-                i++;
-            } else if (c > 0) {
-                gt--;
-                fold_cand_t t = a[gt]; a[gt] = a[i]; a[i] = t;
-            } else {
-                i++;
-            }
+            p = fold_cand_less(a[lo], a[z]) ? lo : (fold_cand_less(a[mid], a[z]) ? z : mid);
+        fold_cand_t pivot = a[p];
+        uint32_t lt = lo;
+        for (uint32_t i = lo; i < hi; i++) {
+            fold_cand_t x = a[i];
+            uint32_t smaller = (uint32_t)fold_cand_less(x, pivot);
+            a[i] = a[lt];
+            a[lt] = x;
+            lt += smaller;
         }
-        if (k <= lt) hi = lt;
-        else if (k >= gt) lo = gt;
-        else return;
+        if (lt == lo) { /* nothing below the pivot: it is the least; put it first */
+            for (uint32_t i = lo; i < hi; i++) {
+                if (!fold_cand_less(pivot, a[i]) && !fold_cand_less(a[i], pivot)) {
+                    a[i] = a[lo];
+                    a[lo] = pivot;
+                    break;
+                }
+            }
+            lo++;
+        } else if (k < lt) {
+            hi = lt;
+        } else {
+            lo = lt;
+        }
     }
 }
 

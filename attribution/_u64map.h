@@ -22,8 +22,10 @@
 #include <stdlib.h>
 
 typedef struct {
-    uint64_t key; /* 0 = empty */
+    uint64_t key;  /* 0 = empty */
     uint32_t value;
+    uint32_t home; /* u64map_home(key) at the current capacity: deletion moves entries
+                      back without hashing every key after the hole (the slot's padding) */
 } u64map_entry_t;
 
 typedef struct {
@@ -86,13 +88,15 @@ static inline int u64map_get(const u64map_t *m, uint64_t key, uint32_t *value) {
 
 static int u64map_grow(u64map_t *m) {
     uint64_t ncap = (m->mask + 1) * 2;
+    if (ncap - 1 > UINT32_MAX) return -1; /* homes are 32-bit */
     u64map_entry_t *ns = (u64map_entry_t *)calloc(ncap, sizeof(u64map_entry_t));
     if (ns == NULL) return -1;
     for (uint64_t i = 0; i <= m->mask; i++) {
         if (m->slots[i].key != 0) {
-            uint64_t j = u64map_home(m, m->slots[i].key, ncap - 1);
+            uint64_t home = u64map_home(m, m->slots[i].key, ncap - 1), j = home;
             while (ns[j].key != 0) j = (j + 1) & (ncap - 1);
             ns[j] = m->slots[i];
+            ns[j].home = (uint32_t)home;
         }
     }
     free(m->slots);
@@ -104,11 +108,12 @@ static int u64map_grow(u64map_t *m) {
 /* Insert or overwrite.  Returns 0, or -1 if memory for the map could not be had. */
 static int u64map_put(u64map_t *m, uint64_t key, uint32_t value) {
     if ((m->count + 1) * 2 > m->mask + 1 && u64map_grow(m) < 0) return -1;
-    uint64_t i = u64map_home(m, key, m->mask);
+    uint64_t home = u64map_home(m, key, m->mask), i = home;
     while (m->slots[i].key != 0 && m->slots[i].key != key) i = (i + 1) & m->mask;
     if (m->slots[i].key == 0) m->count++;
     m->slots[i].key = key;
     m->slots[i].value = value;
+    m->slots[i].home = (uint32_t)home;
     return 0;
 }
 
@@ -125,7 +130,7 @@ static void u64map_del(u64map_t *m, uint64_t key) {
         j = (j + 1) & m->mask;
         uint64_t k = m->slots[j].key;
         if (k == 0) break;
-        uint64_t home = u64map_home(m, k, m->mask);
+        uint64_t home = m->slots[j].home;
         int stays = (hole <= j) ? (home > hole && home <= j) : (home > hole || home <= j);
         if (!stays) {
             m->slots[hole] = m->slots[j];
