@@ -1661,6 +1661,7 @@ static PyObject *core_records(PyObject *m, PyObject *noargs) {
 typedef struct {
     int64_t alloc_bytes;
     uint32_t tid;
+    uint32_t pos; /* its index in S.finished */
 } fold_cand_t;
 
 /* a < b: fewer bytes first, then the older task (ties are common: tasks alike allocate
@@ -1717,12 +1718,12 @@ typedef struct {
     double allocs;
 } fold_group_t;
 
-/* Drop folded (released) ids from the finished queue; returns how many remain. */
+/* Drop the zeroed (folded or stale) ids from the finished queue; returns how many remain. */
 static uint32_t compact_finished(void) {
     uint32_t keep = 0;
     for (uint32_t i = 0; i < S.nfinished; i++) {
-        uint32_t tid = S.finished[i], ti;
-        if (task_registered(tid, &ti) && (S.tasks[ti].flags & TF_FINISHED)) S.finished[keep++] = tid;
+        uint32_t tid = S.finished[i];
+        if (tid != 0) S.finished[keep++] = tid;
     }
     S.nfinished = keep;
     return keep;
@@ -1738,29 +1739,38 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
     if (keep == -1 && PyErr_Occurred()) return NULL;
     if (keep < 0) keep = 0;
     if (!S.has_data) return Py_BuildValue("(n[])", (Py_ssize_t)0);
-    uint32_t n = compact_finished();
-    if ((Py_ssize_t)n <= keep) return Py_BuildValue("(I[])", (unsigned int)n);
+    /* One look at each waiting record: the stale ids (none expected: only folding
+     * releases a finished record) are zeroed, those holding nothing live are candidates;
+     * the ids folded below are zeroed through their positions, and one pass compacts. */
+    uint32_t n = S.nfinished, valid = 0, nc = 0;
+    fold_cand_t *cand = (fold_cand_t *)malloc((size_t)(n ? n : 1) * sizeof(fold_cand_t));
+    if (cand == NULL) return PyErr_NoMemory();
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t tid = S.finished[i], ti;
+        if (!task_registered(tid, &ti) || !(S.tasks[ti].flags & TF_FINISHED)) {
+            S.finished[i] = 0;
+            continue;
+        }
+        valid++;
+        int64_t ab, le;
+        task_totals(ti, &ab, NULL, &le);
+        if (le == 0) {
+            cand[nc].alloc_bytes = ab;
+            cand[nc].tid = tid;
+            cand[nc].pos = i;
+            nc++;
+        }
+    }
+    if ((Py_ssize_t)valid <= keep) {
+        free(cand);
+        return Py_BuildValue("(I[])", (unsigned int)compact_finished());
+    }
     int g = tls.guard;
     tls.guard = 1;
     PyObject *out = NULL;
     fold_group_t *groups = NULL;
     uint32_t ngroups = 0, capgroups = 0;
-    fold_cand_t *cand = (fold_cand_t *)malloc((size_t)n * sizeof(fold_cand_t));
-    if (cand == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    uint32_t nc = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        uint32_t ti;
-        int64_t ab, le;
-        if (task_registered(S.finished[i], &ti) && (task_totals(ti, &ab, NULL, &le), le == 0)) {
-            cand[nc].alloc_bytes = ab;
-            cand[nc].tid = S.finished[i];
-            nc++;
-        }
-    }
-    uint32_t excess = n - (uint32_t)keep;
+    uint32_t excess = valid - (uint32_t)keep;
     if (excess > nc) excess = nc;
     if (excess < nc) select_smallest(cand, nc, excess);
     uint32_t last = 0;
@@ -1794,6 +1804,7 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
         double na;
         task_totals(ti, &ab, &na, NULL);
         if (release_task_slot(cand[k].tid) != 0) continue;
+        S.finished[cand[k].pos] = 0;
         fg->tids[fg->n] = cand[k].tid;
         fg->values[fg->n++] = ab;
         fg->allocs += na;
