@@ -291,10 +291,11 @@ static inline uint32_t thread_slot(tls_t *t) {
 }
 
 /* ---- tasks and cells ------------------------------------------------------------------ */
+/* The slot of task tid, or 0; with create, a new slot for a tid not in use (register_task
+ * hands out only those). */
 static uint32_t task_info_for(uint32_t tid, uint32_t home_slot, int create) {
     uint32_t idx;
-    if (u64map_get(&S.task_index, (uint64_t)tid + 1, &idx)) return idx;
-    if (!create) return 0;
+    if (!create) return u64map_get(&S.task_index, (uint64_t)tid + 1, &idx) ? idx : 0;
     if (S.nfree_tasks) {
         idx = S.free_tasks[--S.nfree_tasks];
     } else {
@@ -1007,8 +1008,8 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
         return NULL;
     }
     if (S.has_data) clear_data();
-    if (ptrmap_init(&S.ptrs, mode == MODE_SAMPLED ? 1u << 10 : 1u << 14) < 0 || u64map_init(&S.cell_index, 1024) < 0 ||
-        u64map_init(&S.task_index, 1024) < 0 || u64map_init_shift(&S.obj_index, 1024, 6) < 0 || stacks_init(depth) < 0 ||
+    if (ptrmap_init(&S.ptrs, mode == MODE_SAMPLED ? 1u << 10 : 1u << 14) < 0 || u64map_init_local(&S.cell_index, 1024, 0) < 0 ||
+        u64map_init_local(&S.task_index, 1024, 0) < 0 || u64map_init_local(&S.obj_index, 1024, 7) < 0 || stacks_init(depth) < 0 ||
         (mode == MODE_SAMPLED && ((S.filter = (uint64_t *)calloc(FILTER_WORDS, sizeof(uint64_t))) == NULL ||
                                   u64map_init(&S.filter_more, 64) < 0))) {
         clear_data();

@@ -323,7 +323,7 @@ static int stacks_fold_sites(const uint32_t *tids, const uint32_t *gids, size_t 
     u64map_t folded; /* tid + 1 -> gid */
     uint64_t cap = 16;
     while (cap < (uint64_t)n * 2 + 16) cap <<= 1;
-    if (u64map_init(&folded, cap) < 0) return -1;
+    if (u64map_init_local(&folded, cap, 0) < 0) return -1;
     for (size_t i = 0; i < n; i++)
         if (u64map_put(&folded, (uint64_t)tids[i] + 1, gids[i]) < 0) {
             u64map_free(&folded);

@@ -42,6 +42,7 @@ static struct {
     PyObject *fold_hook;       /* callable(), or NULL */
     uint64_t fold_at;          /* call fold_hook when this many finished tasks wait */
     uint32_t next_tid;         /* task ids are never reused, even across runs */
+    int tids_wrapped;          /* 2^31 ids were handed out: an id may still be in use */
     PyObject *s_qualname, *s_self, *s_get_name, *s_set_name, *s_state, *s_exception, *s_cancelled,
         *s_add_done_callback, *s_get_coro, *s_done, *s_eager_start, *s_name,
         *s_loop, *s_context, *s_check_closed, *s_decimal_module;
@@ -303,8 +304,11 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     uint32_t tid, unused;
     do { /* ids are 31-bit (the top bit names groups' sites): after a wrap, skip those still in use */
         tid = ++G.next_tid;
-        if (tid & GROUP_SITE_BIT) tid = G.next_tid = 1;
-    } while (task_registered(tid, &unused));
+        if (tid & GROUP_SITE_BIT) {
+            tid = G.next_tid = 1;
+            G.tids_wrapped = 1;
+        }
+    } while (G.tids_wrapped && task_registered(tid, &unused));
     TagObject *tag = PyObject_New(TagObject, &TagType);
     if (tag == NULL) goto error;
     tag->tid = tid;

@@ -6,14 +6,16 @@
  * Memory comes from the C library so it can grow inside an allocator hook.  GIL held
  * throughout.
  *
- * Keys that come in runs (task ids are handed out in order; tasks made one after another
- * sit next to each other in memory) keep their order inside blocks of 16 slots: the block
- * is chosen by a mixing hash of the key's upper bits (key >> shift >> 4), the slot in it by
- * the next 4 bits.  A task tree touches its tasks roughly in the order they were made, so
- * neighbouring lookups share cache lines (4 slots a line) instead of each missing the
- * cache on its own: with 56,000 tasks alive the maps outgrow the core's cache, and the
- * random placement made their lookups ~8% of a task tree's time (perf, 3.12).  `shift`
- * drops the low bits that do not vary between neighbours (6 for object addresses).
+ * Maps made with u64map_init_local keep keys that come in runs (task ids are handed out
+ * in order) side by side in blocks of 4 slots (64 bytes, a cache line): the block is
+ * chosen by a mixing hash of key >> 2, the slot in it by the low 2 bits.  A task tree
+ * touches its tasks roughly in the order they were made, so neighbouring lookups share
+ * cache lines instead of each missing the cache on its own: with 56,000 tasks alive the
+ * maps outgrow the core's cache, and the random placement made their lookups ~8% of a
+ * task tree's time (perf, 3.12).  Keys that fill their blocks only in part spread a map
+ * over more blocks than it has room for and lengthen the probes, so the other maps (task
+ * addresses, sampled blocks, stacks) hash every key on its own; blocks of 16 slots over
+ * task ids and task addresses cost +1,100 instructions a task in a tree (callgrind).
  */
 #ifndef MEMSCOPE_U64MAP_H
 #define MEMSCOPE_U64MAP_H
@@ -32,7 +34,9 @@ typedef struct {
     u64map_entry_t *slots;
     uint64_t mask;
     uint64_t count;
-    unsigned shift; /* low key bits ignored by the hash (see above) */
+    int local;      /* keys in runs share blocks (see above) */
+    unsigned shift; /* local: low key bits that do not vary between neighbours */
+    void *raw;      /* what slots was carved from (aligned to a cache line) */
 } u64map_t;
 
 static inline uint64_t u64map_hash(uint64_t k) {
@@ -44,28 +48,44 @@ static inline uint64_t u64map_hash(uint64_t k) {
     return k;
 }
 
-/* The slot a key starts probing from. */
-static inline uint64_t u64map_home(const u64map_t *m, uint64_t key, uint64_t mask) {
-    uint64_t k = key >> m->shift;
-    return ((u64map_hash(k >> 4) << 4) | (k & 15)) & mask;
+/* Zeroed slots aligned to a cache line (calloc: a large table comes zeroed from the
+ * kernel at no cost in instructions); *raw is what to free. */
+static u64map_entry_t *u64map_alloc(uint64_t capacity_pow2, void **raw) {
+    char *p = (char *)calloc((size_t)capacity_pow2 * sizeof(u64map_entry_t) + 64, 1);
+    *raw = p;
+    if (p == NULL) return NULL;
+    return (u64map_entry_t *)(p + (64 - ((uintptr_t)p & 63)) % 64);
 }
 
-static int u64map_init_shift(u64map_t *m, uint64_t capacity_pow2, unsigned shift) {
+/* The slot a key starts probing from. */
+static inline uint64_t u64map_home(const u64map_t *m, uint64_t key, uint64_t mask) {
+    if (m->local) {
+        uint64_t k = key >> m->shift;
+        return ((u64map_hash(k >> 2) << 2) | (k & 3)) & mask;
+    }
+    return u64map_hash(key) & mask;
+}
+
+static int u64map_init_as(u64map_t *m, uint64_t capacity_pow2, int local, unsigned shift) {
     if (capacity_pow2 < 16) capacity_pow2 = 16;
-    m->slots = (u64map_entry_t *)calloc(capacity_pow2, sizeof(u64map_entry_t));
+    m->slots = u64map_alloc(capacity_pow2, &m->raw);
     if (m->slots == NULL) return -1;
     m->mask = capacity_pow2 - 1;
     m->count = 0;
+    m->local = local;
     m->shift = shift;
     return 0;
 }
 
-static int u64map_init(u64map_t *m, uint64_t capacity_pow2) {
-    return u64map_init_shift(m, capacity_pow2, 0);
+static int u64map_init(u64map_t *m, uint64_t capacity_pow2) { return u64map_init_as(m, capacity_pow2, 0, 0); }
+
+static int u64map_init_local(u64map_t *m, uint64_t capacity_pow2, unsigned shift) {
+    return u64map_init_as(m, capacity_pow2, 1, shift);
 }
 
 static void u64map_free(u64map_t *m) {
-    free(m->slots);
+    free(m->raw);
+    m->raw = NULL;
     m->slots = NULL;
     m->mask = 0;
     m->count = 0;
@@ -89,7 +109,8 @@ static inline int u64map_get(const u64map_t *m, uint64_t key, uint32_t *value) {
 static int u64map_grow(u64map_t *m) {
     uint64_t ncap = (m->mask + 1) * 2;
     if (ncap - 1 > UINT32_MAX) return -1; /* homes are 32-bit */
-    u64map_entry_t *ns = (u64map_entry_t *)calloc(ncap, sizeof(u64map_entry_t));
+    void *raw;
+    u64map_entry_t *ns = u64map_alloc(ncap, &raw);
     if (ns == NULL) return -1;
     for (uint64_t i = 0; i <= m->mask; i++) {
         if (m->slots[i].key != 0) {
@@ -99,7 +120,8 @@ static int u64map_grow(u64map_t *m) {
             ns[j].home = (uint32_t)home;
         }
     }
-    free(m->slots);
+    free(m->raw);
+    m->raw = raw;
     m->slots = ns;
     m->mask = ncap - 1;
     return 0;
