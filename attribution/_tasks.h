@@ -1700,8 +1700,9 @@ static void select_smallest(fold_cand_t *a, uint32_t n, uint32_t k) {
         if (lt == lo) { /* nothing below the pivot: it is the least; put it first */
             for (uint32_t i = lo; i < hi; i++) {
                 if (!fold_cand_less(pivot, a[i]) && !fold_cand_less(a[i], pivot)) {
+                    fold_cand_t t = a[i]; /* swapped, not overwritten: equal is not the same */
                     a[i] = a[lo];
-                    a[lo] = pivot;
+                    a[lo] = t;
                     break;
                 }
             }
@@ -1808,7 +1809,9 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
         double na;
         task_totals(ti, &ab, &na, NULL);
         if (release_task_slot(cand[k].tid) != 0) continue;
-        S.finished[cand[k].pos] = 0;
+        /* (a labels mapping freed just now can run a __del__ that makes tasks: a fold
+         * nested in it would have compacted the queue under our positions) */
+        if (cand[k].pos < S.nfinished && S.finished[cand[k].pos] == cand[k].tid) S.finished[cand[k].pos] = 0;
         fg->tids[fg->n] = cand[k].tid;
         fg->values[fg->n++] = ab;
         fg->allocs += na;
