@@ -15,11 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 from pathlib import Path
-
-import aiofiles
-import aiofiles.os
 
 from ..attribution.report import Report
 
@@ -68,6 +64,12 @@ async def export_json_async(report: Report, path: str | os.PathLike[str], *, ind
     Serialising the report (orjson) runs on the loop thread; it is fast and needs the GIL
     anyway.
     """
+    # Imported here, not with the package: aiofiles brings tempfile, shutil, bz2, lzma, ...
+    # (~2,000 long-lived objects that every full collection of the profiled program walks)
+    # into programs that never export asynchronously.
+    import aiofiles
+    import aiofiles.os
+
     target = Path(path)
     _check_parent(target, await aiofiles.os.path.isdir(target.parent))
     data = _serialise(report, target, indent)
@@ -105,7 +107,7 @@ def _serialise(report: Report, target: Path, indent: bool) -> bytes:
 def _temp_name(target: Path) -> Path:
     # Hidden, same directory (same file system, so os.replace is atomic), random suffix so
     # two concurrent exports to one path never share a temporary file.
-    return target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    return target.with_name(f".{target.name}.{os.urandom(8).hex()}.tmp")
 
 
 def _discard(tmp: Path) -> None:
