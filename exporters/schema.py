@@ -2,9 +2,9 @@
 
 ``SCHEMA_PATH`` sits next to this module, in an installed wheel as in a checkout (the
 package is installed as files, never zipped; :mod:`importlib.resources` would add ~1,000
-long-lived objects to every profiled program for nothing).  Validation needs the third-party ``jsonschema`` package,
-which is a test dependency only: it is imported when :func:`validate_document` is called,
-never at import time.
+long-lived objects to every profiled program for nothing).  Validation needs the
+third-party ``jsonschema`` package, which is a test dependency only: it is imported when
+:func:`validate_document` is called, never at import time.
 """
 
 from __future__ import annotations
