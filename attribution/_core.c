@@ -68,7 +68,7 @@ enum {
 enum { MODE_EXACT = 0, MODE_SAMPLED = 1 };
 
 /* ---- state --------------------------------------------------------------------------- */
-typedef struct {
+typedef struct cell {
     uint64_t key;          /* packed (tid, slot, route, phase) */
     uint32_t tinfo;        /* index into tasks[] (0 for unattributed) */
     uint32_t track_time;   /* 1 if this cell is a migration (record last_ns) */
@@ -141,6 +141,9 @@ typedef struct {
     PyObject *fast_ctx;      /* borrowed, compared only; FAST_NONE: no fast answer.  While */
     uint64_t fast_ver;       /* (context, context_ver) and cell_gen hold, the current cell */
     uint32_t fast_now;       /* is cache_cell and the running task (current_tid) fast_now */
+    struct cell *fast_cell;  /* &cells[cache_cell] if the exact hooks' fast paths may charge */
+                             /* it directly (fast_cell_for), else NULL; read only once the */
+                             /* cache is known to hold (cells[] moves bump cell_gen) */
     PyThreadState **ts_slot; /* where this thread's thread state is read (_tstate.h) */
     PyObject *step_loop;     /* borrowed: the key and value this thread last put in   */
     PyObject *step_task;     /* _asyncio._current_tasks (see tasks_watcher); NULL: none */
@@ -271,6 +274,7 @@ static void tls_enter_session(tls_t *t) {
     t->cache_key = 0;
     t->cache_gen = 0;
     t->fast_ctx = FAST_NONE;
+    t->fast_cell = NULL;
     t->rng = S.seed ^ (uint64_t)(uintptr_t)t ^ UINT64_C(0x9E3779B97F4A7C15);
     if (t->rng == 0) t->rng = 1;
     t->countdown = S.mode == MODE_SAMPLED ? draw_gap(&t->rng, S.sample_interval) : 0;
@@ -327,7 +331,9 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t slot, uint32_t rou
         idx = S.free_cells[--S.nfree_cells];
     } else {
         if (S.ncells > PTRMAP_MAX_CELL) return 0;
+        cell_t *before = S.cells;
         if (grow_array((void **)&S.cells, &S.capcells, sizeof(cell_t), S.ncells + 1) < 0) return 0;
+        if (S.cells != before) S.cell_gen++; /* moved: every thread's fast_cell points at the old array */
         idx = S.ncells++;
     }
     if (u64map_put(&S.cell_index, key, idx) < 0) return 0;
@@ -399,6 +405,14 @@ static MS_HOT uint32_t current_cell(tls_t *t) {
     return current_cell_slow(t, ts);
 }
 
+/* What the exact hooks' fast paths may charge without a call: the cell itself, unless it is a
+ * migration (it keeps a timestamp), the thread has no slot to check the cache against, or there
+ * is no shadow map (exact mode without one sends every block to the pointer table). */
+static inline cell_t *fast_cell_for(const tls_t *t, uint32_t idx) {
+    cell_t *c = &S.cells[idx];
+    return (t->ts_slot != NULL && S.shadow.dir != NULL && !c->track_time) ? c : NULL;
+}
+
 __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadState *ts) {
     uint32_t slot = thread_slot(t);
     if (slot == 0) return 0;
@@ -424,7 +438,7 @@ __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadSt
     uint64_t key = cell_key(tid, slot, route, phase);
     t->fast_ctx = (route != ROUTE_INFERRED && ts != NULL) ? ts->context : FAST_NONE;
     t->fast_ver = ts != NULL ? ts->context_ver : 0;
-    if (key == t->cache_key && t->cache_gen == S.cell_gen) return t->cache_cell;
+    if (key == t->cache_key && t->cache_gen == S.cell_gen) return t->cache_cell; /* fast_cell holds too */
     uint32_t idx;
     if (!u64map_get(&S.cell_index, key, &idx)) {
         uint32_t unused;
@@ -446,6 +460,7 @@ __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadSt
     t->cache_key = key;
     t->cache_cell = idx;
     t->cache_gen = S.cell_gen;
+    t->fast_cell = fast_cell_for(t, idx);
     return idx;
 }
 
@@ -753,16 +768,16 @@ static MS_HOT void free_with(PyMemAllocatorEx *a, void *ptr, int mode) {
  * the cell is not a migration (those keep a timestamp). */
 static MS_HOT int exact_alloc_fast(void *p, size_t size) {
     tls_t *t = &tls;
+    cell_t *c = t->fast_cell; /* non-NULL: there is a slot, a shadow map, no timestamp to keep */
     int64_t left = t->stack_countdown - (int64_t)size;
-    PyThreadState **slot = t->ts_slot; /* no call here: without a slot, the general path */
+    if (c == NULL || t->guard || left <= 0 || size >= SHADOW_MAX_SIZE) return 0;
     /* (no session test: start() bumps cell_gen, so a cache from an older session fails) */
-    if (t->guard || left <= 0 || size >= SHADOW_MAX_SIZE || slot == NULL) return 0;
-    if (!fast_valid(t, *slot) || t->cache_gen != S.cell_gen) return 0;
-    uint32_t *e = shadow_slot(&S.shadow, (uintptr_t)p);
-    uint32_t cell = t->cache_cell;
-    cell_t *c = &S.cells[cell];
-    if (e == NULL || *e != 0 || c->track_time) return 0;
-    *e = shadow_encode((uint32_t)size, cell, 0);
+    if (!fast_valid(t, *t->ts_slot) || t->cache_gen != S.cell_gen) return 0;
+    uint32_t *leaf = shadow_leaf(&S.shadow, (uintptr_t)p);
+    if (leaf == NULL) return 0;
+    uint32_t *e = leaf + shadow_index((uintptr_t)p);
+    if (*e != 0) return 0;
+    *e = shadow_encode((uint32_t)size, t->cache_cell, 0);
     S.shadow.count++;
     t->stack_countdown = left;
     charge_alloc(c, (int64_t)size, COUNT_ONE);
@@ -780,7 +795,7 @@ static MS_HOT int exact_free_fast(void *p) {
     if (ti != NULL) { /* who frees it, for the cross-task count */
         tls_t *t = &tls;
         PyThreadState **slot = t->ts_slot;
-        if (t->session != S.session || slot == NULL || !fast_valid(t, *slot)) return 0;
+        if (slot == NULL || t->cache_gen != S.cell_gen || !fast_valid(t, *slot)) return 0;
         now = t->fast_now;
     }
     *e = 0;
@@ -793,14 +808,14 @@ static MS_HOT int exact_free_fast(void *p) {
  * only the size difference counts (as in record_realloc). */
 static MS_HOT int exact_realloc_fast(void *old, void *p, size_t size) {
     tls_t *t = &tls;
-    PyThreadState **slot = t->ts_slot;
-    if (t->guard || size >= SHADOW_MAX_SIZE || slot == NULL) return 0;
-    if (!fast_valid(t, *slot) || t->cache_gen != S.cell_gen) return 0;
+    cell_t *cur = t->fast_cell;
+    if (cur == NULL || t->guard || size >= SHADOW_MAX_SIZE) return 0;
+    if (!fast_valid(t, *t->ts_slot) || t->cache_gen != S.cell_gen) return 0;
     uint32_t *eo = shadow_find(&S.shadow, (uintptr_t)old);
     if (eo == NULL) return 0;
     uint32_t v = *eo, cell = v >> SHADOW_CELL_SHIFT;
     cell_t *c = &S.cells[cell];
-    if ((v & (1u << SHADOW_FLAG_BIT)) || c->track_time || cell_tid(c) != cell_tid(&S.cells[t->cache_cell]))
+    if ((v & (1u << SHADOW_FLAG_BIT)) || c->track_time || cell_tid(c) != cell_tid(cur))
         return 0; /* a stack sample, a migration, or another owner: the general path */
     uint32_t *en = shadow_slot(&S.shadow, (uintptr_t)p);
     if (en == NULL || (en != eo && *en != 0)) return 0;

@@ -187,6 +187,18 @@ static inline uint32_t *shadow_slot(const shadow_t *s, uintptr_t a) {
     return leaf != NULL ? &leaf[(a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1)] : NULL;
 }
 
+/* The same in two steps, for a caller that knows the directory exists: the leaf holding a
+ * (NULL for a bad address or no leaf yet), then a's entry in it.  Split, the caller tests
+ * one pointer instead of two (shadow_slot's result is tested again after the offset). */
+static inline uint32_t *shadow_leaf(const shadow_t *s, uintptr_t a) {
+    if (SHADOW_UNLIKELY(shadow_bad_addr(a))) return NULL;
+    return s->dir[a >> SHADOW_LEAF_SHIFT];
+}
+
+static inline size_t shadow_index(uintptr_t a) {
+    return (a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1);
+}
+
 /* The entry of p, or NULL if p is not recorded (cheap for pointers never recorded). */
 static inline uint32_t *shadow_find(const shadow_t *s, uintptr_t a) {
     uint32_t *e = shadow_slot(s, a);
