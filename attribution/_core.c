@@ -50,9 +50,17 @@ static inline void PyErr_SetRaisedException_compat(PyObject *v) {
 }
 #endif
 
+/* The value of our ContextVar in a task's context.  Besides the task id it carries two
+ * hints that spare the allocator hooks' slow path two index lookups at each of the task's
+ * steps (with tens of thousands of tasks alive, each is a cache miss: perf on a task tree
+ * put them at ~70% of that path): where the task's record is, and its own cell on its
+ * home thread.  Record slots and cells are reused once a task is folded, so both are
+ * checked before use (tag_record, tag_cell), and 0 means "not known". */
 typedef struct {
     PyObject_HEAD
     uint32_t tid;
+    uint32_t ti;   /* tasks[] slot of record tid, as register_task made it */
+    uint32_t cell; /* the task's cell (tid, home slot, context route), once it has one */
 } TagObject;
 
 static PyTypeObject TagType;
@@ -83,6 +91,7 @@ typedef struct cell {
     uint64_t first_ns;     /* migrations (track_time) only: 0 on a task's own cell */
     uint64_t last_ns;
     uint32_t next_in_task;  /* next cell of the same task, 0 = end */
+    uint32_t indexed;       /* in cell_index (a task's home cell is found through its Tag) */
 } cell_t;
 
 typedef struct task_info {
@@ -135,6 +144,8 @@ typedef struct {
     uint32_t pending_tid;
     PyObject *empty_ctx;     /* owned: an empty context for our done callbacks */
     PyObject *ctx_seen;      /* borrowed, compared only: the context context_tid last read */
+    TagObject *ctx_tag;      /* borrowed: the Tag read there (NULL: none); valid while that */
+                             /* answer holds (the context keeps it; only we set the tag) */
     uint64_t ctx_ver;
     uint32_t ctx_session;
     uint32_t ctx_tid;
@@ -325,7 +336,9 @@ static inline uint64_t cell_key(uint32_t tid, uint32_t slot, uint32_t route, uin
            ((uint64_t)(phase & 0xFu) << 56) | (UINT64_C(1) << 63);
 }
 
-static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t slot, uint32_t route) {
+/* A new cell for key; ti: the slot of registered task tid (0 with tid 0).  indexed: put it
+ * in cell_index (not a task's home cell, which its Tag remembers). */
+static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t ti, uint32_t slot, uint32_t route, int indexed) {
     uint32_t idx;
     if (S.nfree_cells) {
         idx = S.free_cells[--S.nfree_cells];
@@ -336,11 +349,11 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t slot, uint32_t rou
         if (S.cells != before) S.cell_gen++; /* moved: every thread's fast_cell points at the old array */
         idx = S.ncells++;
     }
-    if (u64map_put(&S.cell_index, key, idx) < 0) return 0;
+    if (indexed && u64map_put(&S.cell_index, key, idx) < 0) return 0;
     cell_t *c = &S.cells[idx];
     memset(c, 0, sizeof(*c));
     c->key = key;
-    uint32_t ti = tid ? task_info_for(tid, slot, 0) : 0; /* registered: current_cell checked */
+    c->indexed = (uint32_t)indexed;
     c->tinfo = ti;
     c->task = ti ? &S.tasks[ti] : NULL;
     if (tid) {
@@ -370,10 +383,15 @@ static inline uint32_t context_tid(void) {
     PyObject *v = NULL;
     /* Never touch the error indicator here: an allocation can happen while an exception
      * is being raised, and PyContextVar_Get cannot fail for a real ContextVar. */
+    TagObject *tag = NULL;
     if (PyContextVar_Get(S.tag_var, NULL, &v) == 0 && v != NULL) {
-        if (Py_TYPE(v) == &TagType) tid = ((TagObject *)v)->tid;
+        if (Py_TYPE(v) == &TagType) {
+            tag = (TagObject *)v;
+            tid = tag->tid;
+        }
         Py_DECREF(v); /* the context still holds it: never the last reference */
     }
+    t->ctx_tag = tag;
     t->ctx_seen = ts->context;
     t->ctx_ver = ts->context_ver;
     t->ctx_session = S.session;
@@ -413,6 +431,18 @@ static inline cell_t *fast_cell_for(const tls_t *t, uint32_t idx) {
     return (t->ts_slot != NULL && S.shadow.dir != NULL && !c->track_time) ? c : NULL;
 }
 
+/* The hints of a Tag (see TagObject), 0 unless they still hold: the record slot while it
+ * holds record tag->tid, the cell while it is the one for key. */
+static inline uint32_t tag_record(const TagObject *tag) {
+    uint32_t ti = tag->ti;
+    return ti != 0 && ti < S.ntasks && S.tasks[ti].in_use && S.tasks[ti].tid == tag->tid ? ti : 0;
+}
+
+static inline uint32_t tag_cell(const TagObject *tag, uint64_t key) {
+    uint32_t c = tag->cell;
+    return c != 0 && c < S.ncells && S.cells[c].key == key ? c : 0;
+}
+
 __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadState *ts) {
     uint32_t slot = thread_slot(t);
     if (slot == 0) return 0;
@@ -439,17 +469,31 @@ __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadSt
     t->fast_ctx = (route != ROUTE_INFERRED && ts != NULL) ? ts->context : FAST_NONE;
     t->fast_ver = ts != NULL ? ts->context_ver : 0;
     if (key == t->cache_key && t->cache_gen == S.cell_gen) return t->cache_cell; /* fast_cell holds too */
-    uint32_t idx;
-    if (!u64map_get(&S.cell_index, key, &idx)) {
-        uint32_t unused;
-        if (tid && !u64map_get(&S.task_index, (uint64_t)tid + 1, &unused)) {
+    /* the Tag this tid came from, for its hints (a tid from the context always has one) */
+    TagObject *tag = route == ROUTE_CONTEXT && tid != 0 && t->ctx_tag != NULL && t->ctx_tag->tid == tid
+                         ? t->ctx_tag : NULL;
+    uint32_t idx = tag != NULL ? tag_cell(tag, key) : 0;
+    uint32_t hti = idx == 0 && tag != NULL && phase == 0 ? tag_record(tag) : 0;
+    if (hti != 0 && S.tasks[hti].home_slot == slot) {
+        /* The task's home cell, which its Tag would name if it had one (cells go only with
+         * their task, whose record still holds): a new one, kept out of cell_index. */
+        idx = new_cell(key, tid, hti, slot, route, 0);
+        if (idx == 0) {
+            S.dropped_cells++;
+            t->fast_ctx = FAST_NONE;
+            return 0;
+        }
+    } else if (idx == 0 && !u64map_get(&S.cell_index, key, &idx)) {
+        uint32_t ti = hti;
+        if (tid && ti == 0 && !u64map_get(&S.task_index, (uint64_t)tid + 1, &ti)) ti = 0;
+        if (tid && ti == 0) {
             /* A tag whose task is not registered (folded away, or left over from an
              * earlier run): the bytes are this thread's, unattributed.  The cache keeps
              * the original key, so the next allocation under that tag lands here directly. */
             uint64_t ukey = cell_key(0, slot, ROUTE_CONTEXT, 0);
-            if (!u64map_get(&S.cell_index, ukey, &idx)) idx = new_cell(ukey, 0, slot, ROUTE_CONTEXT);
+            if (!u64map_get(&S.cell_index, ukey, &idx)) idx = new_cell(ukey, 0, 0, slot, ROUTE_CONTEXT, 1);
         } else {
-            idx = new_cell(key, tid, slot, route);
+            idx = new_cell(key, tid, ti, slot, route, 1);
         }
         if (idx == 0) {
             S.dropped_cells++;
@@ -457,6 +501,9 @@ __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadSt
             return 0;
         }
     }
+    /* the task's own cell on its home thread is the one its Tag remembers (a migration's
+     * would make tasks running one context on two threads overwrite each other's) */
+    if (tag != NULL && S.cells[idx].tinfo != 0 && !S.cells[idx].track_time) tag->cell = idx;
     t->cache_key = key;
     t->cache_cell = idx;
     t->cache_gen = S.cell_gen;
@@ -1308,7 +1355,7 @@ static int release_task_slot(uint32_t tid) {
     tls.guard = 1;
     for (uint32_t i = S.tasks[ti].first_cell; i != 0;) {
         uint32_t next = S.cells[i].next_in_task;
-        u64map_del(&S.cell_index, S.cells[i].key);
+        if (S.cells[i].indexed) u64map_del(&S.cell_index, S.cells[i].key);
         S.cells[i].key = 0;
         S.cells[i].next_in_task = 0;
         S.cells[i].tinfo = 0;

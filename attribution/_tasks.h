@@ -312,6 +312,8 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     TagObject *tag = PyObject_New(TagObject, &TagType);
     if (tag == NULL) goto error;
     tag->tid = tid;
+    tag->ti = 0; /* known once the record is made, below */
+    tag->cell = 0;
     /* a fresh copy holds what the running context holds: read there, and tag it directly */
     int enter = ctx != NULL && how != CTX_COPIED;
     if (enter && PyContext_Enter(ctx) < 0) {
@@ -349,8 +351,8 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
         }
     }
     if (enter && PyContext_Exit(ctx) < 0) PyErr_Clear();
-    Py_DECREF(tag);
     if (rc < 0) {
+        Py_DECREF(tag);
         Py_XDECREF(labels);
         goto error;
     }
@@ -376,11 +378,14 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     uint32_t ti = task_info_for(tid, slot, 1);
     if (ti == 0) { /* no memory for the record: the task runs, its bytes go unattributed */
         if (uncounted) gc_count_add(2);
+        Py_DECREF(tag);
         Py_XDECREF(labels);
         Py_XDECREF(qualname);
         t->guard = g;
         return 0;
     }
+    tag->ti = ti;
+    Py_DECREF(tag); /* the context holds it */
     task_info_t *r = &S.tasks[ti];
     r->parent = parent;
     r->thread_ident = PyThread_get_thread_ident();
