@@ -473,7 +473,7 @@ __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadSt
     TagObject *tag = route == ROUTE_CONTEXT && tid != 0 && t->ctx_tag != NULL && t->ctx_tag->tid == tid
                          ? t->ctx_tag : NULL;
     uint32_t idx = tag != NULL ? tag_cell(tag, key) : 0;
-    uint32_t hti = idx == 0 && tag != NULL && phase == 0 ? tag_record(tag) : 0;
+    uint32_t hti = idx == 0 && tag != NULL ? tag_record(tag) : 0;
     if (hti != 0 && S.tasks[hti].home_slot == slot) {
         /* The task's home cell, which its Tag would name if it had one (cells go only with
          * their task, whose record still holds): a new one, kept out of cell_index. */
@@ -842,7 +842,7 @@ static MS_HOT int exact_free_fast(void *p) {
     if (ti != NULL) { /* who frees it, for the cross-task count */
         tls_t *t = &tls;
         PyThreadState **slot = t->ts_slot;
-        if (slot == NULL || t->cache_gen != S.cell_gen || !fast_valid(t, *slot)) return 0;
+        if (t->session != S.session || slot == NULL || !fast_valid(t, *slot)) return 0; /* as current_tid_fast */
         now = t->fast_now;
     }
     *e = 0;

@@ -1,7 +1,8 @@
 /* A small open-addressing map from a non-zero uint64 key to a uint32 value.
  *
- * Used for the cell index ((task, thread, route, phase) -> cell), the task index (task id
- * -> task slot), the object index (task address -> task id) and the stack tables.
+ * Used for the cell index ((task, thread, route, phase) -> cell, for cells other than a
+ * task's home cell, which its Tag names), the task index (task id -> task slot), the
+ * object index (task address -> task id) and the stack tables.
  * Power-of-two capacity, linear probing, backward-shift deletion, load kept under 0.5.
  * Memory comes from the C library so it can grow inside an allocator hook.  GIL held
  * throughout.
@@ -12,10 +13,12 @@
  * touches its tasks roughly in the order they were made, so neighbouring lookups share
  * cache lines instead of each missing the cache on its own: with 56,000 tasks alive the
  * maps outgrow the core's cache, and the random placement made their lookups ~8% of a
- * task tree's time (perf, 3.12).  Keys that fill their blocks only in part spread a map
- * over more blocks than it has room for and lengthen the probes, so the other maps (task
- * addresses, sampled blocks, stacks) hash every key on its own; blocks of 16 slots over
- * task ids and task addresses cost +1,100 instructions a task in a tree (callgrind).
+ * task tree's time (perf, 3.12).  The object index is local too, over task addresses
+ * >> 7 (tasks made one after another sit near each other).  Keys that fill their blocks
+ * only in part spread a map over more blocks than it has room for and lengthen the
+ * probes, so the other maps (sampled blocks, stacks) hash every key on its own; blocks of
+ * 16 slots over task ids and task addresses cost +1,100 instructions a task in a tree
+ * (callgrind).
  */
 #ifndef MEMSCOPE_U64MAP_H
 #define MEMSCOPE_U64MAP_H
