@@ -6,7 +6,7 @@ setup(
         Extension(
             "memscope_async.attribution._core",
             sources=["attribution/_core.c"],
-            depends=["attribution/_ptrmap.h", "attribution/_u64map.h", "attribution/_stacks.h", "attribution/_tasks.h", "attribution/_shadow.h", "attribution/_tstate.h"],
+            depends=["attribution/_ptrmap.h", "attribution/_u64map.h", "attribution/_stacks.h", "attribution/_tasks.h", "attribution/_shadow.h", "attribution/_sysmem.h", "attribution/_tstate.h"],
             extra_compile_args=["-O2", "-std=c11", "-fvisibility=hidden", "-Wall", "-Wno-missing-braces"],
         )
     ]

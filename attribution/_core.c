@@ -14,7 +14,8 @@
  *
  * Rules for the hook path: no Python code runs (no object is created, no refcount drops
  * to zero), a thread-local re-entrancy guard skips allocations we cause ourselves, and all
- * our memory comes from the C library.  Design notes: README.md, "How it works".
+ * our memory is mapped from the kernel (_sysmem.h), never taken from the program's heap.
+ * Design notes: README.md, "How it works".
  *
  * Reference ownership: every function exposed to Python returns a new reference or NULL
  * with an exception set; arguments are borrowed.
@@ -28,6 +29,7 @@
 
 #include "_ptrmap.h"
 #include "_shadow.h"
+#include "_sysmem.h"
 #include "_tstate.h"
 #include "_u64map.h"
 
@@ -266,7 +268,7 @@ static int grow_array(void **arr, uint32_t *cap, size_t elem, uint32_t need) {
     if (need <= *cap) return 0;
     uint32_t ncap = *cap ? *cap : 64;
     while (ncap < need) ncap *= 2;
-    void *n = realloc(*arr, (size_t)ncap * elem);
+    void *n = sysmem_realloc(*arr, (size_t)ncap * elem);
     if (n == NULL) return -1;
     memset((char *)n + (size_t)*cap * elem, 0, (size_t)(ncap - *cap) * elem);
     *arr = n;
@@ -1004,13 +1006,13 @@ static void tasks_watch(int on);
 static void clear_data(void) {
     tasks_watch(0);
     shadow_free(&S.shadow);
-    free(S.filter);
+    sysmem_free(S.filter);
     S.filter = NULL;
     u64map_free(&S.filter_more);
     S.filter_sticky = 0;
     for (uint32_t i = 1; S.tasks != NULL && i < S.ntasks; i++) clear_task_refs(&S.tasks[i]);
     u64map_free(&S.obj_index);
-    free(S.finished);
+    sysmem_free(S.finished);
     S.finished = NULL;
     S.nfinished = S.capfinished = 0;
     S.records = S.pending = 0;
@@ -1018,11 +1020,11 @@ static void clear_data(void) {
     ptrmap_free(&S.ptrs);
     u64map_free(&S.cell_index);
     u64map_free(&S.task_index);
-    free(S.cells);
-    free(S.free_cells);
-    free(S.tasks);
-    free(S.free_tasks);
-    free(S.threads);
+    sysmem_free(S.cells);
+    sysmem_free(S.free_cells);
+    sysmem_free(S.tasks);
+    sysmem_free(S.free_tasks);
+    sysmem_free(S.threads);
     S.cells = NULL;
     S.free_cells = NULL;
     S.tasks = NULL;
@@ -1072,7 +1074,7 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
     if (S.has_data) clear_data();
     if (ptrmap_init(&S.ptrs, mode == MODE_SAMPLED ? 1u << 10 : 1u << 14) < 0 || u64map_init_local(&S.cell_index, 1024, 0) < 0 ||
         u64map_init_local(&S.task_index, 1024, 0) < 0 || u64map_init_local(&S.obj_index, 1024, 7) < 0 || stacks_init(depth) < 0 ||
-        (mode == MODE_SAMPLED && ((S.filter = (uint64_t *)calloc(FILTER_WORDS, sizeof(uint64_t))) == NULL ||
+        (mode == MODE_SAMPLED && ((S.filter = (uint64_t *)sysmem_calloc(FILTER_WORDS, sizeof(uint64_t))) == NULL ||
                                   u64map_init(&S.filter_more, 64) < 0))) {
         clear_data();
         return PyErr_NoMemory();

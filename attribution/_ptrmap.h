@@ -16,6 +16,7 @@
 #define MEMSCOPE_PTRMAP_H
 
 #include <stdint.h>
+#include "_sysmem.h"
 #include <stdlib.h>
 #include <string.h>
 
@@ -62,7 +63,7 @@ static inline uint64_t ptrmap_home(uint64_t key, uint64_t capacity) {
 
 static int ptrmap_init(ptrmap_t *m, uint64_t capacity) {
     memset(m, 0, sizeof(*m));
-    m->slots = (ptr_entry_t *)calloc(capacity, sizeof(ptr_entry_t));
+    m->slots = (ptr_entry_t *)sysmem_calloc(capacity, sizeof(ptr_entry_t));
     if (m->slots == NULL) return -1;
     m->capacity = capacity;
     m->grow_at = capacity * 3 / 4;
@@ -70,8 +71,8 @@ static int ptrmap_init(ptrmap_t *m, uint64_t capacity) {
 }
 
 static void ptrmap_free(ptrmap_t *m) {
-    free(m->slots);
-    free(m->big);
+    sysmem_free(m->slots);
+    sysmem_free(m->big);
     memset(m, 0, sizeof(*m));
 }
 
@@ -85,12 +86,12 @@ static inline void ptrmap_place(ptr_entry_t *slots, uint64_t capacity, ptr_entry
 
 static int ptrmap_grow(ptrmap_t *m) {
     uint64_t ncap = m->capacity + m->capacity / 2;
-    ptr_entry_t *ns = (ptr_entry_t *)calloc(ncap, sizeof(ptr_entry_t));
+    ptr_entry_t *ns = (ptr_entry_t *)sysmem_calloc(ncap, sizeof(ptr_entry_t));
     if (ns == NULL) return -1;
     for (uint64_t i = 0; i < m->capacity; i++) {
         if (m->slots[i].word != 0) ptrmap_place(ns, ncap, m->slots[i]);
     }
-    free(m->slots);
+    sysmem_free(m->slots);
     m->slots = ns;
     m->capacity = ncap;
     m->grow_at = ncap * 3 / 4;
@@ -100,7 +101,7 @@ static int ptrmap_grow(ptrmap_t *m) {
 static int ptrmap_set_big(ptrmap_t *m, void *p, size_t size) {
     if (m->nbig == m->capbig) {
         size_t ncap = m->capbig ? m->capbig * 2 : 8;
-        big_size_t *nb = (big_size_t *)realloc(m->big, ncap * sizeof(big_size_t));
+        big_size_t *nb = (big_size_t *)sysmem_realloc(m->big, ncap * sizeof(big_size_t));
         if (nb == NULL) return -1;
         m->big = nb;
         m->capbig = ncap;

@@ -43,7 +43,7 @@
  *
  * The empty state is all zeros: a map whose directory could not be mapped (shadow_init
  * failed, or was never called) refuses every put and finds nothing.  Memory comes from
- * mmap and the C library (calloc/free), never from a Python domain.  No locking: all
+ * mmap (_sysmem.h for the list of leaves), never from the C library or a Python domain.  No locking: all
  * functions run with the GIL held.
  */
 #ifndef MEMSCOPE_SHADOW_H
@@ -64,6 +64,7 @@
 #if !defined(MAP_ANONYMOUS) || !defined(MAP_NORESERVE) || !defined(MADV_NOHUGEPAGE)
 #include <linux/mman.h> /* strict ISO build that included a system header first */
 #endif
+#include "_sysmem.h"
 /* Hidden by glibc in a strict ISO build; these match its declarations. */
 int madvise(void *addr, size_t len, int advice);
 int mincore(void *addr, size_t len, unsigned char *vec);
@@ -135,10 +136,10 @@ SHADOW_UNUSED static int shadow_init(shadow_t *s) {
 __attribute__((noinline, cold, unused)) static uint32_t *shadow_make_leaf(shadow_t *s, uintptr_t a) {
     if (s->nleaves == s->capleaves) {
         size_t ncap = s->capleaves ? s->capleaves * 2 : 64;
-        uint32_t *nl = (uint32_t *)calloc(ncap, sizeof(uint32_t));
+        uint32_t *nl = (uint32_t *)sysmem_calloc(ncap, sizeof(uint32_t));
         if (nl == NULL) return NULL;
         if (s->nleaves) memcpy(nl, s->leaves, s->nleaves * sizeof(uint32_t));
-        free(s->leaves);
+        sysmem_free(s->leaves);
         s->leaves = nl;
         s->capleaves = ncap;
     }
@@ -272,7 +273,7 @@ SHADOW_UNUSED static void shadow_free(shadow_t *s) {
         for (size_t i = 0; i < s->nleaves; i++) munmap(s->dir[s->leaves[i]], SHADOW_LEAF_BYTES);
         munmap(s->dir, SHADOW_DIR_BYTES);
     }
-    free(s->leaves);
+    sysmem_free(s->leaves);
     memset(s, 0, sizeof(*s));
 }
 

@@ -89,11 +89,11 @@ static void stacks_clear(void) {
     u64map_free(&K.stack_index);
     u64map_free(&K.site_index);
     u64map_free(&K.live_index);
-    free(K.frames);
-    free(K.stacks);
-    free(K.stack_data);
-    free(K.sites);
-    free(K.live);
+    sysmem_free(K.frames);
+    sysmem_free(K.stacks);
+    sysmem_free(K.stack_data);
+    sysmem_free(K.sites);
+    sysmem_free(K.live);
     memset(&K, 0, sizeof(K));
     K.free_live = UINT32_MAX;
     K.free_site = UINT32_MAX;

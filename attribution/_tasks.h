@@ -1753,7 +1753,7 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
      * releases a finished record) are zeroed, those holding nothing live are candidates;
      * the ids folded below are zeroed through their positions, and one pass compacts. */
     uint32_t n = S.nfinished, valid = 0, nc = 0;
-    fold_cand_t *cand = (fold_cand_t *)malloc((size_t)(n ? n : 1) * sizeof(fold_cand_t));
+    fold_cand_t *cand = (fold_cand_t *)sysmem_calloc(n ? n : 1, sizeof(fold_cand_t));
     if (cand == NULL) return PyErr_NoMemory();
     for (uint32_t i = 0; i < n; i++) {
         uint32_t tid = S.finished[i], ti;
@@ -1772,7 +1772,7 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
         }
     }
     if ((Py_ssize_t)valid <= keep) {
-        free(cand);
+        sysmem_free(cand);
         return Py_BuildValue("(I[])", (unsigned int)compact_finished());
     }
     int g = tls.guard;
@@ -1837,11 +1837,11 @@ done:
     for (uint32_t gi = 0; gi < ngroups; gi++) {
         Py_XDECREF(groups[gi].coro);
         Py_XDECREF(groups[gi].labels);
-        free(groups[gi].values);
-        free(groups[gi].tids);
+        sysmem_free(groups[gi].values);
+        sysmem_free(groups[gi].tids);
     }
-    free(groups);
-    free(cand);
+    sysmem_free(groups);
+    sysmem_free(cand);
     tls.guard = g;
     return out;
 }

@@ -4,8 +4,8 @@
  * task's home cell, which its Tag names), the task index (task id -> task slot), the
  * object index (task address -> task id) and the stack tables.
  * Power-of-two capacity, linear probing, backward-shift deletion, load kept under 0.5.
- * Memory comes from the C library so it can grow inside an allocator hook.  GIL held
- * throughout.
+ * Memory is mapped from the kernel (_sysmem.h), so it can grow inside an allocator hook
+ * and leaves the program's heap alone.  GIL held throughout.
  *
  * Maps made with u64map_init_local keep keys that come in runs (task ids are handed out
  * in order) side by side in blocks of 4 slots (64 bytes, a cache line): the block is
@@ -24,6 +24,7 @@
 #define MEMSCOPE_U64MAP_H
 
 #include <stdint.h>
+#include "_sysmem.h"
 #include <stdlib.h>
 
 typedef struct {
@@ -39,7 +40,6 @@ typedef struct {
     uint64_t count;
     int local;      /* keys in runs share blocks (see above) */
     unsigned shift; /* local: low key bits that do not vary between neighbours */
-    void *raw;      /* what slots was carved from (aligned to a cache line) */
 } u64map_t;
 
 static inline uint64_t u64map_hash(uint64_t k) {
@@ -51,13 +51,9 @@ static inline uint64_t u64map_hash(uint64_t k) {
     return k;
 }
 
-/* Zeroed slots aligned to a cache line (calloc: a large table comes zeroed from the
- * kernel at no cost in instructions); *raw is what to free. */
-static u64map_entry_t *u64map_alloc(uint64_t capacity_pow2, void **raw) {
-    char *p = (char *)calloc((size_t)capacity_pow2 * sizeof(u64map_entry_t) + 64, 1);
-    *raw = p;
-    if (p == NULL) return NULL;
-    return (u64map_entry_t *)(p + (64 - ((uintptr_t)p & 63)) % 64);
+/* Zeroed slots aligned to a cache line (_sysmem.h: fresh pages from the kernel). */
+static u64map_entry_t *u64map_alloc(uint64_t capacity_pow2) {
+    return (u64map_entry_t *)sysmem_calloc((size_t)capacity_pow2, sizeof(u64map_entry_t));
 }
 
 /* The slot a key starts probing from. */
@@ -71,7 +67,7 @@ static inline uint64_t u64map_home(const u64map_t *m, uint64_t key, uint64_t mas
 
 static int u64map_init_as(u64map_t *m, uint64_t capacity_pow2, int local, unsigned shift) {
     if (capacity_pow2 < 16) capacity_pow2 = 16;
-    m->slots = u64map_alloc(capacity_pow2, &m->raw);
+    m->slots = u64map_alloc(capacity_pow2);
     if (m->slots == NULL) return -1;
     m->mask = capacity_pow2 - 1;
     m->count = 0;
@@ -87,8 +83,7 @@ static int u64map_init_local(u64map_t *m, uint64_t capacity_pow2, unsigned shift
 }
 
 static void u64map_free(u64map_t *m) {
-    free(m->raw);
-    m->raw = NULL;
+    sysmem_free(m->slots);
     m->slots = NULL;
     m->mask = 0;
     m->count = 0;
@@ -112,8 +107,7 @@ static inline int u64map_get(const u64map_t *m, uint64_t key, uint32_t *value) {
 static int u64map_grow(u64map_t *m) {
     uint64_t ncap = (m->mask + 1) * 2;
     if (ncap - 1 > UINT32_MAX) return -1; /* homes are 32-bit */
-    void *raw;
-    u64map_entry_t *ns = u64map_alloc(ncap, &raw);
+    u64map_entry_t *ns = u64map_alloc(ncap);
     if (ns == NULL) return -1;
     for (uint64_t i = 0; i <= m->mask; i++) {
         if (m->slots[i].key != 0) {
@@ -123,8 +117,7 @@ static int u64map_grow(u64map_t *m) {
             ns[j].home = (uint32_t)home;
         }
     }
-    free(m->raw);
-    m->raw = raw;
+    sysmem_free(m->slots);
     m->slots = ns;
     m->mask = ncap - 1;
     return 0;
