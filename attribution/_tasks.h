@@ -1721,10 +1721,9 @@ static void select_smallest(fold_cand_t *a, uint32_t n, uint32_t k) {
 }
 
 typedef struct {
-    PyObject *coro, *labels; /* borrowed from the records while folding */
-    int64_t *values;  /* per folded task: allocated bytes */
-    uint32_t *tids;   /* per folded task: its id (its sites go to the group's) */
-    uint32_t n, cap, tcap;
+    PyObject *coro, *labels; /* owned: a folded record drops its own */
+    uint32_t n;              /* tasks folded into it */
+    uint32_t off;            /* where its tasks start in the pass's values and tids */
     double allocs;
 } fold_group_t;
 
@@ -1779,13 +1778,17 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
     tls.guard = 1;
     PyObject *out = NULL;
     fold_group_t *groups = NULL;
-    uint32_t ngroups = 0, capgroups = 0;
+    uint32_t ngroups = 0, capgroups = 0, nfolded = 0;
+    char *scratch = NULL;
     uint32_t excess = valid - (uint32_t)keep;
     if (excess > nc) excess = nc;
     if (excess < nc) select_smallest(cand, nc, excess);
+    /* Fold each chosen task; cand[k] then keeps its group (in pos) and its bytes, or
+     * UINT32_MAX in pos if it stayed. */
     uint32_t last = 0;
     for (uint32_t k = 0; k < excess; k++) {
-        uint32_t ti;
+        uint32_t ti, pos = cand[k].pos;
+        cand[k].pos = UINT32_MAX;
         if (!task_registered(cand[k].tid, &ti)) continue;
         task_info_t *r = &S.tasks[ti];
         uint32_t gi = last;
@@ -1804,30 +1807,46 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
             }
         }
         last = gi;
-        fold_group_t *fg = &groups[gi];
-        if (grow_array((void **)&fg->values, &fg->cap, sizeof(int64_t), fg->n + 1) < 0 ||
-            grow_array((void **)&fg->tids, &fg->tcap, sizeof(uint32_t), fg->n + 1) < 0) {
-            PyErr_NoMemory();
-            goto done;
-        }
         int64_t ab;
         double na;
         task_totals(ti, &ab, &na, NULL);
         if (release_task_slot(cand[k].tid) != 0) continue;
         /* (a labels mapping freed just now can run a __del__ that makes tasks: a fold
          * nested in it would have compacted the queue under our positions) */
-        if (cand[k].pos < S.nfinished && S.finished[cand[k].pos] == cand[k].tid) S.finished[cand[k].pos] = 0;
-        fg->tids[fg->n] = cand[k].tid;
-        fg->values[fg->n++] = ab;
-        fg->allocs += na;
+        if (pos < S.nfinished && S.finished[pos] == cand[k].tid) S.finished[pos] = 0;
+        cand[k].pos = gi;
+        cand[k].alloc_bytes = ab;
+        groups[gi].n++;
+        groups[gi].allocs += na;
+        nfolded++;
+    }
+    /* Each group's tasks side by side, in the order they were folded: one block for all. */
+    scratch = (char *)sysmem_calloc((size_t)(nfolded ? nfolded : 1), sizeof(int64_t) + sizeof(uint32_t));
+    if (scratch == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t *values = (int64_t *)scratch;
+    uint32_t *tids = (uint32_t *)(scratch + (size_t)(nfolded ? nfolded : 1) * sizeof(int64_t));
+    for (uint32_t gi = 0, off = 0; gi < ngroups; gi++) {
+        groups[gi].off = off;
+        off += groups[gi].n;
+        groups[gi].n = 0;
+    }
+    for (uint32_t k = 0; k < excess; k++) {
+        if (cand[k].pos == UINT32_MAX) continue;
+        fold_group_t *fg = &groups[cand[k].pos];
+        values[fg->off + fg->n] = cand[k].alloc_bytes;
+        tids[fg->off + fg->n] = cand[k].tid;
+        fg->n++;
     }
     PyObject *list = PyList_New(0);
     for (uint32_t gi = 0; list != NULL && gi < ngroups; gi++) {
         fold_group_t *fg = &groups[gi];
         if (fg->n == 0) continue;
         PyObject *row = Py_BuildValue("(OOy#dy#)", fg->coro ? fg->coro : Py_None, fg->labels ? fg->labels : Py_None,
-                                      (const char *)fg->values, (Py_ssize_t)fg->n * (Py_ssize_t)sizeof(int64_t),
-                                      fg->allocs, (const char *)fg->tids,
+                                      (const char *)(values + fg->off), (Py_ssize_t)fg->n * (Py_ssize_t)sizeof(int64_t),
+                                      fg->allocs, (const char *)(tids + fg->off),
                                       (Py_ssize_t)fg->n * (Py_ssize_t)sizeof(uint32_t));
         if (row == NULL || PyList_Append(list, row) < 0) Py_CLEAR(list);
         Py_XDECREF(row);
@@ -1837,9 +1856,8 @@ done:
     for (uint32_t gi = 0; gi < ngroups; gi++) {
         Py_XDECREF(groups[gi].coro);
         Py_XDECREF(groups[gi].labels);
-        sysmem_free(groups[gi].values);
-        sysmem_free(groups[gi].tids);
     }
+    sysmem_free(scratch);
     sysmem_free(groups);
     sysmem_free(cand);
     tls.guard = g;
