@@ -2,24 +2,22 @@
  * heap.
  *
  * Sharing malloc's heap with the program changes how the program's own allocations are
- * served, which a profiler must not do.  glibc serves a large request from the heap's free
- * space if it has room and maps it with mmap otherwise; once a large mapped block is freed
- * it raises its mmap threshold so later ones of that size stay in the heap.  A loopback
- * server's 256 KiB receive buffer (shrunk with realloc once the bytes are in, then freed)
- * depends on that state: in plain runs it lands in the heap every time, but with our
- * tables growing in the same heap the first one found no room, was mapped, shrunk with
- * mremap to a page and freed as a one-page block, which never raises the threshold.  From
- * then on every receive paid mmap + page faults + mremap + munmap (8,000 of each in the
- * benchmark, ~5,000 extra page faults, and runs that took twice as long when the faults
- * piled up).  With every table here the program's heap sees exactly the calls it sees
- * without the profiler.
+ * served, which a profiler should not do.  glibc serves a block above its mmap threshold
+ * from the heap if a free chunk fits and maps it otherwise, and it raises the threshold
+ * only when a mapped block is freed at full size.  A loopback server's 256 KiB receive
+ * buffer (shrunk with realloc once the bytes are in, then freed) therefore either lands in
+ * the heap every time or costs an mmap, a page fault, an mremap and an munmap every time,
+ * depending on where the heap's free space was when the first one came; tables growing
+ * by doubling in the same heap (a few MiB for a large program, freed and taken again at
+ * each growth) move that free space around.  Here they do not: the program's heap sees
+ * only the program's calls and those of Python objects (ours included, which the
+ * interpreter serves like any other).
  *
  * Each block is its own mapping with a 64-byte header that keeps the mapping's length, so
  * blocks are 64-byte aligned (cache lines) and start zeroed.  Growing uses mremap where
- * there is one, so even a large table does not copy.  The tables are few (a few dozen) and
- * grow by doubling, so the page each small one rounds up to and the system calls cost
- * nothing measurable.  Scratch arrays of a fold pass also come from here: they are freed
- * within the call but would still move the heap's top.
+ * there is one, so even a large table is not copied.  The blocks are few (a few dozen
+ * tables, growing by doubling, and a fold pass's scratch), so the page each small one
+ * rounds up to and the system calls cost nothing measurable.
  */
 #ifndef MEMSCOPE_SYSMEM_H
 #define MEMSCOPE_SYSMEM_H
