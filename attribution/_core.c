@@ -264,13 +264,15 @@ static inline int64_t scaled_count_fp(size_t size) { return llround(scaled_count
 
 static inline double count_value(int64_t fp) { return (double)fp / (double)COUNT_ONE; }
 
+/* Room for `need` elements in *arr (of *cap, doubled as needed).  The new elements read
+ * zero without being written: the kernel's fresh pages (_sysmem.h), so a doubling does not
+ * touch the half it adds until it is used. */
 static int grow_array(void **arr, uint32_t *cap, size_t elem, uint32_t need) {
     if (need <= *cap) return 0;
     uint32_t ncap = *cap ? *cap : 64;
     while (ncap < need) ncap *= 2;
     void *n = sysmem_realloc(*arr, (size_t)ncap * elem);
     if (n == NULL) return -1;
-    memset((char *)n + (size_t)*cap * elem, 0, (size_t)(ncap - *cap) * elem);
     *arr = n;
     *cap = ncap;
     return 0;
@@ -1307,6 +1309,7 @@ static PyObject *core_threads(PyObject *m, PyObject *noargs) {
 #undef Py_BUILD_CORE
 
 static int gc_count_ok; /* 0 unchecked, 1 usable, -1 not */
+static int *gc_young;   /* the young generation's count, once gc_count_ok is 1 */
 
 static void gc_count_check(void) {
     gc_count_ok = -1;
@@ -1318,15 +1321,17 @@ static void gc_count_check(void) {
         int same = 1;
         for (int i = 0; i < 3; i++)
             same &= PyLong_AsLong(PyTuple_GET_ITEM(th, i)) == (long)st->generations[i].threshold;
-        if (same && !PyErr_Occurred()) gc_count_ok = 1;
+        if (same && !PyErr_Occurred()) {
+            gc_young = &st->generations[0].count;
+            gc_count_ok = 1;
+        }
     }
     Py_XDECREF(th);
     PyErr_Clear();
 }
 
 static void gc_count_add(int n) {
-    int *young = &PyInterpreterState_Get()->gc.generations[0].count;
-    *young = *young + n > 0 ? *young + n : 0;
+    *gc_young = *gc_young + n > 0 ? *gc_young + n : 0;
 }
 
 /* A task whose mapping was just untracked: take its two objects off the count (1), or

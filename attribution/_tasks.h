@@ -789,7 +789,11 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
     t->step_task = ev == PyDict_EVENT_DELETED ? NULL : new_value;
     t->step_gen = G.watch_gen;
     if (ev == PyDict_EVENT_ADDED || S.obj_index.count == 0) return 0;
-    PyObject *exc = PyErr_Occurred() ? PyErr_GetRaisedException_compat() : NULL;
+    /* The error indicator read from the thread state itself: PyErr_Occurred and
+     * PyErr_Clear each find the thread state again, twice per task step. */
+    PyThreadState *ts = tstate_unchecked();
+    if (ts == NULL) return 0;
+    PyObject *exc = ts->current_exception != NULL ? PyErr_GetRaisedException_compat() : NULL;
     if (!known) old = PyDict_GetItemWithError(d, key);
     uint32_t tid;
     uint32_t st;
@@ -799,7 +803,7 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
         if (is_recorded_task(tid, old, key)) end_task(old, st);
         Py_DECREF(old);
     }
-    if (PyErr_Occurred()) PyErr_Clear();
+    if (ts->current_exception != NULL) PyErr_Clear();
     if (exc != NULL) PyErr_SetRaisedException_compat(exc);
     return 0;
 }
