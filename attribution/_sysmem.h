@@ -35,6 +35,12 @@
 #if !defined(MAP_ANONYMOUS)
 #include <linux/mman.h> /* strict ISO build that included a system header first */
 #endif
+#ifdef MREMAP_MAYMOVE
+/* Declared by glibc only with the GNU feature set, which a strict ISO build that
+ * included a system header first does not get (while <linux/mman.h> still defines
+ * MREMAP_MAYMOVE); this matches its declaration. */
+void *mremap(void *old_address, size_t old_size, size_t new_size, int flags, ...);
+#endif
 
 #define SYSMEM_HEADER 64
 

@@ -1782,10 +1782,18 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
     tls.guard = 1;
     PyObject *out = NULL;
     fold_group_t *groups = NULL;
-    uint32_t ngroups = 0, capgroups = 0, nfolded = 0;
+    uint32_t ngroups = 0, capgroups = 0;
     char *scratch = NULL;
     uint32_t excess = valid - (uint32_t)keep;
     if (excess > nc) excess = nc;
+    /* Room for every task this pass may fold and for as many groups, taken before any
+     * record is released: nothing can fail after one is gone (untouched pages cost
+     * nothing). */
+    scratch = (char *)sysmem_calloc((size_t)(excess ? excess : 1), sizeof(int64_t) + sizeof(uint32_t));
+    if (scratch == NULL || grow_array((void **)&groups, &capgroups, sizeof(fold_group_t), excess ? excess : 1) < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
     if (excess < nc) select_smallest(cand, nc, excess);
     /* Fold each chosen task; cand[k] then keeps its group (in pos) and its bytes, or
      * UINT32_MAX in pos if it stayed. */
@@ -1799,11 +1807,7 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
         if (gi >= ngroups || groups[gi].coro != r->coro || groups[gi].labels != r->labels) {
             for (gi = 0; gi < ngroups; gi++)
                 if (groups[gi].coro == r->coro && groups[gi].labels == r->labels) break;
-            if (gi == ngroups) {
-                if (grow_array((void **)&groups, &capgroups, sizeof(fold_group_t), ngroups + 1) < 0) {
-                    PyErr_NoMemory();
-                    goto done;
-                }
+            if (gi == ngroups) { /* (room was made above) */
                 memset(&groups[gi], 0, sizeof(fold_group_t));
                 groups[gi].coro = Py_XNewRef(r->coro);
                 groups[gi].labels = Py_XNewRef(r->labels);
@@ -1822,16 +1826,10 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
         cand[k].alloc_bytes = ab;
         groups[gi].n++;
         groups[gi].allocs += na;
-        nfolded++;
     }
     /* Each group's tasks side by side, in the order they were folded: one block for all. */
-    scratch = (char *)sysmem_calloc((size_t)(nfolded ? nfolded : 1), sizeof(int64_t) + sizeof(uint32_t));
-    if (scratch == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
     int64_t *values = (int64_t *)scratch;
-    uint32_t *tids = (uint32_t *)(scratch + (size_t)(nfolded ? nfolded : 1) * sizeof(int64_t));
+    uint32_t *tids = (uint32_t *)(scratch + (size_t)(excess ? excess : 1) * sizeof(int64_t));
     for (uint32_t gi = 0, off = 0; gi < ngroups; gi++) {
         groups[gi].off = off;
         off += groups[gi].n;
