@@ -488,8 +488,7 @@ __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadSt
             return 0;
         }
     } else if (idx == 0 && !u64map_get(&S.cell_index, key, &idx)) {
-        uint32_t ti = hti;
-        if (tid && ti == 0 && !u64map_get(&S.task_index, (uint64_t)tid + 1, &ti)) ti = 0;
+        uint32_t ti = hti != 0 || tid == 0 ? hti : task_info_for(tid, slot, 0);
         if (tid && ti == 0) {
             /* A tag whose task is not registered (folded away, or left over from an
              * earlier run): the bytes are this thread's, unattributed.  The cache keeps

@@ -8,17 +8,17 @@
  *     size: uint32 requested size; PTRMAP_BIG_SIZE means "look it up in the big list"
  *
  * With the maximum load at 0.75 and growth by 1.5x the load stays in [0.5, 0.75], so the
- * table costs 16 to 24 bytes per live tracked allocation.  Memory comes from the C
- * library (calloc/free), never from a Python domain, so growing it inside an allocator
- * hook does not recurse.  All functions run with the GIL held.
+ * table costs 16 to 24 bytes per live tracked allocation.  Memory is mapped from
+ * the kernel (_sysmem.h), never taken from a Python domain, so growing it inside an
+ * allocator hook does not recurse.  All functions run with the GIL held.
  */
 #ifndef MEMSCOPE_PTRMAP_H
 #define MEMSCOPE_PTRMAP_H
 
 #include <stdint.h>
-#include "_sysmem.h"
-#include <stdlib.h>
 #include <string.h>
+
+#include "_sysmem.h"
 
 #define PTRMAP_PTR_BITS 45
 #define PTRMAP_PTR_MASK ((UINT64_C(1) << PTRMAP_PTR_BITS) - 1)

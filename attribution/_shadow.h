@@ -27,7 +27,7 @@
  * THP "always" would back a 2 MiB stretch with a huge page.  That madvise runs only when a
  * leaf is created (already an mmap); put and take never make a syscall once the leaf
  * exists, and leaves are kept until shadow_free (an alloc/free pattern oscillating around
- * a leaf costs nothing).  A registry (calloc'd array of directory indexes) lists every
+ * a leaf costs nothing).  A registry (an array of directory indexes, _sysmem.h) lists every
  * leaf, so shadow_free and the byte counters never walk the directory.
  *
  * Overwrite rule: a put on a granule that already holds an entry (its free was not seen)

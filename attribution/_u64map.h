@@ -24,8 +24,8 @@
 #define MEMSCOPE_U64MAP_H
 
 #include <stdint.h>
+
 #include "_sysmem.h"
-#include <stdlib.h>
 
 typedef struct {
     uint64_t key;  /* 0 = empty */

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
-import platform
 import json
+import platform
 import shutil
 import sys
 import tempfile
@@ -59,7 +59,6 @@ def _settle_malloc() -> None:
     libc.free.argtypes = [ctypes.c_void_p]
     block = libc.malloc(1 << 20)
     if block:
-        ctypes.memset(block, 1, 1 << 20)
         libc.free(block)
 
 
