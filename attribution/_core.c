@@ -118,6 +118,14 @@ typedef struct task_info {
     PyObject *labels;       /* the labels mapping in effect at creation, or NULL */
 } task_info_t;
 
+/* A task folded as it finished, before the fold call that hands it to its group. */
+typedef struct {
+    PyObject *coro, *labels; /* owned (the record's, which is gone) */
+    int64_t alloc_bytes;
+    double allocs;
+    uint32_t tid;
+} folded_early_t;
+
 enum { TF_REGISTERED = 1, TF_VIA_FACTORY = 2, TF_CROSS_PARENT = 4, TF_FINISHED = 8,
        TF_UNCOUNTED = 16 }; /* task_info_t.flags (TF_UNCOUNTED: see gc_uncount) */
 enum { TS_PENDING = 0, TS_DONE = 1, TS_CANCELLED = 2, TS_FAILED = 3 };                /* task_info_t.state */
@@ -207,6 +215,12 @@ static struct {
     u64map_t obj_index;          /* id(task) -> tid, for tasks not yet finished */
     uint32_t *finished;          /* finished task ids not yet folded, oldest first */
     uint32_t nfinished, capfinished;
+    /* Folding at the finish (see fold_at_finish in _tasks.h): records already released,
+     * waiting for the next fold call to hand them to their groups. */
+    folded_early_t *early;
+    uint32_t nearly, capearly;
+    int fold_armed;              /* a fold pass found more finished tasks than it keeps */
+    int64_t fold_floor;          /* ...and kept none that allocated less than this */
     uint64_t records, pending;   /* registered task records; those not finished */
     uint32_t ninferred;          /* threads with an inferred owner (0: skip that work) */
     uint64_t untracked;          /* allocations we could not record (table memory) */
@@ -1016,6 +1030,14 @@ static void clear_data(void) {
     sysmem_free(S.finished);
     S.finished = NULL;
     S.nfinished = S.capfinished = 0;
+    for (uint32_t i = 0; i < S.nearly; i++) {
+        Py_CLEAR(S.early[i].coro);
+        Py_CLEAR(S.early[i].labels);
+    }
+    sysmem_free(S.early);
+    S.early = NULL;
+    S.nearly = S.capearly = 0;
+    S.fold_armed = 0;
     S.records = S.pending = 0;
     S.ninferred = 0;
     ptrmap_free(&S.ptrs);
@@ -1412,6 +1434,7 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
                    ((size_t)(S.cell_index.slots ? S.cell_index.mask + 1 : 0) +
                     (size_t)(S.task_index.slots ? S.task_index.mask + 1 : 0)) * sizeof(u64map_entry_t) +
                    ((size_t)S.capfree_cells + S.capfree_tasks + S.capfinished) * sizeof(uint32_t) +
+                   (size_t)S.capearly * sizeof(folded_early_t) +
                    (size_t)(S.obj_index.slots ? S.obj_index.mask + 1 : 0) * sizeof(u64map_entry_t);
     size_t stacks = stacks_bytes();
     PyObject *d = Py_BuildValue(
@@ -1485,7 +1508,7 @@ static PyMethodDef core_methods[] = {
     {"unregister_loop", core_unregister_loop, METH_O, unregister_loop_doc},
     {"set_fold_hook", core_set_fold_hook, METH_VARARGS, set_fold_hook_doc},
     {"records", core_records, METH_NOARGS, records_doc},
-    {"fold", core_fold, METH_O, fold_doc},
+    {"fold", core_fold, METH_VARARGS, fold_doc},
     {"tid_of", core_tid_of, METH_O, tid_of_doc},
     {"tag_running_task", core_tag_running_task, METH_VARARGS, tag_running_task_doc},
     {"task_labels", core_task_labels, METH_O, task_labels_doc},

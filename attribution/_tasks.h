@@ -41,6 +41,7 @@ static struct {
     PyTypeObject *step_type;   /* _asyncio's TaskStepMethWrapper, learnt on first sight */
     PyObject *fold_hook;       /* callable(), or NULL */
     uint64_t fold_at;          /* call fold_hook when this many finished tasks wait */
+    int folding;               /* fold_hook is running */
     uint32_t next_tid;         /* task ids are never reused, even across runs */
     int tids_wrapped;          /* 2^31 ids were handed out: an id may still be in use */
     PyObject *s_qualname, *s_self, *s_get_name, *s_set_name, *s_state, *s_exception, *s_cancelled,
@@ -420,12 +421,50 @@ static void queue_finished(uint32_t tid) {
         S.finished[S.nfinished++] = tid;
 }
 
-/* Record tid (slot ti) ends now: it waits in S.finished to be folded. */
+/* The most folded tasks that may wait for a fold call (~2.5 MB); past it they queue. */
+#define EARLY_MAX 65536u
+/* A fold call is due (maybe_fold) once this many wait, even if no pass is. */
+#define EARLY_BATCH 4096u
+
+/* Fold record tid (slot ti, just finished) now, if the last fold pass found more finished
+ * tasks than it keeps and kept none that allocated less: a pass would fold it first (it
+ * holds nothing live, allocated no more than any task kept, and among equals the newer
+ * task folds first), so it goes while its record and cells are still in the cache.  A pass
+ * instead looks every waiting task up again, kept ones included: on a tree of 168,000
+ * eager tasks ~10% of exact mode's run, most of it cache misses.  The record is released
+ * here; its group learns of it at the next fold call (a snapshot makes one).  Nothing
+ * here runs Python code: the coroutine name and the labels are kept, not freed. */
+static int fold_at_finish(uint32_t tid, uint32_t ti) {
+    int64_t ab, le;
+    double na;
+    task_totals(ti, &ab, &na, &le);
+    if (le != 0 || ab > S.fold_floor || S.nearly >= EARLY_MAX ||
+        grow_array((void **)&S.early, &S.capearly, sizeof(folded_early_t), S.nearly + 1) < 0)
+        return 0;
+    task_info_t *r = &S.tasks[ti];
+    folded_early_t *e = &S.early[S.nearly];
+    e->coro = Py_XNewRef(r->coro);
+    e->labels = Py_XNewRef(r->labels);
+    e->alloc_bytes = ab;
+    e->allocs = na;
+    e->tid = tid;
+    if (release_task_slot(tid) != 0) { /* (cannot happen: nothing live) */
+        Py_CLEAR(e->coro);
+        Py_CLEAR(e->labels);
+        return 0;
+    }
+    S.nearly++;
+    return 1;
+}
+
+/* Record tid (slot ti) ends now: it is folded at once (fold_at_finish) or waits in
+ * S.finished to be folded.  Either way the caller must not use ti afterwards. */
 static void finish_record(uint32_t tid, uint32_t ti) {
     gc_recount(&S.tasks[ti]);
     S.tasks[ti].flags |= TF_FINISHED;
     S.tasks[ti].finished_ns = now_ns();
     S.pending--;
+    if (S.fold_armed && fold_at_finish(tid, ti)) return;
     queue_finished(tid);
 }
 
@@ -558,20 +597,26 @@ static uint32_t task_state_of(PyObject *task) {
     return st;
 }
 
-/* Run the tracker's fold hook if enough finished tasks wait.  Called where running Python
+/* Run the tracker's fold hook if enough finished tasks wait: hook(True) for a pass, when
+ * more than G.fold_at wait in S.finished; hook(False) to hand the tasks folded as they
+ * finished to their groups, once EARLY_BATCH of them wait.  Called where running Python
  * code is safe (our factory, before it makes a task); never lets an exception escape. */
 static void maybe_fold(void) {
     PyObject *hook = G.fold_hook;
-    if (hook == NULL || S.nfinished <= G.fold_at) return;
+    if (hook == NULL || G.folding) return;
+    int pass = S.nfinished > G.fold_at;
+    if (!pass && S.nearly < EARLY_BATCH) return;
     uint64_t at = G.fold_at;
-    G.fold_at = UINT64_MAX; /* the hook sets the next threshold; no re-entry meanwhile */
+    if (pass) G.fold_at = UINT64_MAX; /* the hook sets the next threshold */
+    G.folding = 1;                    /* no re-entry meanwhile */
     Py_INCREF(hook);
     int g = tls.guard;
     tls.guard = 1;
-    PyObject *r = PyObject_CallNoArgs(hook);
+    PyObject *r = PyObject_CallOneArg(hook, pass ? Py_True : Py_False);
     tls.guard = g;
+    G.folding = 0;
     if (r == NULL) {
-        if (G.fold_at == UINT64_MAX) G.fold_at = at + 1000; /* try again later */
+        if (pass && G.fold_at == UINT64_MAX) G.fold_at = at + 1000; /* try again later */
         int interrupted = PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
         PyErr_WriteUnraisable(hook);
         if (interrupted) PyErr_SetInterrupt(); /* delivered at the next check */
@@ -706,6 +751,8 @@ static PyMethodDef late_name_def = {"late_name_gone", late_name_gone, METH_O, NU
 static PyObject *late_name_cb;
 
 static void late_name_watch(uint32_t tid, PyObject *task) {
+    uint32_t ti;
+    if (!task_registered(tid, &ti)) return; /* folded as it finished: its name is not kept */
     if (late_name_cb == NULL && (late_name_cb = PyCFunction_NewEx(&late_name_def, NULL, NULL)) == NULL) {
         PyErr_Clear();
         return;
@@ -1677,26 +1724,39 @@ typedef struct {
     uint32_t pos; /* its index in S.finished */
 } fold_cand_t;
 
-/* a < b: fewer bytes first, then the older task (ties are common: tasks alike allocate
- * alike, and a sampled task is often charged nothing).  Written without branches: the
- * selection below runs over every waiting finished task on each pass, and its
- * comparisons are coin flips for the branch predictor. */
+/* a < b (a folds first): fewer bytes first, then the newer task (ties are common: tasks
+ * alike allocate alike, and a sampled task is often charged nothing; the newer folds first
+ * so that a task that allocated no more than every kept one can fold as it finishes, see
+ * fold_at_finish).  Written without branches: the selection below runs over every waiting
+ * finished task on each pass, and its comparisons are coin flips for the branch
+ * predictor. */
 static inline int fold_cand_less(fold_cand_t a, fold_cand_t b) {
-    return (a.alloc_bytes < b.alloc_bytes) | ((a.alloc_bytes == b.alloc_bytes) & (a.tid < b.tid));
+    return (a.alloc_bytes < b.alloc_bytes) | ((a.alloc_bytes == b.alloc_bytes) & (a.tid > b.tid));
 }
 
 /* Reorder a[0..n) so that its k smallest (by fold_cand_less) come first, in O(n) on
- * average: quickselect, the pivot the median of three, each partition a branchless Lomuto
- * pass (every element is swapped with the boundary one; the boundary moves on when the
- * element is smaller than the pivot: both elements are then on their right sides). */
+ * average: quickselect, the pivot the median of three taken at random places (the finish
+ * order has long runs that are sorted one way or the other: picked at fixed places, a
+ * tree of eager tasks made the median nearly the least again and again, ~80 ms a pass),
+ * each partition a branchless Lomuto pass (every element is swapped with the boundary
+ * one; the boundary moves on when the element is smaller than the pivot: both elements
+ * are then on their right sides). */
 static void select_smallest(fold_cand_t *a, uint32_t n, uint32_t k) {
     uint32_t lo = 0, hi = n; /* a[..lo) <= a[lo..hi) <= a[hi..), and lo <= k < hi */
+    uint64_t rs = 0x9E3779B97F4A7C15u ^ n;
     while (lo < k && k < hi && hi - lo > 1) {
-        uint32_t mid = lo + (hi - lo) / 2, z = hi - 1, p;
-        if (fold_cand_less(a[lo], a[mid]))
-            p = fold_cand_less(a[mid], a[z]) ? mid : (fold_cand_less(a[lo], a[z]) ? z : lo);
+        uint32_t span = hi - lo, three[3];
+        for (int j = 0; j < 3; j++) { /* xorshift64: a fixed sequence, so a pass is repeatable */
+            rs ^= rs << 13;
+            rs ^= rs >> 7;
+            rs ^= rs << 17;
+            three[j] = lo + (uint32_t)((rs >> 32) * span >> 32);
+        }
+        uint32_t x = three[0], y = three[1], z = three[2], p;
+        if (fold_cand_less(a[x], a[y]))
+            p = fold_cand_less(a[y], a[z]) ? y : (fold_cand_less(a[x], a[z]) ? z : x);
         else
-            p = fold_cand_less(a[lo], a[z]) ? lo : (fold_cand_less(a[mid], a[z]) ? z : mid);
+            p = fold_cand_less(a[x], a[z]) ? x : (fold_cand_less(a[y], a[z]) ? z : y);
         fold_cand_t pivot = a[p];
         uint32_t lt = lo;
         for (uint32_t i = lo; i < hi; i++) {
@@ -1743,19 +1803,41 @@ static uint32_t compact_finished(void) {
 }
 
 PyDoc_STRVAR(fold_doc,
-"fold(keep) -> (remaining, groups)\n--\n\nForget finished tasks that hold no live allocation, those that allocated least\n"
-"first, until at most `keep` finished tasks remain (or none can go).  groups: one row per\n"
-"(coro, labels) folded, (coro, labels, allocated_bytes: bytes of int64 per task, allocations).");
+"fold(keep, scan=True) -> (remaining, groups)\n--\n\nHand the tasks folded as they finished to their groups, and with scan, forget\n"
+"finished tasks that hold no live allocation, those that allocated least first (the newer\n"
+"of equals first), until at most `keep` of them remain (those holding memory all stay).\n"
+"remaining: the finished tasks still waiting.  groups:\n"
+"one row per (coro, labels) folded, (coro, labels, allocated_bytes: bytes of int64 per\n"
+"task, allocations, tids: bytes of uint32 per task).");
 
-static PyObject *core_fold(PyObject *m, PyObject *arg) {
-    Py_ssize_t keep = PyLong_AsSsize_t(arg);
-    if (keep == -1 && PyErr_Occurred()) return NULL;
+/* The group of (coro, labels) in groups[0..*ngroups), made if new (room was made for it);
+ * *last: the one found the time before, tried first. */
+static uint32_t fold_group_of(fold_group_t *groups, uint32_t *ngroups, uint32_t *last, PyObject *coro,
+                              PyObject *labels) {
+    uint32_t gi = *last;
+    if (gi < *ngroups && groups[gi].coro == coro && groups[gi].labels == labels) return gi;
+    for (gi = 0; gi < *ngroups; gi++)
+        if (groups[gi].coro == coro && groups[gi].labels == labels) break;
+    if (gi == *ngroups) {
+        memset(&groups[gi], 0, sizeof(fold_group_t));
+        groups[gi].coro = Py_XNewRef(coro);
+        groups[gi].labels = Py_XNewRef(labels);
+        (*ngroups)++;
+    }
+    *last = gi;
+    return gi;
+}
+
+static PyObject *core_fold(PyObject *m, PyObject *args) {
+    Py_ssize_t keep;
+    int scan = 1;
+    if (!PyArg_ParseTuple(args, "n|p:fold", &keep, &scan)) return NULL;
     if (keep < 0) keep = 0;
     if (!S.has_data) return Py_BuildValue("(n[])", (Py_ssize_t)0);
     /* One look at each waiting record: the stale ids (none expected: only folding
      * releases a finished record) are zeroed, those holding nothing live are candidates;
      * the ids folded below are zeroed through their positions, and one pass compacts. */
-    uint32_t n = S.nfinished, valid = 0, nc = 0;
+    uint32_t n = scan ? S.nfinished : 0, nc = 0, ne = S.nearly;
     fold_cand_t *cand = (fold_cand_t *)sysmem_calloc(n ? n : 1, sizeof(fold_cand_t));
     if (cand == NULL) return PyErr_NoMemory();
     for (uint32_t i = 0; i < n; i++) {
@@ -1764,7 +1846,6 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
             S.finished[i] = 0;
             continue;
         }
-        valid++;
         int64_t ab, le;
         task_totals(ti, &ab, NULL, &le);
         if (le == 0) {
@@ -1774,7 +1855,16 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
             nc++;
         }
     }
-    if ((Py_ssize_t)valid <= keep) {
+    /* The candidates beyond `keep` go.  Those holding memory stay, but do not take a
+     * candidate's place: a task whose step's last objects are still alive when a pass
+     * comes (a done callback queued, a result not yet read) would otherwise make the pass
+     * fold tasks that allocated more, and be the one kept once its objects are gone. */
+    uint32_t excess = 0;
+    if (scan && (Py_ssize_t)nc > keep)
+        excess = nc - (uint32_t)keep;
+    else if (scan)
+        S.fold_armed = 0; /* room for more: each finished task waits to be counted again */
+    if (excess == 0 && ne == 0) {
         sysmem_free(cand);
         return Py_BuildValue("(I[])", (unsigned int)compact_finished());
     }
@@ -1782,19 +1872,29 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
     tls.guard = 1;
     PyObject *out = NULL;
     fold_group_t *groups = NULL;
-    uint32_t ngroups = 0, capgroups = 0;
-    char *scratch = NULL;
-    uint32_t excess = valid - (uint32_t)keep;
-    if (excess > nc) excess = nc;
-    /* Room for every task this pass may fold and for as many groups, taken before any
-     * record is released: nothing can fail after one is gone (untouched pages cost
-     * nothing). */
-    scratch = (char *)sysmem_calloc((size_t)(excess ? excess : 1), sizeof(int64_t) + sizeof(uint32_t));
-    if (scratch == NULL || grow_array((void **)&groups, &capgroups, sizeof(fold_group_t), excess ? excess : 1) < 0) {
+    uint32_t ngroups = 0, capgroups = 0, total = excess + ne;
+    /* Room for every task this call may fold (values, tids, and the early ones' groups)
+     * and for as many groups, taken before any record is released: nothing can fail after
+     * one is gone (untouched pages cost nothing). */
+    char *scratch = (char *)sysmem_calloc((size_t)total, 2 * sizeof(uint32_t) + sizeof(int64_t));
+    if (scratch == NULL || grow_array((void **)&groups, &capgroups, sizeof(fold_group_t), total) < 0) {
         PyErr_NoMemory();
         goto done;
     }
-    if (excess < nc) select_smallest(cand, nc, excess);
+    int64_t *values = (int64_t *)scratch;
+    uint32_t *tids = (uint32_t *)(scratch + (size_t)total * sizeof(int64_t));
+    uint32_t *early_group = tids + total;
+    if (excess) {
+        if (excess < nc) select_smallest(cand, nc, excess);
+        /* From now on a task that finishes with nothing live and allocated no more than
+         * every candidate kept here folds at once (fold_at_finish): the next pass would
+         * fold it first.  Kept none: every finished task that can fold goes. */
+        int64_t floor = INT64_MAX;
+        for (uint32_t k = excess; k < nc; k++)
+            if (cand[k].alloc_bytes < floor) floor = cand[k].alloc_bytes;
+        S.fold_floor = floor;
+        S.fold_armed = 1;
+    }
     /* Fold each chosen task; cand[k] then keeps its group (in pos) and its bytes, or
      * UINT32_MAX in pos if it stayed. */
     uint32_t last = 0;
@@ -1803,18 +1903,7 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
         cand[k].pos = UINT32_MAX;
         if (!task_registered(cand[k].tid, &ti)) continue;
         task_info_t *r = &S.tasks[ti];
-        uint32_t gi = last;
-        if (gi >= ngroups || groups[gi].coro != r->coro || groups[gi].labels != r->labels) {
-            for (gi = 0; gi < ngroups; gi++)
-                if (groups[gi].coro == r->coro && groups[gi].labels == r->labels) break;
-            if (gi == ngroups) { /* (room was made above) */
-                memset(&groups[gi], 0, sizeof(fold_group_t));
-                groups[gi].coro = Py_XNewRef(r->coro);
-                groups[gi].labels = Py_XNewRef(r->labels);
-                ngroups++;
-            }
-        }
-        last = gi;
+        uint32_t gi = fold_group_of(groups, &ngroups, &last, r->coro, r->labels);
         int64_t ab;
         double na;
         task_totals(ti, &ab, &na, NULL);
@@ -1827,9 +1916,18 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
         groups[gi].n++;
         groups[gi].allocs += na;
     }
+    /* Those folded as they finished: their records are gone already.  The buffer is taken
+     * over first (a reference dropped here can run code that finishes tasks). */
+    folded_early_t *early = S.early;
+    S.early = NULL;
+    S.nearly = S.capearly = 0;
+    for (uint32_t j = 0; j < ne; j++) {
+        uint32_t gi = fold_group_of(groups, &ngroups, &last, early[j].coro, early[j].labels);
+        early_group[j] = gi;
+        groups[gi].n++;
+        groups[gi].allocs += early[j].allocs;
+    }
     /* Each group's tasks side by side, in the order they were folded: one block for all. */
-    int64_t *values = (int64_t *)scratch;
-    uint32_t *tids = (uint32_t *)(scratch + (size_t)(excess ? excess : 1) * sizeof(int64_t));
     for (uint32_t gi = 0, off = 0; gi < ngroups; gi++) {
         groups[gi].off = off;
         off += groups[gi].n;
@@ -1842,6 +1940,17 @@ static PyObject *core_fold(PyObject *m, PyObject *arg) {
         tids[fg->off + fg->n] = cand[k].tid;
         fg->n++;
     }
+    for (uint32_t j = 0; j < ne; j++) {
+        fold_group_t *fg = &groups[early_group[j]];
+        values[fg->off + fg->n] = early[j].alloc_bytes;
+        tids[fg->off + fg->n] = early[j].tid;
+        fg->n++;
+    }
+    for (uint32_t j = 0; j < ne; j++) { /* the groups hold their own references */
+        Py_XDECREF(early[j].coro);
+        Py_XDECREF(early[j].labels);
+    }
+    sysmem_free(early);
     PyObject *list = PyList_New(0);
     for (uint32_t gi = 0; list != NULL && gi < ngroups; gi++) {
         fold_group_t *fg = &groups[gi];

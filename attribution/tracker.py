@@ -156,19 +156,21 @@ class Tracker:
         # (a tree of 168,000 eager tasks: 31 passes, ~13% of its time, at half).
         return max(waiting, self.max_finished_tasks) + max(100, self.max_finished_tasks)
 
-    def _fold_hook(self) -> None:
+    def _fold_hook(self, scan: bool = True) -> None:
         """Called by the core (from our task factory, before it makes a task) when enough
-        finished tasks wait."""
-        waiting = self._fold(self.max_finished_tasks)
-        if self._active:
+        finished tasks wait for a pass (scan), or enough tasks folded as they finished
+        wait to be added to their groups."""
+        waiting = self._fold(self.max_finished_tasks, scan)
+        if scan and self._active:
             _core.set_fold_hook(self._fold_hook, self._fold_threshold(waiting))
 
-    def _fold(self, keep: int) -> int:
+    def _fold(self, keep: int, scan: bool = True) -> int:
         """Fold finished tasks with no live allocation left into their group's aggregate,
         smallest first, until at most ``keep`` finished tasks remain (or none can fold).
-        Returns how many finished tasks remain.  The core picks and forgets the tasks;
-        only the per-group sums come back here."""
-        remaining, groups = _core.fold(keep)
+        Returns how many finished tasks remain.  The core picks and forgets the tasks
+        (once a pass has had to, those that allocated no more than any it kept go as they
+        finish); only the per-group sums come back here, with every call."""
+        remaining, groups = _core.fold(keep, scan)
         site_tids, site_gids = array("I"), array("I")
         for coro, labels, values, allocs, tids in groups:
             per_task = array("q")
