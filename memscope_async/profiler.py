@@ -59,8 +59,9 @@ class Profiler:
     stack_depth
         Frames kept per stack, innermost first (default 32; 0 disables stacks).
     max_finished_tasks
-        Finished tasks kept individually; beyond it, finished tasks with no live bytes
-        are folded into their group (the ones that allocated most stay).
+        Finished tasks with no live bytes kept individually (default 10,000); beyond it
+        they are folded into their group, those that allocated least first (the ones
+        that allocated most stay).  Finished tasks still holding memory are always kept.
     threads
         Carry task attribution into thread pools, thread-safe callbacks and threads
         started by tasks (default True).
