@@ -217,8 +217,13 @@ static struct {
     uint32_t nfinished, capfinished;
     /* Folding at the finish (see fold_at_finish in _tasks.h): records already released,
      * waiting for the next fold call to hand them to their groups. */
-    folded_early_t *early;
-    uint32_t nearly, capearly;
+    folded_early_t *early, *early_spare;
+    uint32_t nearly, capearly, capearly_spare;
+    /* A fold call's work space, kept from one call to the next (a fresh mapping each
+     * time was page faults and, when unmapped, a TLB flush: ~2% of an eager tree). */
+    void *fold_cand, *fold_scratch, *fold_groups;
+    uint32_t capfold_cand, capfold_scratch, capfold_groups;
+    int fold_busy;
     int fold_armed;              /* a fold pass found more finished tasks than it keeps */
     int64_t fold_floor;          /* ...and kept none that allocated less than this */
     uint64_t records, pending;   /* registered task records; those not finished */
@@ -1035,8 +1040,15 @@ static void clear_data(void) {
         Py_CLEAR(S.early[i].labels);
     }
     sysmem_free(S.early);
-    S.early = NULL;
-    S.nearly = S.capearly = 0;
+    sysmem_free(S.early_spare);
+    S.early = S.early_spare = NULL;
+    S.nearly = S.capearly = S.capearly_spare = 0;
+    sysmem_free(S.fold_cand);
+    sysmem_free(S.fold_scratch);
+    sysmem_free(S.fold_groups);
+    S.fold_cand = S.fold_scratch = S.fold_groups = NULL;
+    S.capfold_cand = S.capfold_scratch = S.capfold_groups = 0;
+    S.fold_busy = 0;
     S.fold_armed = 0;
     S.records = S.pending = 0;
     S.ninferred = 0;
@@ -1434,7 +1446,9 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
                    ((size_t)(S.cell_index.slots ? S.cell_index.mask + 1 : 0) +
                     (size_t)(S.task_index.slots ? S.task_index.mask + 1 : 0)) * sizeof(u64map_entry_t) +
                    ((size_t)S.capfree_cells + S.capfree_tasks + S.capfinished) * sizeof(uint32_t) +
-                   (size_t)S.capearly * sizeof(folded_early_t) +
+                   ((size_t)S.capearly + S.capearly_spare) * sizeof(folded_early_t) +
+                   (size_t)S.capfold_cand * sizeof(fold_cand_t) + (size_t)S.capfold_scratch * FOLD_SCRATCH_UNIT +
+                   (size_t)S.capfold_groups * sizeof(fold_group_t) +
                    (size_t)(S.obj_index.slots ? S.obj_index.mask + 1 : 0) * sizeof(u64map_entry_t);
     size_t stacks = stacks_bytes();
     PyObject *d = Py_BuildValue(

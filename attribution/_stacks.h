@@ -70,6 +70,7 @@ static struct {
     live_sample_t *live;
     uint32_t nlive, caplive, free_live;
     uint64_t samples;
+    u64map_t folded; /* stacks_fold_sites' tid + 1 -> gid, kept empty between calls */
 } K;
 
 static int stacks_init(int depth) {
@@ -89,6 +90,7 @@ static void stacks_clear(void) {
     u64map_free(&K.stack_index);
     u64map_free(&K.site_index);
     u64map_free(&K.live_index);
+    u64map_free(&K.folded);
     sysmem_free(K.frames);
     sysmem_free(K.stacks);
     sysmem_free(K.stack_data);
@@ -101,7 +103,8 @@ static void stacks_clear(void) {
 
 static size_t stacks_bytes(void) {
     size_t maps = (K.frame_index.slots ? K.frame_index.mask + 1 : 0) + (K.stack_index.slots ? K.stack_index.mask + 1 : 0) +
-                  (K.site_index.slots ? K.site_index.mask + 1 : 0) + (K.live_index.slots ? K.live_index.mask + 1 : 0);
+                  (K.site_index.slots ? K.site_index.mask + 1 : 0) + (K.live_index.slots ? K.live_index.mask + 1 : 0) +
+                  (K.folded.slots ? K.folded.mask + 1 : 0);
     return maps * sizeof(u64map_entry_t) + (size_t)K.capframes * sizeof(frame_rec_t) +
            (size_t)K.capstacks * sizeof(stack_rec_t) + (size_t)K.capdata * sizeof(uint32_t) +
            (size_t)K.capsites * sizeof(site_t) + (size_t)K.caplive * sizeof(live_sample_t);
@@ -320,20 +323,22 @@ static int stacks_move(void *old, void *p, size_t old_size, size_t size) {
  * task holds no live bytes, so only an estimate's rounding can leave one). */
 static int stacks_fold_sites(const uint32_t *tids, const uint32_t *gids, size_t n) {
     if (n == 0 || K.nsites == 0) return 0;
-    u64map_t folded; /* tid + 1 -> gid */
+    /* The map is kept from one call to the next, emptied after use: a fold call comes
+     * every few thousand tasks, and a fresh mapping each time was page faults and a TLB
+     * flush when it went. */
+    u64map_t *folded = &K.folded;
     uint64_t cap = 16;
     while (cap < (uint64_t)n * 2 + 16) cap <<= 1;
-    if (u64map_init_local(&folded, cap, 0) < 0) return -1;
-    for (size_t i = 0; i < n; i++)
-        if (u64map_put(&folded, (uint64_t)tids[i] + 1, gids[i]) < 0) {
-            u64map_free(&folded);
-            return -1;
-        }
+    if (folded->slots != NULL && folded->mask + 1 < cap) u64map_free(folded);
+    if (folded->slots == NULL && u64map_init_local(folded, cap, 0) < 0) return -1;
+    int rc = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) rc = u64map_put(folded, (uint64_t)tids[i] + 1, gids[i]);
+    if (rc < 0) goto done;
     uint32_t gid;
     for (uint32_t i = 0; i < K.nsites; i++) {
         site_t *st = &K.sites[i];
         if (st->dead || (st->tid & GROUP_SITE_BIT) || st->nlive != 0 ||
-            !u64map_get(&folded, (uint64_t)st->tid + 1, &gid))
+            !u64map_get(folded, (uint64_t)st->tid + 1, &gid))
             continue;
         uint64_t okey = site_key(st->tid, st->stack), nkey = site_key(gid, st->stack);
         uint32_t j;
@@ -352,8 +357,14 @@ static int stacks_fold_sites(const uint32_t *tids, const uint32_t *gids, size_t 
             st->tid = gid;
         }
     }
-    u64map_free(&folded);
-    return 0;
+done:
+    if ((folded->mask + 1) / 8 > n) { /* a map grown by an earlier, larger call */
+        for (size_t i = 0; i < n; i++) u64map_del(folded, (uint64_t)tids[i] + 1);
+    } else {
+        memset(folded->slots, 0, (size_t)(folded->mask + 1) * sizeof(u64map_entry_t));
+        folded->count = 0;
+    }
+    return rc;
 }
 
 PyDoc_STRVAR(fold_sites_doc,

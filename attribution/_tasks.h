@@ -1784,6 +1784,8 @@ static void select_smallest(fold_cand_t *a, uint32_t n, uint32_t k) {
     }
 }
 
+#define FOLD_SCRATCH_UNIT (sizeof(int64_t) + 2 * sizeof(uint32_t)) /* a value, a tid, a group */
+
 typedef struct {
     PyObject *coro, *labels; /* owned: a folded record drops its own */
     uint32_t n;              /* tasks folded into it */
@@ -1828,18 +1830,30 @@ static uint32_t fold_group_of(fold_group_t *groups, uint32_t *ngroups, uint32_t 
     return gi;
 }
 
+static PyObject *fold_now(Py_ssize_t keep, int scan);
+
 static PyObject *core_fold(PyObject *m, PyObject *args) {
     Py_ssize_t keep;
     int scan = 1;
     if (!PyArg_ParseTuple(args, "n|p:fold", &keep, &scan)) return NULL;
     if (keep < 0) keep = 0;
     if (!S.has_data) return Py_BuildValue("(n[])", (Py_ssize_t)0);
+    /* A call nested in another (code run by a reference it drops, or by the collector)
+     * would reuse its work space under it: it folds nothing. */
+    if (S.fold_busy) return Py_BuildValue("(I[])", (unsigned int)S.nfinished);
+    S.fold_busy = 1;
+    PyObject *out = fold_now(keep, scan);
+    S.fold_busy = 0;
+    return out;
+}
+
+static PyObject *fold_now(Py_ssize_t keep, int scan) {
     /* One look at each waiting record: the stale ids (none expected: only folding
      * releases a finished record) are zeroed, those holding nothing live are candidates;
      * the ids folded below are zeroed through their positions, and one pass compacts. */
     uint32_t n = scan ? S.nfinished : 0, nc = 0, ne = S.nearly;
-    fold_cand_t *cand = (fold_cand_t *)sysmem_calloc(n ? n : 1, sizeof(fold_cand_t));
-    if (cand == NULL) return PyErr_NoMemory();
+    if (grow_array(&S.fold_cand, &S.capfold_cand, sizeof(fold_cand_t), n ? n : 1) < 0) return PyErr_NoMemory();
+    fold_cand_t *cand = (fold_cand_t *)S.fold_cand;
     for (uint32_t i = 0; i < n; i++) {
         uint32_t tid = S.finished[i], ti;
         if (!task_registered(tid, &ti) || !(S.tasks[ti].flags & TF_FINISHED)) {
@@ -1864,23 +1878,21 @@ static PyObject *core_fold(PyObject *m, PyObject *args) {
         excess = nc - (uint32_t)keep;
     else if (scan)
         S.fold_armed = 0; /* room for more: each finished task waits to be counted again */
-    if (excess == 0 && ne == 0) {
-        sysmem_free(cand);
-        return Py_BuildValue("(I[])", (unsigned int)compact_finished());
-    }
+    if (excess == 0 && ne == 0) return Py_BuildValue("(I[])", (unsigned int)compact_finished());
     int g = tls.guard;
     tls.guard = 1;
     PyObject *out = NULL;
-    fold_group_t *groups = NULL;
-    uint32_t ngroups = 0, capgroups = 0, total = excess + ne;
+    uint32_t ngroups = 0, total = excess + ne;
     /* Room for every task this call may fold (values, tids, and the early ones' groups)
      * and for as many groups, taken before any record is released: nothing can fail after
      * one is gone (untouched pages cost nothing). */
-    char *scratch = (char *)sysmem_calloc((size_t)total, 2 * sizeof(uint32_t) + sizeof(int64_t));
-    if (scratch == NULL || grow_array((void **)&groups, &capgroups, sizeof(fold_group_t), total) < 0) {
+    if (grow_array(&S.fold_scratch, &S.capfold_scratch, FOLD_SCRATCH_UNIT, total) < 0 ||
+        grow_array(&S.fold_groups, &S.capfold_groups, sizeof(fold_group_t), total) < 0) {
         PyErr_NoMemory();
         goto done;
     }
+    char *scratch = (char *)S.fold_scratch;
+    fold_group_t *groups = (fold_group_t *)S.fold_groups;
     int64_t *values = (int64_t *)scratch;
     uint32_t *tids = (uint32_t *)(scratch + (size_t)total * sizeof(int64_t));
     uint32_t *early_group = tids + total;
@@ -1919,8 +1931,12 @@ static PyObject *core_fold(PyObject *m, PyObject *args) {
     /* Those folded as they finished: their records are gone already.  The buffer is taken
      * over first (a reference dropped here can run code that finishes tasks). */
     folded_early_t *early = S.early;
-    S.early = NULL;
-    S.nearly = S.capearly = 0;
+    uint32_t capearly = S.capearly;
+    S.early = S.early_spare;
+    S.capearly = S.capearly_spare;
+    S.early_spare = NULL;
+    S.capearly_spare = 0;
+    S.nearly = 0;
     for (uint32_t j = 0; j < ne; j++) {
         uint32_t gi = fold_group_of(groups, &ngroups, &last, early[j].coro, early[j].labels);
         early_group[j] = gi;
@@ -1950,7 +1966,12 @@ static PyObject *core_fold(PyObject *m, PyObject *args) {
         Py_XDECREF(early[j].coro);
         Py_XDECREF(early[j].labels);
     }
-    sysmem_free(early);
+    if (S.early_spare == NULL) { /* the buffer comes round again (unless a nested call kept one) */
+        S.early_spare = early;
+        S.capearly_spare = capearly;
+    } else {
+        sysmem_free(early);
+    }
     PyObject *list = PyList_New(0);
     for (uint32_t gi = 0; list != NULL && gi < ngroups; gi++) {
         fold_group_t *fg = &groups[gi];
@@ -1965,12 +1986,9 @@ static PyObject *core_fold(PyObject *m, PyObject *args) {
     if (list != NULL) out = Py_BuildValue("(IN)", (unsigned int)compact_finished(), list);
 done:
     for (uint32_t gi = 0; gi < ngroups; gi++) {
-        Py_XDECREF(groups[gi].coro);
-        Py_XDECREF(groups[gi].labels);
+        Py_XDECREF(((fold_group_t *)S.fold_groups)[gi].coro);
+        Py_XDECREF(((fold_group_t *)S.fold_groups)[gi].labels);
     }
-    sysmem_free(scratch);
-    sysmem_free(groups);
-    sysmem_free(cand);
     tls.guard = g;
     return out;
 }
