@@ -1882,6 +1882,7 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
     int g = tls.guard;
     tls.guard = 1;
     PyObject *out = NULL;
+    fold_group_t *groups = NULL;
     uint32_t ngroups = 0, total = excess + ne;
     /* Room for every task this call may fold (values, tids, and the early ones' groups)
      * and for as many groups, taken before any record is released: nothing can fail after
@@ -1892,7 +1893,7 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
         goto done;
     }
     char *scratch = (char *)S.fold_scratch;
-    fold_group_t *groups = (fold_group_t *)S.fold_groups;
+    groups = (fold_group_t *)S.fold_groups;
     int64_t *values = (int64_t *)scratch;
     uint32_t *tids = (uint32_t *)(scratch + (size_t)total * sizeof(int64_t));
     uint32_t *early_group = tids + total;
@@ -1920,8 +1921,8 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
         double na;
         task_totals(ti, &ab, &na, NULL);
         if (release_task_slot(cand[k].tid) != 0) continue;
-        /* (a labels mapping freed just now can run a __del__ that makes tasks: a fold
-         * nested in it would have compacted the queue under our positions) */
+        /* (a labels mapping freed just now can run a __del__ that makes tasks; a fold
+         * call nested in it folds nothing, but the queue is checked, not trusted) */
         if (pos < S.nfinished && S.finished[pos] == cand[k].tid) S.finished[pos] = 0;
         cand[k].pos = gi;
         cand[k].alloc_bytes = ab;
@@ -1966,7 +1967,7 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
         Py_XDECREF(early[j].coro);
         Py_XDECREF(early[j].labels);
     }
-    if (S.early_spare == NULL) { /* the buffer comes round again (unless a nested call kept one) */
+    if (S.early_spare == NULL) { /* the buffer comes round again (a nested call takes none) */
         S.early_spare = early;
         S.capearly_spare = capearly;
     } else {
@@ -1986,8 +1987,8 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
     if (list != NULL) out = Py_BuildValue("(IN)", (unsigned int)compact_finished(), list);
 done:
     for (uint32_t gi = 0; gi < ngroups; gi++) {
-        Py_XDECREF(((fold_group_t *)S.fold_groups)[gi].coro);
-        Py_XDECREF(((fold_group_t *)S.fold_groups)[gi].labels);
+        Py_XDECREF(groups[gi].coro);
+        Py_XDECREF(groups[gi].labels);
     }
     tls.guard = g;
     return out;

@@ -166,7 +166,8 @@ class Tracker:
 
     def _fold(self, keep: int, scan: bool = True) -> int:
         """Fold finished tasks with no live allocation left into their group's aggregate,
-        smallest first, until at most ``keep`` finished tasks remain (or none can fold).
+        smallest first, until at most ``keep`` of them remain (those still holding memory
+        all stay).
         Returns how many finished tasks remain.  The core picks and forgets the tasks
         (once a pass has had to, those that allocated no more than any it kept go as they
         finish); only the per-group sums come back here, with every call."""
