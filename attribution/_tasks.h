@@ -32,6 +32,10 @@
  * not finished yet (and a weak reference waits for a 3.12 eager task's late name).
  */
 
+#define NAMERS_MAX 8
+#define NAMER_NEVER (-1)   /* names no task it makes */
+#define NAMER_THROUGH (-2) /* returns the task to its caller, who may name it */
+
 /* Settings that outlive a profiler run. */
 static struct {
     PyObject *labels_var;      /* the _LABELS ContextVar (strong) */
@@ -62,6 +66,12 @@ static struct {
     getter exc_get;            /* its _exception getter, NULL if not found */
     void *exc_closure;
     PyObject *st_pending, *st_finished, *st_cancelled; /* what state_get returns (strong) */
+    /* 3.12: asyncio's functions that make tasks through the loop, and what they do about
+     * the name afterwards (see late_name_known): their code (strong), and the slot of
+     * their local `name` among the frame's locals, or NAMER_* */
+    PyObject *namer_code[NAMERS_MAX];
+    Py_ssize_t namer_slot[NAMERS_MAX];
+    int nnamers;
 } G;
 
 typedef struct {
@@ -468,22 +478,28 @@ static void finish_record(uint32_t tid, uint32_t ti) {
     queue_finished(tid);
 }
 
-/* Map task -> tid.  If the address still names an unfinished record, that task object is
- * gone (it was destroyed while pending: its done callback never ran), so its record ends
- * now, still "pending", and becomes foldable. */
-static void note_object(uint32_t tid, uint32_t ti, PyObject *task) {
+/* Link record tid (slot ti) to its task object, and (index) map task -> tid.  If the
+ * address still names an unfinished record, that task object is gone (it was destroyed
+ * while pending: its done callback never ran), so its record ends now, still "pending",
+ * and becomes foldable.  A task that has already ended is not indexed: only the ends of
+ * unfinished tasks are looked up by address (every S.obj_index removal is for a record
+ * not finished). */
+static void note_object(uint32_t tid, uint32_t ti, PyObject *task, int index) {
     uint32_t old, oti;
     uint64_t key = (uint64_t)(uintptr_t)task;
     if (u64map_get(&S.obj_index, key, &old) && old != tid && task_registered(old, &oti) &&
-        !(S.tasks[oti].flags & TF_FINISHED))
+        !(S.tasks[oti].flags & TF_FINISHED)) {
         finish_record(old, oti);
+        if (!index) u64map_del(&S.obj_index, key);
+    }
     S.tasks[ti].obj = (uintptr_t)task;
-    (void)u64map_put(&S.obj_index, key, tid);
+    if (index) (void)u64map_put(&S.obj_index, key, tid);
 }
 
 #if PY_VERSION_HEX >= 0x030C0000 && PY_VERSION_HEX < 0x030D0000
 #define MS_LATE_NAMES 1 /* see late_name_watch */
 static void late_name_watch(uint32_t tid, PyObject *task);
+static int late_name_known(uint32_t tid, PyObject *task);
 #endif
 
 /* A C Task (asyncio.Task exactly) whose end the running-task watcher sees. */
@@ -541,6 +557,7 @@ static uint32_t c_task_state(PyObject *task) {
 
 #define TS_UNREAD UINT32_MAX /* end_task: read the state */
 static void end_task(PyObject *task, uint32_t state);
+static void end_record(uint32_t tid, PyObject *task, uint32_t state);
 
 
 /* Link record tid to its task object and watch for its end.  named: the task already has
@@ -550,17 +567,19 @@ static void attach_task(uint32_t tid, PyObject *task, int named) {
     if (!task_registered(tid, &ti)) return;
     int g = tls.guard;
     tls.guard = 1;
-    note_object(tid, ti, task);
     if (watched_task(task)) {
         /* its end will pass the watcher, unless it has already happened (an eager task
-         * whose first step finished it, before we knew the object) */
+         * whose first step finished it, before we knew the object): then the record ends
+         * here, and the object index never holds it (on an eager tree, most tasks: an
+         * insertion and a removal saved, in a table that at 56,000 tasks misses the cache) */
         uint32_t st = c_task_state(task);
+        note_object(tid, ti, task, st == TS_PENDING);
         if (st != TS_PENDING) {
-            end_task(task, st);
+            end_record(tid, task, st);
 #ifdef MS_LATE_NAMES
-            /* end_task has read its name; one made without a name may get it only when
-             * we return (see late_name_watch) */
-            if (!named) late_name_watch(tid, task);
+            /* end_record has read its name; one made without a name may get it only when
+             * we return (see late_name_watch), unless we can tell what it will be */
+            if (!named && !late_name_known(tid, task)) late_name_watch(tid, task);
 #else
             (void)named;
 #endif
@@ -569,6 +588,7 @@ static void attach_task(uint32_t tid, PyObject *task, int named) {
         tls.guard = g;
         return;
     }
+    note_object(tid, ti, task, 1);
     PyObject *ctx = callback_context();
     if (ctx != NULL) {
         PyObject *args[4] = {NULL, task, G.done_cb, ctx};
@@ -670,9 +690,16 @@ static PyObject *task_name_of(PyObject *task) {
 
 /* Task `task` has ended in `state` (TS_UNREAD: read it now): end its record, if we hold one. */
 static void end_task(PyObject *task, uint32_t state) {
-    uint32_t tid, ti;
+    uint32_t tid;
     if (!S.has_data || !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) return;
     u64map_del(&S.obj_index, (uint64_t)(uintptr_t)task);
+    end_record(tid, task, state);
+}
+
+/* Record tid, made for `task`, ends in `state` (TS_UNREAD: read it now), unless it has
+ * already ended or is another task's. */
+static void end_record(uint32_t tid, PyObject *task, uint32_t state) {
+    uint32_t ti;
     if (!task_registered(tid, &ti) || (S.tasks[ti].flags & TF_FINISHED) || S.tasks[ti].obj != (uintptr_t)task)
         return;
     int g = tls.guard;
@@ -709,11 +736,13 @@ static PyObject *core_task_done(PyObject *m, PyObject *task) {
 }
 
 /* ---- names given after a task ended (3.12) ---------------------------------------------
- * 3.12's asyncio.create_task names a task after the loop made it, so a task whose eager
- * first step finished it (eager_task_factory) ends before its name is set.  Such a task is
- * watched with a weak reference; its name is read again at the next safe point (the next
- * task made, the next snapshot) or, if it goes first, from its name slot while it is being
- * destroyed (the weakref callback runs before the Task's fields are cleared). */
+ * 3.12's asyncio.create_task and TaskGroup.create_task name a task after the loop made it,
+ * so a task whose eager first step finished it (eager_task_factory) ends before its name
+ * is set.  When they made it, the name is read from their frame (late_name_known).  A
+ * task made by other code is watched with a weak reference; its name is read again at the
+ * next safe point (the next task made, the next snapshot) or, if it goes first, from its
+ * name slot while it is being destroyed (the weakref callback runs before the Task's
+ * fields are cleared). */
 #ifdef MS_LATE_NAMES
 typedef struct {
     PyObject *ref;  /* owned weakref */
@@ -749,6 +778,39 @@ static PyObject *late_name_gone(PyObject *m, PyObject *ref) {
 
 static PyMethodDef late_name_def = {"late_name_gone", late_name_gone, METH_O, NULL};
 static PyObject *late_name_cb;
+
+/* Task `task` (record tid) has ended inside the loop's create_task, called from Python
+ * code whose frame is the running one: if that is one of asyncio's own makers (G.namer_code,
+ * looking through those that hand the task back to their caller), the name it is about to
+ * give is known now: its local `name` (None: the task keeps the name it has; a str: that
+ * is the name, as set_name stores str(name)), or none at all (gather).  So the record has
+ * the name its maker gives, as on 3.13, where asyncio passes names to the loop; a name the
+ * program's own code sets after the task has ended is not seen there either.  Returns 1 if
+ * the name is settled, 0 if it must be watched for (a task made by other code).  Most 3.12
+ * programs make their tasks this way, and watching an eager task that its first step
+ * finished cost ~1,000 instructions a task (callgrind, eager TaskGroup tree: the weak
+ * reference, the flush, freeing it). */
+static int late_name_known(uint32_t tid, PyObject *task) {
+    PyThreadState *ts = tstate_unchecked();
+    _PyInterpreterFrame *f = ts != NULL ? top_frame(ts) : NULL;
+    for (int depth = 0; f != NULL && depth < 4; depth++, f = f->previous) {
+        PyCodeObject *code = frame_code(f);
+        int i = 0;
+        while (i < G.nnamers && code != (PyCodeObject *)G.namer_code[i]) i++;
+        if (i == G.nnamers) return 0;
+        Py_ssize_t slot = G.namer_slot[i];
+        if (slot == NAMER_THROUGH) continue;
+        if (slot == NAMER_NEVER) return 1;
+        PyObject *v = f->localsplus[slot];
+        if (v == Py_None) return 1;
+        if (v != NULL && PyUnicode_CheckExact(v)) {
+            set_late_name(tid, task, Py_NewRef(v));
+            return 1;
+        }
+        return 0;
+    }
+    return 0;
+}
 
 static void late_name_watch(uint32_t tid, PyObject *task) {
     uint32_t ti;
@@ -1003,7 +1065,7 @@ static void check_step(PyObject *loop, PyObject *cb, PyObject *ctx) {
         /* The first step of the task our factory is making right now: in the context we
          * made, or in a copy of it (a legacy (loop, coro) factory runs inside ours). */
         uint32_t ti;
-        if (task_registered(tls.pending_tid, &ti)) note_object(tls.pending_tid, ti, task);
+        if (task_registered(tls.pending_tid, &ti)) note_object(tls.pending_tid, ti, task, 1);
     } else {
         loop_entry_t *e = loop_entry(loop); /* only tasks of instrumented loops */
         if (e != NULL) adopt_task(e->factory->serial, task, ctx);
@@ -1627,17 +1689,62 @@ static PyObject *core_unregister_loop(PyObject *m, PyObject *arg) {
 
 /* ---- reading and maintaining records (Python side: tracker.py) ---------------------- */
 PyDoc_STRVAR(configure_doc,
-"configure(labels_var, task_type)\n--\n\nThe LABELS ContextVar and asyncio.Task (once, at import).");
+"configure(labels_var, task_type, namers=())\n--\n\nThe LABELS ContextVar and asyncio.Task (once, at import); namers: up to 8\n"
+"(function, kind) pairs for asyncio's functions that make tasks through the loop, kind\n"
+"saying what they do about the name next: \"name\" (they set their argument `name`),\n"
+"\"never\", or \"through\" (they return the task to their caller).  Used on 3.12 only.");
 
 static PyObject *core_configure(PyObject *m, PyObject *args) {
-    PyObject *labels_var, *task_type;
-    if (!PyArg_ParseTuple(args, "OO!", &labels_var, &PyType_Type, &task_type)) return NULL;
+    PyObject *labels_var, *task_type, *namers = NULL;
+    if (!PyArg_ParseTuple(args, "OO!|O!", &labels_var, &PyType_Type, &task_type, &PyTuple_Type, &namers)) return NULL;
     if (!PyContextVar_CheckExact(labels_var)) {
         PyErr_SetString(PyExc_TypeError, "labels_var must be a contextvars.ContextVar");
         return NULL;
     }
     Py_XSETREF(G.labels_var, Py_NewRef(labels_var));
     Py_XSETREF(G.task_type, Py_NewRef(task_type));
+#ifdef MS_LATE_NAMES
+    for (int i = 0; i < G.nnamers; i++) Py_CLEAR(G.namer_code[i]);
+    G.nnamers = 0;
+    Py_ssize_t n = namers != NULL ? PyTuple_GET_SIZE(namers) : 0;
+    for (Py_ssize_t i = 0; i < n && G.nnamers < NAMERS_MAX; i++) {
+        /* (function, "name" | "never" | "through"); "name": `name` must be a plain local,
+         * an argument and not a cell (its slot would then hold a cell) */
+        PyObject *item = PyTuple_GET_ITEM(namers, i), *code = NULL, *names = NULL, *cells = NULL;
+        const char *kind = NULL;
+        Py_ssize_t slot = NAMER_NEVER - 1;
+        if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 2 && PyUnicode_Check(PyTuple_GET_ITEM(item, 1)))
+            kind = PyUnicode_AsUTF8(PyTuple_GET_ITEM(item, 1));
+        if (kind != NULL) code = PyObject_GetAttrString(PyTuple_GET_ITEM(item, 0), "__code__");
+        if (code != NULL && PyCode_Check(code)) {
+            if (strcmp(kind, "never") == 0) {
+                slot = NAMER_NEVER;
+            } else if (strcmp(kind, "through") == 0) {
+                slot = NAMER_THROUGH;
+            } else if (strcmp(kind, "name") == 0 && (names = PyObject_GetAttrString(code, "co_varnames")) != NULL &&
+                       (cells = PyObject_GetAttrString(code, "co_cellvars")) != NULL && PyTuple_Check(names) &&
+                       PyTuple_Check(cells)) {
+                PyCodeObject *co = (PyCodeObject *)code;
+                int is_cell = 0;
+                for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(cells); j++)
+                    is_cell |= PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(cells, j), "name") == 0;
+                for (Py_ssize_t j = 0; !is_cell && j < PyTuple_GET_SIZE(names) && j < co->co_argcount + co->co_kwonlyargcount; j++) {
+                    if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(names, j), "name") == 0) slot = j;
+                }
+            }
+        }
+        PyErr_Clear();
+        if (slot >= NAMER_THROUGH) {
+            G.namer_code[G.nnamers] = Py_NewRef(code);
+            G.namer_slot[G.nnamers++] = slot;
+        }
+        Py_XDECREF(code);
+        Py_XDECREF(names);
+        Py_XDECREF(cells);
+    }
+#else
+    (void)namers;
+#endif
     Py_RETURN_NONE;
 }
 

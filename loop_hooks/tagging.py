@@ -27,7 +27,16 @@ _LABELS: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "memscope_async.labels", default=MappingProxyType({})
 )
 # The C task factory reads _LABELS from each new task's context and makes asyncio Tasks.
-_core.configure(_LABELS, asyncio.Task)
+# On 3.12, asyncio.create_task and TaskGroup.create_task name a task after the loop made
+# it (from their argument `name`); gather's children, made through ensure_future, are not
+# named.  For a task that ends inside create_task, the core reads what its maker's frame
+# is about to do instead of watching the task for a name.
+_core.configure(_LABELS, asyncio.Task, (
+    (asyncio.tasks.create_task, "name"),
+    (asyncio.TaskGroup.create_task, "name"),
+    (asyncio.tasks.ensure_future, "through"),
+    (asyncio.tasks.gather, "never"),
+))
 
 # Called as listener(tag, labels) when labels change inside a tagged context, so the
 # running task's record picks them up.  Installed by the profiler, None otherwise.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
+from collections import Counter
 
 import pytest
 
@@ -118,6 +119,59 @@ def test_eager_tasks_keep_their_names(loop_kind):
         assert t[name].state == "done" and t[name].finished_at is not None
 
 
+@needs_eager
+def test_eager_tasks_finished_at_once_get_the_names_their_makers_give(loop_kind):
+    # Tasks that end inside create_task: 3.12's asyncio.create_task and
+    # TaskGroup.create_task name them only after the loop made them (with a str, a value
+    # that becomes its str, or no name at all), and code of a user's own may do the same.
+    if loop_kind == "uvloop" and sys.version_info >= (3, 13):
+        pytest.skip("uvloop passes eager_start= to task factories on 3.13, which "
+                    "asyncio.eager_task_factory does not accept (fails without the profiler too)")
+
+    def make_then_name(loop, name):
+        t = loop.create_task(at_once())
+        t.set_name(name)
+        return t
+
+    def ensure_then_name(name):
+        t = asyncio.ensure_future(at_once())
+        t.set_name(name)
+        return t
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)
+        made = []
+        async with asyncio.TaskGroup() as tg:
+            made += [tg.create_task(at_once(), name=f"tg-{i}") for i in range(3)]
+            made.append(tg.create_task(at_once(), name=7))
+            made.append(tg.create_task(at_once()))
+        made += [asyncio.create_task(at_once(), name="ct"), asyncio.create_task(at_once())]
+        made.append(make_then_name(loop, "by-hand"))
+        made.append(ensure_then_name("ensured"))
+        gathered = asyncio.gather(at_once(), at_once())
+        made += gathered._children
+        await gathered
+        loop.set_task_factory(None)
+        return [t.get_name() for t in made]
+
+    names, report = run_profiled(main, loop_kind)
+    assert names[:4] == ["tg-0", "tg-1", "tg-2", "7"] and names[5] == "ct" and names[7:9] == ["by-hand", "ensured"]
+    # (3.13.0-3.13.2 name an unnamed task "None" when a task factory is installed)
+    assert all(names[i].startswith("Task-") or names[i] == "None" for i in (4, 6, 9, 10)), names
+    got = report.find(coro="at_once")
+    assert all(t.state == "done" and t.finished_at is not None for t in got)
+    reported = sorted(t.name for t in got)
+    if sys.version_info >= (3, 13):
+        # asyncio names its tasks through the loop there, and a name that the program's
+        # own code gives a task after it has ended is not seen
+        assert len(reported) == len(names)
+        names = [n for n in names if n not in ("by-hand", "ensured")]
+        assert not Counter(names) - Counter(reported), (reported, names)
+    else:
+        assert reported == sorted(names), names
+
+
 async def hang():
     await asyncio.get_running_loop().create_future()  # never completes
 
@@ -140,6 +194,11 @@ def test_records_of_destroyed_tasks_do_not_take_other_tasks_ends():
         tasks = [loop.create_task(at_once(), name=f"other-{i}") for i in range(200)]
         if sys.version_info >= (3, 12):
             tasks += [asyncio.Task(at_once(), loop=loop, name=f"direct-{i}", eager_start=True) for i in range(200)]
+            # ended inside create_task: never looked up by address, yet the hung tasks'
+            # records at the addresses they take must stay as they are
+            loop.set_task_factory(asyncio.eager_task_factory)
+            tasks += [asyncio.create_task(at_once(), name=f"other-eager-{i}") for i in range(200)]
+            loop.set_task_factory(None)
         await asyncio.gather(*tasks)
 
     prof = ms.Profiler().start()
