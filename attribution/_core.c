@@ -952,7 +952,7 @@ static void hook_free(void *ctx, void *ptr) {
 /* Sampled mode: nearly every call only moves the countdown (an allocation) or stops at the
  * filter (a free).  Both are decided before the original allocator runs, so that call is
  * the hook's last (a jump, not a call: no frame, no register kept across it, and the
- * allocator returns straight to our caller); callgrind, loopback server: ~19 -> ~13
+ * allocator returns straight to our caller); callgrind, loopback server: ~19 -> ~16
  * instructions a malloc.  Everything else is a call out of line.  An allocation that
  * then fails has moved the countdown all the same: harmless (a sample comes a little
  * later). */
