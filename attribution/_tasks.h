@@ -29,7 +29,8 @@
  * A task's record lives in its S.tasks slot until the tracker folds it (core_fold, release_task_slot).
  * Task objects are never strongly referenced: the slot keeps id(task) only to find the
  * record from the watcher, the done callback and call_soon, through S.obj_index, for tasks
- * not finished yet (and a weak reference waits for a 3.12 eager task's late name).
+ * not finished yet (and a weak reference waits for the late name of a 3.12 eager task
+ * that code other than asyncio's own made: see late_name_known).
  */
 
 #define NAMERS_MAX 8
