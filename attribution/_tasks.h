@@ -899,11 +899,12 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
     t->step_task = ev == PyDict_EVENT_DELETED ? NULL : new_value;
     t->step_gen = G.watch_gen;
     if (ev == PyDict_EVENT_ADDED || S.obj_index.count == 0) return 0;
+    /* Inside our factory, a replacement is an eager first step going in or out: the task
+     * leaving is the running one, mid-step (so pending), or the one being made, whose end
+     * attach_task sees (it is not in the index yet). */
+    if (ev == PyDict_EVENT_MODIFIED && t->pending_tid != 0) return 0;
     PyThreadState *ts = tstate_unchecked();
     if (ts == NULL) return 0;
-    /* The eager first step of the task our factory is making leaves (still in the context
-     * we made for it): attach_task sees its end, it is not in the index yet. */
-    if (t->pending_tid != 0 && ts->context == t->pending_ctx) return 0;
     /* The error indicator read from the thread state itself: PyErr_Occurred and
      * PyErr_Clear each find the thread state again, twice per task step. */
     PyObject *exc = ts->current_exception != NULL ? PyErr_GetRaisedException_compat() : NULL;
