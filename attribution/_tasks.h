@@ -36,6 +36,7 @@
 #define NAMERS_MAX 8
 #define NAMER_NEVER (-1)   /* names no task it makes */
 #define NAMER_THROUGH (-2) /* returns the task to its caller, who may name it */
+#define NAMER_UNUSABLE (-3) /* configure: an entry that is not one of the above */
 
 /* Settings that outlive a profiler run. */
 static struct {
@@ -1717,7 +1718,7 @@ static PyObject *core_configure(PyObject *m, PyObject *args) {
          * an argument and not a cell (its slot would then hold a cell) */
         PyObject *item = PyTuple_GET_ITEM(namers, i), *code = NULL, *names = NULL, *cells = NULL;
         const char *kind = NULL;
-        Py_ssize_t slot = NAMER_NEVER - 1;
+        Py_ssize_t slot = NAMER_UNUSABLE;
         if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 2 && PyUnicode_Check(PyTuple_GET_ITEM(item, 1)))
             kind = PyUnicode_AsUTF8(PyTuple_GET_ITEM(item, 1));
         if (kind != NULL) code = PyObject_GetAttrString(PyTuple_GET_ITEM(item, 0), "__code__");
@@ -1739,7 +1740,7 @@ static PyObject *core_configure(PyObject *m, PyObject *args) {
             }
         }
         PyErr_Clear();
-        if (slot >= NAMER_THROUGH) {
+        if (slot != NAMER_UNUSABLE) { /* (only ever set with a code object in hand) */
             G.namer_code[G.nnamers] = Py_NewRef(code);
             G.namer_slot[G.nnamers++] = slot;
         }

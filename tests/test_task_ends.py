@@ -241,3 +241,31 @@ def test_tasks_sharing_one_context_all_end(loop_kind):
     shared = [t for t in report.tasks if (t.name or "").startswith("shared-")]
     assert len(shared) == 3
     assert all(t.state == "done" and t.finished_at is not None for t in shared), shared
+
+
+def test_configure_skips_entries_that_name_no_maker():
+    # _core.configure's table of asyncio's task makers: an entry it cannot use (no code
+    # object, an unknown kind, no `name` argument) is left out, not kept half-made.  Run
+    # apart: the table is the process's.
+    import subprocess
+    import textwrap
+
+    prog = textwrap.dedent("""
+        import asyncio
+        from memscope_async.loop_hooks import tagging
+        from memscope_async.attribution import _core
+
+        def no_name(coro):
+            return coro
+
+        _core.configure(tagging._LABELS, asyncio.Task, (
+            (object(), "name"), (asyncio.tasks.create_task, "sometimes"), (no_name, "name"), "junk",
+        ))
+        _core.configure(tagging._LABELS, asyncio.Task, (
+            (asyncio.tasks.create_task, "name"), (asyncio.TaskGroup.create_task, "name"),
+            (asyncio.tasks.ensure_future, "through"), (asyncio.tasks.gather, "never"),
+        ))
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
