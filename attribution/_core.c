@@ -851,18 +851,20 @@ static inline int own_raw(const PyMemAllocatorEx *a, size_t size) {
     return a == &S.orig_obj && S.raw_blocks != NULL && size >= OWN_RAW_MIN && size <= OWN_RAW_MAX;
 }
 
-__attribute__((noinline)) static void *own_malloc(PyMemAllocatorEx *a, size_t size) {
-    if (!own_raw(a, size)) return a->malloc(a->ctx, size);
-    void *p = PyMem_RawMalloc(size);
+/* A block of `size` (own_raw said so) from the raw allocator, counted as pymalloc counts its own. */
+static void *own_raw_alloc(size_t size, int zero) {
+    void *p = zero ? PyMem_RawCalloc(1, size) : PyMem_RawMalloc(size);
     if (p != NULL) (*S.raw_blocks)++;
     return p;
 }
 
+__attribute__((noinline)) static void *own_malloc(PyMemAllocatorEx *a, size_t size) {
+    return own_raw(a, size) ? own_raw_alloc(size, 0) : a->malloc(a->ctx, size);
+}
+
 __attribute__((noinline)) static void *own_calloc(PyMemAllocatorEx *a, size_t nelem, size_t elsize) {
-    if (elsize == 0 || nelem > OWN_RAW_MAX / elsize || !own_raw(a, nelem * elsize)) return a->calloc(a->ctx, nelem, elsize);
-    void *p = PyMem_RawCalloc(nelem, elsize);
-    if (p != NULL) (*S.raw_blocks)++;
-    return p;
+    if (elsize != 0 && nelem <= OWN_RAW_MAX / elsize && own_raw(a, nelem * elsize)) return own_raw_alloc(nelem * elsize, 1);
+    return a->calloc(a->ctx, nelem, elsize);
 }
 
 /* Exact mode's common cases, done in registers with no call (so the hooks need next to no
@@ -939,11 +941,10 @@ __attribute__((noinline)) static void *exact_alloc_slow(void *p, size_t size) {
  * move one of ours that belongs in the raw allocator there: a pymalloc allocation and
  * free more, ~2 a task.  Its hooks name S.orig_obj directly, so nothing is kept. */
 __attribute__((noinline)) static void *exact_alloc_slow_obj(void *p, size_t size, int zero) {
-    PyMemAllocatorEx *a = &S.orig_obj;
-    if (tls.guard && own_raw(a, size)) {
-        void *q = zero ? own_calloc(a, 1, size) : own_malloc(a, size);
+    if (tls.guard && own_raw(&S.orig_obj, size)) {
+        void *q = own_raw_alloc(size, zero);
         if (q == NULL) return p;
-        a->free(a->ctx, p);
+        S.orig_obj.free(S.orig_obj.ctx, p);
         return q;
     }
     return alloc_after(p, size, MODE_EXACT);
@@ -1031,11 +1032,12 @@ __attribute__((noinline)) static void *sampled_calloc_slow(PyMemAllocatorEx *a, 
     return alloc_after(p, nelem * elsize, MODE_SAMPLED);
 }
 
+enum { SKIP_NO = 0, SKIP_YES = 1, SKIP_OURS = 2 };
+
 /* Not a sample: move the countdown.  The session test stays: a countdown left from an
  * earlier session was drawn for that session's interval, and a thread that outlives it
  * (a pool or driver thread) would otherwise record nothing until it had allocated that
  * old gap (1 GiB before a 4 KiB session: nothing at all). */
-enum { SKIP_NO = 0, SKIP_YES = 1, SKIP_OURS = 2 };
 static inline int sampled_skip(size_t size) {
     tls_t *t = &tls;
     int64_t left = t->countdown - (int64_t)size;
