@@ -150,8 +150,9 @@ typedef struct {
     int64_t countdown;       /* sampled mode: bytes until the next sample */
     int64_t stack_countdown; /* exact mode: bytes until the next stack sample */
     uint64_t rng;
-    PyObject *pending_ctx;   /* borrowed: the context of the task our factory is making */
-    uint32_t pending_tid;
+    PyObject *pending_ctx;   /* borrowed: the context of the task our factory is making, */
+    uint32_t pending_tid;    /* its id and its Tag (the context holds it; our factory holds */
+    TagObject *pending_tag;  /* the context while these are set) */
     PyObject *empty_ctx;     /* owned: an empty context for our done callbacks */
     PyObject *ctx_seen;      /* borrowed, compared only: the context context_tid last read */
     TagObject *ctx_tag;      /* borrowed: the Tag read there (NULL: none); valid while that */
@@ -409,7 +410,14 @@ static inline uint32_t context_tid(void) {
     /* Never touch the error indicator here: an allocation can happen while an exception
      * is being raised, and PyContextVar_Get cannot fail for a real ContextVar. */
     TagObject *tag = NULL;
-    if (PyContextVar_Get(S.tag_var, NULL, &v) == 0 && v != NULL) {
+    if (ts->context == t->pending_ctx && t->pending_tag != NULL) {
+        /* The context of the task our factory is making, in its eager first step (and in
+         * the tasks that step makes, each time one of their own eager steps returns): it
+         * holds the Tag we put there, which a lookup would find after ~200 instructions
+         * (the variable's cache misses after every context switch). */
+        tag = t->pending_tag;
+        tid = tag->tid;
+    } else if (PyContextVar_Get(S.tag_var, NULL, &v) == 0 && v != NULL) {
         if (Py_TYPE(v) == &TagType) {
             tag = (TagObject *)v;
             tid = tag->tid;

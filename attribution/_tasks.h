@@ -307,8 +307,9 @@ enum {
  * caller passed its own) or nothing is being recorded.  Returns -1 with an exception set
  * on failure.  Our own allocations here are not recorded. */
 static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial, PyObject *coro,
-                         uint32_t *out) {
+                         uint32_t *out, TagObject **tag_out) {
     *out = 0;
+    if (tag_out != NULL) *tag_out = NULL;
     if (!S.active || S.tag_var == NULL) return 0;
     tls_t *t = &tls;
     if (t->session != S.session) tls_enter_session(t);
@@ -414,6 +415,7 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     S.pending++;
     t->guard = g;
     *out = tid;
+    if (tag_out != NULL) *tag_out = tag; /* borrowed: the context holds it */
     return 0;
 error:
     t->guard = g;
@@ -984,7 +986,7 @@ static int record_existing_task(PyObject *task, PyObject *ctx, uint32_t serial, 
     tls.guard = 1;
     PyObject *coro = PyObject_CallMethodNoArgs(task, G.s_get_coro);
     if (coro == NULL) PyErr_Clear();
-    int rc = register_task(ctx, CTX_ADOPTED, 0, serial, coro, tid);
+    int rc = register_task(ctx, CTX_ADOPTED, 0, serial, coro, tid, NULL);
     Py_XDECREF(coro);
     if (rc == 0 && *tid) attach_task(*tid, task, 1); /* it exists already: its name is its own */
     tls.guard = g;
@@ -1221,20 +1223,24 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
         return task;
     }
     uint32_t tid = 0;
-    if (register_task(ctx, explicit ? CTX_GIVEN : CTX_COPIED, TF_VIA_FACTORY, f->serial, coro, &tid) < 0) {
+    TagObject *tag = NULL;
+    if (register_task(ctx, explicit ? CTX_GIVEN : CTX_COPIED, TF_VIA_FACTORY, f->serial, coro, &tid, &tag) < 0) {
         Py_DECREF(ctx);
         return NULL;
     }
     tls_t *t = &tls;
     PyObject *saved_ctx = t->pending_ctx;
     uint32_t saved_tid = t->pending_tid;
+    TagObject *saved_tag = t->pending_tag;
     if (tid) {
         t->pending_ctx = ctx;
         t->pending_tid = tid;
+        t->pending_tag = tag;
     }
     PyObject *task = make_task(f, loop, coro, ctx, name, kwargs);
     t->pending_ctx = saved_ctx;
     t->pending_tid = saved_tid;
+    t->pending_tag = saved_tag;
     if (tid) {
         uint32_t ti;
         if (task != NULL) {
