@@ -63,9 +63,36 @@ typedef struct {
     uint32_t tid;
     uint32_t ti;   /* tasks[] slot of record tid, as register_task made it */
     uint32_t cell; /* the task's cell (tid, home slot, context route), once it has one */
+    uint32_t ours; /* made by tag_alloc, outside the hooks' accounting: may go to tag_pool */
 } TagObject;
 
 static PyTypeObject TagType;
+
+/* Tags whose contexts are gone, kept for the next tasks (a task's Tag lives as long as its
+ * context: on a task tree most are made and freed in bursts, and the allocation through
+ * our hooks and pymalloc and back cost ~170 instructions a task).  The GIL guards it. */
+#define TAG_POOL_MAX 256
+static TagObject *tag_pool[TAG_POOL_MAX];
+static int tag_pooled;
+
+static TagObject *tag_alloc(void) {
+    if (tag_pooled > 0) {
+        TagObject *tag = tag_pool[--tag_pooled];
+        (void)PyObject_Init((PyObject *)tag, &TagType);
+        return tag;
+    }
+    TagObject *tag = PyObject_New(TagObject, &TagType);
+    if (tag != NULL) tag->ours = 1;
+    return tag;
+}
+
+static void Tag_dealloc(PyObject *self) {
+    if (tag_pooled < TAG_POOL_MAX && ((TagObject *)self)->ours) {
+        tag_pool[tag_pooled++] = (TagObject *)self;
+        return;
+    }
+    Py_TYPE(self)->tp_free(self);
+}
 
 /* ---- routes (keep in sync with attribution/routes.py) --------------------------------- */
 enum {
@@ -1609,6 +1636,7 @@ static PyTypeObject TagType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = PyDoc_STR("Tag(id): the value our ContextVar holds inside a task's context."),
     .tp_new = Tag_new,
+    .tp_dealloc = Tag_dealloc,
     .tp_repr = (reprfunc)Tag_repr,
     .tp_getset = Tag_getset,
 };

@@ -323,7 +323,7 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
             G.tids_wrapped = 1;
         }
     } while (G.tids_wrapped && task_registered(tid, &unused));
-    TagObject *tag = PyObject_New(TagObject, &TagType);
+    TagObject *tag = tag_alloc();
     if (tag == NULL) goto error;
     tag->tid = tid;
     tag->ti = 0; /* known once the record is made, below */
