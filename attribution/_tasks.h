@@ -59,6 +59,11 @@ static struct {
     /* Where a C Task keeps its name (see task_name_of): 0 still learning, -1 unknown. */
     Py_ssize_t name_off, name_candidate;
     int name_hits;
+    /* Where it keeps its state (see c_task_state): the offset once known, 0 while
+     * learning, -1 unknown; the int slots still in the running, and the states seen. */
+    Py_ssize_t state_off;
+    uint64_t state_cands;
+    uint32_t state_seen[3];
     /* 3.12+: ends of C Tasks seen through _asyncio's running-task dict (see tasks_watcher) */
     int watcher;               /* dict watcher id + 1; 0 none */
     PyObject *watched;         /* _asyncio._current_tasks while watched (strong), else NULL */
@@ -511,11 +516,21 @@ static inline int watched_task(PyObject *task) {
     return G.watched != NULL && Py_TYPE(task) == (PyTypeObject *)G.task_type; /* watched: state_get known */
 }
 
+/* TS_DONE, or TS_FAILED for a finished task whose _exception is set (read _exception, not
+ * exception(): that would mark it retrieved; through the C getter for a watched_task()). */
+static uint32_t done_code(PyObject *task) {
+    uint32_t st = TS_DONE;
+    PyObject *e = watched_task(task) && G.exc_get != NULL ? G.exc_get(task, G.exc_closure)
+                                                           : PyObject_GetAttr(task, G.s_exception);
+    if (e == NULL) PyErr_Clear();
+    else if (e != Py_None) st = TS_FAILED;
+    Py_XDECREF(e);
+    return st;
+}
+
 /* TS_* of a task whose Task._state is the str s (borrowed).  The strings are compared by
  * identity with those seen before (the C getter returns one of three interned strings),
- * by value the first time; a finished task is failed if _exception is set (read
- * _exception, not exception(): that would mark it retrieved; through the C getter for a
- * watched_task()). */
+ * by value the first time. */
 static uint32_t state_code(PyObject *task, PyObject *s) {
     uint32_t st;
     if (s == G.st_pending) {
@@ -536,25 +551,59 @@ static uint32_t state_code(PyObject *task, PyObject *s) {
     } else {
         st = TS_DONE;
     }
-    if (st == TS_DONE) {
-        PyObject *e = watched_task(task) && G.exc_get != NULL ? G.exc_get(task, G.exc_closure)
-                                                               : PyObject_GetAttr(task, G.s_exception);
-        if (e == NULL) PyErr_Clear();
-        else if (e != Py_None) st = TS_FAILED;
-        Py_XDECREF(e);
-    }
-    return st;
+    return st == TS_DONE ? done_code(task) : st;
 }
 
-/* The state of a watched_task(), from the C getter of Task._state called directly (an
- * attribute lookup and string comparisons cost ~400 instructions a task). */
+/* The C Task's state is an int of its struct (_asynciomodule.c's fut_state: pending 0,
+ * cancelled 1, finished 2, in 3.11 to 3.13).  Its offset is learnt from what the _state
+ * getter says: of the int-sized slots after the object header, the one that held the
+ * getter's state, as that number, every time, over at least STATE_LEARN tasks, pending and
+ * finished ones among them.  If no slot fits, or several still do after STATE_LEARN_MAX
+ * finished tasks, the getter stays. */
+#define STATE_LEARN 16
+#define STATE_LEARN_MAX 4096
+#define STATE_SLOTS 64
+
+static void learn_state_offset(PyObject *task, PyObject *s) {
+    int32_t code = s == G.st_pending ? 0 : s == G.st_cancelled ? 1 : s == G.st_finished ? 2 : -1;
+    if (code < 0) return;
+    Py_ssize_t first = (Py_ssize_t)sizeof(PyObject), size = ((PyTypeObject *)G.task_type)->tp_basicsize;
+    uint64_t c = G.state_cands;
+    if (G.state_seen[0] + G.state_seen[1] + G.state_seen[2] == 0) {
+        for (int i = 0; i < STATE_SLOTS && first + 4 * (Py_ssize_t)i + 4 <= size; i++) c |= UINT64_C(1) << i;
+    }
+    for (uint64_t m = c; m != 0; m &= m - 1) { /* the slots still in the running */
+        int i = __builtin_ctzll(m);
+        if (*(int32_t *)((char *)task + first + 4 * (Py_ssize_t)i) != code) c &= ~(UINT64_C(1) << i);
+    }
+    G.state_cands = c;
+    G.state_seen[code]++;
+    if (c == 0 || G.state_seen[2] > STATE_LEARN_MAX) {
+        G.state_off = -1;
+    } else if ((c & (c - 1)) == 0 && G.state_seen[0] && G.state_seen[2] &&
+               G.state_seen[0] + G.state_seen[1] + G.state_seen[2] >= STATE_LEARN) {
+        G.state_off = first + 4 * (Py_ssize_t)__builtin_ctzll(c);
+    }
+}
+
+/* The state of a watched_task(): from its struct once the offset is known (the getter
+ * finds asyncio's module state on every call: ~150 instructions a task, at each of its
+ * steps' ends), else from the C getter of Task._state called directly (an attribute
+ * lookup and string comparisons cost ~400). */
 static uint32_t c_task_state(PyObject *task) {
+    if (G.state_off > 0) {
+        int32_t v = *(int32_t *)((char *)task + G.state_off);
+        if (v == 0) return TS_PENDING;
+        if (v == 1) return TS_CANCELLED;
+        return done_code(task);
+    }
     PyObject *s = G.state_get(task, G.state_closure);
     if (s == NULL) {
         PyErr_Clear();
         return TS_PENDING;
     }
     uint32_t st = PyUnicode_Check(s) ? state_code(task, s) : TS_DONE;
+    if (G.state_off == 0) learn_state_offset(task, s);
     Py_DECREF(s);
     return st;
 }
@@ -2126,6 +2175,14 @@ done:
     }
     tls.guard = g;
     return out;
+}
+
+PyDoc_STRVAR(task_layout_doc,
+"task_layout() -> dict\n--\n\nWhere a C Task's name and state are read from: their offsets in the\n"
+"struct once learnt, 0 while learning, -1 where they are asked of the task instead.");
+
+static PyObject *core_task_layout(PyObject *m, PyObject *noargs) {
+    return Py_BuildValue("{s:n,s:n}", "name_offset", G.name_off, "state_offset", G.state_off);
 }
 
 PyDoc_STRVAR(tid_of_doc, "tid_of(task) -> int\n--\n\nThe record id of a task not finished yet, 0 if unknown.");

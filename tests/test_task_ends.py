@@ -16,6 +16,7 @@ from collections import Counter
 import pytest
 
 from conftest import run_profiled
+from memscope_async.attribution import _core
 
 needs_eager = pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
 
@@ -46,8 +47,17 @@ def by_name(report):
     return {t.name: t for t in report.tasks}
 
 
-def test_states_without_callbacks(loop_kind):
+@pytest.mark.parametrize("learnt", [False, True], ids=["few-tasks", "after-many-tasks"])
+def test_states_without_callbacks(loop_kind, learnt):
     async def main():
+        if learnt:
+            # Enough tasks, pending and finished, for the core to learn where a C Task
+            # keeps its state (3.12+, where the running-task watcher reads it), and to
+            # read it from there for the tasks below.
+            await asyncio.gather(*(ok() for _ in range(64)))
+            await asyncio.gather(*(at_once() for _ in range(64)))
+            if sys.version_info >= (3, 12):
+                assert _core.task_layout()["state_offset"] > 0
         # nobody adds a callback to these before they end: awaited only once done
         plain = asyncio.create_task(ok(), name="plain")
         failed = asyncio.create_task(boom(), name="failed")
