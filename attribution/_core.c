@@ -1701,6 +1701,8 @@ static int init_strings(void) {
     INTERN(s_loop, "loop");
     INTERN(s_context, "context");
     INTERN(s_check_closed, "_check_closed");
+    INTERN(s_closed, "_closed");
+    INTERN(s_base_events_module, "asyncio.base_events");
     INTERN(s_decimal_module, "_decimal");
 #undef INTERN
     G.kw_context = PyTuple_Pack(1, G.s_context);

@@ -52,7 +52,7 @@ static struct {
     int tids_wrapped;          /* 2^31 ids were handed out: an id may still be in use */
     PyObject *s_qualname, *s_self, *s_get_name, *s_set_name, *s_state, *s_exception, *s_cancelled,
         *s_add_done_callback, *s_get_coro, *s_done, *s_eager_start, *s_name,
-        *s_loop, *s_context, *s_check_closed, *s_decimal_module;
+        *s_loop, *s_context, *s_check_closed, *s_closed, *s_decimal_module, *s_base_events_module;
     PyObject *kw_context;      /* ("context",) */
     PyObject *kw_loop_context; /* ("loop", "context") */
     PyObject *kw_loop_context_name; /* ("loop", "context", "name") */
@@ -1462,6 +1462,39 @@ typedef struct {
     vectorcallfunc vectorcall;
 } CreateTaskObject;
 
+/* asyncio.base_events.BaseEventLoop._check_closed (strong), once looked up; Py_None if not
+ * there to be found. */
+static PyObject *std_check_closed;
+
+static PyObject *find_std_check_closed(void) {
+    PyObject *mod = PyImport_GetModule(G.s_base_events_module), *cls = NULL, *fn = NULL;
+    if (mod != NULL) cls = PyObject_GetAttrString(mod, "BaseEventLoop");
+    if (cls != NULL && PyType_Check(cls)) fn = _PyType_Lookup((PyTypeObject *)cls, G.s_check_closed);
+    std_check_closed = Py_NewRef(fn != NULL && PyFunction_Check(fn) ? fn : Py_None);
+    Py_XDECREF(cls);
+    Py_XDECREF(mod);
+    PyErr_Clear();
+    return std_check_closed;
+}
+
+/* What create_task does first, loop._check_closed(): 0, or -1 with its exception set.
+ * asyncio's own method (the loop's class does not replace it) only tests loop._closed, so
+ * that test is made here; calling the method from C costs a fresh entry into the
+ * interpreter, ~800 instructions a task. */
+static int check_closed(PyObject *loop) {
+    PyObject *std = std_check_closed != NULL ? std_check_closed : find_std_check_closed();
+    if (std != Py_None && _PyType_Lookup(Py_TYPE(loop), G.s_check_closed) == std) {
+        PyObject *closed = PyObject_GetAttr(loop, G.s_closed);
+        int yes = closed != NULL ? PyObject_IsTrue(closed) : -1;
+        Py_XDECREF(closed);
+        if (yes > 0) PyErr_SetString(PyExc_RuntimeError, "Event loop is closed");
+        return yes == 0 ? 0 : -1;
+    }
+    PyObject *r = PyObject_CallMethodNoArgs(loop, G.s_check_closed);
+    Py_XDECREF(r);
+    return r != NULL ? 0 : -1;
+}
+
 static PyObject *createtask_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     CreateTaskObject *ct = (CreateTaskObject *)self;
     Py_ssize_t n = PyVectorcall_NARGS(nargsf), nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
@@ -1478,11 +1511,8 @@ static PyObject *createtask_vectorcall(PyObject *self, PyObject *const *args, si
     if (!usual) return PyObject_Vectorcall(ct->slow, args, nargsf, kwnames);
     if (name == NULL) name = Py_None; /* create_task's default (make_task tells it from a factory call's NULL) */
     FactoryObject *f = (FactoryObject *)Py_NewRef(e->factory); /* the calls below may drop the entry */
-    PyObject *task = NULL, *r = PyObject_CallMethodNoArgs(args[0], G.s_check_closed);
-    if (r != NULL) {
-        Py_DECREF(r);
-        task = factory_create(f, args[0], args[1], name, ctx, NULL);
-    }
+    PyObject *task = NULL;
+    if (check_closed(args[0]) == 0) task = factory_create(f, args[0], args[1], name, ctx, NULL);
     Py_DECREF(f);
     return task;
 }

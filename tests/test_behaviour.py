@@ -332,3 +332,50 @@ def test_user_subclass_overriding_loop_methods():
     assert len(kid) == 1 and kid[0].coro.endswith("_sleeper")
     assert kid[0].parent_id == rep.find(coro="main")[0].id
     assert MyLoop.__dict__["call_soon"].__qualname__.endswith("MyLoop.call_soon")
+
+
+def test_create_task_checks_the_loop_is_open_as_asyncio_does():
+    # create_task first calls loop._check_closed(): asyncio's own method is done in C
+    # (it tests loop._closed), a loop class's own override is called.  With the eager
+    # task factory (3.12+), a check that let the call through would run the coroutine.
+    checks, ran = [], []
+
+    class CheckingLoop(asyncio.SelectorEventLoop):
+        def _check_closed(self):
+            checks.append(1)
+            super()._check_closed()
+
+    async def first_step():
+        ran.append(1)
+
+    prof = ms.Profiler().start()
+    try:
+        for cls in (asyncio.SelectorEventLoop, CheckingLoop):
+            loop = cls()
+            try:
+                prof.instrument_loop(loop)
+                if sys.version_info >= (3, 12):
+                    loop.set_task_factory(asyncio.eager_task_factory)
+                loop.run_until_complete(loop.create_task(_sleeper(0)))
+
+                async def while_marked_closed():
+                    # closed without close() (which hands the loop back first): the same
+                    # error as asyncio's, before anything runs (eager tasks start only
+                    # on a running loop)
+                    loop._closed = True
+                    coro = first_step()
+                    try:
+                        with pytest.raises(RuntimeError, match="^Event loop is closed$"):
+                            loop.create_task(coro)
+                    finally:
+                        loop._closed = False
+                        coro.close()
+
+                loop.run_until_complete(while_marked_closed())
+            finally:
+                loop.close()
+        assert ran == []
+        assert len(checks) >= 2  # the override ran for both create_task calls
+        assert prof.snapshot().find(coro="_sleeper")
+    finally:
+        prof.close()
