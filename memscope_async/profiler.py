@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 from pathlib import Path
 from typing import Any, Callable
@@ -196,13 +197,16 @@ class Profiler:
     def snapshot(self) -> Report:
         """A :class:`Report` of everything recorded so far (the profiler may be running)."""
         try:
-            return self._tracker.report()
+            # Building it is our bookkeeping, not the program's memory: its allocations are
+            # not recorded (in a fresh process its first imports alone are ~1 MiB, which the
+            # next snapshot's totals counted as the program's).
+            return _core.unrecorded(self._tracker.report)
         except TrackerError as exc:
             raise ProfilerError(str(exc)) from None
 
     def export(self, path: str | Path, *, indent: bool = False) -> Path:
         """Write the JSON report atomically to ``path`` and return the path."""
-        return write_json(self.snapshot(), path, indent=indent)
+        return _core.unrecorded(functools.partial(write_json, self.snapshot(), path, indent=indent))
 
     async def export_async(self, path: str | Path, *, indent: bool = False) -> Path:
         """Like :meth:`export`, writing with aiofiles so the loop is not blocked."""
