@@ -128,7 +128,7 @@ static inline int kw_is(PyObject *key, PyObject *name) {
 }
 
 static inline int task_registered(uint32_t tid, uint32_t *ti) {
-    return tid && u64map_get(&S.task_index, (uint64_t)tid + 1, ti);
+    return tid && tid_get(tid, ti);
 }
 
 static PyObject *qualname_of(PyObject *coro) {
