@@ -237,6 +237,9 @@ static struct {
     PyMemAllocatorEx orig_obj, orig_mem;
     Py_ssize_t *raw_blocks;      /* pymalloc's count of blocks it got from the raw allocator,
                                     when our own objects come from there (own_malloc) */
+    int own_raw_now;             /* a task's tag mapping is being made, to come from there */
+    int eager_score;             /* recent tasks that ended inside create_task (+1 each)
+                                    against those still pending there (-1), in +-16 */
     ptrmap_t ptrs;               /* big blocks (exact mode), every sample (sampled mode) */
     shadow_t shadow;             /* small blocks, exact mode: metadata next to metadata */
     uint64_t *filter;            /* sampled mode: bit set "this granule may be sampled" */
@@ -907,15 +910,19 @@ static MS_HOT void free_with(PyMemAllocatorEx *a, void *ptr, int mode) {
     a->free(a->ctx, ptr);
 }
 
-/* Our own objects of a context's size (allocated with the guard up: the new mapping that
- * holds a task's Tag in its context, and its root node while the context holds only the
- * Tag) come from the raw allocator, not from pymalloc's pools, where they would sit among
+/* The objects made to tag a task (the new mapping that holds its Tag in its context, and
+ * its root node while the context holds only the Tag; register_task sets own_raw_now
+ * around their making) come from the raw allocator, not from pymalloc's pools, where they
+ * would sit among
  * the program's objects of that size class, its tasks' contexts first of all.  A full
  * collection visits every task's context and the mapping it points to: with ours out of
  * the pools, the contexts stay as densely packed as without us.  Measured (3.12, gather
  * tree, the collector on, sampled mode): its 17 full collections took 1.12-1.17 s, 1.00 s
  * this way, 0.94 s in the plain run.  Smaller ones (the Tag) stay in pymalloc: the raw
  * allocator is slower, and taking every one of ours there cost the eager trees ~2%.
+ * Nor do they while most recent tasks ended inside create_task (eager tasks whose first
+ * step was their last: S.eager_score > 0): those are freed before any collection sees
+ * them, and the raw allocator and its free cost ~300 instructions a task (callgrind).
  * pymalloc hands any block it did not make to the raw allocator when it is freed (as it
  * does its own big blocks, also after we stop) and counts it out of
  * sys.getallocatedblocks(), so such a block is counted in here (S.raw_blocks): only where
@@ -924,7 +931,7 @@ static MS_HOT void free_with(PyMemAllocatorEx *a, void *ptr, int mode) {
 #define OWN_RAW_MAX 64
 
 static inline int own_raw(const PyMemAllocatorEx *a, size_t size) {
-    return a == &S.orig_obj && S.raw_blocks != NULL && size >= OWN_RAW_MIN && size <= OWN_RAW_MAX;
+    return S.own_raw_now && a == &S.orig_obj && S.raw_blocks != NULL && size >= OWN_RAW_MIN && size <= OWN_RAW_MAX;
 }
 
 /* A block of `size` (own_raw said so) from the raw allocator, counted as pymalloc counts its own. */

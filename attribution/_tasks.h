@@ -352,7 +352,9 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     }
     int rc = 1, uncounted = 0;
     if (ctx != NULL && !enter) {
+        S.own_raw_now = S.eager_score <= 0; /* see own_raw */
         rc = fresh_context_set(ctx, S.tag_var, (PyObject *)tag);
+        S.own_raw_now = 0;
         if (rc == 2) {
             rc = 0;
             uncounted = gc_uncount();
@@ -636,6 +638,7 @@ static void attach_task(uint32_t tid, PyObject *task, int named) {
          * here, and the object index never holds it (on an eager tree, most tasks: an
          * insertion and a removal saved, in a table that at 56,000 tasks misses the cache) */
         uint32_t st = c_task_state(task);
+        if (st == TS_PENDING ? S.eager_score > -16 : S.eager_score < 16) S.eager_score += st == TS_PENDING ? -1 : 1;
         note_object(tid, ti, task, st == TS_PENDING);
         if (st != TS_PENDING) {
             end_record(tid, ti, task, st);
