@@ -914,17 +914,16 @@ static MS_HOT void free_with(PyMemAllocatorEx *a, void *ptr, int mode) {
  * its root node while the context holds only the Tag; register_task sets own_raw_now
  * around their making) come from the raw allocator, not from pymalloc's pools, where they
  * would sit among the program's objects of that size class, its tasks' contexts first of
- * all.  A full
- * collection visits every task's context and the mapping it points to: with ours out of
- * the pools, the contexts stay as densely packed as without us.  Measured (3.12, gather
- * tree, the collector on, sampled mode): its 17 full collections took 1.12-1.17 s, 1.00 s
- * this way, 0.94 s in the plain run.  Smaller ones (the Tag) stay in pymalloc: the raw
- * allocator is slower, and taking every one of ours there cost the eager trees ~2%.
- * Nor do they while most recent tasks ended inside create_task (eager tasks whose first
- * step was their last: S.eager_score > 0): those are freed before any collection sees
- * them, and the raw allocator and its free cost ~300 instructions a task (callgrind).
- * pymalloc hands any block it did not make to the raw allocator when it is freed (as it
- * does its own big blocks, also after we stop) and counts it out of
+ * all.  A full collection visits every task's context and the mapping it points to: with
+ * ours out of the pools, the contexts stay as densely packed as without us.  Measured
+ * (3.12, gather tree, the collector on, sampled mode): its 17 full collections took
+ * 1.12-1.17 s, 1.00 s this way, 0.94 s in the plain run.  Smaller ones (the Tag) stay in
+ * pymalloc: the raw allocator is slower, and taking every one of ours there cost the eager
+ * trees ~2%.  So does the mapping while most recent tasks ended inside create_task (eager
+ * tasks whose first step was their last: S.eager_score > 0): those are freed before any
+ * collection sees them, and the raw allocator and its free cost ~300 instructions a task
+ * (callgrind).  pymalloc hands any block it did not make to the raw allocator when it is
+ * freed (as it does its own big blocks, also after we stop) and counts it out of
  * sys.getallocatedblocks(), so such a block is counted in here (S.raw_blocks): only where
  * that count was found and pymalloc itself is the object allocator (raw_blocks_counter). */
 #define OWN_RAW_MIN 49 /* pymalloc's 64-byte size class */
