@@ -1,8 +1,9 @@
 /* A small open-addressing map from a non-zero uint64 key to a uint32 value.
  *
  * Used for the cell index ((task, thread, route, phase) -> cell, for cells other than a
- * task's home cell, which its Tag names), the task index (task id -> task slot), the
- * object index (task address -> task id) and the stack tables.
+ * task's home cell, which its Tag names), the task index (task id -> task slot, for the
+ * ids _core.c's ring of recent ids cannot hold), the object index (task address -> task
+ * id) and the stack tables.
  * Power-of-two capacity, linear probing, backward-shift deletion, load kept under 0.5.
  * Memory is mapped from the kernel (_sysmem.h), so it can grow inside an allocator hook
  * and leaves the program's heap alone.  GIL held throughout.
