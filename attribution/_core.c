@@ -178,8 +178,9 @@ typedef struct {
     int64_t stack_countdown; /* exact mode: bytes until the next stack sample */
     uint64_t rng;
     PyObject *pending_ctx;   /* borrowed: the context of the task our factory is making, */
-    uint32_t pending_tid;    /* its id and its Tag (the context holds it; our factory holds */
-    TagObject *pending_tag;  /* the context while these are set) */
+    uint32_t pending_tid;    /* its id, its Tag and the mapping that holds the Tag (our */
+    TagObject *pending_tag;  /* factory holds the context and the mapping while these are */
+    PyObject *pending_vars;  /* set; the Tag is the context's while that mapping is) */
     PyObject *empty_ctx;     /* owned: an empty context for our done callbacks */
     PyObject *ctx_seen;      /* borrowed, compared only: the context context_tid last read */
     TagObject *ctx_tag;      /* borrowed: the Tag read there (NULL: none); valid while that */
@@ -470,6 +471,8 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t ti, uint32_t slot,
  * context_ver on every context switch (not on ContextVar.set: the one place we set the tag
  * in the running context, register_task, resets ctx_seen), so while (context, context_ver)
  * is unchanged the answer is too: most allocations skip the lookup. */
+static PyObject *context_vars(PyObject *ctx); /* _tasks.h */
+
 static inline uint32_t context_tid(void) {
     PyThreadState *ts = tstate_unchecked();
     if (ts == NULL) return 0;
@@ -481,11 +484,12 @@ static inline uint32_t context_tid(void) {
     /* Never touch the error indicator here: an allocation can happen while an exception
      * is being raised, and PyContextVar_Get cannot fail for a real ContextVar. */
     TagObject *tag = NULL;
-    if (ts->context == t->pending_ctx && t->pending_tag != NULL) {
+    if (ts->context == t->pending_ctx && t->pending_tag != NULL && context_vars(ts->context) == t->pending_vars) {
         /* The context of the task our factory is making, in its eager first step (and in
-         * the tasks that step makes, each time one of their own eager steps returns): it
-         * holds the Tag we put there, which a lookup would find after ~200 instructions
-         * (the variable's cache misses after every context switch). */
+         * the tasks that step makes, each time one of their own eager steps returns): while
+         * it still holds the mapping we made (a task made meanwhile with this very context
+         * would have replaced it), it holds the Tag we put there, which a lookup would find
+         * after ~200 instructions (the variable's cache misses after every context switch). */
         tag = t->pending_tag;
         tid = tag->tid;
     } else if (PyContextVar_Get(S.tag_var, NULL, &v) == 0 && v != NULL) {
@@ -886,6 +890,23 @@ static void record_realloc(void *old, void *p, size_t size) {
     record_alloc(p, size, MODE_EXACT);
 }
 
+/* Exact mode, guard up: the block at old, now at p with `size` bytes, stays with the cell
+ * it had, if it had one. */
+static void record_realloc_kept(void *old, void *p, size_t size) {
+    size_t old_size;
+    uint32_t old_cell;
+    int flag;
+    if (!ptrs_take(old, &old_size, &old_cell, &flag, MODE_EXACT)) return;
+    int kept = flag && S.stack_interval > 0 ? stacks_move(old, p, old_size, size) : 0;
+    if (ptrs_put(p, size, old_cell, kept, MODE_EXACT) < 0) {
+        S.untracked++;
+        if (kept) stacks_record_free(p);
+        account_free(old_cell, (int64_t)old_size, COUNT_ONE);
+        return;
+    }
+    charge_resize(&S.cells[old_cell], (int64_t)size - (int64_t)old_size);
+}
+
 /* What every hook does around the original allocator.  The guard keeps *allocations*
  * made by our own bookkeeping out of the books; frees are always recorded (the guard can
  * be up while Python code runs, e.g. a collection inside the fold hook, and a lost free
@@ -1068,7 +1089,11 @@ static MS_HOT void *hook_realloc_after(void *ptr, void *p, size_t size, int mode
         else record_realloc(ptr, p, size);
         tls.guard = 0;
     } else if (ptr != NULL) {
-        record_free(ptr, mode); /* the old block ends; the new one is ours, not tracked */
+        /* Under the guard: our bookkeeping, or Python code that ran inside it (a finalizer
+         * during a snapshot).  A block the program owns stays its owner's, resized; one of
+         * ours stays untracked.  (Sampled mode lets a sample go: an estimate.) */
+        if (mode == MODE_EXACT) record_realloc_kept(ptr, p, size);
+        else record_free(ptr, mode);
     }
     return p;
 }

@@ -165,6 +165,9 @@ static PyObject *qualname_of(PyObject *coro) {
 #include "internal/pycore_context.h"
 #undef Py_BUILD_CORE
 
+/* The variable mapping a context holds now (borrowed, compared only). */
+static PyObject *context_vars(PyObject *ctx) { return (PyObject *)((PyContext *)ctx)->ctx_vars; }
+
 static struct {
     PyTypeObject *type; /* CPython's HAMT type (borrowed: static type) */
     PyCFunction set;    /* its set(key, value) -> new mapping, METH_VARARGS */
@@ -360,9 +363,10 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     }
     int rc = 1, uncounted = 0;
     if (ctx != NULL && !enter) {
+        int raw_before = S.own_raw_now; /* (a collection in there may make a task) */
         S.own_raw_now = S.eager_score <= 0; /* see own_raw */
         rc = fresh_context_set(ctx, S.tag_var, (PyObject *)tag);
-        S.own_raw_now = 0;
+        S.own_raw_now = raw_before;
         if (rc == 2) {
             rc = 0;
             uncounted = gc_uncount();
@@ -1304,18 +1308,23 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
         return NULL;
     }
     tls_t *t = &tls;
-    PyObject *saved_ctx = t->pending_ctx;
+    PyObject *saved_ctx = t->pending_ctx, *saved_vars = t->pending_vars;
     uint32_t saved_tid = t->pending_tid;
     TagObject *saved_tag = t->pending_tag;
+    PyObject *vars = NULL;
     if (tid) {
+        vars = Py_XNewRef(context_vars(ctx)); /* held, so its address names it alone */
         t->pending_ctx = ctx;
         t->pending_tid = tid;
         t->pending_tag = tag;
+        t->pending_vars = vars;
     }
     PyObject *task = make_task(f, loop, coro, ctx, name, kwargs);
     t->pending_ctx = saved_ctx;
     t->pending_tid = saved_tid;
     t->pending_tag = saved_tag;
+    t->pending_vars = saved_vars;
+    Py_XDECREF(vars);
     if (tid) {
         uint32_t ti;
         if (task != NULL) {
@@ -1473,15 +1482,21 @@ typedef struct {
     vectorcallfunc vectorcall;
 } CreateTaskObject;
 
-/* asyncio.base_events.BaseEventLoop._check_closed (strong), once looked up; Py_None if not
- * there to be found. */
+/* asyncio.base_events.BaseEventLoop._check_closed (strong), once looked up; Py_None if it
+ * is not there or not asyncio's own function (replaced before we looked). */
 static PyObject *std_check_closed;
 
 static PyObject *find_std_check_closed(void) {
     PyObject *mod = PyImport_GetModule(G.s_base_events_module), *cls = NULL, *fn = NULL;
     if (mod != NULL) cls = PyObject_GetAttrString(mod, "BaseEventLoop");
     if (cls != NULL && PyType_Check(cls)) fn = _PyType_Lookup((PyTypeObject *)cls, G.s_check_closed);
-    std_check_closed = Py_NewRef(fn != NULL && PyFunction_Check(fn) ? fn : Py_None);
+    int own = fn != NULL && PyFunction_Check(fn) &&
+              PyUnicode_Check(((PyFunctionObject *)fn)->func_qualname) &&
+              PyUnicode_CompareWithASCIIString(((PyFunctionObject *)fn)->func_qualname,
+                                               "BaseEventLoop._check_closed") == 0 &&
+              ((PyFunctionObject *)fn)->func_module != NULL && PyUnicode_Check(((PyFunctionObject *)fn)->func_module) &&
+              PyUnicode_CompareWithASCIIString(((PyFunctionObject *)fn)->func_module, "asyncio.base_events") == 0;
+    std_check_closed = Py_NewRef(own ? fn : Py_None);
     Py_XDECREF(cls);
     Py_XDECREF(mod);
     PyErr_Clear();
@@ -1489,19 +1504,32 @@ static PyObject *find_std_check_closed(void) {
 }
 
 /* What create_task does first, loop._check_closed(): 0, or -1 with its exception set.
- * asyncio's own method (the loop's class does not replace it) only tests loop._closed, so
- * that test is made here; calling the method from C costs a fresh entry into the
- * interpreter, ~800 instructions a task. */
+ * When the method the call would find (the loop's own attribute first, then its class's)
+ * is asyncio's, which only tests loop._closed, that test is made here: calling the method
+ * from C costs a fresh entry into the interpreter, ~800 instructions a task. */
+#if PY_VERSION_HEX >= 0x030D0000
+/* Exported by libpython 3.11-3.13 with this signature; declared in cpython/object.h up to
+ * 3.12, in an internal header from 3.13.  The method as a call `obj.name()` finds it: 1
+ * and the function itself when it is the type's (no bound method is made), else 0 and the
+ * attribute. */
+PyAPI_FUNC(int) _PyObject_GetMethod(PyObject *obj, PyObject *name, PyObject **method);
+#endif
+
 static int check_closed(PyObject *loop) {
     PyObject *std = std_check_closed != NULL ? std_check_closed : find_std_check_closed();
-    if (std != Py_None && _PyType_Lookup(Py_TYPE(loop), G.s_check_closed) == std) {
+    PyObject *m = NULL;
+    int unbound = _PyObject_GetMethod(loop, G.s_check_closed, &m);
+    if (m == NULL) return -1;
+    if (unbound && m == std) {
+        Py_DECREF(m);
         PyObject *closed = PyObject_GetAttr(loop, G.s_closed);
         int yes = closed != NULL ? PyObject_IsTrue(closed) : -1;
         Py_XDECREF(closed);
         if (yes > 0) PyErr_SetString(PyExc_RuntimeError, "Event loop is closed");
         return yes == 0 ? 0 : -1;
     }
-    PyObject *r = PyObject_CallMethodNoArgs(loop, G.s_check_closed);
+    PyObject *r = unbound ? PyObject_CallOneArg(m, loop) : PyObject_CallNoArgs(m);
+    Py_DECREF(m);
     Py_XDECREF(r);
     return r != NULL ? 0 : -1;
 }

@@ -242,3 +242,25 @@ def test_instrument_from_a_running_task_charges_that_task():
     finally:
         prof.close()
         KEEP.clear()
+
+
+def test_block_resized_by_code_that_runs_unrecorded_stays_its_owners():
+    # Code can run while our own bookkeeping has the hooks' guard up (a finalizer during a
+    # snapshot).  A block the program owns that it resizes there stays its owner's.
+    from memscope_async.attribution import _core
+
+    held = []
+
+    async def owner():
+        buf = bytearray(2 * MiB)
+        held.append(buf)
+        await asyncio.sleep(0)
+        _core.unrecorded(buf.extend, bytes(MiB))  # a realloc of the task's block, guard up
+
+    async def main():
+        await asyncio.create_task(owner())
+
+    _, report = run_profiled(main)
+    (t,) = report.find(coro="owner")
+    assert close_to(t.live_bytes, 3 * MiB), t
+    held.clear()

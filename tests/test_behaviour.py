@@ -379,3 +379,40 @@ def test_create_task_checks_the_loop_is_open_as_asyncio_does():
         assert prof.snapshot().find(coro="_sleeper")
     finally:
         prof.close()
+
+
+def test_create_task_calls_a_check_closed_set_on_the_loop_itself():
+    # The loop's own attribute wins over its class's method, as in asyncio's create_task:
+    # as many calls of it (create_task's, call_soon's) with the profiler as without.
+    from unittest import mock
+
+    def checks_per_create_task(profiled: bool) -> int:
+        calls = []
+        prof = ms.Profiler().start() if profiled else None
+        loop = asyncio.new_event_loop()
+        try:
+            if prof is not None:
+                prof.instrument_loop(loop)
+            real = loop._check_closed
+
+            def spy():
+                calls.append(1)
+                real()
+
+            async def main():
+                before = len(calls)
+                t = loop.create_task(_sleeper(0))
+                made = len(calls) - before
+                await t
+                return made
+
+            with mock.patch.object(loop, "_check_closed", spy):
+                return loop.run_until_complete(main())
+        finally:
+            loop.close()
+            if prof is not None:
+                prof.close()
+
+    plain = checks_per_create_task(False)
+    assert plain >= 1
+    assert checks_per_create_task(True) == plain

@@ -279,3 +279,39 @@ def test_configure_skips_entries_that_name_no_maker():
     """)
     proc = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+
+
+@needs_eager
+def test_a_task_made_with_the_context_of_one_being_made_takes_its_own_bytes():
+    # A task factory that makes a second task with the context it was handed, then the
+    # task itself, eagerly: the context's tag is the second task's by then, and memory the
+    # first one's eager step allocates must not go to a task made in that step (which
+    # allocated nothing) through a tag that was recycled meanwhile.
+    keep = []
+
+    async def second():
+        await asyncio.sleep(0)
+
+    async def child():
+        return 1
+
+    async def first():
+        await asyncio.create_task(child(), name="child")
+        keep.append(bytearray(4 * 1024 * 1024))
+        await asyncio.sleep(0)
+
+    def factory(loop, coro, context=None, **kw):
+        if getattr(coro, "__name__", "") == "first":
+            loop.create_task(second(), context=context)
+        return asyncio.Task(coro, loop=loop, context=context, eager_start=True, **kw)
+
+    async def main():
+        asyncio.get_running_loop().set_task_factory(factory)
+        t = asyncio.get_running_loop().create_task(first())
+        await t
+        await asyncio.sleep(0.01)
+
+    _, report = run_profiled(main)
+    (c,) = report.find(name="child")
+    assert c.live_bytes < 64 * 1024, c
+    keep.clear()
