@@ -539,12 +539,14 @@ static inline cell_t *fast_cell_for(const tls_t *t, uint32_t idx) {
     return (t->ts_slot != NULL && S.shadow.dir != NULL && !c->track_time) ? c : NULL;
 }
 
+/* Is slot ti record tid's?  (A slot is cleared when its record is released.) */
+static inline int record_at(uint32_t tid, uint32_t ti) {
+    return ti != 0 && ti < S.ntasks && S.tasks[ti].in_use && S.tasks[ti].tid == tid;
+}
+
 /* The hints of a Tag (see TagObject), 0 unless they still hold: the record slot while it
  * holds record tag->tid, the cell while it is the one for key. */
-static inline uint32_t tag_record(const TagObject *tag) {
-    uint32_t ti = tag->ti;
-    return ti != 0 && ti < S.ntasks && S.tasks[ti].in_use && S.tasks[ti].tid == tag->tid ? ti : 0;
-}
+static inline uint32_t tag_record(const TagObject *tag) { return record_at(tag->tid, tag->ti) ? tag->ti : 0; }
 
 static inline uint32_t tag_cell(const TagObject *tag, uint64_t key) {
     uint32_t c = tag->cell;
@@ -851,6 +853,21 @@ static MS_HOT void record_free(void *p, int mode) {
     if (flag && S.stack_interval > 0) stacks_record_free(p);
 }
 
+/* Exact mode: the block at old (taken from the tables: old_size bytes in old_cell, flag its
+ * stack-sample mark), now at p with `size` bytes, stays with that cell and only the size
+ * difference counts.  Returns 1, or 0 if it could not be kept in the tables (it ends). */
+static int keep_resized(void *old, void *p, size_t size, size_t old_size, uint32_t old_cell, int flag) {
+    int kept = flag && S.stack_interval > 0 ? stacks_move(old, p, old_size, size) : 0;
+    if (ptrs_put(p, size, old_cell, kept, MODE_EXACT) < 0) {
+        S.untracked++;
+        if (kept) stacks_record_free(p);
+        account_free(old_cell, (int64_t)old_size, COUNT_ONE);
+        return 0;
+    }
+    charge_resize(&S.cells[old_cell], (int64_t)size - (int64_t)old_size);
+    return 1;
+}
+
 static void record_realloc(void *old, void *p, size_t size) {
     if (S.mode == MODE_SAMPLED) {
         record_free(old, MODE_SAMPLED);
@@ -866,26 +883,16 @@ static void record_realloc(void *old, void *p, size_t size) {
         record_alloc(p, size, MODE_EXACT);
         return;
     }
-    int sampled = flag && S.stack_interval > 0;
     uint32_t cell = current_cell(t);
     if (cell != 0 && cell_tid(&S.cells[cell]) == cell_tid(&S.cells[old_cell])) {
-        /* Same owner: the block keeps its cell (and its stack sample) and only the size
-         * difference counts, so a buffer grown by realloc is charged its final size, not
-         * every step. */
-        cell_t *c = &S.cells[old_cell];
-        int kept = sampled ? stacks_move(old, p, old_size, size) : 0;
-        if (ptrs_put(p, size, old_cell, kept, MODE_EXACT) < 0) {
-            S.untracked++;
-            if (kept) stacks_record_free(p);
-            account_free(old_cell, (int64_t)old_size, COUNT_ONE);
-            return;
-        }
-        charge_resize(c, (int64_t)size - (int64_t)old_size);
-        if (c->track_time) c->last_ns = coarse_ns();
+        /* Same owner: the block keeps its cell (and its stack sample), so a buffer grown
+         * by realloc is charged its final size, not every step. */
+        if (keep_resized(old, p, size, old_size, old_cell, flag) && S.cells[old_cell].track_time)
+            S.cells[old_cell].last_ns = coarse_ns();
         return;
     }
     /* Another owner grows or shrinks the block: ownership moves to it. */
-    if (sampled) stacks_record_free(old);
+    if (flag && S.stack_interval > 0) stacks_record_free(old);
     account_free(old_cell, (int64_t)old_size, COUNT_ONE);
     record_alloc(p, size, MODE_EXACT);
 }
@@ -896,15 +903,7 @@ static void record_realloc_kept(void *old, void *p, size_t size) {
     size_t old_size;
     uint32_t old_cell;
     int flag;
-    if (!ptrs_take(old, &old_size, &old_cell, &flag, MODE_EXACT)) return;
-    int kept = flag && S.stack_interval > 0 ? stacks_move(old, p, old_size, size) : 0;
-    if (ptrs_put(p, size, old_cell, kept, MODE_EXACT) < 0) {
-        S.untracked++;
-        if (kept) stacks_record_free(p);
-        account_free(old_cell, (int64_t)old_size, COUNT_ONE);
-        return;
-    }
-    charge_resize(&S.cells[old_cell], (int64_t)size - (int64_t)old_size);
+    if (ptrs_take(old, &old_size, &old_cell, &flag, MODE_EXACT)) (void)keep_resized(old, p, size, old_size, old_cell, flag);
 }
 
 /* What every hook does around the original allocator.  The guard keeps *allocations*

@@ -774,11 +774,6 @@ static void end_task(PyObject *task, uint32_t state) {
     end_record(tid, 0, task, state);
 }
 
-/* Is slot ti record tid's?  (A slot is cleared when its record is released.) */
-static inline int record_at(uint32_t tid, uint32_t ti) {
-    return ti != 0 && ti < S.ntasks && S.tasks[ti].in_use && S.tasks[ti].tid == tid;
-}
-
 /* Record tid, made for `task`, ends in `state` (TS_UNREAD: read it now), unless it has
  * already ended or is another task's.  ti: its slot if the caller knows it, else 0. */
 static void end_record(uint32_t tid, uint32_t ti, PyObject *task, uint32_t state) {
