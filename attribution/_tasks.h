@@ -121,10 +121,18 @@ static inline loop_entry_t *loop_entry(PyObject *loop) {
     return NULL;
 }
 
-/* Is the keyword name `key` (a str from kwnames) the interned `name`?  Call sites pass
- * interned names, so the identity test nearly always decides. */
-static inline int kw_is(PyObject *key, PyObject *name) {
-    return key == name || PyUnicode_Compare(key, name) == 0;
+/* Is the keyword name `key` (a str from kwnames) "context"?  Most callers pass the interned
+ * string, but 3.12's C Task passes one of its own (made by _asyncio's module state) to
+ * call_soon on every step, where the identity test failed and strings were compared
+ * (~100 instructions a task on a gather tree).  The last such string seen (strong, so
+ * its address names it alone) is a second identity. */
+static PyObject *context_kw_alias;
+
+static inline int kw_is_context(PyObject *key) {
+    if (key == G.s_context || key == context_kw_alias) return 1;
+    if (PyUnicode_Compare(key, G.s_context) != 0) return 0;
+    if (PyUnicode_CheckExact(key)) Py_XSETREF(context_kw_alias, Py_NewRef(key));
+    return 1;
 }
 
 static inline int task_registered(uint32_t tid, uint32_t *ti) {
@@ -586,9 +594,12 @@ static void learn_state_offset(PyObject *task, PyObject *s) {
     if (G.state_seen[0] + G.state_seen[1] + G.state_seen[2] == 0) {
         for (int i = 0; i < STATE_SLOTS && first + 4 * (Py_ssize_t)i + 4 <= size; i++) c |= UINT64_C(1) << i;
     }
+    /* task may be one of the Futures of learn_states_from_futures: a Task's first part */
+    Py_ssize_t limit = Py_TYPE(task)->tp_basicsize;
     for (uint64_t m = c; m != 0; m &= m - 1) { /* the slots still in the running */
         int i = __builtin_ctzll(m);
-        if (*(int32_t *)((char *)task + first + 4 * (Py_ssize_t)i) != code) c &= ~(UINT64_C(1) << i);
+        Py_ssize_t at = first + 4 * (Py_ssize_t)i;
+        if (at + 4 > limit || *(int32_t *)((char *)task + at) != code) c &= ~(UINT64_C(1) << i);
     }
     G.state_cands = c;
     G.state_seen[code]++;
@@ -620,6 +631,49 @@ static uint32_t c_task_state(PyObject *task) {
     if (G.state_off == 0) learn_state_offset(task, s);
     Py_DECREF(s);
     return st;
+}
+
+/* Learning from tasks alone needs a finished one, and in a program that makes its tasks
+ * breadth first (a gather tree) none finishes before the last is made: every task until
+ * then went the getter's way (~400 instructions each).  So when a loop is instrumented,
+ * three Futures of its own (asyncio.Task's base type, whose struct is a Task's first
+ * part) are seen pending, finished and cancelled first; the tasks that follow confirm. */
+static void learn_states_from_futures(PyObject *loop) {
+    PyTypeObject *task_type = (PyTypeObject *)G.task_type;
+    PyTypeObject *fut_type = task_type != NULL ? task_type->tp_base : NULL;
+    if (G.state_off != 0 || G.state_get == NULL || fut_type == NULL ||
+        G.state_seen[0] + G.state_seen[1] + G.state_seen[2] != 0 || fut_type->tp_basicsize > task_type->tp_basicsize)
+        return;
+    int g = tls.guard;
+    tls.guard = 1; /* our objects, not the program's */
+    PyObject *exc = PyErr_GetRaisedException_compat();
+    PyObject *futs[3] = {NULL, NULL, NULL};
+    PyObject *kw = Py_BuildValue("{s:O}", "loop", loop), *empty = PyTuple_New(0);
+    int ok = kw != NULL && empty != NULL;
+    for (int i = 0; ok && i < 3; i++) {
+        futs[i] = PyObject_Call((PyObject *)fut_type, empty, kw);
+        ok = futs[i] != NULL && Py_TYPE(futs[i]) == fut_type;
+    }
+    PyObject *r = NULL;
+    if (ok) ok = (r = PyObject_CallMethod(futs[1], "set_result", "O", Py_None)) != NULL;
+    Py_XDECREF(r);
+    if (ok) ok = (r = PyObject_CallMethod(futs[2], "cancel", NULL)) != NULL;
+    Py_XDECREF(r);
+    for (int i = 0; ok && i < 3; i++) {
+        PyObject *s = G.state_get(futs[i], G.state_closure);
+        if (s == NULL) break;
+        if (PyUnicode_Check(s)) {
+            (void)state_code(futs[i], s); /* learns the three strings */
+            learn_state_offset(futs[i], s);
+        }
+        Py_DECREF(s);
+    }
+    for (int i = 0; i < 3; i++) Py_XDECREF(futs[i]);
+    Py_XDECREF(kw);
+    Py_XDECREF(empty);
+    PyErr_Clear();
+    PyErr_SetRaisedException_compat(exc);
+    tls.guard = g;
 }
 
 #define TS_UNREAD UINT32_MAX /* end_task: read the state */
@@ -1164,8 +1218,7 @@ static PyObject *callsoon_vectorcall(PyObject *self, PyObject *const *args, size
         if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) == 1 && S.active) {
             PyObject *ctx = args[n];
             PyObject *key = PyTuple_GET_ITEM(kwnames, 0);
-            if (ctx != Py_None && PyContext_CheckExact(ctx) &&
-                kw_is(key, G.s_context))
+            if (ctx != Py_None && PyContext_CheckExact(ctx) && kw_is_context(key))
                 check_step(args[0], cb, ctx);
         }
     }
@@ -1349,7 +1402,7 @@ static PyObject *factory_vectorcall(PyObject *self, PyObject *const *args, size_
     Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-        if (kw_is(key, G.s_context)) {
+        if (kw_is_context(key)) {
             ctx = args[n + i];
             continue;
         }
@@ -1730,7 +1783,7 @@ static PyObject *handover_vectorcall(PyObject *self, PyObject *const *args, size
         if (other) {
             PyObject *ctx = NULL;
             for (Py_ssize_t i = 0; kwnames != NULL && i < PyTuple_GET_SIZE(kwnames); i++) {
-                if (kw_is(PyTuple_GET_ITEM(kwnames, i), G.s_context)) ctx = args[n + i];
+                if (kw_is_context(PyTuple_GET_ITEM(kwnames, i))) ctx = args[n + i];
             }
             tid = (ctx != NULL && ctx != Py_None && PyContext_CheckExact(ctx)) ? ctx_tag(ctx) : context_tid();
             if (tid == 0) tid = tls.handover;
@@ -1808,6 +1861,7 @@ static PyObject *core_register_loop(PyObject *m, PyObject *args) {
     e->factory = (FactoryObject *)Py_NewRef(factory);
     e->propagate = propagate;
     Py_XDECREF(old);
+    learn_states_from_futures(loop);
     Py_RETURN_NONE;
 }
 
