@@ -253,6 +253,47 @@ def test_tasks_sharing_one_context_all_end(loop_kind):
     assert all(t.state == "done" and t.finished_at is not None for t in shared), shared
 
 
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="the state is read from the struct on 3.12+ only")
+def test_state_offset_is_known_before_any_task_finishes():
+    # A program that makes its tasks breadth first (a gather tree) finishes none before
+    # the last is made: the offset is learnt from Futures of the loop when it is
+    # instrumented, and the first pending tasks confirm it.  Then every end still gets its
+    # state.  Run apart: what the core has learnt is the process's.
+    import subprocess
+    import textwrap
+
+    prog = textwrap.dedent("""
+        import asyncio
+        import memscope_async as ms
+        from memscope_async.attribution import _core
+
+        async def wait(ev, fail):
+            await ev.wait()
+            if fail:
+                raise ValueError(fail)
+
+        async def main():
+            ev = asyncio.Event()
+            tasks = [asyncio.create_task(wait(ev, i % 3 == 0), name=f"w{i}") for i in range(20)]
+            await asyncio.sleep(0)
+            known = _core.task_layout()["state_offset"]
+            tasks[1].cancel()
+            ev.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return known
+
+        profiler = ms.install_policy()
+        known = asyncio.run(main())
+        report = profiler.snapshot()
+        ms.uninstall_policy()
+        states = {t.name: t.state for t in report.tasks if t.name and t.name.startswith("w")}
+        print(known > 0, states["w0"], states["w1"], states["w2"], len(states))
+    """)
+    proc = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "failed", "cancelled", "done", "20"]
+
+
 def test_configure_skips_entries_that_name_no_maker():
     # _core.configure's table of asyncio's task makers: an entry it cannot use (no code
     # object, an unknown kind, no `name` argument) is left out, not kept half-made.  Run
