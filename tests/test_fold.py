@@ -87,3 +87,32 @@ def test_small_programs_keep_every_task():
     _, report = run_profiled(main)
     assert report.totals.folded_tasks == 0
     assert sorted(int(t.name[1:]) for t in report.tasks if t.coro and t.coro.endswith("worker")) == SIZES[:100]
+
+
+async def short() -> None:
+    pass
+
+
+def test_folded_tasks_keep_their_bytes_in_sampled_mode(loop_kind):
+    # A short task's live estimate is 0 when it ends, so in sampled mode it may fold at
+    # once.  What its last step allocates after its end is seen (on 3.11 and for Task
+    # subclasses, the end is a done callback inside that step, and asyncio then makes the
+    # Handles of the task's other callbacks) must still reach its group, not unattributed.
+    # Truth: the same program in exact mode, where the group's bytes are counted, not
+    # estimated.  Sampled at 4 KiB, ~6,000 samples: the estimate's spread is ~1.3%.
+    tasks = 20_000
+
+    async def main():
+        for _ in range(tasks // 2_000):
+            await asyncio.gather(*(short() for _ in range(2_000)))
+
+    def group_bytes(report):
+        (g,) = [g for g in report.groups if g.coro and g.coro.endswith("short")]
+        assert g.tasks == tasks
+        return g.allocated_bytes.sum
+
+    _, exact = run_profiled(main, loop_kind, max_finished_tasks=1_000)
+    _, sampled = run_profiled(main, loop_kind, mode="sampled", sample_interval=4 * KiB, max_finished_tasks=1_000)
+    assert exact.totals.folded_tasks > 10_000 and sampled.totals.folded_tasks > 10_000
+    truth = group_bytes(exact)
+    assert abs(group_bytes(sampled) - truth) <= 0.1 * truth, (group_bytes(sampled), truth)
