@@ -163,7 +163,8 @@ def instrument(loop: asyncio.AbstractEventLoop | None = None, **options: Any) ->
         # the same errors for bad names or values as when it starts one; then the options
         # given, as a profiler would take them, against the running one's
         wanted, running = Profiler(**options)._settings(), prof._settings()
-        differ = [k for k in options if wanted[k] != running[k] and
+        asked = list(options) + (["mode"] if "sample_interval" in options and "mode" not in options else [])
+        differ = [k for k in asked if wanted[k] != running[k] and
                   not (k == "sample_interval" and running["mode"] == "exact")]
         if differ:
             raise ProfilerError(

@@ -51,9 +51,11 @@ class Profiler:
 
     mode
         ``"exact"`` counts every allocation; ``"sampled"`` samples on average every
-        ``sample_interval`` bytes and reports unbiased estimates.
+        ``sample_interval`` bytes and reports unbiased estimates.  Not given: sampled
+        if ``sample_interval`` is, else exact (as the command line's ``--sample-interval``).
     sample_interval
-        Mean bytes between samples in sampled mode (default 512 KiB).
+        Mean bytes between samples in sampled mode (default 512 KiB).  Giving it implies
+        sampled mode unless ``mode="exact"`` is given too, where it has no use.
     stack_interval
         Exact mode: mean bytes between stack samples for hotspots (default 256 KiB;
         0 disables stacks).
@@ -71,8 +73,8 @@ class Profiler:
     def __init__(
         self,
         *,
-        mode: str = "exact",
-        sample_interval: int = DEFAULT_SAMPLE_INTERVAL,
+        mode: str | None = None,
+        sample_interval: int | None = None,
         stack_interval: int = DEFAULT_STACK_INTERVAL,
         stack_depth: int = DEFAULT_STACK_DEPTH,
         max_finished_tasks: int = DEFAULT_MAX_FINISHED_TASKS,
@@ -80,11 +82,13 @@ class Profiler:
         inferred_half_life: float = 1.0,
         seed: int = 0,
     ) -> None:
+        if mode is None:
+            mode = "exact" if sample_interval is None else "sampled"
         try:
             self._tracker = Tracker(
                 TAG,
                 mode=mode,
-                sample_interval=sample_interval,
+                sample_interval=DEFAULT_SAMPLE_INTERVAL if sample_interval is None else sample_interval,
                 stack_interval=stack_interval,
                 stack_depth=stack_depth,
                 max_finished_tasks=max_finished_tasks,

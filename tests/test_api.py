@@ -50,3 +50,27 @@ def test_instrument_uses_the_running_profiler_and_refuses_other_options():
 
     ms.run(main())
     assert seen == {"same": True, "same mode": True}
+
+
+def test_a_sample_interval_alone_means_sampled_mode():
+    # As on the command line (--sample-interval implies --mode sampled): a sample interval
+    # given without a mode is not dropped in exact mode.
+    async def main():
+        await asyncio.sleep(0)
+
+    assert ms.Profiler(sample_interval=65536).mode == "sampled"
+    assert ms.Profiler().mode == "exact"
+    assert ms.Profiler(mode="exact", sample_interval=65536).mode == "exact"
+    ms.run(main(), sample_interval=65536)
+    run = ms.current_profiler().snapshot().run
+    assert (run.mode, run.sample_interval) == ("sampled", 65536)
+
+    seen = {}
+
+    async def inner():
+        with pytest.raises(ms.ProfilerError, match="cannot change mode"):
+            ms.instrument(sample_interval=65536)
+        seen["ok"] = True
+
+    ms.run(inner())  # an exact profiler is running inside: a sampled one cannot be had
+    assert seen == {"ok": True}
