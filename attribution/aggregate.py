@@ -43,6 +43,11 @@ from .report import (
 __all__ = ["RawData", "FoldedGroup", "build_report", "group_key"]
 
 TOP_HOTSPOTS = 10
+# A group is a leak suspect when its finished tasks still hold at least this much: below
+# it, what they hold is the noise of any program (a result object kept by its awaiter, a
+# cache entry; a few dozen bytes a task).  64 KiB is also the issue's absolute tolerance
+# for a task's own counts.  Every group keeps its retained_after_done_bytes either way.
+LEAK_MIN_BYTES = 64 * 1024
 
 
 @dataclass
@@ -130,10 +135,14 @@ def _sec(ns: int | None, start_ns: int) -> float | None:
 
 
 def _pct(sorted_vals: list[int], q: float) -> int:
+    """The q-quantile, interpolated between the two nearest values (numpy's default, and
+    for q = 0.5 the median as ``statistics.median`` gives it), rounded to a byte."""
     if not sorted_vals:
         return 0
-    idx = min(len(sorted_vals) - 1, max(0, int(round(q * (len(sorted_vals) - 1)))))
-    return sorted_vals[idx]
+    pos = q * (len(sorted_vals) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return int(round(sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)))
 
 
 class _Acc:
@@ -157,16 +166,29 @@ def _calibrated(rows: Sequence[tuple], ab: float, na: float, live: float) -> lis
     to stand for the bytes around it, so the sites' sums only estimate the task's bytes
     (one 100 KB task sampled once reads 256 KB).  The task's own allocated bytes,
     allocations and live bytes are counted exactly; the samples tell how they split over
-    sites.  Scaling each site by exact / estimated total (a ratio estimator) keeps the
-    split and makes the parts add up: hotspots never exceed the task, and a task with
-    nothing live has no live hotspots."""
-    sab = sum(r[2] for r in rows)
+    sites (ratio estimators).  Live bytes are split in proportion to the sites' sampled
+    live bytes; the rest of what the task allocated (what it freed) in proportion to the
+    sites' sampled freed bytes.  A site's allocated bytes are its live bytes plus its
+    share of the freed ones, so no site shows more live than it allocated (scaling both
+    by one ratio each did, where a task freed much at one site and kept all at another),
+    the parts add up to the task, and a task with nothing live has no live hotspots."""
     sna = sum(r[3] for r in rows)
-    slive = sum(r[4] for r in rows)
-    fab = ab / sab if sab > 0 else 0.0
+    slive = sum(max(0.0, r[4]) for r in rows)
+    kept = max(0.0, min(float(live), float(ab))) if slive > 0 else 0.0
+    freed = max(0.0, float(ab) - kept)
     fna = na / sna if sna > 0 else 0.0
-    flive = max(0.0, live) / slive if slive > 0 else 0.0
-    return [(tid, stack, rab * fab, rna * fna, rlive * flive) for tid, stack, rab, rna, rlive in rows]
+    flive = kept / slive if slive > 0 else 0.0
+    sfreed = sum(max(0.0, r[2] - max(0.0, r[4])) for r in rows)
+    sab = sum(r[2] for r in rows)
+    out = []
+    for tid, stack, rab, rna, rlive in rows:
+        site_live = max(0.0, rlive) * flive
+        if sfreed > 0:
+            site_freed = max(0.0, rab - max(0.0, rlive)) * (freed / sfreed)
+        else:  # no sampled block was freed: the freed bytes split as the allocations do
+            site_freed = rab * (freed / sab) if sab > 0 else 0.0
+        out.append((tid, stack, site_live + site_freed, rna * fna, site_live))
+    return out
 
 
 def _hotspots(site_rows: Iterable[tuple], stacks: list[tuple], frames: list[Frame], by_live: bool) -> tuple[Hotspot, ...]:
@@ -405,7 +427,7 @@ def build_report(raw: RawData) -> Report:
         return groups_acc.setdefault(
             key,
             {"coro": coro, "labels": dict(labels), "alloc": [], "sum": 0, "max": 0, "n": 0, "allocs": 0,
-             "live": 0, "ret": 0, "tids": [], "held_tids": [], "folded": 0},
+             "live": 0, "ret": 0, "tids": [], "held_tids": [], "folded": 0, "finished": 0},
         )
 
     for t in tasks:
@@ -418,11 +440,14 @@ def build_report(raw: RawData) -> Report:
         g["live"] += t.live_bytes
         g["ret"] += t.retained_after_done_bytes
         g["tids"].append(t.id)
+        if t.state != "pending":
+            g["finished"] += 1
         if t.retained_after_done_bytes > 0:
             g["held_tids"].append(t.id)
     for key, fg in raw.folded.items():
         g = _group(key, fg.coro, fg.labels)
         g["folded"] += fg.tasks
+        g["finished"] += fg.tasks
         g["n"] += fg.tasks
         g["allocs"] += fg.allocations
         g["sum"] += fg.allocated_sum
@@ -449,14 +474,16 @@ def build_report(raw: RawData) -> Report:
                 live_hotspots=_hotspots(group_sites, raw.stacks, frames, by_live=True),
             )
         )
-        if g["ret"] > 0:
+        if g["ret"] >= LEAK_MIN_BYTES:
             held_sites = [row for tid in g["held_tids"] for row in sites_by_task.get(tid, ())]
             leak_suspects.append(
                 LeakSuspect(
                     key=key,
                     coro=g["coro"],
                     labels=g["labels"],
-                    tasks=len(g["held_tids"]),
+                    # exact mode: the tasks that hold memory; sampled mode cannot tell
+                    # which do (most hold no sample), so all its finished tasks
+                    tasks=len(g["held_tids"]) if raw.mode != "sampled" else g["finished"],
                     retained_bytes=g["ret"],
                     hotspots=_hotspots(held_sites, raw.stacks, frames, by_live=True),
                 )

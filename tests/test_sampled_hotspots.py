@@ -321,3 +321,94 @@ def test_sampled_restart_samples_threads_that_outlive_a_session():
         stop.set()
         go.set()
         t.join()
+
+
+async def churn_then_keep() -> None:
+    await asyncio.sleep(0)
+    for _ in range(400):
+        x = bytearray(50_000)  # CHURN-SITE
+    del x
+    KEEP.append([bytearray(40_000) for _ in range(200)])  # KEPT-SITE
+    await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_exact_hotspots_split_freed_and_live_bytes_apart(seed):
+    """Exact mode counts a task's bytes exactly and takes stacks from samples; the sites
+    split the exact counts.  What is live goes by the live samples and what was freed by
+    the freed ones, so a site never shows more live bytes than it allocated (one ratio for
+    allocated bytes put 5.5-8.7 MB at the kept site, which holds 8.0 MB live)."""
+    KEEP.clear()
+
+    async def main():
+        await asyncio.create_task(churn_then_keep(), name="churn")
+
+    _, report = run_profiled(main, seed=seed)
+    (t,) = report.find(name="churn")
+    src = open(__file__).read().splitlines()
+    site = {}
+    for h in t.hotspots:
+        assert h.bytes >= h.live_bytes, h
+        for tag in ("CHURN-SITE", "KEPT-SITE"):
+            if tag in src[h.line - 1]:
+                site[tag] = h
+    header = sys.getsizeof(bytearray(0))
+    assert close_to(site["KEPT-SITE"].live_bytes, 200 * (40_000 + header), rel=0.02)
+    assert close_to(site["KEPT-SITE"].bytes, 200 * (40_000 + header), rel=0.05)
+    assert close_to(site["CHURN-SITE"].bytes, 400 * (50_000 + header), rel=0.05)
+    assert site["CHURN-SITE"].live_bytes == 0
+    KEEP.clear()
+
+
+async def returns_a_result(k: int) -> tuple:
+    buf = bytearray(50_000)
+    del buf
+    return (k, float(k))  # kept by gather's result list after the task ends: a few bytes
+
+
+async def keeps_a_buffer() -> None:
+    KEEP.append(bytearray(200_000))
+
+
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_leak_suspects_leave_out_groups_that_hold_next_to_nothing(mode, loop_kind):
+    """A group whose finished tasks hold only a few bytes each (results their awaiter
+    keeps) is not a leak suspect; its retained bytes stay in its group.  In sampled mode,
+    which tasks hold memory is not known (most hold no sample): a suspect counts all its
+    finished tasks there.  (And there one sample that lands on those few bytes stands for
+    ~64 KiB: such a group may show, below the real leak, ~20% of runs here.)"""
+    KEEP.clear()
+    results = []
+
+    async def main():
+        results.extend(await asyncio.gather(*(returns_a_result(k) for k in range(200))))
+        await asyncio.gather(*(keeps_a_buffer() for _ in range(30)))
+
+    _, report = run_profiled(main, loop_kind, mode=mode, sample_interval=64 * KiB)
+    suspects = {s.coro: s for s in report.leak_suspects}
+    assert suspects["keeps_a_buffer"].tasks == 30
+    assert report.leak_suspects[0].coro == "keeps_a_buffer"
+    if mode == "exact":
+        assert "returns_a_result" not in suspects, suspects
+        (g,) = [g for g in report.groups if g.coro == "returns_a_result"]
+        assert 0 < g.retained_after_done_bytes < 64 * KiB
+    KEEP.clear()
+
+
+def test_group_percentiles_interpolate():
+    sizes = [100_000, 200_000, 300_000, 400_000]
+
+    async def alloc(n: int) -> None:
+        b = bytearray(n)
+        del b
+
+    async def main():
+        for n in sizes:
+            await asyncio.create_task(alloc(n))
+
+    _, report = run_profiled(main)
+    (g,) = [g for g in report.groups if g.coro and g.coro.endswith("alloc")]
+    per_task = sorted(t.allocated_bytes for t in report.tasks if t.coro and t.coro.endswith("alloc"))
+    assert g.allocated_bytes.p50 == round(statistics.median(per_task))
+    assert 300_000 < g.allocated_bytes.p95 < g.allocated_bytes.max == per_task[-1]
+    assert g.allocated_bytes.p95 == round(per_task[2] + (per_task[3] - per_task[2]) * 0.85)
