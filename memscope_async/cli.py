@@ -17,10 +17,13 @@ import asyncio
 import contextlib
 import functools
 import importlib.util
+import io
 import os
 import re
 import runpy
 import sys
+import types
+import zipfile
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence, TextIO
 
@@ -245,9 +248,33 @@ class _Target:
         """Run the program as ``__main__``; returns its globals (keeping them alive)."""
         if self.is_module:
             return runpy.run_module(self.name, run_name="__main__", alter_sys=True)
-        # as Python (3.9+) does, the script runs under its absolute path (__file__, code
-        # objects, tracebacks); sys.argv[0] stays as given
-        return runpy.run_path(os.path.abspath(self.name), run_name="__main__")
+        # As Python (3.9+) does, a script runs under its absolute path (__file__, code
+        # objects, tracebacks) while sys.argv[0] stays as given.  runpy.run_path sets
+        # sys.argv[0] to the path it runs, so a source file is run here the way runpy
+        # runs one, in a __main__ module of its own; a directory, a zip file or a compiled
+        # file goes to runpy (sys.argv[0] absolute then).
+        fname = os.path.abspath(self.name)
+        source = None
+        if os.path.isfile(fname) and not zipfile.is_zipfile(fname):
+            with io.open_code(fname) as f:
+                source = f.read()
+        if source is None or source.startswith(importlib.util.MAGIC_NUMBER):
+            return runpy.run_path(fname, run_name="__main__")
+        return self._exec_source(source, fname)
+
+    @staticmethod
+    def _exec_source(source: bytes, fname: str) -> dict[str, Any]:
+        code = compile(source, fname, "exec", dont_inherit=True)
+        module = types.ModuleType("__main__")
+        module.__dict__.update(__file__=fname, __cached__=None, __loader__=None, __package__="", __spec__=None)
+        saved = sys.modules.get("__main__")
+        sys.modules["__main__"] = module
+        try:
+            exec(code, module.__dict__)
+        finally:
+            if saved is not None:
+                sys.modules["__main__"] = saved
+        return module.__dict__
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import orjson
@@ -262,3 +263,25 @@ def test_demo_runs_plainly(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("demo: served 160 requests")
     assert proc.stdout.count("\n") == 1
+
+
+def test_the_script_sees_what_python_would_show_it(tmp_path: Path) -> None:
+    # As `python prog.py`: sys.argv[0] as given, an absolute __file__, a __main__ module
+    # whose classes pickle, and the program's own traceback when it fails.
+    (tmp_path / "prog.py").write_text(textwrap.dedent("""
+        import os, pickle, sys
+        class Point:
+            pass
+        print(sys.argv[0], os.path.isabs(__file__), sys.modules["__main__"].__file__ == __file__,
+              type(pickle.loads(pickle.dumps(Point()))).__name__)
+        if sys.argv[1:] == ["fail"]:
+            raise OSError("the program's own error")
+    """))
+    proc = cli("run", "-q", "-o", "r.json", "prog.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "prog.py True True Point\n"
+    plain = subprocess.run([sys.executable, "prog.py", "fail"], cwd=tmp_path, capture_output=True, text=True)
+    proc = cli("run", "-q", "-o", "r.json", "prog.py", "fail", cwd=tmp_path)
+    assert proc.stdout == plain.stdout == "prog.py True True Point\n"  # ran once, not again elsewhere
+    assert proc.returncode == plain.returncode == 1
+    assert "OSError: the program's own error" in proc.stderr
