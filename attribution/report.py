@@ -330,8 +330,12 @@ class Report:
         }
         return doc
 
-    def to_json(self, *, indent: bool = False) -> bytes:
-        """The schema-v1 JSON document, as UTF-8 bytes."""
+    def to_json(self, *, indent: bool = False) -> str:
+        """The schema-v1 JSON document, as a str (like ``json.dumps``)."""
+        return self.to_json_bytes(indent=indent).decode()
+
+    def to_json_bytes(self, *, indent: bool = False) -> bytes:
+        """The schema-v1 JSON document, as UTF-8 bytes (what the exporters write)."""
         opts = orjson.OPT_NON_STR_KEYS | (orjson.OPT_INDENT_2 if indent else 0)
         return orjson.dumps(self.to_dict(), option=opts)
 

@@ -28,7 +28,7 @@ class ExportError(Exception):
 
 
 def write_json(report: Report, path: str | os.PathLike[str], *, indent: bool = False) -> Path:
-    """Write ``report.to_json(indent=indent)`` to ``path`` atomically and return ``Path(path)``.
+    """Write ``report.to_json_bytes(indent=indent)`` to ``path`` atomically and return ``Path(path)``.
 
     Raises :class:`ExportError` if the parent directory is missing, the report cannot be
     serialised, or any write, fsync or rename fails.  In every failure case the previous
@@ -99,7 +99,7 @@ def _check_parent(target: Path, parent_is_dir: bool) -> None:
 
 def _serialise(report: Report, target: Path, indent: bool) -> bytes:
     try:
-        return report.to_json(indent=indent)
+        return report.to_json_bytes(indent=indent)
     except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
         raise ExportError(f"cannot write report to {target}: report is not serialisable: {exc}") from exc
 

@@ -180,7 +180,7 @@ class ReportCommand(Command):
         except ReportError as exc:
             raise CommandError(f"{args.report}: {exc}") from None
         if args.json:
-            sys.stdout.buffer.write(report.to_json(indent=True) + b"\n")
+            sys.stdout.buffer.write(report.to_json_bytes(indent=True) + b"\n")
             sys.stdout.flush()
         else:
             sys.stdout.write(render_text(report, top=args.top, width=_width(sys.stdout)))

@@ -215,12 +215,13 @@ def test_write_json_writes_document_and_returns_path(tmp_path):
     target = tmp_path / "report.json"
     result = write_json(report, str(target))
     assert result == target
-    assert target.read_bytes() == report.to_json()
+    assert target.read_bytes() == report.to_json_bytes()
+    assert isinstance(report.to_json(), str) and report.to_json().encode() == report.to_json_bytes()
     assert Report.load(target) == report
     assert os.listdir(tmp_path) == ["report.json"]
 
     write_json(report, target, indent=True)
-    assert target.read_bytes() == report.to_json(indent=True)
+    assert target.read_bytes() == report.to_json_bytes(indent=True)
     assert b"\n  " in target.read_bytes()
 
 
@@ -282,7 +283,7 @@ def test_export_json_async_writes_document(tmp_path):
     target = tmp_path / "report.json"
     result = asyncio.run(export_json_async(report, target, indent=True))
     assert result == target
-    assert target.read_bytes() == report.to_json(indent=True)
+    assert target.read_bytes() == report.to_json_bytes(indent=True)
     assert os.listdir(tmp_path) == ["report.json"]
 
 
