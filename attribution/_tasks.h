@@ -1052,7 +1052,10 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
     if (!known) old = PyDict_GetItemWithError(d, key);
     uint32_t tid;
     uint32_t st;
+    /* a step that leaves its task pending (most steps of a long-lived task) is told by
+     * the task's state alone, once its place is known: no index lookup */
     if (old != NULL && Py_TYPE(old) == (PyTypeObject *)G.task_type &&
+        (G.state_off <= 0 || *(int32_t *)((char *)old + G.state_off) != 0) &&
         u64map_get(&S.obj_index, (uint64_t)(uintptr_t)old, &tid) && (st = c_task_state(old)) != TS_PENDING) {
         Py_INCREF(old);
         if (is_recorded_task(tid, old, key)) end_task(old, st);
