@@ -159,27 +159,37 @@ class _Acc:
 NO_FRAME = Frame("<unknown>", 0, "<no Python frame>")
 
 
-def _calibrated(rows: Sequence[tuple], ab: float, na: float, live: float) -> list[tuple]:
+def _calibrated(rows: Sequence[tuple], ab: float, na: float, live: float, nf: float) -> list[tuple]:
     """Exact mode: a task's sites, rescaled so they add up to its exact totals.
 
     Stacks there come from samples (Poisson, mean ``stack_interval`` bytes), each weighted
     to stand for the bytes around it, so the sites' sums only estimate the task's bytes
     (one 100 KB task sampled once reads 256 KB).  The task's own allocated bytes,
-    allocations and live bytes are counted exactly; the samples tell how they split over
-    sites (ratio estimators).  Live bytes are split in proportion to the sites' sampled
-    live bytes; the rest of what the task allocated (what it freed) in proportion to the
-    sites' sampled freed bytes.  A site's allocated bytes are its live bytes plus its
-    share of the freed ones, so no site shows more live than it allocated (scaling both
-    by one ratio each did, where a task freed much at one site and kept all at another),
-    the parts add up to the task, and a task with nothing live has no live hotspots."""
-    sna = sum(r[3] for r in rows)
+    allocations, frees and live bytes are counted exactly; the samples tell how they split
+    over sites (ratio estimators).  Live bytes are split in proportion to the sites'
+    sampled live bytes; the rest of what the task allocated (what it freed) in proportion
+    to the sites' sampled freed bytes.  A site's allocated bytes are its live bytes plus its
+    share of the freed ones, so no site shows more live than it allocated (scaling both by
+    one ratio each did, where a task freed much at one site and kept all at another), the
+    parts add up to the task, and a task with nothing live has no live hotspots.  Counts
+    go the same way: the task's blocks still live (allocations - frees) by each site's
+    sampled count in the proportion its sampled bytes are live, the freed ones by the
+    rest."""
     slive = sum(max(0.0, r[4]) for r in rows)
     kept = max(0.0, min(float(live), float(ab))) if slive > 0 else 0.0
     freed = max(0.0, float(ab) - kept)
-    fna = na / sna if sna > 0 else 0.0
     flive = kept / slive if slive > 0 else 0.0
     sfreed = sum(max(0.0, r[2] - max(0.0, r[4])) for r in rows)
     sab = sum(r[2] for r in rows)
+    sna = sum(r[3] for r in rows)
+
+    def live_share(rab: float, rlive: float) -> float:
+        return min(1.0, max(0.0, rlive) / rab) if rab > 0 else 0.0
+
+    slw = sum(r[3] * live_share(r[2], r[4]) for r in rows)
+    sfw = sna - slw
+    kept_n = max(0.0, min(float(na) - float(nf), float(na))) if slw > 0 else 0.0
+    freed_n = max(0.0, float(na) - kept_n)
     out = []
     for tid, stack, rab, rna, rlive in rows:
         site_live = max(0.0, rlive) * flive
@@ -187,7 +197,13 @@ def _calibrated(rows: Sequence[tuple], ab: float, na: float, live: float) -> lis
             site_freed = max(0.0, rab - max(0.0, rlive)) * (freed / sfreed)
         else:  # no sampled block was freed: the freed bytes split as the allocations do
             site_freed = rab * (freed / sab) if sab > 0 else 0.0
-        out.append((tid, stack, site_live + site_freed, rna * fna, site_live))
+        lw = rna * live_share(rab, rlive)
+        n = lw * (kept_n / slw) if slw > 0 else 0.0
+        if sfw > 1e-12:
+            n += (rna - lw) * (freed_n / sfw)
+        elif sna > 0:
+            n += rna * (freed_n / sna)
+        out.append((tid, stack, site_live + site_freed, n, site_live))
     return out
 
 
@@ -346,7 +362,7 @@ def build_report(raw: RawData) -> Report:
         )
         task_sites = sites_by_task.get(tid, ())
         if raw.stacks_sampled and task_sites:
-            task_sites = sites_by_task[tid] = _calibrated(task_sites, a.ab, a.na, a.live)
+            task_sites = sites_by_task[tid] = _calibrated(task_sites, a.ab, a.na, a.live, a.nf)
         base[tid] = dict(
             id=tid,
             name=rec.name,
