@@ -43,11 +43,22 @@ from .report import (
 __all__ = ["RawData", "FoldedGroup", "build_report", "group_key"]
 
 TOP_HOTSPOTS = 10
-# A group is a leak suspect when its finished tasks still hold at least this much: below
-# it, what they hold is the noise of any program (a result object kept by its awaiter, a
-# cache entry; a few dozen bytes a task).  64 KiB is also the absolute tolerance
-# for a task's own counts.  Every group keeps its retained_after_done_bytes either way.
+# A group is a leak suspect when its finished tasks still hold at least LEAK_MIN_BYTES, or
+# at least LEAK_MIN_SMALL_BYTES that are LEAK_MIN_SHARE or more of all they allocated.
+# Below that, what they hold is the noise of any program (a result object kept by its
+# awaiter, a cache entry: a few dozen bytes a task, a small share of what it allocated);
+# the share lets a small program's small leak show (10 tasks keeping 1 KB each hold ~88%
+# of what they allocated).  64 KiB is also the absolute tolerance for a task's
+# own counts.  Every group keeps its retained_after_done_bytes either way.
 LEAK_MIN_BYTES = 64 * 1024
+LEAK_MIN_SMALL_BYTES = 4 * 1024
+LEAK_MIN_SHARE = 0.25
+
+
+def _leaks(retained: int, allocated: int) -> bool:
+    return retained >= LEAK_MIN_BYTES or (
+        retained >= LEAK_MIN_SMALL_BYTES and retained >= LEAK_MIN_SHARE * allocated
+    )
 
 
 @dataclass
@@ -490,7 +501,7 @@ def build_report(raw: RawData) -> Report:
                 live_hotspots=_hotspots(group_sites, raw.stacks, frames, by_live=True),
             )
         )
-        if g["ret"] >= LEAK_MIN_BYTES:
+        if _leaks(g["ret"], g["sum"]):
             held_sites = [row for tid in g["held_tids"] for row in sites_by_task.get(tid, ())]
             leak_suspects.append(
                 LeakSuspect(
