@@ -534,17 +534,23 @@ static void late_name_watch(uint32_t tid, PyObject *task);
 static int late_name_known(uint32_t tid, PyObject *task);
 #endif
 
-/* A C Task (asyncio.Task exactly) whose end the running-task watcher sees. */
+/* A C Task (asyncio.Task exactly) whose _state getter we hold: its state is read from C
+ * (c_task_state), on every Python. */
+static inline int c_task(PyObject *task) {
+    return G.state_get != NULL && Py_TYPE(task) == (PyTypeObject *)G.task_type;
+}
+
+/* A C Task whose end the running-task watcher sees (3.12+). */
 static inline int watched_task(PyObject *task) {
-    return G.watched != NULL && Py_TYPE(task) == (PyTypeObject *)G.task_type; /* watched: state_get known */
+    return G.watched != NULL && c_task(task);
 }
 
 /* TS_DONE, or TS_FAILED for a finished task whose _exception is set (read _exception, not
- * exception(): that would mark it retrieved; through the C getter for a watched_task()). */
+ * exception(): that would mark it retrieved; through the C getter for a c_task()). */
 static uint32_t done_code(PyObject *task) {
     uint32_t st = TS_DONE;
-    PyObject *e = watched_task(task) && G.exc_get != NULL ? G.exc_get(task, G.exc_closure)
-                                                           : PyObject_GetAttr(task, G.s_exception);
+    PyObject *e = c_task(task) && G.exc_get != NULL ? G.exc_get(task, G.exc_closure)
+                                                     : PyObject_GetAttr(task, G.s_exception);
     if (e == NULL) PyErr_Clear();
     else if (e != Py_None) st = TS_FAILED;
     Py_XDECREF(e);
@@ -612,7 +618,7 @@ static void learn_state_offset(PyObject *task, PyObject *s) {
     }
 }
 
-/* The state of a watched_task(): from its struct once the offset is known (the getter
+/* The state of a c_task(): from its struct once the offset is known (the getter
  * finds asyncio's module state on every call: ~150 instructions a task, at each of its
  * steps' ends), else from the C getter of Task._state called directly (an attribute
  * lookup and string comparisons cost ~400). */
@@ -734,7 +740,7 @@ static void attach_task(uint32_t tid, PyObject *task, int named) {
 }
 
 static uint32_t task_state_of(PyObject *task) {
-    if (watched_task(task)) return c_task_state(task);
+    if (c_task(task)) return c_task_state(task);
     uint32_t st = TS_DONE;
     PyObject *s = PyObject_GetAttr(task, G.s_state);
     if (s != NULL && PyUnicode_Check(s)) {
@@ -1066,6 +1072,8 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
     return 0;
 }
 
+#endif
+
 /* The C getter behind asyncio.Task.<name>, if it is a getset descriptor. */
 static void find_getter(PyObject *name, getter *get, void **closure) {
     PyObject *d = PyObject_GetAttr(G.task_type, name);
@@ -1076,7 +1084,6 @@ static void find_getter(PyObject *name, getter *get, void **closure) {
     Py_XDECREF(d);
     PyErr_Clear();
 }
-#endif
 
 /* Start (on) or stop watching _asyncio._current_tasks.  Failing to start is not an error:
  * tasks then get done callbacks. */
@@ -1909,7 +1916,20 @@ static PyObject *core_configure(PyObject *m, PyObject *args) {
         return NULL;
     }
     Py_XSETREF(G.labels_var, Py_NewRef(labels_var));
+    if (task_type != G.task_type) { /* the getters and the state's place are this type's */
+        G.state_get = NULL;
+        G.exc_get = NULL;
+        G.state_off = 0;
+        G.state_cands = 0;
+        memset(G.state_seen, 0, sizeof(G.state_seen));
+    }
     Py_XSETREF(G.task_type, Py_NewRef(task_type));
+    /* its C getters, so a task's end reads its state without an attribute lookup (3.11,
+     * where no watcher sees ends, too) */
+    if (G.state_get == NULL) {
+        find_getter(G.s_state, &G.state_get, &G.state_closure);
+        find_getter(G.s_exception, &G.exc_get, &G.exc_closure);
+    }
 #ifdef MS_LATE_NAMES
     for (int i = 0; i < G.nnamers; i++) Py_CLEAR(G.namer_code[i]);
     G.nnamers = 0;
