@@ -618,13 +618,16 @@ static void learn_state_offset(PyObject *task, PyObject *s) {
     }
 }
 
+/* A C Task's state int, at the offset learnt (only while G.state_off > 0). */
+static inline int32_t state_slot(PyObject *task) { return *(int32_t *)((char *)task + G.state_off); }
+
 /* The state of a c_task(): from its struct once the offset is known (the getter
  * finds asyncio's module state on every call: ~150 instructions a task, at each of its
  * steps' ends), else from the C getter of Task._state called directly (an attribute
  * lookup and string comparisons cost ~400). */
 static uint32_t c_task_state(PyObject *task) {
     if (G.state_off > 0) {
-        int32_t v = *(int32_t *)((char *)task + G.state_off);
+        int32_t v = state_slot(task);
         if (v == 0) return TS_PENDING;
         if (v == 1) return TS_CANCELLED;
         return done_code(task);
@@ -1061,7 +1064,7 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
     /* a step that leaves its task pending (most steps of a long-lived task) is told by
      * the task's state alone, once its place is known: no index lookup */
     if (old != NULL && Py_TYPE(old) == (PyTypeObject *)G.task_type &&
-        (G.state_off <= 0 || *(int32_t *)((char *)old + G.state_off) != 0) &&
+        (G.state_off <= 0 || state_slot(old) != 0) &&
         u64map_get(&S.obj_index, (uint64_t)(uintptr_t)old, &tid) && (st = c_task_state(old)) != TS_PENDING) {
         Py_INCREF(old);
         if (is_recorded_task(tid, old, key)) end_task(old, st);
@@ -1096,12 +1099,8 @@ static void tasks_watch(int on) {
         }
         return;
     }
-    if (G.watched != NULL || G.task_type == NULL) return;
-    if (G.state_get == NULL) {
-        find_getter(G.s_state, &G.state_get, &G.state_closure);
-        find_getter(G.s_exception, &G.exc_get, &G.exc_closure);
-        if (G.state_get == NULL) return;
-    }
+    /* (the getters are found by configure) */
+    if (G.watched != NULL || G.task_type == NULL || G.state_get == NULL) return;
     if (G.watcher == 0) {
         int id = PyDict_AddWatcher(tasks_watcher);
         if (id < 0) {
