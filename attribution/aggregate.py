@@ -199,7 +199,7 @@ def _calibrated(rows: Sequence[tuple], ab: float, na: float, live: float, nf: fl
 
     slw = sum(r[3] * live_share(r[2], r[4]) for r in rows)
     sfw = sna - slw
-    kept_n = max(0.0, min(float(na) - float(nf), float(na))) if slw > 0 else 0.0
+    kept_n = max(0.0, float(na) - float(nf)) if slw > 0 else 0.0
     freed_n = max(0.0, float(na) - kept_n)
     out = []
     for tid, stack, rab, rna, rlive in rows:

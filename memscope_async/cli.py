@@ -295,14 +295,12 @@ def _program_environment(target: _Target) -> Iterator[None]:
 
 
 def _profiler_options(args: argparse.Namespace) -> dict[str, Any]:
-    mode = args.mode
-    if args.sample_interval is not None:
-        if mode == "exact":
-            raise CommandError("--sample-interval only applies to --mode sampled", USAGE_ERROR)
-        mode = "sampled"
+    # (a sample interval without a mode means sampled mode: the Profiler decides that)
+    if args.sample_interval is not None and args.mode == "exact":
+        raise CommandError("--sample-interval only applies to --mode sampled", USAGE_ERROR)
     options: dict[str, Any] = {}
-    if mode is not None:
-        options["mode"] = mode
+    if args.mode is not None:
+        options["mode"] = args.mode
     if args.sample_interval is not None:
         options["sample_interval"] = args.sample_interval
     if args.stack_depth is not None:
