@@ -181,6 +181,7 @@ typedef struct {
     uint32_t pending_tid;    /* its id, its Tag and the mapping that holds the Tag (our */
     TagObject *pending_tag;  /* factory holds the context and the mapping while these are */
     PyObject *pending_vars;  /* set; the Tag is the context's while that mapping is) */
+    PyObject *pending_obj;   /* owned: the Task whose first step check_step saw in pending_ctx */
     PyObject *empty_ctx;     /* owned: an empty context for our done callbacks */
     PyObject *ctx_seen;      /* borrowed, compared only: the context context_tid last read */
     TagObject *ctx_tag;      /* borrowed: the Tag read there (NULL: none); valid while that */

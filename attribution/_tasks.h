@@ -45,6 +45,7 @@ static struct {
     PyObject *task_type;       /* asyncio.Task (strong) */
     PyObject *done_cb;         /* our task_done function object (strong) */
     PyTypeObject *step_type;   /* _asyncio's TaskStepMethWrapper, learnt on first sight */
+    int step_direct;           /* its task is read from its first slot: 0 unknown, 1 yes, -1 no */
     PyObject *fold_hook;       /* callable(), or NULL */
     uint64_t fold_at;          /* call fold_hook when this many finished tasks wait */
     int folding;               /* fold_hook is running */
@@ -1189,6 +1190,19 @@ static PyObject *core_tag_running_task(PyObject *m, PyObject *args) {
     return PyLong_FromUnsignedLong(tid);
 }
 
+/* The task a step wrapper steps (new reference; NULL with an error if none).  _asyncio's
+ * TaskStepMethWrapper keeps it in its first slot on 3.11-3.13, so after the first one has
+ * shown its __self__ there, it is read from the struct (the attribute lookup was ~180
+ * instructions a task). */
+static PyObject *step_wrapper_task(PyObject *cb) {
+    PyObject **slot = (PyObject **)((char *)cb + sizeof(PyObject));
+    if (G.step_direct > 0 && *slot != NULL) return Py_NewRef(*slot);
+    PyObject *task = PyObject_GetAttr(cb, G.s_self);
+    if (G.step_direct == 0 && task != NULL)
+        G.step_direct = Py_TYPE(cb)->tp_basicsize >= (Py_ssize_t)(sizeof(PyObject) + sizeof(PyObject *)) && *slot == task ? 1 : -1;
+    return task;
+}
+
 /* call_soon(callback, context=ctx) is about to schedule a step of some task: make sure
  * we know that task. */
 static void check_step(PyObject *loop, PyObject *cb, PyObject *ctx) {
@@ -1196,7 +1210,7 @@ static void check_step(PyObject *loop, PyObject *cb, PyObject *ctx) {
     int owned = 0;
     PyTypeObject *tp = Py_TYPE(cb);
     if (tp == G.step_type) {
-        task = PyObject_GetAttr(cb, G.s_self);
+        task = step_wrapper_task(cb);
         owned = 1;
     } else if (PyCFunction_Check(cb)) {
         task = PyCFunction_GET_SELF(cb);
@@ -1205,22 +1219,29 @@ static void check_step(PyObject *loop, PyObject *cb, PyObject *ctx) {
     } else if (G.step_type == NULL && is_step_wrapper_name(tp->tp_name)) {
         Py_INCREF(tp);
         G.step_type = tp;
-        task = PyObject_GetAttr(cb, G.s_self);
+        task = step_wrapper_task(cb);
         owned = 1;
     }
     if (task == NULL) {
-        PyErr_Clear();
+        if (owned) PyErr_Clear();
         return;
     }
+    tls_t *t = &tls;
     uint32_t tid;
-    if (!PyObject_TypeCheck(task, (PyTypeObject *)G.task_type) ||
-        u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) {
-        /* not a task, or one we know */
-    } else if (tls.pending_tid && (tls.pending_ctx == ctx || ctx_tag(ctx) == tls.pending_tid)) {
-        /* The first step of the task our factory is making right now: in the context we
-         * made, or in a copy of it (a legacy (loop, coro) factory runs inside ours). */
+    if (!PyObject_TypeCheck(task, (PyTypeObject *)G.task_type)) {
+        /* not a task */
+    } else if (t->pending_tid && t->pending_ctx == ctx) {
+        /* The first step of the task our factory is making right now (nearly every task):
+         * attach_task indexes what the factory returns, and this object too should that
+         * be another one (factory_create), so the index is written once a task. */
+        if (t->pending_obj == NULL) t->pending_obj = Py_NewRef(task);
+    } else if (u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) {
+        /* one we know */
+    } else if (t->pending_tid && ctx_tag(ctx) == t->pending_tid) {
+        /* The same, in a copy of the context we made (a legacy (loop, coro) factory runs
+         * inside ours). */
         uint32_t ti;
-        if (task_registered(tls.pending_tid, &ti)) note_object(tls.pending_tid, ti, task, 1);
+        if (task_registered(t->pending_tid, &ti)) note_object(t->pending_tid, ti, task, 1);
     } else {
         loop_entry_t *e = loop_entry(loop); /* only tasks of instrumented loops */
         if (e != NULL) adopt_task(e->factory->serial, task, ctx);
@@ -1375,7 +1396,7 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
         return NULL;
     }
     tls_t *t = &tls;
-    PyObject *saved_ctx = t->pending_ctx, *saved_vars = t->pending_vars;
+    PyObject *saved_ctx = t->pending_ctx, *saved_vars = t->pending_vars, *saved_obj = t->pending_obj;
     uint32_t saved_tid = t->pending_tid;
     TagObject *saved_tag = t->pending_tag;
     PyObject *vars = NULL;
@@ -1385,16 +1406,24 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
         t->pending_tid = tid;
         t->pending_tag = tag;
         t->pending_vars = vars;
+        t->pending_obj = NULL;
     }
     PyObject *task = make_task(f, loop, coro, ctx, name, kwargs);
+    PyObject *stepped = tid ? t->pending_obj : NULL; /* owned: the Task whose first step check_step saw */
     t->pending_ctx = saved_ctx;
     t->pending_tid = saved_tid;
     t->pending_tag = saved_tag;
     t->pending_vars = saved_vars;
+    if (tid) t->pending_obj = saved_obj;
     Py_XDECREF(vars);
     if (tid) {
-        uint32_t ti;
+        uint32_t ti, known;
         if (task != NULL) {
+            /* a factory that returned another object than the Task it made: both are this
+             * task's (as when check_step indexed the first itself) */
+            if (stepped != NULL && stepped != task && task_registered(tid, &ti) &&
+                !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)stepped, &known))
+                note_object(tid, ti, stepped, 1);
             attach_task(tid, task, name != NULL && name != Py_None);
         } else if (task_registered(tid, &ti)) {
             /* The task was never made: drop its record (keeping the error in flight), or,
@@ -1407,6 +1436,7 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
             PyErr_SetRaisedException_compat(exc);
         }
     }
+    Py_XDECREF(stepped);
     Py_DECREF(ctx);
     return task;
 }
