@@ -223,6 +223,33 @@ def test_legacy_factory_tasks_have_one_record_with_their_bytes():
     KEEP.clear()
 
 
+
+def test_factory_returning_another_task_than_it_made_keeps_one_record():
+    """A factory that makes the Task for the coroutine and returns a second one awaiting it
+    (both in the context it was given): one record, for both objects, with the bytes, and
+    the inner task is not taken for one made without the factory when it steps again."""
+    KEEP.clear()
+
+    async def waiter(inner):
+        return await inner
+
+    def factory(loop, coro, **kw):
+        inner = asyncio.Task(coro, loop=loop, **kw)
+        return asyncio.Task(waiter(inner), loop=loop, **kw)
+
+    async def main():
+        asyncio.get_running_loop().set_task_factory(factory)
+        return await asyncio.create_task(holder(3), name="wrapped")
+
+    result, report = run_profiled(main)
+    assert result == 3
+    (t,) = report.find(name="wrapped")
+    assert close_to(t.live_bytes, 3 * MiB), t
+    assert t.state == "done"
+    assert [x.id for x in report.tasks if not x.via_factory] == [], report.tasks
+    assert [x.id for x in report.tasks if x.coro in ("holder", "waiter") or x.name == "wrapped"] == [t.id], report.tasks
+    KEEP.clear()
+
 def test_instrument_from_a_running_task_charges_that_task():
     """ms.instrument() inside a task made before any profiler: what the task allocates
     afterwards is its own (tagging the running context must not be missed by the hook's
