@@ -70,7 +70,7 @@ static struct {
     live_sample_t *live;
     uint32_t nlive, caplive, free_live;
     uint64_t samples;
-    u64map_t folded; /* stacks_fold_sites' tid + 1 -> gid, kept empty between calls */
+    u64map_t folded; /* stacks_fold_sites' site owners: tid + 1 -> gid, kept empty between calls */
 } K;
 
 static int stacks_init(int depth) {
@@ -323,22 +323,37 @@ static int stacks_move(void *old, void *p, size_t old_size, size_t size) {
  * task holds no live bytes, so only an estimate's rounding can leave one). */
 static int stacks_fold_sites(const uint32_t *tids, const uint32_t *gids, size_t n) {
     if (n == 0 || K.nsites == 0) return 0;
-    /* The map is kept from one call to the next, emptied after use: a fold call comes
-     * every few thousand tasks, and a fresh mapping each time was page faults and a TLB
-     * flush when it went. */
-    u64map_t *folded = &K.folded;
+    /* The owners of the sites that may move (a task's, with no live sample), each mapped
+     * to its group once found among the folded tasks (UINT32_MAX until then).  The map is
+     * sized by those sites, not by the folded tasks: a pass folds thousands of tasks, few
+     * of them ever sampled (a tree of 168,000 tasks: a map entry and its clearing for each
+     * were ~240 instructions a task).  It is kept from one call to the next, emptied after
+     * use: a fresh mapping each time was page faults and a TLB flush when it went. */
+    size_t m = 0;
+    for (uint32_t i = 0; i < K.nsites; i++) {
+        const site_t *st = &K.sites[i];
+        if (!st->dead && !(st->tid & GROUP_SITE_BIT) && st->nlive == 0) m++;
+    }
+    if (m == 0) return 0;
+    u64map_t *owners = &K.folded;
     uint64_t cap = 16;
-    while (cap < (uint64_t)n * 2 + 16) cap <<= 1;
-    if (folded->slots != NULL && folded->mask + 1 < cap) u64map_free(folded);
-    if (folded->slots == NULL && u64map_init_local(folded, cap, 0) < 0) return -1;
+    while (cap < (uint64_t)m * 2 + 16) cap <<= 1;
+    if (owners->slots != NULL && owners->mask + 1 < cap) u64map_free(owners);
+    if (owners->slots == NULL && u64map_init_local(owners, cap, 0) < 0) return -1;
     int rc = 0;
-    for (size_t i = 0; i < n && rc == 0; i++) rc = u64map_put(folded, (uint64_t)tids[i] + 1, gids[i]);
-    if (rc < 0) goto done;
+    for (uint32_t i = 0; i < K.nsites && rc == 0; i++) {
+        const site_t *st = &K.sites[i];
+        if (!st->dead && !(st->tid & GROUP_SITE_BIT) && st->nlive == 0)
+            rc = u64map_put(owners, (uint64_t)st->tid + 1, UINT32_MAX);
+    }
     uint32_t gid;
+    for (size_t i = 0; i < n && rc == 0; i++)
+        if (u64map_get(owners, (uint64_t)tids[i] + 1, &gid)) rc = u64map_put(owners, (uint64_t)tids[i] + 1, gids[i]);
+    if (rc < 0) goto done;
     for (uint32_t i = 0; i < K.nsites; i++) {
         site_t *st = &K.sites[i];
         if (st->dead || (st->tid & GROUP_SITE_BIT) || st->nlive != 0 ||
-            !u64map_get(folded, (uint64_t)st->tid + 1, &gid))
+            !u64map_get(owners, (uint64_t)st->tid + 1, &gid) || gid == UINT32_MAX)
             continue;
         uint64_t okey = site_key(st->tid, st->stack), nkey = site_key(gid, st->stack);
         uint32_t j;
@@ -358,12 +373,8 @@ static int stacks_fold_sites(const uint32_t *tids, const uint32_t *gids, size_t 
         }
     }
 done:
-    if ((folded->mask + 1) / 8 > n) { /* a map grown by an earlier, larger call */
-        for (size_t i = 0; i < n; i++) u64map_del(folded, (uint64_t)tids[i] + 1);
-    } else {
-        memset(folded->slots, 0, (size_t)(folded->mask + 1) * sizeof(u64map_entry_t));
-        folded->count = 0;
-    }
+    memset(owners->slots, 0, (size_t)(owners->mask + 1) * sizeof(u64map_entry_t));
+    owners->count = 0;
     return rc;
 }
 

@@ -2340,10 +2340,15 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
     for (uint32_t gi = 0; list != NULL && gi < ngroups; gi++) {
         fold_group_t *fg = &groups[gi];
         if (fg->n == 0) continue;
-        PyObject *row = Py_BuildValue("(OOy#dy#)", fg->coro ? fg->coro : Py_None, fg->labels ? fg->labels : Py_None,
+        long long total = 0, largest = 0;
+        for (uint32_t k = 0; k < fg->n; k++) {
+            total += values[fg->off + k];
+            if (values[fg->off + k] > largest) largest = values[fg->off + k];
+        }
+        PyObject *row = Py_BuildValue("(OOy#dy#LL)", fg->coro ? fg->coro : Py_None, fg->labels ? fg->labels : Py_None,
                                       (const char *)(values + fg->off), (Py_ssize_t)fg->n * (Py_ssize_t)sizeof(int64_t),
                                       fg->allocs, (const char *)(tids + fg->off),
-                                      (Py_ssize_t)fg->n * (Py_ssize_t)sizeof(uint32_t));
+                                      (Py_ssize_t)fg->n * (Py_ssize_t)sizeof(uint32_t), total, largest);
         if (row == NULL || PyList_Append(list, row) < 0) Py_CLEAR(list);
         Py_XDECREF(row);
     }

@@ -28,6 +28,7 @@ DEFAULT_STACK_DEPTH = 32
 DEFAULT_MAX_FINISHED_TASKS = 10_000
 DEFAULT_HALF_LIFE = 1.0
 _RESERVOIR = 1000
+_UINT32 = array("I").itemsize  # the core's task ids: native uint32
 
 _lock = threading.Lock()
 _running: "Tracker | None" = None
@@ -172,8 +173,8 @@ class Tracker:
         (once a pass has had to, those that allocated no more than any it kept go as they
         finish); only the per-group sums come back here, with every call."""
         remaining, groups = _core.fold(keep, scan)
-        site_tids, site_gids = array("I"), array("I")
-        for coro, labels, values, allocs, tids in groups:
+        site_tids, site_gids = [], []
+        for coro, labels, values, allocs, tids, total, largest in groups:
             per_task = array("q")
             per_task.frombytes(values)
             labels = labels if labels is not None else {}
@@ -181,16 +182,18 @@ class Tracker:
             fg = self._folded.get(key)
             if fg is None:
                 fg = self._folded[key] = FoldedGroup(coro=coro, labels=dict(labels))
-            fg.add(per_task, allocs, self._rng, _RESERVOIR)
+            fg.add(per_task, allocs, self._rng, _RESERVOIR, total, largest)
             self._folded_tasks += len(per_task)
             # their allocation sites become the group's (the group's hotspots keep them,
-            # and the site table stays bounded by stacks, not by tasks ever sampled)
+            # and the site table stays bounded by stacks, not by tasks ever sampled); the
+            # group id goes once per task as bytes, not as an int each
             gid = self._group_site_ids.get(key)
             if gid is None:
                 gid = self._group_site_ids[key] = _core.GROUP_SITE_BIT | (len(self._group_site_ids) + 1)
-            site_tids.frombytes(tids)
-            site_gids.extend([gid] * (len(tids) // site_tids.itemsize))
-        _core.fold_sites(site_tids.tobytes(), site_gids.tobytes())  # one pass over the sites for all groups
+            site_tids.append(tids)
+            site_gids.append(array("I", [gid]).tobytes() * (len(tids) // _UINT32))
+        if site_tids:
+            _core.fold_sites(b"".join(site_tids), b"".join(site_gids))  # one pass over the sites for all groups
         return remaining
 
     # -- reading ------------------------------------------------------------------------
