@@ -151,10 +151,12 @@ typedef struct {
     int64_t alloc_bytes;
     double allocs;
     uint32_t tid;
+    uint32_t sites;          /* it had TF_SITES */
 } folded_early_t;
 
 enum { TF_REGISTERED = 1, TF_VIA_FACTORY = 2, TF_CROSS_PARENT = 4, TF_FINISHED = 8,
-       TF_UNCOUNTED = 16 }; /* task_info_t.flags (TF_UNCOUNTED: see gc_uncount) */
+       TF_UNCOUNTED = 16, TF_SITES = 32 }; /* task_info_t.flags (TF_UNCOUNTED: see gc_uncount;
+       TF_SITES: a stack sample named it, so it owns sites that go to its group when it folds) */
 enum { TS_PENDING = 0, TS_DONE = 1, TS_CANCELLED = 2, TS_FAILED = 3 };                /* task_info_t.state */
 
 typedef struct {
@@ -840,8 +842,10 @@ static MS_HOT void record_alloc(void *p, size_t size, int mode) {
     }
     account_alloc(cell, bytes, count);
     /* a sample stands for 1/(1-exp(-size/R)) blocks of its size, R the interval it was drawn at */
-    if (stack)
+    if (stack) {
         stacks_record_alloc(p, size, S.cells[cell].key, mode == MODE_SAMPLED ? (double)S.sample_interval : S.stack_interval);
+        if (S.cells[cell].task != NULL) S.cells[cell].task->flags |= TF_SITES;
+    }
 }
 
 static MS_HOT void record_free(void *p, int mode) {

@@ -491,6 +491,7 @@ static int fold_at_finish(uint32_t tid, uint32_t ti) {
     e->alloc_bytes = ab;
     e->allocs = na;
     e->tid = tid;
+    e->sites = (r->flags & TF_SITES) != 0;
     if (release_task_slot(tid) != 0) { /* (cannot happen: nothing live) */
         Py_CLEAR(e->coro);
         Py_CLEAR(e->labels);
@@ -2087,6 +2088,9 @@ typedef struct {
     uint32_t pos; /* its index in S.finished */
 } fold_cand_t;
 
+/* fold_cand_t.tid of a folded task that owned sites (ids are 31-bit, see register_task) */
+#define CAND_SITES (UINT32_C(1) << 31)
+
 /* a < b (a folds first): fewer bytes first, then the newer task (ties are common: tasks
  * alike allocate alike, and a sampled task is often charged nothing; the newer folds first
  * so that a task that allocated no more than every kept one can fold as it finishes, see
@@ -2153,6 +2157,7 @@ typedef struct {
     PyObject *coro, *labels; /* owned: a folded record drops its own */
     uint32_t n;              /* tasks folded into it */
     uint32_t off;            /* where its tasks start in the pass's values and tids */
+    uint32_t nsites;         /* of those, the ones with sites (TF_SITES): their tids */
     double allocs;
 } fold_group_t;
 
@@ -2173,7 +2178,8 @@ PyDoc_STRVAR(fold_doc,
 "of equals first), until at most `keep` of them remain (those holding memory all stay).\n"
 "remaining: the finished tasks still waiting.  groups:\n"
 "one row per (coro, labels) folded, (coro, labels, allocated_bytes: bytes of int64 per\n"
-"task, allocations, tids: bytes of uint32 per task).");
+"task, allocations, tids: bytes of uint32, one per task that owns stack-sample sites,\n"
+"sum of allocated_bytes, largest of them).");
 
 /* The group of (coro, labels) in groups[0..*ngroups), made if new (room was made for it);
  * *last: the one found the time before, tried first. */
@@ -2283,10 +2289,12 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
         int64_t ab;
         double na;
         task_totals(ti, &ab, &na, NULL);
+        int sites = (S.tasks[ti].flags & TF_SITES) != 0;
         if (release_task_slot(cand[k].tid) != 0) continue;
         /* (a labels mapping freed just now can run a __del__ that makes tasks; a fold
          * call nested in it folds nothing, but the queue is checked, not trusted) */
         if (pos < S.nfinished && S.finished[pos] == cand[k].tid) S.finished[pos] = 0;
+        if (sites) cand[k].tid |= CAND_SITES; /* the record is gone: the bit is free */
         cand[k].pos = gi;
         cand[k].alloc_bytes = ab;
         groups[gi].n++;
@@ -2313,17 +2321,19 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
         off += groups[gi].n;
         groups[gi].n = 0;
     }
+    /* the tids go only for tasks that own sites (a pass folds thousands, few of them
+     * ever sampled): fold_sites hands those sites to the group */
     for (uint32_t k = 0; k < excess; k++) {
         if (cand[k].pos == UINT32_MAX) continue;
         fold_group_t *fg = &groups[cand[k].pos];
         values[fg->off + fg->n] = cand[k].alloc_bytes;
-        tids[fg->off + fg->n] = cand[k].tid;
+        if (cand[k].tid & CAND_SITES) tids[fg->off + fg->nsites++] = cand[k].tid & ~CAND_SITES;
         fg->n++;
     }
     for (uint32_t j = 0; j < ne; j++) {
         fold_group_t *fg = &groups[early_group[j]];
         values[fg->off + fg->n] = early[j].alloc_bytes;
-        tids[fg->off + fg->n] = early[j].tid;
+        if (early[j].sites) tids[fg->off + fg->nsites++] = early[j].tid;
         fg->n++;
     }
     for (uint32_t j = 0; j < ne; j++) { /* the groups hold their own references */
@@ -2348,7 +2358,7 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
         PyObject *row = Py_BuildValue("(OOy#dy#LL)", fg->coro ? fg->coro : Py_None, fg->labels ? fg->labels : Py_None,
                                       (const char *)(values + fg->off), (Py_ssize_t)fg->n * (Py_ssize_t)sizeof(int64_t),
                                       fg->allocs, (const char *)(tids + fg->off),
-                                      (Py_ssize_t)fg->n * (Py_ssize_t)sizeof(uint32_t), total, largest);
+                                      (Py_ssize_t)fg->nsites * (Py_ssize_t)sizeof(uint32_t), total, largest);
         if (row == NULL || PyList_Append(list, row) < 0) Py_CLEAR(list);
         Py_XDECREF(row);
     }

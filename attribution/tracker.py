@@ -185,8 +185,9 @@ class Tracker:
             fg.add(per_task, allocs, self._rng, _RESERVOIR, total, largest)
             self._folded_tasks += len(per_task)
             # their allocation sites become the group's (the group's hotspots keep them,
-            # and the site table stays bounded by stacks, not by tasks ever sampled); the
-            # group id goes once per task as bytes, not as an int each
+            # and the site table stays bounded by stacks, not by tasks ever sampled): tids
+            # holds the folded tasks that own sites, and the group id goes once for each
+            # as bytes, not as an int each
             gid = self._group_site_ids.get(key)
             if gid is None:
                 gid = self._group_site_ids[key] = _core.GROUP_SITE_BIT | (len(self._group_site_ids) + 1)
