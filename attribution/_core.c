@@ -1656,7 +1656,9 @@ PyDoc_STRVAR(stats_doc,
 "task_records, pending_task_records; fast_thread_state: 1 if the calling thread reads its\n"
 "thread state from its slot (_tstate.h), 0 if through the call; direct_context_tagging: 1\n"
 "if new tasks' contexts are tagged through the HAMT directly (_tasks.h), 0 if not yet known,\n"
-"-1 if through PyContextVar_Set; own_objects_raw: 1 if our own objects of a context's size\n"
+"-1 if through PyContextVar_Set; direct_hamt_insertion: 1 if that mapping's new root is built\n"
+"here (hamt_set_direct, checked against the HAMT's own set()), -1 if set() does it, 0 if not yet\n"
+"known; own_objects_raw: 1 if our own objects of a context's size\n"
 "come from the raw allocator (own_malloc), 0 if all stay in pymalloc.");
 
 static PyObject *core_stats(PyObject *m, PyObject *noargs) {
@@ -1676,7 +1678,7 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
                    (size_t)(S.obj_index.slots ? S.obj_index.mask + 1 : 0) * sizeof(u64map_entry_t);
     size_t stacks = stacks_bytes();
     PyObject *d = Py_BuildValue(
-        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:K,s:K,s:i,s:i,s:i}", "tracked_allocations",
+        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:K,s:K,s:i,s:i,s:i,s:i}", "tracked_allocations",
         (unsigned long long)ptrs_count(), "table_bytes", (Py_ssize_t)table, "stacks_bytes", (Py_ssize_t)stacks,
         "tracker_bytes", (Py_ssize_t)(table + other + stacks), "cells",
         (unsigned int)(S.ncells - 1 - S.nfree_cells), "tasks", (unsigned int)(S.ntasks - 1 - S.nfree_tasks),
@@ -1684,7 +1686,8 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
         (unsigned long long)S.dropped_cells, "start_ns", (unsigned long long)S.start_ns, "active", S.active,
         "table_capacity", (unsigned long long)S.ptrs.capacity, "task_records", (unsigned long long)S.records,
         "pending_task_records", (unsigned long long)S.pending, "fast_thread_state", tls.ts_slot != NULL,
-        "direct_context_tagging", HAMT.known, "own_objects_raw", S.raw_blocks != NULL);
+        "direct_context_tagging", HAMT.known, "direct_hamt_insertion", HAMT.known == 0 ? 0 : HAMT.direct,
+        "own_objects_raw", S.raw_blocks != NULL);
     tls.guard = g;
     return d;
 }

@@ -183,16 +183,120 @@ static struct {
     PyCFunction set;    /* its set(key, value) -> new mapping, METH_VARARGS */
     PyObject *args;     /* a 2-tuple of ours (untracked), filled with borrowed items per call */
     int known;          /* 1 learnt, -1 not available */
+    PyTypeObject *bitmap_type; /* its bitmap node type (borrowed: static type) */
+    int direct;         /* 1: hamt_set_direct passed its check (hamt_learn), else -1 */
 } HAMT;
+
+/* A HAMT node of the bitmap kind as CPython lays it out (Python/hamt.c, unchanged from
+ * 3.7 to 3.13): which of the 32 slots of its level are used, and a (key, value) pair for
+ * each, or (NULL, deeper node).  The mapping's hash of a key is its hash folded to 32 bits;
+ * the first level uses its low 5 bits. */
+typedef struct {
+    PyObject_VAR_HEAD
+    uint32_t b_bitmap;
+    PyObject *b_array[1];
+} ms_hamt_bitmap_t;
+
+/* old with var set to value, made here when the root of old is a bitmap node whose slot
+ * for var at the first level is free (and the node holds fewer than 16 pairs: CPython
+ * makes an array node of the 17th) or holds var itself: a copy of the root with the pair
+ * put in, and a mapping over it.  This is what HAMT.set does in those cases, without the
+ * argument tuple, the recursion and the general paths (callgrind, full-size eager
+ * TaskGroup tree: ~740 instructions a task through set, GC allocations included).  With
+ * track 0 the two new objects are left out of the collector's lists (the caller knows
+ * they pass hamt_untrack_if_acyclic).  Returns a new reference; NULL with *other set when the case is another one (nothing
+ * made, no error), NULL with an exception set on failure. */
+static PyObject *hamt_set_direct(PyHamtObject *old, PyObject *var, PyObject *value, int track, int *other) {
+    ms_hamt_bitmap_t *b = (ms_hamt_bitmap_t *)old->h_root;
+    *other = 1;
+    if (b == NULL || Py_TYPE(b) != HAMT.bitmap_type) return NULL;
+    Py_hash_t h = PyObject_Hash(var);
+    if (h == -1) {
+        PyErr_Clear();
+        return NULL;
+    }
+    int32_t x = (int32_t)(h & 0xffffffff) ^ (int32_t)((uint64_t)h >> 32);
+    if (x == -1) x = -2;
+    uint32_t bit = (uint32_t)1 << ((uint32_t)x & 0x1f);
+    Py_ssize_t k = 2 * (Py_ssize_t)__builtin_popcount(b->b_bitmap & (bit - 1)), n = Py_SIZE(b);
+    int replace = (b->b_bitmap & bit) != 0;
+    if (replace ? b->b_array[k] != var : n >= 32) return NULL;
+    *other = 0;
+    Py_ssize_t size = replace ? n : n + 2;
+    ms_hamt_bitmap_t *nb = PyObject_GC_NewVar(ms_hamt_bitmap_t, HAMT.bitmap_type, size);
+    if (nb == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < k; i++) nb->b_array[i] = Py_XNewRef(b->b_array[i]);
+    nb->b_array[k] = Py_NewRef(var);
+    nb->b_array[k + 1] = Py_NewRef(value);
+    for (Py_ssize_t i = k + 2; i < size; i++) nb->b_array[i] = Py_XNewRef(b->b_array[replace ? i : i - 2]);
+    nb->b_bitmap = b->b_bitmap | bit;
+    if (track) PyObject_GC_Track((PyObject *)nb);
+    PyHamtObject *nv = PyObject_GC_New(PyHamtObject, HAMT.type);
+    if (nv == NULL) {
+        Py_DECREF(nb);
+        return NULL;
+    }
+    nv->h_root = (PyHamtNode *)nb;
+    nv->h_weakreflist = NULL;
+    nv->h_count = old->h_count + (replace ? 0 : 1);
+    if (track) PyObject_GC_Track((PyObject *)nv);
+    return (PyObject *)nv;
+}
+
+static PyObject *hamt_set_by_method(PyObject *vars, PyObject *var, PyObject *value);
+
+/* Before it is used, hamt_set_direct must give the mappings HAMT.set gives: 40 variables
+ * put in one by one from the empty mapping (the later ones also deeper, or past 16 pairs:
+ * set does those), then each set again, read back after every step through the mapping's
+ * own len() and [] (which do not know who made it). */
+static int hamt_direct_check(PyObject *empty) {
+    enum { NV = 40 };
+    PyObject *vars[NV] = {NULL}, *a = Py_NewRef(empty), *d = Py_NewRef(empty);
+    int ok = 1, direct_used = 0;
+    for (int i = 0; i < NV && ok; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "memscope_probe_%d", i);
+        if ((vars[i] = PyContextVar_New(name, NULL)) == NULL) ok = 0;
+    }
+    for (int step = 0; step < 2 * NV && ok; step++) {
+        PyObject *var = vars[step % NV], *value = PyLong_FromLong(step);
+        PyObject *na = value ? hamt_set_by_method(a, var, value) : NULL, *nd = NULL;
+        int other = 1;
+        if (na != NULL) nd = hamt_set_direct((PyHamtObject *)d, var, value, 1, &other);
+        if (nd == NULL && !other) ok = 0;
+        else if (nd != NULL) direct_used++;
+        else if (na != NULL) nd = hamt_set_by_method(d, var, value);
+        Py_XDECREF(value);
+        Py_SETREF(a, na);
+        Py_SETREF(d, nd);
+        if (a == NULL || d == NULL || PyObject_Length(a) != PyObject_Length(d)) {
+            ok = 0;
+            break;
+        }
+        for (int j = 0; j < NV && j <= step && ok; j++) {
+            PyObject *x = PyObject_GetItem(a, vars[j]), *y = PyObject_GetItem(d, vars[j]);
+            ok = x != NULL && x == y;
+            Py_XDECREF(x);
+            Py_XDECREF(y);
+        }
+    }
+    Py_XDECREF(a);
+    Py_XDECREF(d);
+    for (int i = 0; i < NV; i++) Py_XDECREF(vars[i]);
+    PyErr_Clear();
+    return ok && direct_used > 0;
+}
 
 static void hamt_learn(void) {
     HAMT.known = -1;
+    HAMT.direct = -1;
     PyObject *c = PyContext_New();
     if (c == NULL) {
         PyErr_Clear();
         return;
     }
-    PyTypeObject *tp = Py_TYPE((PyObject *)((PyContext *)c)->ctx_vars);
+    PyObject *empty = (PyObject *)((PyContext *)c)->ctx_vars;
+    PyTypeObject *tp = Py_TYPE(empty);
     for (PyMethodDef *m = tp->tp_methods; m != NULL && m->ml_name != NULL; m++) {
         if (strcmp(m->ml_name, "set") == 0 && (m->ml_flags & (METH_VARARGS | METH_KEYWORDS | METH_FASTCALL |
                                                               METH_O | METH_NOARGS)) == METH_VARARGS) {
@@ -207,6 +311,15 @@ static void hamt_learn(void) {
             break;
         }
     }
+#if PY_VERSION_HEX < 0x030E0000 /* the layout above is known up to 3.13 */
+    PyObject *root = HAMT.known > 0 ? (PyObject *)((PyHamtObject *)empty)->h_root : NULL;
+    if (root != NULL && strcmp(Py_TYPE(root)->tp_name, "hamt_bitmap_node") == 0 &&
+        Py_TYPE(root)->tp_basicsize == (Py_ssize_t)offsetof(ms_hamt_bitmap_t, b_array) &&
+        Py_TYPE(root)->tp_itemsize == (Py_ssize_t)sizeof(PyObject *) && Py_SIZE(root) == 0) {
+        HAMT.bitmap_type = Py_TYPE(root);
+        if (hamt_direct_check(empty)) HAMT.direct = 1;
+    }
+#endif
     Py_DECREF(c);
 }
 
@@ -289,6 +402,22 @@ static int hamt_untrack_if_acyclic(PyHamtObject *nv, PyHamtObject *old, int tag_
     return 1; /* the caller may take them off the collector's count (gc_uncount) */
 }
 
+/* vars.set(var, value) through the HAMT type's own method: a new reference, or NULL (with
+ * an exception set, or none if our argument tuple is in use, which cannot happen).  set()
+ * only unpacks its arguments (no Python code runs in it: ContextVar keys hash and compare
+ * in C), so one tuple of ours serves every call, its items lent for the call (a tuple made
+ * and freed per task: ~300 instructions). */
+static PyObject *hamt_set_by_method(PyObject *vars, PyObject *var, PyObject *value) {
+    PyObject *args = HAMT.args;
+    if (Py_REFCNT(args) != 1 || PyTuple_GET_ITEM(args, 0) != NULL) return NULL;
+    PyTuple_SET_ITEM(args, 0, var);
+    PyTuple_SET_ITEM(args, 1, value);
+    PyObject *nv = HAMT.set(vars, args);
+    PyTuple_SET_ITEM(args, 0, NULL);
+    PyTuple_SET_ITEM(args, 1, NULL);
+    return nv;
+}
+
 /* Set var = value in ctx, a context no one has entered or seen.  Returns 0 (2: and its new
  * mapping is untracked), -1 with an exception set, or 1: not possible this way (nothing
  * changed). */
@@ -297,17 +426,23 @@ static int fresh_context_set(PyObject *ctx, PyObject *var, PyObject *value) {
     PyContext *c = (PyContext *)ctx;
     PyObject *vars = (PyObject *)c->ctx_vars;
     if (HAMT.known < 0 || c->ctx_entered || vars == NULL || Py_TYPE(vars) != HAMT.type) return 1;
-    /* set() only unpacks its arguments (no Python code runs in it: ContextVar keys hash
-     * and compare in C), so one tuple of ours serves every call, its items lent for the
-     * call (a tuple made and freed per task: ~300 instructions) */
-    PyObject *args = HAMT.args;
-    if (Py_REFCNT(args) != 1 || PyTuple_GET_ITEM(args, 0) != NULL) return 1; /* in use: cannot happen */
-    PyTuple_SET_ITEM(args, 0, var);
-    PyTuple_SET_ITEM(args, 1, value);
-    PyObject *nv = HAMT.set(vars, args);
-    PyTuple_SET_ITEM(args, 0, NULL);
-    PyTuple_SET_ITEM(args, 1, NULL);
-    if (nv == NULL) return -1;
+    PyObject *nv = NULL;
+    int other = 1;
+    if (HAMT.direct > 0) {
+        /* our Tag into a mapping of ours that passed (see hamt_untrack_if_acyclic): the
+         * new one passes too, and is made untracked */
+        PyObject *old_root = (PyObject *)((PyHamtObject *)vars)->h_root;
+        int passes = var == S.tag_var && Py_IS_TYPE(value, &TagType) && old_root != NULL &&
+                     !PyObject_GC_IsTracked(vars) && !PyObject_GC_IsTracked(old_root);
+        nv = hamt_set_direct((PyHamtObject *)vars, var, value, !passes, &other);
+        if (nv == NULL && !other) return -1;
+        if (nv != NULL && passes) {
+            c->ctx_vars = (PyHamtObject *)nv;
+            Py_DECREF(vars);
+            return 2;
+        }
+    }
+    if (nv == NULL && (nv = hamt_set_by_method(vars, var, value)) == NULL) return PyErr_Occurred() ? -1 : 1;
     if (Py_TYPE(nv) != HAMT.type) {
         Py_DECREF(nv);
         HAMT.known = -1;

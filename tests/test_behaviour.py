@@ -169,8 +169,34 @@ async def prog_contextvars():
     return results, fourth.result(), sorted(seen), _USER_VAR.get(), ran, given.get(_USER_VAR)
 
 
+_MANY_VARS = [contextvars.ContextVar(f"many_{i}") for i in range(60)]
+
+
+async def prog_many_contextvars():
+    # Contexts holding many variables: the tag goes into mappings whose first level is
+    # full (past 16 keys CPython changes the node's kind) or whose slot for it is taken by
+    # another key (a deeper level), as well as the small ones it is usually built into
+    # directly.  Every task must see exactly what its creator had set.
+    async def child(k):
+        values = tuple(v.get(None) for v in _MANY_VARS)
+        _MANY_VARS[k].set(f"child-{k}")
+        inner = await asyncio.create_task(grandchild())
+        return values, inner
+
+    async def grandchild():
+        return tuple(v.get(None) for v in _MANY_VARS)
+
+    results = []
+    for n in (1, 2, 5, 15, 16, 17, 33, 60):
+        for i in range(n):
+            _MANY_VARS[i].set((n, i))
+        results.append(await asyncio.gather(*(asyncio.create_task(child(k)) for k in range(0, n, 7))))
+    return results
+
+
 PROGRAMS = [
     prog_contextvars,
+    prog_many_contextvars,
     prog_results,
     prog_exception,
     prog_cancel,
