@@ -315,6 +315,11 @@ static int stacks_move(void *old, void *p, size_t old_size, size_t size) {
     return 1;
 }
 
+/* A task's site that may go to its group: not a free slot, and no live sample names it. */
+static inline int site_movable(const site_t *st) {
+    return !st->dead && !(st->tid & GROUP_SITE_BIT) && st->nlive == 0;
+}
+
 /* Tasks folded into a group (tids, n of them) hand their sites to the group's own sites
  * (tid = gid, with GROUP_SITE_BIT): a site of the same stack is merged, others re-keyed.
  * The site table then grows with the program's distinct stacks per task kept and per
@@ -323,38 +328,27 @@ static int stacks_move(void *old, void *p, size_t old_size, size_t size) {
  * task holds no live bytes, so only an estimate's rounding can leave one). */
 static int stacks_fold_sites(const uint32_t *tids, const uint32_t *gids, size_t n) {
     if (n == 0 || K.nsites == 0) return 0;
-    /* The owners of the sites that may move (a task's, with no live sample), each mapped
-     * to its group once found among the folded tasks (UINT32_MAX until then).  The map is
-     * sized by those sites, not by the folded tasks: a pass folds thousands of tasks, few
-     * of them ever sampled (a tree of 168,000 tasks: a map entry and its clearing for each
-     * were ~240 instructions a task).  It is kept from one call to the next, emptied after
-     * use: a fresh mapping each time was page faults and a TLB flush when it went. */
-    size_t m = 0;
-    for (uint32_t i = 0; i < K.nsites; i++) {
-        const site_t *st = &K.sites[i];
-        if (!st->dead && !(st->tid & GROUP_SITE_BIT) && st->nlive == 0) m++;
-    }
-    if (m == 0) return 0;
+    /* The owners of the movable sites, each mapped to its group once found among the
+     * folded tasks (UINT32_MAX until then).  The map is sized by the sites, not by the
+     * folded tasks: a pass folds thousands of tasks, few of them ever sampled (a tree of
+     * 168,000 tasks: a map entry and its clearing for each were ~240 instructions a task).
+     * It is kept from one call to the next, emptied after use: a fresh mapping each time
+     * was page faults and a TLB flush when it went. */
     u64map_t *owners = &K.folded;
     uint64_t cap = 16;
-    while (cap < (uint64_t)m * 2 + 16) cap <<= 1;
+    while (cap < (uint64_t)K.nsites * 2 + 16) cap <<= 1;
     if (owners->slots != NULL && owners->mask + 1 < cap) u64map_free(owners);
     if (owners->slots == NULL && u64map_init_local(owners, cap, 0) < 0) return -1;
     int rc = 0;
-    for (uint32_t i = 0; i < K.nsites && rc == 0; i++) {
-        const site_t *st = &K.sites[i];
-        if (!st->dead && !(st->tid & GROUP_SITE_BIT) && st->nlive == 0)
-            rc = u64map_put(owners, (uint64_t)st->tid + 1, UINT32_MAX);
-    }
+    for (uint32_t i = 0; i < K.nsites && rc == 0; i++)
+        if (site_movable(&K.sites[i])) rc = u64map_put(owners, (uint64_t)K.sites[i].tid + 1, UINT32_MAX);
     uint32_t gid;
-    for (size_t i = 0; i < n && rc == 0; i++)
+    for (size_t i = 0; i < n && rc == 0 && owners->count != 0; i++)
         if (u64map_get(owners, (uint64_t)tids[i] + 1, &gid)) rc = u64map_put(owners, (uint64_t)tids[i] + 1, gids[i]);
-    if (rc < 0) goto done;
+    if (rc < 0 || owners->count == 0) goto done;
     for (uint32_t i = 0; i < K.nsites; i++) {
         site_t *st = &K.sites[i];
-        if (st->dead || (st->tid & GROUP_SITE_BIT) || st->nlive != 0 ||
-            !u64map_get(owners, (uint64_t)st->tid + 1, &gid) || gid == UINT32_MAX)
-            continue;
+        if (!site_movable(st) || !u64map_get(owners, (uint64_t)st->tid + 1, &gid) || gid == UINT32_MAX) continue;
         uint64_t okey = site_key(st->tid, st->stack), nkey = site_key(gid, st->stack);
         uint32_t j;
         if (u64map_get(&K.site_index, nkey, &j)) {

@@ -204,8 +204,8 @@ typedef struct {
  * argument tuple, the recursion and the general paths (callgrind, full-size eager
  * TaskGroup tree: ~740 instructions a task through set, GC allocations included).  With
  * track 0 the two new objects are left out of the collector's lists (the caller knows
- * they pass hamt_untrack_if_acyclic).  Returns a new reference; NULL with *other set when the case is another one (nothing
- * made, no error), NULL with an exception set on failure. */
+ * they pass: tag_into_passed).  Returns a new reference; NULL with *other set when the
+ * case is another one (nothing made, no error), NULL with an exception set on failure. */
 static PyObject *hamt_set_direct(PyHamtObject *old, PyObject *var, PyObject *value, int track, int *other) {
     ms_hamt_bitmap_t *b = (ms_hamt_bitmap_t *)old->h_root;
     *other = 1;
@@ -382,19 +382,24 @@ static int acyclic_item(PyObject *o, void *arg) {
     return 1; /* may refer back: stop */
 }
 
-static int hamt_untrack_if_acyclic(PyHamtObject *nv, PyHamtObject *old, int tag_set) {
+/* An untracked old mapping is one of ours that passed (mappings never change, nor do the
+ * reasons their contents passed), and if the insertion sets our variable to a Tag, the new
+ * one differs from it only there: it passes too, with no traversal.  That is the usual
+ * case, a task made by a task whose context holds nothing but its own tag (~150
+ * instructions a task). */
+static int tag_into_passed(PyHamtObject *old, PyObject *var, PyObject *value) {
+    PyObject *old_root = (PyObject *)old->h_root;
+    return var == S.tag_var && Py_IS_TYPE(value, &TagType) && old_root != NULL &&
+           !PyObject_GC_IsTracked((PyObject *)old) && !PyObject_GC_IsTracked(old_root);
+}
+
+/* passed: tag_into_passed said so of this insertion. */
+static int hamt_untrack_if_acyclic(PyHamtObject *nv, PyHamtObject *old, int passed) {
     PyObject *root = (PyObject *)nv->h_root, *old_root = (PyObject *)old->h_root;
     /* only what this insertion made: a new mapping whose new root no one else holds */
     if (nv == old || root == NULL || old_root == root || Py_REFCNT(nv) != 1 || Py_REFCNT(root) != 1)
         return 0;
     if (!PyObject_GC_IsTracked((PyObject *)nv) || !PyObject_GC_IsTracked(root)) return 0;
-    /* An untracked old mapping is one of ours that passed (mappings never change, nor do
-     * the reasons their contents passed), and if the insertion set our variable to a Tag,
-     * the new one differs from it only there: it passes too.  That is the usual case, a
-     * task made by a task whose context holds nothing but its own tag (~150 instructions
-     * a task). */
-    int passed = tag_set && old_root != NULL && !PyObject_GC_IsTracked((PyObject *)old) &&
-                 !PyObject_GC_IsTracked(old_root);
     traverseproc trav = Py_TYPE(root)->tp_traverse;
     if (!passed && (trav == NULL || trav(root, acyclic_item, (void *)(intptr_t)1) != 0)) return 0;
     PyObject_GC_UnTrack(root);
@@ -427,13 +432,9 @@ static int fresh_context_set(PyObject *ctx, PyObject *var, PyObject *value) {
     PyObject *vars = (PyObject *)c->ctx_vars;
     if (HAMT.known < 0 || c->ctx_entered || vars == NULL || Py_TYPE(vars) != HAMT.type) return 1;
     PyObject *nv = NULL;
-    int other = 1;
+    int other = 1, passes = tag_into_passed((PyHamtObject *)vars, var, value);
     if (HAMT.direct > 0) {
-        /* our Tag into a mapping of ours that passed (see hamt_untrack_if_acyclic): the
-         * new one passes too, and is made untracked */
-        PyObject *old_root = (PyObject *)((PyHamtObject *)vars)->h_root;
-        int passes = var == S.tag_var && Py_IS_TYPE(value, &TagType) && old_root != NULL &&
-                     !PyObject_GC_IsTracked(vars) && !PyObject_GC_IsTracked(old_root);
+        /* what passes is made untracked here rather than tracked and then untracked */
         nv = hamt_set_direct((PyHamtObject *)vars, var, value, !passes, &other);
         if (nv == NULL && !other) return -1;
         if (nv != NULL && passes) {
@@ -448,8 +449,7 @@ static int fresh_context_set(PyObject *ctx, PyObject *var, PyObject *value) {
         HAMT.known = -1;
         return 1;
     }
-    int untracked = hamt_untrack_if_acyclic((PyHamtObject *)nv, (PyHamtObject *)vars,
-                                            var == S.tag_var && Py_IS_TYPE(value, &TagType));
+    int untracked = hamt_untrack_if_acyclic((PyHamtObject *)nv, (PyHamtObject *)vars, passes);
     c->ctx_vars = (PyHamtObject *)nv;
     Py_DECREF(vars);
     return untracked ? 2 : 0;
@@ -2424,7 +2424,7 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
         int64_t ab;
         double na;
         task_totals(ti, &ab, &na, NULL);
-        int sites = (S.tasks[ti].flags & TF_SITES) != 0;
+        int sites = (r->flags & TF_SITES) != 0;
         if (release_task_slot(cand[k].tid) != 0) continue;
         /* (a labels mapping freed just now can run a __del__ that makes tasks; a fold
          * call nested in it folds nothing, but the queue is checked, not trusted) */

@@ -78,22 +78,16 @@ class FoldedGroup:
     next_pick: int = 0
 
     def add(
-        self,
-        values: Sequence[int],
-        allocations: float,
-        rng: random.Random,
-        size: int,
-        total: int | None = None,
-        largest: int | None = None,
+        self, values: Sequence[int], allocations: float, rng: random.Random, size: int, total: int, largest: int
     ) -> None:
         """Fold a batch of tasks, given each one's allocated bytes, into the aggregate.
-        ``total`` and ``largest`` are sum(values) and max(values) when the caller has
-        them (the core does: a fold pass of 10,000 tasks spent ~300 instructions a task
-        making an int of each value, twice, to sum them and find the largest)."""
+        ``total`` and ``largest`` are sum(values) and max(values), as the core gives them
+        (here a fold pass of 10,000 tasks spent ~300 instructions a task making an int of
+        each value, twice, to sum them and find the largest)."""
         if not values:
             return
-        self.allocated_sum += sum(values) if total is None else total
-        self.allocated_max = max(self.allocated_max, max(values) if largest is None else largest)
+        self.allocated_sum += total
+        self.allocated_max = max(self.allocated_max, largest)
         self.allocations += int(round(allocations))
         first = self.tasks  # values[i] is task number first + i + 1
         self.tasks += len(values)
