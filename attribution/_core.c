@@ -277,6 +277,7 @@ static struct {
     int fold_armed;              /* a fold pass found more finished tasks than it keeps */
     int64_t fold_floor;          /* ...and kept none that allocated less than this */
     uint64_t records, pending;   /* registered task records; those not finished */
+    uint64_t mappings_reused;    /* tasks given a kept tag mapping (kept_mapping_take) */
     uint32_t ninferred;          /* threads with an inferred owner (0: skip that work) */
     uint64_t untracked;          /* allocations we could not record (table memory) */
     uint64_t dropped_cells;      /* allocations charged to the overflow cell */
@@ -1212,9 +1213,11 @@ static void clear_task_refs(task_info_t *r) {
 }
 
 static void tasks_watch(int on);
+static void kept_mappings_clear(void);
 
 static void clear_data(void) {
     tasks_watch(0);
+    kept_mappings_clear();
     shadow_free(&S.shadow);
     sysmem_free(S.filter);
     S.filter = NULL;
@@ -1240,7 +1243,7 @@ static void clear_data(void) {
     S.capfold_cand = S.capfold_scratch = S.capfold_groups = 0;
     S.fold_busy = 0;
     S.fold_armed = 0;
-    S.records = S.pending = 0;
+    S.records = S.pending = S.mappings_reused = 0;
     S.ninferred = 0;
     ptrmap_free(&S.ptrs);
     u64map_free(&S.cell_index);
@@ -1659,7 +1662,8 @@ PyDoc_STRVAR(stats_doc,
 "-1 if through PyContextVar_Set; direct_hamt_insertion: 1 if that mapping's new root is built\n"
 "here (hamt_set_direct, checked against the HAMT's own set()), -1 if set() does it, 0 if not yet\n"
 "known; own_objects_raw: 1 if our own objects of a context's size\n"
-"come from the raw allocator (own_malloc), 0 if all stay in pymalloc.");
+"come from the raw allocator (own_malloc), 0 if all stay in pymalloc; tag_mappings_reused:\n"
+"tasks whose context was given the tag mapping of a task that is gone (kept_mapping_take).");
 
 static PyObject *core_stats(PyObject *m, PyObject *noargs) {
     int g = tls.guard;
@@ -1678,7 +1682,7 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
                    (size_t)(S.obj_index.slots ? S.obj_index.mask + 1 : 0) * sizeof(u64map_entry_t);
     size_t stacks = stacks_bytes();
     PyObject *d = Py_BuildValue(
-        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:K,s:K,s:i,s:i,s:i,s:i}", "tracked_allocations",
+        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:K}", "tracked_allocations",
         (unsigned long long)ptrs_count(), "table_bytes", (Py_ssize_t)table, "stacks_bytes", (Py_ssize_t)stacks,
         "tracker_bytes", (Py_ssize_t)(table + other + stacks), "cells",
         (unsigned int)(S.ncells - 1 - S.nfree_cells), "tasks", (unsigned int)(S.ntasks - 1 - S.nfree_tasks),
@@ -1687,7 +1691,7 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
         "table_capacity", (unsigned long long)S.ptrs.capacity, "task_records", (unsigned long long)S.records,
         "pending_task_records", (unsigned long long)S.pending, "fast_thread_state", tls.ts_slot != NULL,
         "direct_context_tagging", HAMT.known, "direct_hamt_insertion", HAMT.known == 0 ? 0 : HAMT.direct,
-        "own_objects_raw", S.raw_blocks != NULL);
+        "own_objects_raw", S.raw_blocks != NULL, "tag_mappings_reused", (unsigned long long)S.mappings_reused);
     tls.guard = g;
     return d;
 }

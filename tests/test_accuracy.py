@@ -204,6 +204,48 @@ def test_eager_tasks_attributed(loop_kind):
     KEEP.clear()
 
 
+def test_tasks_made_as_others_end_keep_their_own_bytes_and_parents(loop_kind):
+    """Once a task and every copy of its context are gone, a task made next may be given
+    that task's tag mapping, its Tag renumbered (_tasks.h, bare_pool_take).  Each task of
+    a run made one after another, each as the last ends, still has exactly its own bytes
+    and its own parent; a task whose context a pending callback still holds keeps its tag,
+    and what the callback allocates after later tasks came and went is still that task's."""
+    from memscope_async.attribution import _core
+
+    KEEP.clear()
+    seen = {}
+
+    async def alloc(mib):
+        KEEP.append(bytearray(mib * MiB))
+
+    async def keeper():
+        asyncio.get_running_loop().call_later(0.05, lambda: KEEP.append(bytearray(6 * MiB)))
+
+    async def chain(n):
+        for i in range(n):
+            await asyncio.create_task(alloc(1 + i % 3), name=f"t{i}")
+            if i == n // 2:
+                await asyncio.create_task(keeper(), name="keeper")
+
+    async def main():
+        before = _core.stats()["tag_mappings_reused"]
+        await asyncio.create_task(chain(12), name="chain")
+        seen["reused"] = _core.stats()["tag_mappings_reused"] - before
+        await asyncio.sleep(0.1)
+
+    _, report = run_profiled(main, loop_kind)
+    assert seen["reused"] >= 8, seen  # the path under test was taken
+    (parent,) = report.find(name="chain")
+    for i in range(12):
+        (t,) = report.find(name=f"t{i}")
+        assert t.parent_id == parent.id and t.state == "done", t
+        assert close_to(t.allocated_bytes, (1 + i % 3) * MiB) and close_to(t.live_bytes, (1 + i % 3) * MiB), t
+    (k,) = report.find(name="keeper")
+    assert k.parent_id == parent.id
+    assert close_to(k.allocated_bytes, 6 * MiB) and close_to(k.live_bytes, 6 * MiB), k
+    KEEP.clear()
+
+
 def test_legacy_factory_tasks_have_one_record_with_their_bytes():
     """A (loop, coro) factory runs inside our tagged context and makes its task in a copy
     of it: still one record per task, holding the task's bytes, and it finishes."""

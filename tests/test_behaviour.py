@@ -194,7 +194,47 @@ async def prog_many_contextvars():
     return results
 
 
+_KEPT_INT = contextvars.ContextVar("kept_int")
+_KEPT_OBJ = contextvars.ContextVar("kept_obj")
+
+
+async def prog_kept_tag_mappings():
+    # Tasks made one after another as the last ends may be given the tag mapping of one
+    # that is gone (_tasks.h, kept_mapping_take), which must hold exactly what a new one
+    # would: each child sees the value its creator set just before making it.  And what a
+    # kept mapping holds must not outlive the program's own references: an object set in
+    # a parent's context is gone once the parent and its children are.  (A code object:
+    # one the collector does not track that can be weakly referenced; a mapping holding an
+    # object the collector tracks stays tracked, and such a mapping is never kept.)
+    import gc
+    import weakref
+
+    async def child():
+        await asyncio.sleep(0)
+        return _KEPT_INT.get(None), type(_KEPT_OBJ.get(None)).__name__
+
+    async def parent(with_obj):
+        seen = []
+        if with_obj:
+            p = compile("x = 1", "<kept>", "exec")
+            ref = weakref.ref(p)
+            _KEPT_OBJ.set(p)
+            del p
+        for i in range(8):
+            _KEPT_INT.set(i)
+            seen.append(await asyncio.create_task(child()))
+        return seen, (ref if with_obj else None)
+
+    plain_kids, _ = await asyncio.create_task(parent(False))
+    obj_kids, ref = await asyncio.create_task(parent(True))
+    for _ in range(3):  # tasks made afterwards, in this context: none of theirs holds the object
+        await asyncio.create_task(child())
+    gc.collect()
+    return plain_kids, obj_kids, ref() is None
+
+
 PROGRAMS = [
+    prog_kept_tag_mappings,
     prog_contextvars,
     prog_many_contextvars,
     prog_results,
