@@ -447,6 +447,57 @@ def test_create_task_checks_the_loop_is_open_as_asyncio_does():
         prof.close()
 
 
+def test_create_task_sees_a_check_closed_or_closed_changed_after_tasks_were_made():
+    # create_task reads _closed straight from the loop's attributes once the loop's class
+    # has been seen to use asyncio's _check_closed: a method put on the class later (any
+    # class change gives it a new version) is called as often as without the profiler,
+    # and the flag is read as it is now.
+    from unittest import mock
+
+    def run(profiled: bool):
+        calls = []
+        prof = ms.Profiler().start() if profiled else None
+        loop = asyncio.new_event_loop()
+        try:
+            if prof is not None:
+                prof.instrument_loop(loop)
+
+            async def main():
+                for _ in range(3):
+                    await loop.create_task(_sleeper(0))
+                real = type(loop)._check_closed
+
+                def spy(self):
+                    calls.append(1)
+                    real(self)
+
+                with mock.patch.object(type(loop), "_check_closed", spy):
+                    await loop.create_task(_sleeper(0))
+                await loop.create_task(_sleeper(0))
+                loop._closed = True
+                coro = _sleeper(0)
+                try:
+                    with pytest.raises(RuntimeError, match="^Event loop is closed$"):
+                        loop.create_task(coro)
+                finally:
+                    loop._closed = False
+                    coro.close()
+                loop._closed = 0  # not a bool: read as asyncio's method reads it
+                await loop.create_task(_sleeper(0))
+                loop._closed = False
+                return len(calls)
+
+            return loop.run_until_complete(main())
+        finally:
+            loop.close()
+            if prof is not None:
+                prof.close()
+
+    plain = run(False)
+    assert plain >= 1
+    assert run(True) == plain
+
+
 def test_create_task_calls_a_check_closed_set_on_the_loop_itself():
     # The loop's own attribute wins over its class's method, as in asyncio's create_task:
     # as many calls of it (create_task's, call_soon's) with the profiler as without.
