@@ -463,8 +463,8 @@ static int fresh_context_set(PyObject *ctx, PyObject *var, PyObject *value) {
  * node and the Tag each have one reference left), a task made in a context whose mapping
  * holds the same keys and values but for our Tag gets it, its Tag renumbered, instead of
  * a new mapping, root node and Tag built now and freed when the task goes.  On an eager
- * task tree nearly every task reuses one (callgrind, eager TaskGroup tree: ~900
- * instructions a task less in sampled mode, ~1,000 in exact).  A kept mapping holds what
+ * task tree nearly every task reuses one (callgrind, eager TaskGroup tree: ~800
+ * instructions a task less in sampled mode, ~900 in exact).  A kept mapping holds what
  * its task's context held, so only a mapping whose every other value is one whose
  * lifetime no program can see is kept: None, a bool, an int, a float, a short str or
  * bytes, a decimal context (none of them can be weakly referenced or has a finaliser),
@@ -526,7 +526,7 @@ static TagObject *kept_mapping_take(PyObject *ctx, int *keep) {
     PyHamtObject *v = c->ctx_vars;
     if (HAMT.direct <= 0 || c->ctx_entered || v == NULL || Py_TYPE(v) != HAMT.type) return NULL;
     Py_ssize_t k = tag_key_at(v);
-    if (k < 0) return NULL; /* (a task made outside any task: rare) */
+    if (k < 0) return NULL; /* (made outside any task, or in a context of 16 variables or more) */
     *keep = 1;
     const ms_hamt_bitmap_t *b = (const ms_hamt_bitmap_t *)v->h_root;
     Py_ssize_t n = Py_SIZE(b);
