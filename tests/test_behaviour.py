@@ -400,6 +400,18 @@ def test_user_subclass_overriding_loop_methods():
     assert MyLoop.__dict__["call_soon"].__qualname__.endswith("MyLoop.call_soon")
 
 
+def _create_task_marked_closed(loop, coro):
+    """loop.create_task(coro) while loop._closed is True (then False again): asyncio's
+    error, and the coroutine closed without running."""
+    loop._closed = True
+    try:
+        with pytest.raises(RuntimeError, match="^Event loop is closed$"):
+            loop.create_task(coro)
+    finally:
+        loop._closed = False
+        coro.close()
+
+
 def test_create_task_checks_the_loop_is_open_as_asyncio_does():
     # create_task first calls loop._check_closed(): asyncio's own method is done in C
     # (it tests loop._closed), a loop class's own override is called.  With the eager
@@ -428,14 +440,7 @@ def test_create_task_checks_the_loop_is_open_as_asyncio_does():
                     # closed without close() (which hands the loop back first): the same
                     # error as asyncio's, before anything runs (eager tasks start only
                     # on a running loop)
-                    loop._closed = True
-                    coro = first_step()
-                    try:
-                        with pytest.raises(RuntimeError, match="^Event loop is closed$"):
-                            loop.create_task(coro)
-                    finally:
-                        loop._closed = False
-                        coro.close()
+                    _create_task_marked_closed(loop, first_step())
 
                 loop.run_until_complete(while_marked_closed())
             finally:
@@ -447,55 +452,52 @@ def test_create_task_checks_the_loop_is_open_as_asyncio_does():
         prof.close()
 
 
+def _on_a_new_loop(profiled: bool, main):
+    """``main(loop)`` run to its end on a new loop, instrumented by a profiler of its own if
+    ``profiled``."""
+    prof = ms.Profiler().start() if profiled else None
+    loop = asyncio.new_event_loop()
+    try:
+        if prof is not None:
+            prof.instrument_loop(loop)
+        return loop.run_until_complete(main(loop))
+    finally:
+        loop.close()
+        if prof is not None:
+            prof.close()
+
+
 def test_create_task_sees_a_check_closed_or_closed_changed_after_tasks_were_made():
-    # create_task reads _closed straight from the loop's attributes once the loop's class
-    # has been seen to use asyncio's _check_closed: a method put on the class later (any
-    # class change gives it a new version) is called as often as without the profiler,
-    # and the flag is read as it is now.
+    # create_task's check that the loop is open (done in C for asyncio's _check_closed):
+    # a method put on the loop's class after tasks were made (the class then has a new
+    # version) is called as often as without the profiler, and _closed is read as it is
+    # at each call, bool or not.
     from unittest import mock
 
-    def run(profiled: bool):
-        calls = []
-        prof = ms.Profiler().start() if profiled else None
-        loop = asyncio.new_event_loop()
-        try:
-            if prof is not None:
-                prof.instrument_loop(loop)
+    calls = []
 
-            async def main():
-                for _ in range(3):
-                    await loop.create_task(_sleeper(0))
-                real = type(loop)._check_closed
+    async def main(loop):
+        for _ in range(3):
+            await loop.create_task(_sleeper(0))
+        real = type(loop)._check_closed
 
-                def spy(self):
-                    calls.append(1)
-                    real(self)
+        def spy(self):
+            calls.append(1)
+            real(self)
 
-                with mock.patch.object(type(loop), "_check_closed", spy):
-                    await loop.create_task(_sleeper(0))
-                await loop.create_task(_sleeper(0))
-                loop._closed = True
-                coro = _sleeper(0)
-                try:
-                    with pytest.raises(RuntimeError, match="^Event loop is closed$"):
-                        loop.create_task(coro)
-                finally:
-                    loop._closed = False
-                    coro.close()
-                loop._closed = 0  # not a bool: read as asyncio's method reads it
-                await loop.create_task(_sleeper(0))
-                loop._closed = False
-                return len(calls)
+        with mock.patch.object(type(loop), "_check_closed", spy):
+            await loop.create_task(_sleeper(0))
+        await loop.create_task(_sleeper(0))
+        _create_task_marked_closed(loop, _sleeper(0))
+        loop._closed = 0  # not a bool: read as asyncio's method reads it
+        await loop.create_task(_sleeper(0))
+        loop._closed = False
+        return len(calls)
 
-            return loop.run_until_complete(main())
-        finally:
-            loop.close()
-            if prof is not None:
-                prof.close()
-
-    plain = run(False)
+    plain = _on_a_new_loop(False, main)
+    calls.clear()
     assert plain >= 1
-    assert run(True) == plain
+    assert _on_a_new_loop(True, main) == plain
 
 
 def test_create_task_calls_a_check_closed_set_on_the_loop_itself():
@@ -503,33 +505,22 @@ def test_create_task_calls_a_check_closed_set_on_the_loop_itself():
     # as many calls of it (create_task's, call_soon's) with the profiler as without.
     from unittest import mock
 
-    def checks_per_create_task(profiled: bool) -> int:
-        calls = []
-        prof = ms.Profiler().start() if profiled else None
-        loop = asyncio.new_event_loop()
-        try:
-            if prof is not None:
-                prof.instrument_loop(loop)
-            real = loop._check_closed
+    calls = []
 
-            def spy():
-                calls.append(1)
-                real()
+    async def main(loop):
+        real = loop._check_closed
 
-            async def main():
-                before = len(calls)
-                t = loop.create_task(_sleeper(0))
-                made = len(calls) - before
-                await t
-                return made
+        def spy():
+            calls.append(1)
+            real()
 
-            with mock.patch.object(loop, "_check_closed", spy):
-                return loop.run_until_complete(main())
-        finally:
-            loop.close()
-            if prof is not None:
-                prof.close()
+        with mock.patch.object(loop, "_check_closed", spy):
+            before = len(calls)
+            t = loop.create_task(_sleeper(0))
+            made = len(calls) - before
+            await t
+            return made
 
-    plain = checks_per_create_task(False)
+    plain = _on_a_new_loop(False, main)
     assert plain >= 1
-    assert checks_per_create_task(True) == plain
+    assert _on_a_new_loop(True, main) == plain
