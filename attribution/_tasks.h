@@ -485,24 +485,42 @@ static struct {
     unsigned look;                /* where the next search starts */
     unsigned misses;              /* searches in a row that found none free */
     unsigned skipped;             /* tasks that did not search, once idle */
-    PyObject *tag_var;            /* borrowed, compared only: the variable tag_bit is of */
-    uint32_t tag_bit;             /* its bit at a bitmap node's first level */
+    PyObject *tag_var;            /* borrowed, compared only: the variable tag_hash is of */
+    uint32_t tag_hash;            /* its hash as the mapping folds it */
 } KEPT;
 
-/* Where our variable's key is in the root of mapping v, a bitmap node: its index in
- * b_array, or -1 if it is not there (or the root is of another kind). */
-static inline Py_ssize_t tag_key_at(const PyHamtObject *v) {
-    const ms_hamt_bitmap_t *b = (const ms_hamt_bitmap_t *)v->h_root;
+/* Where our variable's key is in mapping v: in its root, a bitmap node, at b_array[*k]
+ * (*k2 -1), or, where another variable has its place there, one level down, in the bitmap
+ * node at root->b_array[*k + 1], at b_array[*k2].  0: not found so (then nothing is kept
+ * or reused: a task made outside any task, a context of 16 variables or more, ...). */
+static inline int tag_place(const PyHamtObject *v, Py_ssize_t *k, Py_ssize_t *k2) {
     if (MS_UNLIKELY(KEPT.tag_var != S.tag_var)) {
         Py_hash_t h = PyObject_Hash(S.tag_var); /* a ContextVar's: cannot fail */
         int32_t x = (int32_t)(h & 0xffffffff) ^ (int32_t)((uint64_t)h >> 32);
-        if (x == -1) x = -2;
-        KEPT.tag_bit = (uint32_t)1 << ((uint32_t)x & 0x1f);
+        KEPT.tag_hash = (uint32_t)(x == -1 ? -2 : x);
         KEPT.tag_var = S.tag_var;
     }
-    if (b == NULL || Py_TYPE(b) != HAMT.bitmap_type || !(b->b_bitmap & KEPT.tag_bit)) return -1;
-    Py_ssize_t k = 2 * (Py_ssize_t)__builtin_popcount(b->b_bitmap & (KEPT.tag_bit - 1));
-    return b->b_array[k] == S.tag_var ? k : -1;
+    const ms_hamt_bitmap_t *b = (const ms_hamt_bitmap_t *)v->h_root;
+    for (int level = 0; level < 2; level++) {
+        uint32_t bit = (uint32_t)1 << ((KEPT.tag_hash >> (5 * level)) & 0x1f);
+        if (b == NULL || Py_TYPE(b) != HAMT.bitmap_type || !(b->b_bitmap & bit)) return 0;
+        Py_ssize_t i = 2 * (Py_ssize_t)__builtin_popcount(b->b_bitmap & (bit - 1));
+        if (level == 0) *k = i;
+        *k2 = level == 0 ? -1 : i;
+        if (b->b_array[i] == S.tag_var) return 1;
+        if (b->b_array[i] != NULL) return 0;
+        b = (const ms_hamt_bitmap_t *)b->b_array[i + 1]; /* a deeper node */
+    }
+    return 0;
+}
+
+/* Do bitmap nodes a and b hold the same but at b_array[skip]? */
+static inline int same_but(const ms_hamt_bitmap_t *a, const ms_hamt_bitmap_t *b, Py_ssize_t skip) {
+    Py_ssize_t n = Py_SIZE(b);
+    if (Py_TYPE(a) != Py_TYPE(b) || a->b_bitmap != b->b_bitmap || Py_SIZE(a) != n) return 0;
+    for (Py_ssize_t d = 0; d < n; d++)
+        if (a->b_array[d] != b->b_array[d] && d != skip) return 0;
+    return 1;
 }
 
 /* May a kept mapping hold o (alive for longer than the program would keep it)? */
@@ -525,21 +543,21 @@ static TagObject *kept_mapping_take(PyObject *ctx, int *keep) {
     PyContext *c = (PyContext *)ctx;
     PyHamtObject *v = c->ctx_vars;
     if (HAMT.direct <= 0 || c->ctx_entered || v == NULL || Py_TYPE(v) != HAMT.type) return NULL;
-    Py_ssize_t k = tag_key_at(v);
-    if (k < 0) return NULL; /* (made outside any task, or in a context of 16 variables or more) */
+    Py_ssize_t k, k2;
+    if (!tag_place(v, &k, &k2)) return NULL;
     *keep = 1;
     const ms_hamt_bitmap_t *b = (const ms_hamt_bitmap_t *)v->h_root;
-    Py_ssize_t n = Py_SIZE(b);
     for (unsigned i = 0; i < KEPT_PROBES; i++) {
         /* the two newest, then the others in turn */
         unsigned j = (i < 2 ? KEPT.put - 1 - i : KEPT.look + i - 2) % KEPT_LEN;
         PyHamtObject *m = KEPT.vars[j];
         if (m == NULL || Py_REFCNT(m) != 1 || Py_REFCNT(m->h_root) != 1 || Py_REFCNT(KEPT.tag[j]) != 1) continue;
         const ms_hamt_bitmap_t *mb = (const ms_hamt_bitmap_t *)m->h_root;
-        if (mb->b_bitmap != b->b_bitmap || Py_SIZE(mb) != n) continue;
-        Py_ssize_t d = 0;
-        while (d < n && (mb->b_array[d] == b->b_array[d] || d == k + 1)) d++;
-        if (d < n) continue;
+        if (!same_but(mb, b, k + 1)) continue;
+        if (k2 >= 0) { /* and the deeper node that holds the Tag, only ours too */
+            const ms_hamt_bitmap_t *ms_ = (const ms_hamt_bitmap_t *)mb->b_array[k + 1];
+            if (Py_REFCNT(ms_) != 1 || !same_but(ms_, (const ms_hamt_bitmap_t *)b->b_array[k + 1], k2 + 1)) continue;
+        }
         if (i >= 2) KEPT.look = j + 1;
         KEPT.misses = 0;
         c->ctx_vars = (PyHamtObject *)Py_NewRef(m);
@@ -556,10 +574,17 @@ static TagObject *kept_mapping_take(PyObject *ctx, int *keep) {
 
 /* Keep m, a mapping just made (untracked) with tag in it, if what else it holds may be kept. */
 static void kept_mapping_put(PyHamtObject *m, TagObject *tag) {
+    Py_ssize_t k, k2;
+    if (!tag_place(m, &k, &k2)) return;
     const ms_hamt_bitmap_t *b = (const ms_hamt_bitmap_t *)m->h_root;
-    if (b == NULL || Py_TYPE(b) != HAMT.bitmap_type) return;
-    for (Py_ssize_t i = 0; i < Py_SIZE(b); i += 2) /* (a NULL key: a deeper node, not looked into) */
-        if (b->b_array[i] == NULL || (b->b_array[i] != S.tag_var && !lifetime_unseen(b->b_array[i + 1]))) return;
+    for (int level = 0; level < (k2 >= 0 ? 2 : 1); level++) {
+        if (level == 1) b = (const ms_hamt_bitmap_t *)b->b_array[k + 1];
+        for (Py_ssize_t i = 0; i < Py_SIZE(b); i += 2) {
+            PyObject *key = b->b_array[i];
+            if (key == S.tag_var || (level == 0 && k2 >= 0 && i == k)) continue; /* ours, or the way to it */
+            if (key == NULL || !lifetime_unseen(b->b_array[i + 1])) return;    /* (other deeper nodes not looked into) */
+        }
+    }
     unsigned j = KEPT.put++ % KEPT_LEN;
     PyHamtObject *old = KEPT.vars[j];
     KEPT.vars[j] = (PyHamtObject *)Py_NewRef(m);

@@ -250,12 +250,12 @@ def test_tasks_made_as_others_end_keep_their_own_bytes_and_parents(loop_kind):
     KEEP.clear()
 
 
-def _hamt_place(var) -> int:
-    """var's place at the first level of a context's mapping (CPython's HAMT: the hash
-    folded to 32 bits, -1 made -2, its low 5 bits)."""
+def _hamt_place(var, level: int = 0) -> int:
+    """var's place at a level of a context's mapping (CPython's HAMT: the hash folded to 32
+    bits, -1 made -2; 5 bits a level, the lowest first)."""
     h = hash(var) & (2**64 - 1)
     x = (h & 0xFFFFFFFF) ^ (h >> 32)
-    return (0xFFFFFFFE if x == 0xFFFFFFFF else x) & 31
+    return ((0xFFFFFFFE if x == 0xFFFFFFFF else x) >> (5 * level)) & 31
 
 
 def test_kept_tag_mappings_hold_nothing_whose_lifetime_shows(loop_kind):
@@ -300,6 +300,50 @@ def test_kept_tag_mappings_hold_nothing_whose_lifetime_shows(loop_kind):
     run_profiled(main, loop_kind)
     assert seen["int"] >= 6, seen
     assert seen["object"] == 0 and seen["gone"], seen
+
+
+def test_tag_mappings_are_reused_where_a_variable_shares_the_tags_place(loop_kind):
+    """A variable at the tag's place in the mapping's first level puts both one level down;
+    tasks made one after another there still reuse tag mappings, and each keeps its own
+    bytes and sees what its creator set."""
+    from memscope_async.attribution import _core
+
+    KEEP.clear()
+    seen = {}
+
+    async def child(mib):
+        KEEP.append(bytearray(mib * MiB))
+        return seen["var"].get()
+
+    async def parent():
+        var = seen["var"]
+        before = _core.stats()["tag_mappings_reused"]
+        values = []
+        for i in range(16):
+            # the same value for the first 8 (their mappings are reused), then another
+            # each time (a kept one holds an older value at that level: not reused)
+            var.set(7 if i < 8 else i)
+            values.append(await asyncio.create_task(child(1 + i % 3), name=f"c{i}"))
+            if i == 7:
+                seen["reused"] = _core.stats()["tag_mappings_reused"] - before
+        return values
+
+    async def main():
+        tag_var = next(v for v in contextvars.copy_context() if v.name == "memscope_async.tag")
+        seen["var"] = next(
+            v for v in (contextvars.ContextVar(f"shared_{i}") for i in itertools.count())
+            if _hamt_place(v) == _hamt_place(tag_var) and _hamt_place(v, 1) != _hamt_place(tag_var, 1)
+        )
+        return await asyncio.create_task(parent(), name="parent", context=contextvars.Context())
+
+    values, report = run_profiled(main, loop_kind)
+    assert values == [7] * 8 + list(range(8, 16))
+    assert seen["reused"] >= 5, seen
+    (p,) = report.find(name="parent")
+    for i in range(16):
+        (t,) = report.find(name=f"c{i}")
+        assert t.parent_id == p.id and close_to(t.allocated_bytes, (1 + i % 3) * MiB), t
+    KEEP.clear()
 
 
 def test_legacy_factory_tasks_have_one_record_with_their_bytes():
