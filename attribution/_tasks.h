@@ -197,6 +197,24 @@ typedef struct {
     PyObject *b_array[1];
 } ms_hamt_bitmap_t;
 
+/* The mapping's hash of key (hamt.c folds the object's hash to 32 bits, -1 made -2): 1,
+ * or 0 if key cannot be hashed (the error cleared). */
+static inline int hamt_hash32(PyObject *key, uint32_t *out) {
+    Py_hash_t h = PyObject_Hash(key);
+    if (h == -1) {
+        PyErr_Clear();
+        return 0;
+    }
+    int32_t x = (int32_t)(h & 0xffffffff) ^ (int32_t)((uint64_t)h >> 32);
+    *out = (uint32_t)(x == -1 ? -2 : x);
+    return 1;
+}
+
+/* Where the pair of the key whose bit at this level is `bit` is (or would go) in b_array. */
+static inline Py_ssize_t bitmap_pair_at(const ms_hamt_bitmap_t *b, uint32_t bit) {
+    return 2 * (Py_ssize_t)__builtin_popcount(b->b_bitmap & (bit - 1));
+}
+
 /* old with var set to value, made here when the root of old is a bitmap node whose slot
  * for var at the first level is free (and the node holds fewer than 16 pairs: CPython
  * makes an array node of the 17th) or holds var itself: a copy of the root with the pair
@@ -209,16 +227,10 @@ typedef struct {
 static PyObject *hamt_set_direct(PyHamtObject *old, PyObject *var, PyObject *value, int track, int *other) {
     ms_hamt_bitmap_t *b = (ms_hamt_bitmap_t *)old->h_root;
     *other = 1;
-    if (b == NULL || Py_TYPE(b) != HAMT.bitmap_type) return NULL;
-    Py_hash_t h = PyObject_Hash(var);
-    if (h == -1) {
-        PyErr_Clear();
-        return NULL;
-    }
-    int32_t x = (int32_t)(h & 0xffffffff) ^ (int32_t)((uint64_t)h >> 32);
-    if (x == -1) x = -2;
-    uint32_t bit = (uint32_t)1 << ((uint32_t)x & 0x1f);
-    Py_ssize_t k = 2 * (Py_ssize_t)__builtin_popcount(b->b_bitmap & (bit - 1)), n = Py_SIZE(b);
+    uint32_t h;
+    if (b == NULL || Py_TYPE(b) != HAMT.bitmap_type || !hamt_hash32(var, &h)) return NULL;
+    uint32_t bit = (uint32_t)1 << (h & 0x1f);
+    Py_ssize_t k = bitmap_pair_at(b, bit), n = Py_SIZE(b);
     int replace = (b->b_bitmap & bit) != 0;
     if (replace ? b->b_array[k] != var : n >= 32) return NULL;
     *other = 0;
@@ -423,14 +435,21 @@ static PyObject *hamt_set_by_method(PyObject *vars, PyObject *var, PyObject *val
     return nv;
 }
 
+/* ctx's mapping, if it may be replaced here (no one has entered ctx, and the mapping is
+ * of the HAMT type learnt), else NULL. */
+static inline PyHamtObject *fresh_context_vars(const PyContext *c) {
+    PyHamtObject *vars = c->ctx_vars;
+    return !c->ctx_entered && vars != NULL && Py_TYPE(vars) == HAMT.type ? vars : NULL;
+}
+
 /* Set var = value in ctx, a context no one has entered or seen.  Returns 0 (2: and its new
  * mapping is untracked), -1 with an exception set, or 1: not possible this way (nothing
  * changed). */
 static int fresh_context_set(PyObject *ctx, PyObject *var, PyObject *value) {
     if (MS_UNLIKELY(HAMT.known == 0)) hamt_learn();
     PyContext *c = (PyContext *)ctx;
-    PyObject *vars = (PyObject *)c->ctx_vars;
-    if (HAMT.known < 0 || c->ctx_entered || vars == NULL || Py_TYPE(vars) != HAMT.type) return 1;
+    PyObject *vars = (PyObject *)fresh_context_vars(c);
+    if (HAMT.known < 0 || vars == NULL) return 1;
     PyObject *nv = NULL;
     int other = 1, passes = tag_into_passed((PyHamtObject *)vars, var, value);
     if (HAMT.direct > 0) {
@@ -495,16 +514,14 @@ static struct {
  * or reused: a task made outside any task, a context of 16 variables or more, ...). */
 static inline int tag_place(const PyHamtObject *v, Py_ssize_t *k, Py_ssize_t *k2) {
     if (MS_UNLIKELY(KEPT.tag_var != S.tag_var)) {
-        Py_hash_t h = PyObject_Hash(S.tag_var); /* a ContextVar's: cannot fail */
-        int32_t x = (int32_t)(h & 0xffffffff) ^ (int32_t)((uint64_t)h >> 32);
-        KEPT.tag_hash = (uint32_t)(x == -1 ? -2 : x);
+        if (!hamt_hash32(S.tag_var, &KEPT.tag_hash)) return 0; /* (a ContextVar's: cannot fail) */
         KEPT.tag_var = S.tag_var;
     }
     const ms_hamt_bitmap_t *b = (const ms_hamt_bitmap_t *)v->h_root;
     for (int level = 0; level < 2; level++) {
         uint32_t bit = (uint32_t)1 << ((KEPT.tag_hash >> (5 * level)) & 0x1f);
         if (b == NULL || Py_TYPE(b) != HAMT.bitmap_type || !(b->b_bitmap & bit)) return 0;
-        Py_ssize_t i = 2 * (Py_ssize_t)__builtin_popcount(b->b_bitmap & (bit - 1));
+        Py_ssize_t i = bitmap_pair_at(b, bit);
         if (level == 0) *k = i;
         *k2 = level == 0 ? -1 : i;
         if (b->b_array[i] == S.tag_var) return 1;
@@ -541,8 +558,8 @@ static TagObject *kept_mapping_take(PyObject *ctx, int *keep) {
 #ifndef Py_GIL_DISABLED
     if (KEPT.misses >= KEPT_IDLE && (++KEPT.skipped & 7) != 0) return NULL;
     PyContext *c = (PyContext *)ctx;
-    PyHamtObject *v = c->ctx_vars;
-    if (HAMT.direct <= 0 || c->ctx_entered || v == NULL || Py_TYPE(v) != HAMT.type) return NULL;
+    PyHamtObject *v = fresh_context_vars(c);
+    if (HAMT.direct <= 0 || v == NULL) return NULL;
     Py_ssize_t k, k2;
     if (!tag_place(v, &k, &k2)) return NULL;
     *keep = 1;
