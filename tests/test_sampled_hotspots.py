@@ -335,37 +335,59 @@ async def churn_then_keep() -> None:
     await asyncio.sleep(0)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_exact_hotspots_split_freed_and_live_bytes_apart(seed):
+def test_exact_hotspots_split_freed_and_live_bytes_apart():
     """Exact mode counts a task's bytes exactly and takes stacks from samples; the sites
     split the exact counts.  What is live goes by the live samples and what was freed by
     the freed ones, so a site never shows more live bytes than it allocated (one ratio for
     allocated bytes put 5.5-8.7 MB at the kept site, which holds 8.0 MB live, and 282-1,116
-    allocations where there are 401)."""
-    KEEP.clear()
+    allocations where there are 401).
 
-    async def main():
-        await asyncio.create_task(churn_then_keep(), name="churn")
-
-    _, report = run_profiled(main, seed=seed)
-    (t,) = report.find(name="churn")
+    The split is an estimate.  A sample of a ~60-byte block stands for ~4,400 blocks
+    (mean interval 256 KiB), so in about 1 run in 100 one such sample at another site of
+    the task (it frees ~20 small blocks besides the 800 here) takes most of the freed
+    count, or of the live bytes, from the sites below.  Which runs do depends on every
+    byte the process allocated before (paths, hash seeds), not only on the sampler's
+    seed.  So each run must keep the bounds that always hold, and 17 of 20 runs (and the
+    medians) the estimates' tolerances: a split that is wrong most of the time fails, one
+    unlucky sample does not (4 misses in 20 at 1 in 100: ~5e-5)."""
     src = open(__file__).read().splitlines()
-    site = {}
-    for h in t.hotspots:
-        assert h.bytes >= h.live_bytes, h
-        for tag in ("CHURN-SITE", "KEPT-SITE"):
-            if h.file == __file__ and tag in src[h.line - 1]:
-                site[tag] = h
     header = sys.getsizeof(bytearray(0))
-    assert close_to(site["KEPT-SITE"].live_bytes, 200 * (40_000 + header), rel=0.02)
-    assert close_to(site["KEPT-SITE"].bytes, 200 * (40_000 + header), rel=0.05)
-    assert close_to(site["CHURN-SITE"].bytes, 400 * (50_000 + header), rel=0.05)
-    assert site["CHURN-SITE"].live_bytes == 0
+    kept_bytes, churn_bytes = 200 * (40_000 + header), 400 * (50_000 + header)
+    runs = []
+    for seed in range(1, 21):
+        KEEP.clear()
+
+        async def main():
+            await asyncio.create_task(churn_then_keep(), name="churn")
+
+        _, report = run_profiled(main, seed=seed)
+        (t,) = report.find(name="churn")
+        site = {}
+        for h in t.hotspots:
+            assert h.bytes >= h.live_bytes, (seed, h)
+            for tag in ("CHURN-SITE", "KEPT-SITE"):
+                if h.file == __file__ and tag in src[h.line - 1]:
+                    site[tag] = h
+        kept, churn = site["KEPT-SITE"], site["CHURN-SITE"]
+        # always: nothing made at the churn site is live, and the sites add up to the task
+        assert churn.live_bytes == 0, (seed, churn)
+        assert sum(h.allocations for h in t.hotspots) <= t.allocations + len(t.hotspots), (seed, t)
+        assert sum(h.bytes for h in t.hotspots) <= t.allocated_bytes + len(t.hotspots), (seed, t)
+        runs.append((kept.live_bytes, kept.bytes, churn.bytes, kept.allocations, churn.allocations))
+    KEEP.clear()
     # counts split the same way: the blocks still live (200 objects, their 200 buffers and
     # the list) by the live samples, the freed ones (400 objects and buffers) by the rest
-    assert abs(site["KEPT-SITE"].allocations - 401) <= 8, site["KEPT-SITE"]
-    assert abs(site["CHURN-SITE"].allocations - 800) <= 40, site["CHURN-SITE"]
-    KEEP.clear()
+    checks = [
+        lambda r: close_to(r[0], kept_bytes, rel=0.02),
+        lambda r: close_to(r[1], kept_bytes, rel=0.05),
+        lambda r: close_to(r[2], churn_bytes, rel=0.05),
+        lambda r: abs(r[3] - 401) <= 8,
+        lambda r: abs(r[4] - 800) <= 40,
+    ]
+    for i, ok in enumerate(checks):
+        assert sum(map(ok, runs)) >= 17, (i, runs)
+        median = tuple(statistics.median(r[j] for r in runs) for j in range(5))
+        assert ok(median), (i, median, runs)
 
 
 async def returns_a_result(k: int) -> tuple:
