@@ -143,6 +143,16 @@ typedef struct task_info {
     PyObject *coro;         /* str: the coroutine's qualified name, or NULL */
     PyObject *name;         /* str: the task's name when it finished, or NULL */
     PyObject *labels;       /* the labels mapping in effect at creation, or NULL */
+    /* The tree of records, for subtrees that outlive folding (see link_record): up is the
+     * slot of the nearest registered ancestor (the parent's, while it has a record), 0 =
+     * none; a record's children by up are a list (first_child, next_sib, prev_sib:
+     * slots).  A record folded away adds its own totals and its sub_* to its up's
+     * sub_*: the tasks folded under this one, their allocated bytes (freed all: a folded
+     * task holds nothing live) and allocations. */
+    uint32_t up, first_child, next_sib, prev_sib;
+    uint32_t sub_tasks;
+    int64_t sub_alloc_bytes;
+    double sub_allocs;
 } task_info_t;
 
 /* A task folded as it finished, before the fold call that hands it to its group. */
@@ -1610,12 +1620,67 @@ static inline void gc_recount(task_info_t *r) {
     }
 }
 
+/* Record ti (registered) joins the tree under its parent's record, if that has one. */
+static void link_record(uint32_t ti, uint32_t parent_tid) {
+    task_info_t *r = &S.tasks[ti];
+    uint32_t up;
+    if (parent_tid == 0 || !tid_get(parent_tid, &up) || up == ti || !(S.tasks[up].flags & TF_REGISTERED)) return;
+    task_info_t *u = &S.tasks[up];
+    r->up = up;
+    r->prev_sib = 0;
+    r->next_sib = u->first_child;
+    if (u->first_child) S.tasks[u->first_child].prev_sib = ti;
+    u->first_child = ti;
+}
+
+/* Record ti leaves the tree.  Its children move up to its own up (or become roots), and
+ * with carry (it is folded into its group), what it and the tasks folded under it
+ * allocated goes to its up's sub_* (its own totals: alloc_bytes, allocs).  Each move
+ * costs a child one write; a record moves at most once per ancestor folded. */
+static void unlink_record(uint32_t ti, int carry, int64_t alloc_bytes, double allocs) {
+    task_info_t *r = &S.tasks[ti];
+    uint32_t up = r->up;
+    if (r->prev_sib) S.tasks[r->prev_sib].next_sib = r->next_sib;
+    else if (up) S.tasks[up].first_child = r->next_sib;
+    if (r->next_sib) S.tasks[r->next_sib].prev_sib = r->prev_sib;
+    uint32_t c = r->first_child, last = 0;
+    for (; c != 0; c = S.tasks[c].next_sib) {
+        S.tasks[c].up = up;
+        last = c;
+    }
+    if (up) {
+        task_info_t *u = &S.tasks[up];
+        if (last) { /* the children go in front of up's own */
+            S.tasks[last].next_sib = u->first_child;
+            if (u->first_child) S.tasks[u->first_child].prev_sib = last;
+            u->first_child = r->first_child;
+        }
+        if (carry) {
+            u->sub_tasks += 1 + r->sub_tasks;
+            u->sub_alloc_bytes += alloc_bytes + r->sub_alloc_bytes;
+            u->sub_allocs += allocs + r->sub_allocs;
+        }
+    } else {
+        for (c = r->first_child; c != 0;) { /* roots now: no list */
+            uint32_t next = S.tasks[c].next_sib;
+            S.tasks[c].prev_sib = S.tasks[c].next_sib = 0;
+            c = next;
+        }
+    }
+    r->up = r->first_child = r->next_sib = r->prev_sib = 0;
+}
+
 /* Forget task tid: its cells and its record.  Returns 0 if done (or nothing was held), 1
- * if some cell still names a live allocation (then nothing changes). */
-static int release_task_slot(uint32_t tid) {
+ * if some cell still names a live allocation (then nothing changes).  With carry, the task
+ * is folded into its group: its bytes stay in its ancestors' subtrees (unlink_record). */
+static int release_task_slot(uint32_t tid, int carry) {
     uint32_t ti;
     if (!tid_get(tid, &ti)) return 0;
-    if (task_live_entries(ti) != 0) return 1;
+    int64_t ab, le;
+    double na;
+    task_totals(ti, &ab, &na, &le);
+    if (le != 0) return 1;
+    if (S.tasks[ti].flags & TF_REGISTERED) unlink_record(ti, carry, ab, na);
     gc_recount(&S.tasks[ti]);
     int g = tls.guard;
     tls.guard = 1;

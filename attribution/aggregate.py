@@ -342,11 +342,6 @@ def build_report(raw: RawData) -> Report:
             sites_by_task[row[0]].append(row)
 
     # tasks
-    children: dict[int, list[int]] = defaultdict(list)
-    for tid, rec in records.items():
-        if rec.parent_id is not None and rec.parent_id in records:
-            children[rec.parent_id].append(tid)
-
     base: dict[int, dict[str, Any]] = {}
     for tid, rec in records.items():
         a = accs.get(tid) or _Acc()
@@ -407,35 +402,46 @@ def build_report(raw: RawData) -> Report:
             cross_thread_parent=rec.cross_thread_parent,
         )
 
-    # lineage and subtree (iterative: trees can be deep)
+    # lineage and subtree (iterative: trees can be deep).  They go by each record's up:
+    # its parent's record, or where the parent's record went when it was folded away
+    # (its nearest ancestor still kept).  A parent folded away stays in the lineage, just
+    # before the task (so lineage[-2] is always parent_id); folded ancestors further up
+    # are not known any more and are left out.  What folded tasks allocated stays in the
+    # subtree of the task they were folded into (folded_*).
+    def _up(rec: Any) -> int | None:
+        up = rec.up_id
+        return up if up is not None and up in records and up != rec.id else None
+
     lineage: dict[int, tuple[int, ...]] = {}
     for tid in records:
-        chain = []
+        pending_ids = []
         cur: int | None = tid
-        seen = set()
-        while cur is not None and cur not in seen:
-            seen.add(cur)
-            known = lineage.get(cur)
-            if known is not None:
-                chain.extend(reversed(known))
-                break
-            chain.append(cur)
-            r = records.get(cur)
-            cur = r.parent_id if r is not None else None
-        lineage[tid] = tuple(reversed(chain))
+        while cur is not None and cur not in lineage:
+            pending_ids.append(cur)
+            cur = _up(records[cur])
+            if len(pending_ids) > len(records):  # (cannot happen: ups form a forest)
+                cur = None
+        chain = lineage[cur] if cur is not None else ()
+        for t in reversed(pending_ids):
+            r = records[t]
+            up = _up(r)
+            gap = (r.parent_id,) if r.parent_id is not None and r.parent_id != up and r.parent_id != t else ()
+            chain = chain + gap + (t,)
+            lineage[t] = chain
     subtree: dict[int, list[int]] = {}
     order = sorted(records, key=lambda t: len(lineage[t]), reverse=True)
     for tid in order:
         b = base[tid]
+        rec = records[tid]
         s = subtree.setdefault(tid, [0, 0, 0, 0, 0])
-        s[0] += b["allocated_bytes"]
-        s[1] += b["allocations"]
-        s[2] += b["freed_bytes"]
+        s[0] += b["allocated_bytes"] + rec.folded_alloc_bytes
+        s[1] += b["allocations"] + int(round(rec.folded_allocs))
+        s[2] += b["freed_bytes"] + rec.folded_alloc_bytes
         s[3] += b["live_bytes"]
-        s[4] += 1
-        parent = records[tid].parent_id
-        if parent is not None and parent in records:
-            p = subtree.setdefault(parent, [0, 0, 0, 0, 0])
+        s[4] += 1 + rec.folded_tasks
+        up = _up(rec)
+        if up is not None:
+            p = subtree.setdefault(up, [0, 0, 0, 0, 0])
             for i in range(5):
                 p[i] += s[i]
 

@@ -39,6 +39,13 @@ class TaskRecord:
     via_factory: bool
     cross_thread_parent: bool
     obj_id: int
+    # The nearest ancestor that still has a record (the parent, unless it was folded
+    # away), and what the tasks folded away below this one allocated (they hold nothing
+    # live: all of it was freed): their bytes stay in this task's subtree.
+    up_id: int | None = None
+    folded_tasks: int = 0
+    folded_alloc_bytes: int = 0
+    folded_allocs: float = 0.0
 
 
 def task_state(task: Any) -> str:
@@ -75,9 +82,8 @@ def read_records(loops: Iterable[Any]) -> dict[int, TaskRecord]:
     their current name and state; the others keep what was read when they finished."""
     live = _live_tasks(loops)
     records: dict[int, TaskRecord] = {}
-    for (tid, parent, coro, name, labels, ident, serial, slot, created, finished, state, via, cross, obj) in (
-        _core.records()
-    ):
+    for (tid, parent, coro, name, labels, ident, serial, slot, created, finished, state, via, cross, obj,
+         up, folded, folded_bytes, folded_allocs) in _core.records():
         if finished is None:
             task = live.get(obj)
             if task is not None and _core.tid_of(task) == tid:
@@ -101,5 +107,9 @@ def read_records(loops: Iterable[Any]) -> dict[int, TaskRecord]:
             via_factory=via,
             cross_thread_parent=cross,
             obj_id=obj,
+            up_id=up,
+            folded_tasks=folded,
+            folded_alloc_bytes=folded_bytes,
+            folded_allocs=folded_allocs,
         )
     return records

@@ -44,10 +44,16 @@ async def sized_allocs(plan: list[tuple[int, bool]]) -> None:
 
 
 def test_sampled_estimates_are_unbiased():
+    """The issue's accuracy check: at 64 KiB, tasks that allocate >= 64 MiB in pieces of
+    100 B .. 64 KiB are estimated within 10% in each of 5 runs, 4% on average.  Sizes:
+    measured over 2,000 runs at 128 MiB (half kept), the live estimate's error has a
+    standard deviation of 2.6%, as theory says, so 10% is 3.8 sigma: one of the test's
+    ten live estimates missed it in 1 of ~180 runs (-10.5%).  At 256 and 320 MiB the
+    deviations are 1.9% and 1.7% (live) and the bound is over 5 sigma."""
     errs_alloc, errs_live = [], []
     for run in range(5):
         KEEP.clear()
-        plans = {"a": size_plan(128 * MiB, 2, run), "b": size_plan(160 * MiB, 2, run + 100)}
+        plans = {"a": size_plan(256 * MiB, 2, run), "b": size_plan(320 * MiB, 2, run + 100)}
         truth = {name: (alloc, live) for name, (_plan, alloc, live) in plans.items()}
 
         async def main():
