@@ -150,15 +150,29 @@ def _sec(ns: int | None, start_ns: int) -> float | None:
     return round(max(0, ns - start_ns) / 1e9, 6)
 
 
-def _pct(sorted_vals: list[int], q: float) -> int:
-    """The q-quantile, interpolated between the two nearest values (numpy's default, and
-    for q = 0.5 the median as ``statistics.median`` gives it), rounded to a byte."""
-    if not sorted_vals:
+def _wpct(pairs: list[tuple[int, float]], q: float) -> int:
+    """The q-quantile of a group's per-task values, given as (value, weight) sorted by
+    value: a task kept in the report stands for itself, a value in a folded group's
+    reservoir for its share of the tasks folded.  The tasks are laid out in order, each
+    value over as many places as it stands for, and the quantile is interpolated between
+    the two nearest places (numpy's default; with every weight 1, exactly numpy's, and for
+    q = 0.5 the median as ``statistics.median`` gives it), rounded to a byte."""
+    if not pairs:
         return 0
-    pos = q * (len(sorted_vals) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_vals) - 1)
-    return int(round(sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)))
+    total = sum(w for _, w in pairs)
+    pos = q * max(0.0, total - 1)
+    lo = math.floor(pos)
+
+    def at(place: float) -> int:
+        upto = 0.0
+        for v, w in pairs:
+            upto += w
+            if place < upto:
+                return v
+        return pairs[-1][0]
+
+    a, b = at(lo), at(lo + 1)
+    return int(round(a + (b - a) * (pos - lo)))
 
 
 class _Acc:
@@ -470,7 +484,7 @@ def build_report(raw: RawData) -> Report:
 
     for t in tasks:
         g = _group(group_key(t.coro, t.labels), t.coro, t.labels)
-        g["alloc"].append(t.allocated_bytes)
+        g["alloc"].append((t.allocated_bytes, 1.0))
         g["sum"] += t.allocated_bytes
         g["max"] = max(g["max"], t.allocated_bytes)
         g["n"] += 1
@@ -490,7 +504,9 @@ def build_report(raw: RawData) -> Report:
         g["allocs"] += fg.allocations
         g["sum"] += fg.allocated_sum
         g["max"] = max(g["max"], fg.allocated_max)
-        g["alloc"].extend(fg.allocated)  # a bounded sample of folded tasks, for percentiles
+        if fg.allocated:  # a bounded sample of the folded tasks, each for its share of them
+            w = fg.tasks / len(fg.allocated)
+            g["alloc"].extend((v, w) for v in fg.allocated)
 
     groups = []
     leak_suspects = []
@@ -504,7 +520,7 @@ def build_report(raw: RawData) -> Report:
                 labels=g["labels"],
                 tasks=g["n"],
                 folded_tasks=g["folded"],
-                allocated_bytes=Distribution(sum=g["sum"], p50=_pct(vals, 0.5), p95=_pct(vals, 0.95), max=g["max"]),
+                allocated_bytes=Distribution(sum=g["sum"], p50=_wpct(vals, 0.5), p95=_wpct(vals, 0.95), max=g["max"]),
                 allocations=g["allocs"],
                 live_bytes=g["live"],
                 retained_after_done_bytes=g["ret"],
