@@ -387,7 +387,7 @@ def build_report(raw: RawData) -> Report:
         )
         task_sites = sites_by_task.get(tid, ())
         if raw.stacks_sampled and task_sites:
-            task_sites = sites_by_task[tid] = _calibrated(task_sites, a.ab, a.na, a.live, a.nf)
+            task_sites = _calibrated(task_sites, a.ab, a.na, a.live, a.nf)
         base[tid] = dict(
             id=tid,
             name=rec.name,
@@ -510,9 +510,29 @@ def build_report(raw: RawData) -> Report:
 
     groups = []
     leak_suspects = []
+    def _sites_of(tids: list[int], folded_rows: list[tuple], folded_bytes: float, folded_allocs: float) -> list[tuple]:
+        """The sites of several tasks together (and of tasks folded into their group),
+        for a group's or a leak suspect's hotspots.  In exact mode the samples are split
+        over the tasks' summed exact counts, not task by task: a task that no sample
+        named has no sites of its own to split its bytes over (3,000 tasks of ~200 KB at
+        a 256 KiB interval put 55% of the group's bytes at its one site), while folded
+        tasks' sites are raw estimates (together they came to more than the group)."""
+        rows = [row for tid in tids for row in sites_by_task.get(tid, ())] + folded_rows
+        if not raw.stacks_sampled or not rows:
+            return rows
+        ab = na = live = nf = 0.0
+        for tid in tids:
+            a = accs.get(tid)
+            if a is not None:
+                ab, na, live, nf = ab + a.ab, na + a.na, live + a.live, nf + a.nf
+        # folded tasks hold nothing live: all they allocated was freed
+        return _calibrated(rows, ab + folded_bytes, na + folded_allocs, live, nf + folded_allocs)
+
     for key, g in groups_acc.items():
         vals = sorted(g["alloc"])
-        group_sites = [row for tid in g["tids"] for row in sites_by_task.get(tid, ())] + folded_sites.get(key, [])
+        fg = raw.folded.get(key)
+        group_sites = _sites_of(g["tids"], folded_sites.get(key, []), fg.allocated_sum if fg is not None else 0,
+                                fg.allocations if fg is not None else 0)
         groups.append(
             Group(
                 key=key,
@@ -529,7 +549,7 @@ def build_report(raw: RawData) -> Report:
             )
         )
         if _leaks(g["ret"], g["sum"]):
-            held_sites = [row for tid in g["held_tids"] for row in sites_by_task.get(tid, ())]
+            held_sites = _sites_of(g["held_tids"], [], 0, 0)
             leak_suspects.append(
                 LeakSuspect(
                     key=key,
