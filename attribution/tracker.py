@@ -39,6 +39,16 @@ class TrackerError(RuntimeError):
     """The tracker cannot do what was asked (already running, bad settings)."""
 
 
+# The largest sampling interval: gaps are drawn up to ~37 times the mean and counted in
+# 64 bits (and a report's integers are 64-bit).
+MAX_INTERVAL = 1 << 50
+
+
+def _whole(value: Any) -> bool:
+    """An int that is not a bool (True is not a size)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class Tracker:
     """Counts every allocation per task while started; builds reports on demand.
 
@@ -61,13 +71,18 @@ class Tracker:
     ) -> None:
         if mode not in MODES:
             raise TrackerError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        if not isinstance(sample_interval, int) or sample_interval < 1:
-            raise TrackerError(f"sample_interval must be a positive number of bytes, not {sample_interval!r}")
-        if stack_interval is not None and (not isinstance(stack_interval, int) or stack_interval < 0):
-            raise TrackerError(f"stack_interval must be a number of bytes >= 0 or None, not {stack_interval!r}")
-        if not isinstance(stack_depth, int) or not 0 <= stack_depth <= 256:
+        if not _whole(sample_interval) or not 1 <= sample_interval <= MAX_INTERVAL:
+            raise TrackerError(
+                f"sample_interval must be a whole number of bytes from 1 to {MAX_INTERVAL} (1 PiB), not {sample_interval!r}"
+            )
+        if stack_interval is not None and (not _whole(stack_interval) or not 0 <= stack_interval <= MAX_INTERVAL):
+            raise TrackerError(
+                f"stack_interval must be a whole number of bytes from 0 to {MAX_INTERVAL} (1 PiB), or None, "
+                f"not {stack_interval!r}"
+            )
+        if not _whole(stack_depth) or not 0 <= stack_depth <= 256:
             raise TrackerError(f"stack_depth must be an integer in 0..256, not {stack_depth!r}")
-        if not isinstance(max_finished_tasks, int) or max_finished_tasks < 0:
+        if not _whole(max_finished_tasks) or max_finished_tasks < 0:
             raise TrackerError(f"max_finished_tasks must be an integer >= 0, not {max_finished_tasks!r}")
         self.tag_var = tag_var
         self.mode = mode

@@ -129,6 +129,8 @@ def run(main: Awaitable[T], *, report: str | Path | None = None, uvloop: bool = 
     when given.  Returns main's result (or raises its exception) exactly as asyncio.run.
     The profiler is ``memscope_async.current_profiler()`` afterwards."""
     try:
+        if asyncio._get_running_loop() is not None:  # as asyncio.run checks, before anything starts
+            raise RuntimeError("memscope_async.run() cannot be called from a running event loop")
         profiler = Profiler(**options)
         base = loop_factory or (_uvloop_module().new_event_loop if uvloop else None)
         profiler.start()

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Iterator, Sequence, TextIO
 
 from . import api
 from .attribution.report import Report, ReportError
+from .attribution.tracker import MAX_INTERVAL
 from .exporters import ExportError, render_text, write_json
 from .loop_hooks.policy import InstrumentedPolicy, policies_available
 from .profiler import ProfilerError, current_profiler
@@ -70,7 +71,13 @@ def parse_size(text: str | int) -> int:
             if str(text).strip().startswith("-"):
                 raise ValueError(f"{text!r} is negative; a size must be a positive number of bytes")
             raise ValueError(f"invalid size {text!r}; use bytes or a binary unit, e.g. 65536, 64K, 512KiB, 1M")
-        value = round(float(match["number"]) * _UNIT[match["unit"].lower()])
+        number, unit = match["number"], _UNIT[match["unit"].lower()]
+        whole, _, frac = number.partition(".")
+        # exact arithmetic: 1.5K is 1536 bytes, 1.5 (bytes) is not a size
+        scaled = int(whole) * unit + (int(frac) * unit // 10 ** len(frac) if frac else 0)
+        if frac and int(frac) * unit % 10 ** len(frac):
+            raise ValueError(f"{text!r} is not a whole number of bytes")
+        value = scaled
     if value < 1:
         raise ValueError(f"{text!r} is not a positive number of bytes")
     return value
@@ -78,9 +85,12 @@ def parse_size(text: str | int) -> int:
 
 def _size_arg(text: str) -> int:
     try:
-        return parse_size(text)
+        value = parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if value > MAX_INTERVAL:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than {MAX_INTERVAL} bytes (1 PiB)")
+    return value
 
 
 def _int_arg(low: int, high: int | None = None):

@@ -39,6 +39,26 @@ def test_run_refused_leaves_no_unawaited_coroutine():
     assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]
 
 
+def test_run_inside_a_running_loop_is_refused_as_asyncio_run_refuses():
+    """As asyncio.run: a RuntimeError before anything starts, no profiler left running,
+    and no warning (the inner loop's shutdown_asyncgens was left unawaited before)."""
+
+    async def inner():
+        return 1
+
+    async def outer():
+        with pytest.raises(RuntimeError, match=r"cannot be called from a running event loop"):
+            ms.run(inner())
+        assert ms.current_profiler() is None or not ms.current_profiler().active
+        return "ok"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert asyncio.run(outer()) == "ok"
+        gc.collect()
+    assert not caught, [str(w.message) for w in caught]
+
+
 def test_instrument_uses_the_running_profiler_and_refuses_other_options():
     seen = {}
 
@@ -74,3 +94,21 @@ def test_a_sample_interval_alone_means_sampled_mode():
 
     ms.run(inner())  # an exact profiler is running inside: a sampled one cannot be had
     assert seen == {"ok": True}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(sample_interval=0), dict(sample_interval=True), dict(sample_interval=1.5), dict(sample_interval=2**64),
+     dict(stack_interval=-1), dict(stack_interval=False), dict(stack_interval=2**60), dict(stack_depth=True),
+     dict(stack_depth=300), dict(max_finished_tasks=True), dict(max_finished_tasks=-1), dict(mode="fast")],
+)
+def test_bad_options_are_refused_with_one_line(options):
+    """Refused where given, in one line that names the option: a bool is not a size,
+    and an interval past 1 PiB would overflow the sampler's 64-bit countdown (and
+    2**64 could not be written in the report)."""
+    with pytest.raises(ms.ProfilerError) as info:
+        ms.Profiler(**options)
+    (name,) = options
+    assert name in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ms.ProfilerError):
+        ms.loop_factory(**options)

@@ -154,13 +154,13 @@ def test_sampled_mode_with_a_suffixed_interval(tmp_path: Path, script: Path) -> 
 @pytest.mark.parametrize(
     ("text", "size"),
     [("65536", 65536), ("64K", 65536), ("64k", 65536), ("512KiB", 512 * 1024), ("1M", MiB), ("1 MiB", MiB),
-     ("1.5M", 3 * MiB // 2), ("2G", 2 << 30), (4096, 4096)],
+     ("1.5M", 3 * MiB // 2), ("1.25K", 1280), ("2G", 2 << 30), (4096, 4096)],
 )
 def test_parse_size(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "-1", "0", "12X", "1 MB/s", "K"])
+@pytest.mark.parametrize("text", ["", "-1", "0", "12X", "1 MB/s", "K", "1.5", "0.3K", True])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
@@ -175,6 +175,8 @@ def test_parse_size_rejects(text: str) -> None:
         (["run", "--sample-interval", "-64", "script.py"], "negative"),
         (["run", "--sample-interval=-64K", "script.py"], "negative"),
         (["run", "--sample-interval", "lots", "script.py"], "invalid size 'lots'"),
+        (["run", "--sample-interval", "1.5", "script.py"], "'1.5' is not a whole number of bytes"),
+        (["run", "--sample-interval", "99999999999999999999999", "script.py"], "is more than 1125899906842624 bytes"),
         (["run", "--mode", "exact", "--sample-interval", "64K", "script.py"], "only applies to --mode sampled"),
         (["run", "--stack-depth", "999", "script.py"], "out of range"),
         (["run", "-o", "no/such/dir/r.json", "script.py"], "directory no/such/dir does not exist"),
