@@ -22,6 +22,7 @@ import os
 import re
 import runpy
 import sys
+import tempfile
 import types
 import zipfile
 from pathlib import Path
@@ -320,6 +321,8 @@ def _profiler_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check_output(name: str) -> Path:
     """Fail before running the program, not after, if the report cannot be written."""
+    if not name.strip():
+        raise CommandError("cannot write report to an empty path", USAGE_ERROR)
     path = Path(name)
     if path.is_dir():
         raise CommandError(f"cannot write report to {name}: it is a directory", USAGE_ERROR)
@@ -328,6 +331,14 @@ def _check_output(name: str) -> Path:
         raise CommandError(f"cannot write report to {name}: directory {parent} does not exist", USAGE_ERROR)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CommandError(f"cannot write report to {name}: directory {parent} is not writable", USAGE_ERROR)
+    # os.access says yes to root everywhere, and not to what the file system refuses
+    # (/proc, /sys, a read-only mount): the report goes through a file made beside it, so
+    # make one now
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".memscope-check-"):
+            pass
+    except OSError as exc:
+        raise CommandError(f"cannot write report to {name}: {exc.strerror or exc}", USAGE_ERROR) from None
     return path
 
 

@@ -181,6 +181,8 @@ def test_parse_size_rejects(text: str) -> None:
         (["run", "--stack-depth", "999", "script.py"], "out of range"),
         (["run", "-o", "no/such/dir/r.json", "script.py"], "directory no/such/dir does not exist"),
         (["run", "-o", ".", "script.py"], "it is a directory"),
+        (["run", "-o", "", "script.py"], "cannot write report to an empty path"),
+        (["run", "-o", "/proc/r.json", "script.py"], "cannot write report to /proc/r.json: "),  # even as root
         (["run"], "nothing to run"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["run", "--bogus", "script.py"], "unrecognized arguments: --bogus (see 'memscope-async run --help')"),
