@@ -141,7 +141,8 @@ typedef struct task_info {
     uintptr_t obj;          /* id() of the task object (never dereferenced) */
     uintptr_t ctx;          /* id() of the context it was created with */
     PyObject *coro;         /* str: the coroutine's qualified name, or NULL */
-    PyObject *name;         /* str: the task's name when it finished, or NULL */
+    PyObject *name;         /* str: the task's name when it finished (a copy: keep_name), or NULL */
+    uint64_t name_num;      /* or n + 1 for the default name "Task-<n>" (3.12+: n is all a Task keeps) */
     PyObject *labels;       /* the labels mapping in effect at creation, or NULL */
     /* The tree of records, for subtrees that outlive folding (see link_record): up is the
      * slot of the nearest registered ancestor (the parent's, while it has a record), 0 =

@@ -1117,39 +1117,40 @@ static void learn_name_offset(PyObject *task, PyObject *name) {
     if (++G.name_hits == 2) G.name_off = found;
 }
 
-/* What a record keeps of a task's name (steals name; NULL stays NULL): a copy of our own,
- * not the task's object.  That object was made by whoever named the task (asyncio's Task
- * constructor, or the program's f"job-{i}"), in that task's context, so it counts as that
- * task's live bytes: kept by the record, it would hold them for as long as the record
- * lives (a TaskGroup naming 1,000 children showed 60-100 KB retained after they had all
- * ended).  Copies are made under the guard (never recorded).  An interned str is held by
- * the interpreter anyway, and a small int is shared: both are kept as they are. */
-static PyObject *kept_name(PyObject *name) {
-    if (name == NULL) return NULL;
-    int g = tls.guard;
-    tls.guard = 1;
-    PyObject *copy = NULL;
-    if (PyUnicode_Check(name)) {
-        if (PyUnicode_CheckExact(name) && PyUnicode_CHECK_INTERNED(name)) {
-            tls.guard = g;
-            return name;
-        }
-        copy = PyUnicode_FromKindAndData(PyUnicode_KIND(name), PyUnicode_DATA(name), PyUnicode_GET_LENGTH(name));
-    } else if (PyLong_CheckExact(name)) {
+/* Record r keeps the task's name (steals name; NULL: none).  Not the task's object: it was
+ * made by whoever named the task (asyncio's Task constructor, or the program's
+ * f"job-{i}"), in that task's context, so it counts as that task's live bytes, and kept
+ * by the record it would hold them for as long as the record lives (a task naming 1,000
+ * children showed 51 KB retained after they had all ended; on 3.11 every creator held its
+ * children's Task-<n>, 55 bytes each, which kept it from folding).  A str is copied under
+ * the guard (never recorded; an interned one is the interpreter's and is kept as it is);
+ * 3.12+'s default name, the int n of "Task-<n>", is kept as a number. */
+static void keep_name(task_info_t *r, PyObject *name) {
+    r->name_num = 0;
+    if (name != NULL && PyLong_CheckExact(name)) {
         unsigned long long n = PyLong_AsUnsignedLongLong(name);
-        if (n <= 256 && !PyErr_Occurred()) { /* (the interpreter's shared small ints) */
-            tls.guard = g;
-            return name;
+        if (!PyErr_Occurred() && n < UINT64_MAX) {
+            r->name_num = (uint64_t)n + 1;
+            Py_DECREF(name);
+            Py_CLEAR(r->name);
+            return;
         }
-        copy = PyErr_Occurred() ? NULL : PyLong_FromUnsignedLongLong(n);
-    }
-    tls.guard = g;
-    if (copy == NULL) { /* no memory (or a name we cannot copy): keep the task's own */
         PyErr_Clear();
-        return name;
+    } else if (name != NULL && !(PyUnicode_CheckExact(name) && PyUnicode_CHECK_INTERNED(name))) {
+        int g = tls.guard;
+        tls.guard = 1;
+        PyObject *copy = PyUnicode_Check(name) ? PyUnicode_FromKindAndData(PyUnicode_KIND(name), PyUnicode_DATA(name),
+                                                                           PyUnicode_GET_LENGTH(name))
+                                               : NULL;
+        tls.guard = g;
+        if (copy != NULL) {
+            Py_DECREF(name);
+            name = copy;
+        } else {
+            PyErr_Clear(); /* no memory: the task's own, then */
+        }
     }
-    Py_DECREF(name);
-    return copy;
+    Py_XSETREF(r->name, name);
 }
 
 /* The task's name: a str, or (3.12+, never asked for) the int n of "Task-<n>"; NULL if
@@ -1196,7 +1197,7 @@ static void end_record(uint32_t tid, uint32_t ti, PyObject *task, uint32_t state
     }
     task_info_t *r = &S.tasks[ti]; /* after the calls above: they may grow S.tasks */
     r->state = state;
-    Py_XSETREF(r->name, kept_name(name));
+    keep_name(r, name);
     finish_record(tid, ti);
     if (S.ninferred) {
         for (uint32_t i = 0; i < S.nthreads; i++) {
@@ -1248,7 +1249,7 @@ static uint32_t nlate, caplate;
 static void set_late_name(uint32_t tid, PyObject *task, PyObject *name) {
     uint32_t ti;
     if (name != NULL && task_registered(tid, &ti) && S.tasks[ti].obj == (uintptr_t)task)
-        Py_XSETREF(S.tasks[ti].name, kept_name(name));
+        keep_name(&S.tasks[ti], name);
     else
         Py_XDECREF(name);
 }
@@ -2401,9 +2402,12 @@ static PyObject *core_records(PyObject *m, PyObject *noargs) {
         if (!r->in_use || !(r->flags & TF_REGISTERED)) continue;
         PyObject *parent = r->parent ? PyLong_FromUnsignedLong(r->parent) : Py_NewRef(Py_None);
         PyObject *fin = (r->flags & TF_FINISHED) ? PyLong_FromUnsignedLongLong(r->finished_ns) : Py_NewRef(Py_None);
-        if (r->name != NULL && PyLong_CheckExact(r->name)) { /* a default name, as get_name() formats it */
-            PyObject *s = PyUnicode_FromFormat("Task-%S", r->name);
-            if (s != NULL) Py_SETREF(r->name, s);
+        if (r->name == NULL && r->name_num != 0) { /* a default name, as get_name() formats it */
+            PyObject *s = PyUnicode_FromFormat("Task-%llu", (unsigned long long)(r->name_num - 1));
+            if (s != NULL) {
+                r->name = s;
+                r->name_num = 0;
+            }
             else PyErr_Clear();
         }
         PyObject *row = NULL;
