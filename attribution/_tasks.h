@@ -109,6 +109,7 @@ typedef struct {
     uintptr_t loop;
     FactoryObject *factory;
     int propagate; /* carry work to thread pools / from other threads */
+    int default_pool; /* its default executor is a thread pool (as far as set_default_executor told) */
 } loop_entry_t;
 
 static struct {
@@ -2158,7 +2159,7 @@ static PyObject *handover_vectorcall(PyObject *self, PyObject *const *args, size
     } else if (S.active && ho->kind == 0 && n >= 3) {
         /* run_in_executor(loop, executor, func, *args): thread pools only */
         PyObject *ex = args[1];
-        int pool = ex == Py_None ? 1 : PyObject_IsInstance(ex, ho->pool_type);
+        int pool = ex == Py_None ? e->default_pool : PyObject_IsInstance(ex, ho->pool_type);
         if (pool < 0) return NULL;
         if (pool) {
             tid = current_tid();
@@ -2233,13 +2234,15 @@ static PyTypeObject HandOverType = {
 };
 
 PyDoc_STRVAR(register_loop_doc,
-"register_loop(loop, factory, propagate)\n--\n\nMark loop as instrumented, with its TaskFactory; propagate: carry\n"
-"work across threads.  Registering a loop again updates its entry.");
+"register_loop(loop, factory, propagate, default_pool=True)\n--\n\nMark loop as instrumented, with its TaskFactory; propagate: carry\n"
+"work across threads; default_pool: run_in_executor(None, ...) runs in a thread pool (not\n"
+"where uvloop was given a process pool as its default executor: nothing unpicklable may go\n"
+"there).  Registering a loop again updates its entry.");
 
 static PyObject *core_register_loop(PyObject *m, PyObject *args) {
     PyObject *loop, *factory;
-    int propagate;
-    if (!PyArg_ParseTuple(args, "OO!p", &loop, &FactoryType, &factory, &propagate)) return NULL;
+    int propagate, default_pool = 1;
+    if (!PyArg_ParseTuple(args, "OO!p|p", &loop, &FactoryType, &factory, &propagate, &default_pool)) return NULL;
     loop_entry_t *e = loop_entry(loop);
     if (e == NULL) {
         if (grow_array((void **)&LR.v, &LR.cap, sizeof(loop_entry_t), LR.n + 1) < 0) return PyErr_NoMemory();
@@ -2250,6 +2253,7 @@ static PyObject *core_register_loop(PyObject *m, PyObject *args) {
     PyObject *old = (PyObject *)e->factory;
     e->factory = (FactoryObject *)Py_NewRef(factory);
     e->propagate = propagate;
+    e->default_pool = default_pool;
     Py_XDECREF(old);
     learn_states_from_futures(loop);
     Py_RETURN_NONE;

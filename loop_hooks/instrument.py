@@ -66,14 +66,21 @@ class Tagger:
 class LoopState:
     """Per-loop instrumentation state (kept on the loop as ``_ms_state``)."""
 
-    __slots__ = ("tagger", "factory", "original_class", "serial", "__weakref__")
+    __slots__ = ("tagger", "factory", "original_class", "serial", "default_pool", "__weakref__")
 
-    def __init__(self, tagger: Tagger, user_factory: Any, original_class: type):
+    def __init__(self, tagger: Tagger, user_factory: Any, original_class: type, default_executor: Any = None):
         self.serial = next(_loop_serials)  # a loop id that is never reused, unlike id(loop)
         self.tagger = tagger
         self.original_class = original_class
         self.factory = _core.TaskFactory(self.serial)
         self.set_user_factory(user_factory)
+        # run_in_executor(None, ...) goes to a thread pool unless the loop was given another
+        # default executor (uvloop takes a process pool; asyncio refuses one since 3.11):
+        # only work for thread pools is wrapped, nothing unpicklable goes to a process
+        self.default_pool = default_executor is None or isinstance(default_executor, concurrent.futures.ThreadPoolExecutor)
+
+    def register(self, loop: Any) -> None:
+        _core.register_loop(loop, self.factory, self.tagger.propagate_threads, self.default_pool)
 
     @property
     def user_factory(self) -> Any:
@@ -113,6 +120,13 @@ def _create_task(self, coro, *, name=None, context=None, **kwargs):
     return self._ms_state.factory.create(self, coro, name, kwargs)
 
 
+def _set_default_executor(self, executor, _original):
+    _original(self, executor)
+    st = self._ms_state
+    st.default_pool = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
+    st.register(self)
+
+
 def _close(self, _original):
     st = self._ms_state
     try:
@@ -127,6 +141,7 @@ _IN_PYTHON = {
     "set_task_factory": _set_task_factory,
     "get_task_factory": _get_task_factory,
     "close": _close,
+    "set_default_executor": _set_default_executor,
 }
 _IN_C = ("call_soon", "run_in_executor", "call_soon_threadsafe")
 _MARK = "__memscope_original__"
@@ -276,10 +291,10 @@ def instrument_loop(loop: Any, tagger: Tagger) -> Any:
         if st is not None:
             st.tagger = tagger
             tagger.loops.add(loop)
-            _core.register_loop(loop, st.factory, tagger.propagate_threads)
+            st.register(loop)
             return loop
         cls = type(loop)
-        state = LoopState(tagger, loop.get_task_factory(), cls)
+        state = LoopState(tagger, loop.get_task_factory(), cls, getattr(loop, "_default_executor", None))
         try:
             loop._ms_state = state
             ref = weakref.ref(loop, functools.partial(_forget, id(loop)))
@@ -295,7 +310,7 @@ def instrument_loop(loop: Any, tagger: Tagger) -> Any:
             del loop._ms_state
             raise
         _registered[id(loop)] = (ref, held)
-        _core.register_loop(loop, state.factory, tagger.propagate_threads)
+        state.register(loop)
         _unwrap(getattr(cls, "set_task_factory"))(loop, state.factory)
         tagger.loops.add(loop)
         return loop

@@ -88,6 +88,33 @@ def test_process_pool_unchanged():
     assert result == 49
 
 
+def test_process_pool_as_the_default_executor_unchanged(loop_kind):
+    """uvloop takes a process pool as its default executor (asyncio refuses one since
+    3.11): run_in_executor(None, ...) must then send the function as it is (our wrapper
+    cannot be pickled), and a thread pool set as the default afterwards is followed again."""
+    if loop_kind == "asyncio":
+        pytest.skip("asyncio's set_default_executor takes thread pools only")
+    KEEP.clear()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        with concurrent.futures.ProcessPoolExecutor(1) as pool:
+            loop.set_default_executor(pool)
+            first = await loop.run_in_executor(None, _square, 9)
+        threads = concurrent.futures.ThreadPoolExecutor(1)
+        loop.set_default_executor(threads)
+        await loop.run_in_executor(None, alloc, 3)
+        threads.shutdown()
+        return first
+
+    result, report = run_profiled(main, loop_kind)
+    assert result == 81
+    (t,) = [t for t in report.tasks if t.coro and t.coro.endswith("main")]
+    (s,) = share(t, routes.PROPAGATED)
+    assert close_to(s.bytes, 3 * MiB), s
+    KEEP.clear()
+
+
 def test_call_soon_threadsafe_carries_caller(loop_kind):
     KEEP.clear()
 
