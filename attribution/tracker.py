@@ -84,6 +84,11 @@ class Tracker:
             raise TrackerError(f"stack_depth must be an integer in 0..256, not {stack_depth!r}")
         if not _whole(max_finished_tasks) or max_finished_tasks < 0:
             raise TrackerError(f"max_finished_tasks must be an integer >= 0, not {max_finished_tasks!r}")
+        if (not isinstance(inferred_half_life, (int, float)) or isinstance(inferred_half_life, bool)
+                or not 0 < inferred_half_life < float("inf")):
+            raise TrackerError(f"inferred_half_life must be a number of seconds > 0, not {inferred_half_life!r}")
+        if not _whole(seed):
+            raise TrackerError(f"seed must be an integer, not {seed!r}")
         self.tag_var = tag_var
         self.mode = mode
         self.sample_interval = sample_interval
