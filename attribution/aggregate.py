@@ -117,7 +117,7 @@ class RawData:
     cells: list[tuple]
     task_peaks: Mapping[int, tuple[int, int, int]]
     threads: list[tuple]
-    thread_names: Mapping[int, tuple[str, str]]
+    thread_names: tuple[Mapping[int, tuple[str, str]], Mapping[int, str]]  # see threads.known_threads
     sites: list[tuple]
     stacks: list[tuple]
     frames: list[tuple]
@@ -133,7 +133,6 @@ class RawData:
     folded: Mapping[str, FoldedGroup]
     folded_tasks: int
     group_site_ids: Mapping[int, str]  # the tid that folded tasks' sites carry -> group key
-    loop_threads: set[int]
     live_objects: Mapping[int, Any]
 
 
@@ -292,6 +291,7 @@ def build_report(raw: RawData) -> Report:
     unattributed: dict[int | None, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     thread_attr: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])  # attributed, unattributed, allocations
     orphan_bytes = orphan_allocs = orphan_freed = orphan_live = 0
+    handed_slots: set[int] = set()  # threads that ran work handed over by a task
 
     for (tid, slot, croute, phase, ab, na, fb, nf, live, _entries, cfb, cf, first, last) in raw.cells:
         last = max(first, last)  # last_ns comes from a coarse clock
@@ -317,6 +317,8 @@ def build_report(raw: RawData) -> Report:
         ta[0] += ab
         ta[2] += int(round(na))
         route, conf = routes.route_of(croute, phase, slot, rec.home_slot)
+        if route == routes.PROPAGATED:
+            handed_slots.add(slot)
         a = accs[tid]
         a.ab += ab
         a.na += na
@@ -577,17 +579,21 @@ def build_report(raw: RawData) -> Report:
         live_bytes=sum(u.live_bytes for u in by_thread),
         by_thread=by_thread,
     )
-    handed_threads = set()
-    for t in tasks:
-        for sh in t.attribution:
-            if sh.route == routes.PROPAGATED and sh.thread_id not in raw.loop_threads:
-                handed_threads.add(sh.thread_id)
+    # Threads by the core's slots (an ident is reused once its thread ends; a slot is one
+    # thread's whole life): a loop's thread is the home of its tasks' records, an executor's
+    # ran propagated work; names are those noted as threads started, or for the threads
+    # alive now (the newest slot of their ident) their current ones.
+    by_slot, alive = raw.thread_names
+    newest = {ident: slot for slot, ident in sorted(slot_ident.items())}
+    loop_slots = {r.home_slot for r in records.values() if r.home_slot}
     threads = []
     for slot, ident in sorted(slot_ident.items()):
-        name, role = raw.thread_names.get(ident, (None, "other"))
-        if ident in raw.loop_threads:
+        name, role = by_slot.get(slot, (None, "other"))
+        if name is None and newest.get(ident) == slot:
+            name = alive.get(ident)
+        if slot in loop_slots:
             role = "loop"
-        elif ident in handed_threads and role == "other":
+        elif slot in handed_slots and role == "other":
             role = "executor"
         ta = thread_attr.get(slot, [0, 0, 0])
         threads.append(

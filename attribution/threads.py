@@ -10,12 +10,17 @@ __all__ = ["now_ns", "note_thread", "started_by", "known_threads", "reset"]
 
 now_ns = _core.now_ns
 
-# ident -> (name, role) for threads seen starting while a profiler ran
+# The core's thread slot -> (name, role) for threads seen starting while a profiler ran.
+# By slot, not by ident: an ident is reused as soon as its thread ends (a pool's next
+# worker, a user's next thread), and a slot is one thread's for its whole life.
 _names: dict[int, tuple[str, str]] = {}
 
 
-def note_thread(ident: int, name: str, role: str) -> None:
-    _names[ident] = (name, role)
+def note_thread(name: str, role: str) -> None:
+    """The calling thread starts (from its own bootstrap)."""
+    slot = _core.thread_slot()
+    if slot:
+        _names[slot] = (name, role)
 
 
 def started_by(tid: int, started_ns: int) -> None:
@@ -24,13 +29,10 @@ def started_by(tid: int, started_ns: int) -> None:
     _core.set_inferred(tid, started_ns)
 
 
-def known_threads() -> dict[int, tuple[str, str]]:
-    """ident -> (name, role) for threads noted while profiling and those alive now."""
-    out = dict(_names)
-    for t in threading.enumerate():
-        if t.ident is not None and t.ident not in out:
-            out[t.ident] = (t.name, "other")
-    return out
+def known_threads() -> tuple[dict[int, tuple[str, str]], dict[int, str]]:
+    """(slot -> (name, role) for threads noted while profiling, ident -> name for the
+    threads alive now: the newest slot of an ident is theirs)."""
+    return dict(_names), {t.ident: t.name for t in threading.enumerate() if t.ident is not None}
 
 
 def reset() -> None:

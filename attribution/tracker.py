@@ -267,7 +267,6 @@ class Tracker:
             folded=self._folded,
             folded_tasks=self._folded_tasks,
             group_site_ids={gid: key for key, gid in self._group_site_ids.items()},
-            loop_threads={r.thread_id for r in records.values() if r.thread_id is not None},
             live_objects=live_objects,
         )
         return build_report(raw)

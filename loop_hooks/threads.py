@@ -48,7 +48,7 @@ def _start(self: threading.Thread) -> None:
 def _bootstrap_inner(self: threading.Thread) -> None:
     try:
         role = "executor" if _executor_worker(self) else "other"
-        core_threads.note_thread(threading.get_ident(), self.name, role)
+        core_threads.note_thread(self.name, role)
         info = _pending.pop(self, None)
         if info is not None:
             core_threads.started_by(*info)

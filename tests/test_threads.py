@@ -374,3 +374,33 @@ def test_thread_state_read_from_its_slot():
         assert seen == [1000, 1]
     finally:
         p.stop()
+
+
+def test_threads_keep_their_own_names_when_an_ident_is_reused(loop_kind):
+    """Three threads run one after another (each joined before the next starts), so they
+    usually get the same ident.  Each is its own row in ``threads``, with its own name and
+    bytes; names were kept by ident, and the last thread's name (or a pool worker's, and
+    its role) went to every earlier one."""
+    KEEP.clear()
+
+    async def main():
+        idents = []
+        for i in range(3):
+            th = threading.Thread(target=alloc, args=(i + 1,), name=f"user-thread-{i}")
+            th.start()
+            th.join()
+            idents.append(th.ident)
+        await asyncio.to_thread(alloc, 1)  # a pool worker too, maybe on a reused ident
+        return idents
+
+    idents, report = run_profiled(main, loop_kind)
+    rows = {t.name: t for t in report.threads}
+    for i in range(3):
+        row = rows[f"user-thread-{i}"]
+        assert row.id == idents[i] and row.role == "other", row
+        assert close_to(row.attributed_bytes + row.unattributed_bytes, (i + 1) * MiB), row
+    (worker,) = [t for t in report.threads if t.role == "executor"]  # asyncio_0, uvloop's ThreadPoolExecutor-0_0
+    assert worker.name and not worker.name.startswith("user-thread"), worker
+    (main_row,) = [t for t in report.threads if t.role == "loop"]
+    assert main_row.id == threading.get_ident()
+    KEEP.clear()
