@@ -1455,6 +1455,24 @@ static PyObject *core_set_inferred(PyObject *m, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(serves_doc,
+"serves()\n--\n\nThe calling thread takes work from a queue (queue.Queue.get): if its context-less\n"
+"allocations were inferred to the task that started it, they are not any more (a thread\n"
+"that serves a queue serves whoever fills it; its bytes go to the contexts it runs work\n"
+"in, else to its own unattributed bucket).");
+
+static PyObject *core_serves(PyObject *m, PyObject *noargs) {
+    if (!S.has_data || S.ninferred == 0) Py_RETURN_NONE;
+    tls_t *t = &tls;
+    if (t->session != S.session || t->slot == 0) Py_RETURN_NONE; /* not a thread we marked */
+    thread_info_t *th = &S.threads[t->slot - 1];
+    if (th->inferred_tid && !th->shared) {
+        th->shared = 1;
+        t->fast_ctx = FAST_NONE; /* the next allocation finds its cell again */
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *core_set_guard(PyObject *m, PyObject *arg) {
     int v = PyObject_IsTrue(arg);
     if (v < 0) return NULL;
@@ -1803,6 +1821,7 @@ static PyMethodDef core_methods[] = {
     {"set_handover", core_set_handover, METH_O, set_handover_doc},
     {"handover", core_handover, METH_NOARGS, "handover() -> int\n--\n\nThe task id handed over to this thread, 0 if none."},
     {"set_inferred", core_set_inferred, METH_VARARGS, set_inferred_doc},
+    {"serves", core_serves, METH_NOARGS, serves_doc},
     {"now_ns", core_now_ns, METH_NOARGS, NULL},
     {"set_guard", core_set_guard, METH_O,
      "set_guard(flag) -> bool\n--\n\nWhile set, this thread's allocations are not recorded (our own\n"

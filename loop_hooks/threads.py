@@ -6,7 +6,9 @@ task (or handed-over work) that called it, and the new thread, before running it
 target, tells the C core "context-less work here is probably that task's".  The C core
 then decays that guess with the thread's age, drops it once the starting task has
 finished for long enough, and drops it for good as soon as the thread runs another
-task's work.  Thread-pool workers are never inferred: they serve everyone by design.
+task's work, or takes work from a ``queue.Queue`` (a thread that serves a queue serves
+whoever fills it, not the task that started it).  Thread-pool workers are never
+inferred: they serve everyone by design.
 
 Names of threads started while profiling are remembered so the report can show them
 after the threads are gone.
@@ -15,10 +17,12 @@ after the threads are gone.
 from __future__ import annotations
 
 import concurrent.futures.thread as _cf_thread
+import functools
+import queue
 import threading
 import weakref
 
-from ..attribution import handover
+from ..attribution import _core, handover
 from ..attribution import threads as core_threads
 from .tagging import TAG
 
@@ -26,6 +30,7 @@ __all__ = ["install", "uninstall", "installed"]
 
 _original_start = threading.Thread.start
 _original_bootstrap_inner = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
+_original_queue_get = queue.Queue.get
 _pending: "weakref.WeakKeyDictionary[threading.Thread, tuple[int, int]]" = weakref.WeakKeyDictionary()
 _installed = False
 
@@ -57,6 +62,12 @@ def _bootstrap_inner(self: threading.Thread) -> None:
     return _original_bootstrap_inner(self)
 
 
+@functools.wraps(_original_queue_get)
+def _queue_get(self, block=True, timeout=None):
+    _core.serves()
+    return _original_queue_get(self, block, timeout)
+
+
 def installed() -> bool:
     return _installed
 
@@ -68,6 +79,7 @@ def install() -> None:
         return
     threading.Thread.start = _start  # type: ignore[method-assign]
     threading.Thread._bootstrap_inner = _bootstrap_inner  # type: ignore[attr-defined]
+    queue.Queue.get = _queue_get  # type: ignore[method-assign]
     _installed = True
 
 
@@ -78,5 +90,7 @@ def uninstall() -> None:
         return
     threading.Thread.start = _original_start  # type: ignore[method-assign]
     threading.Thread._bootstrap_inner = _original_bootstrap_inner  # type: ignore[attr-defined]
+    if queue.Queue.get is _queue_get:  # (unless someone replaced it after us)
+        queue.Queue.get = _original_queue_get  # type: ignore[method-assign]
     _pending.clear()
     _installed = False

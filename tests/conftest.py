@@ -4,6 +4,7 @@ no profiler, no wrapped policy, no patched threading (pyinstrument's conftest ha
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import warnings
 
@@ -32,6 +33,7 @@ def _policy():
 def _leaves_nothing_behind():
     start_policy = type(_policy())
     start = threading.Thread.start
+    queue_get = queue.Queue.get
     yield
     leaked = []
     if _core.is_active():
@@ -39,6 +41,8 @@ def _leaves_nothing_behind():
         _core.stop()
     if threading.Thread.start is not start:
         leaked.append("threading.Thread.start still patched")
+    if queue.Queue.get is not queue_get:
+        leaked.append("queue.Queue.get still patched")
     if type(_policy()) is not start_policy:
         leaked.append(f"event-loop policy left as {type(_policy()).__name__}")
         import memscope_async as ms
