@@ -175,12 +175,15 @@ def _wpct(pairs: list[tuple[int, float]], q: float) -> int:
 
 
 class _Acc:
-    __slots__ = ("ab", "na", "fb", "nf", "live", "cfb", "cf", "shares", "migr", "weighted")
+    __slots__ = ("ab", "na", "fb", "nf", "live", "cfb", "cf", "shares", "migr", "weighted", "live_weighted",
+                 "live_inferred")
 
     def __init__(self) -> None:
         self.ab = self.fb = self.live = self.cfb = 0
         self.na = self.nf = self.cf = 0.0
         self.weighted = 0.0
+        self.live_weighted = 0.0  # live bytes times their route's confidence
+        self.live_inferred = 0  # live bytes charged by inference
         self.shares: dict[tuple[str, int | None], list] = {}
         self.migr: dict[tuple[str, int | None], list] = {}
 
@@ -328,6 +331,9 @@ def build_report(raw: RawData) -> Report:
         a.cfb += cfb
         a.cf += cf
         a.weighted += ab * conf
+        a.live_weighted += live * conf
+        if route == routes.INFERRED:
+            a.live_inferred += live
         sh = a.shares.get((route, ident))
         if sh is None:
             a.shares[(route, ident)] = [ab, na, ab * conf]
@@ -552,6 +558,9 @@ def build_report(raw: RawData) -> Report:
         )
         if _leaks(g["ret"], g["sum"]):
             held_sites = _sites_of(g["held_tids"], [], 0, 0)
+            held = [accs[tid] for tid in g["held_tids"] if tid in accs]
+            held_live = sum(max(0, a.live) for a in held)
+            held_weighted = sum(a.live_weighted for a in held if a.live > 0)
             leak_suspects.append(
                 LeakSuspect(
                     key=key,
@@ -562,6 +571,8 @@ def build_report(raw: RawData) -> Report:
                     tasks=len(g["held_tids"]) if raw.mode != "sampled" else g["finished"],
                     retained_bytes=g["ret"],
                     hotspots=_hotspots(held_sites, raw.stacks, frames, by_live=True),
+                    confidence=round(min(1.0, held_weighted / held_live), 4) if held_live > 0 else 1.0,
+                    inferred_bytes=int(min(g["ret"], sum(max(0, a.live_inferred) for a in held))),
                 )
             )
     groups.sort(key=lambda g: (-g.allocated_bytes.sum, g.key))

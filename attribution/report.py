@@ -179,6 +179,11 @@ class LeakSuspect:
     tasks: int
     retained_bytes: int
     hotspots: tuple[Hotspot, ...] = ()
+    # How sure the attribution of the retained bytes is (weighted by them, as a task's
+    # confidence is by its allocated bytes), and how many of them were only inferred (a
+    # thread the task started, with no context link): a guess is never shown as a fact.
+    confidence: float = 1.0
+    inferred_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -288,14 +288,28 @@ def _top_hotspot(hotspots: Sequence[Hotspot]) -> str:
 
 def _leak_suspects(report: Report, fmt: _Numbers, top: int, width: int) -> list[str]:
     shown, more = _ranked(report.leak_suspects, lambda s: (-s.retained_bytes, s.key), top, "suspects")
+    with_inferred = any(s.inferred_bytes for s in shown)
     columns = [
         _Column("coro", flex=True),
         _Column("tasks", numeric=True),
         _Column("retained", numeric=True),
-        _Column("top hotspot", flex=True, keep_end=True),
     ]
-    rows = [[s.coro or s.key, str(s.tasks), fmt.size(s.retained_bytes), _top_hotspot(s.hotspots)] for s in shown]
-    return ["Leak suspects", *_table(columns, rows, width), *more]
+    if with_inferred:
+        columns.append(_Column("of it inferred", numeric=True))
+    columns.append(_Column("top hotspot", flex=True, keep_end=True))
+    rows = []
+    for s in shown:
+        row = [s.coro or s.key, str(s.tasks), fmt.size(s.retained_bytes)]
+        if with_inferred:
+            # as in the task tables: a guessed byte always carries "~" and the confidence
+            row.append(f"~{format_size(s.inferred_bytes)} (c={_confidence(s.confidence)})" if s.inferred_bytes else "-")
+        row.append(_top_hotspot(s.hotspots))
+        rows.append(row)
+    lines = ["Leak suspects", *_table(columns, rows, width), *more]
+    if with_inferred:
+        lines.append("of it inferred: retained bytes guessed without a context link")
+        lines.append("(c = confidence of all the retained bytes).")
+    return lines
 
 
 def _threads(report: Report, fmt: _Numbers, top: int, width: int) -> list[str]:

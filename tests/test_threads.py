@@ -195,6 +195,13 @@ def test_thread_started_in_task_is_inferred(loop_kind):
     for s in inferred:
         assert 0.0 < s.confidence <= 0.5
     assert t.confidence < 0.9  # the guess weighs on the task's overall confidence
+    # what it still holds is a guess too, and its leak suspect says so
+    (suspect,) = [s for s in report.leak_suspects if s.coro == t.coro]
+    assert close_to(suspect.retained_bytes, 4 * MiB) and close_to(suspect.inferred_bytes, 4 * MiB), suspect
+    assert 0.0 < suspect.confidence < 0.6, suspect  # (its own few observed bytes count too)
+    text = ms.exporters.render_text(report)
+    (row,) = [line for line in text.splitlines() if line.startswith("test_thread_started_in_task_is_inferred")]
+    assert "~4.0 MiB (c=0.50)" in row, row
     KEEP.clear()
 
 
