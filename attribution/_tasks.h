@@ -2095,6 +2095,23 @@ static PyMemberDef Handed_members[] = {
     {NULL},
 };
 
+/* Pickled (work sent to another process: uvloop takes a process pool as its default
+ * executor, and one set before the loop was instrumented cannot be seen), a Handed is
+ * functools.partial(fn): in that process it calls fn as it is, with no task to mark. */
+static PyObject *Handed_reduce(HandedObject *self, PyObject *noargs) {
+    PyObject *functools = PyImport_ImportModule("functools");
+    if (functools == NULL) return NULL;
+    PyObject *partial = PyObject_GetAttrString(functools, "partial");
+    Py_DECREF(functools);
+    if (partial == NULL) return NULL;
+    return Py_BuildValue("(N(O))", partial, self->fn);
+}
+
+static PyMethodDef Handed_methods[] = {
+    {"__reduce__", (PyCFunction)Handed_reduce, METH_NOARGS, NULL},
+    {NULL},
+};
+
 static PyTypeObject HandedType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.Handed",
     .tp_basicsize = sizeof(HandedObject),
@@ -2107,6 +2124,7 @@ static PyTypeObject HandedType = {
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(HandedObject, vectorcall),
     .tp_members = Handed_members,
+    .tp_methods = Handed_methods,
 };
 
 /* HandOver(original, kind, pool_type, get_running_loop): an instrumented loop's

@@ -149,24 +149,26 @@ def _sec(ns: int | None, start_ns: int) -> float | None:
     return round(max(0, ns - start_ns) / 1e9, 6)
 
 
-def _wpct(pairs: list[tuple[int, float]], q: float) -> int:
+def _wpct(pairs: list[tuple[int, int]], q: float, unit: int = 1) -> int:
     """The q-quantile of a group's per-task values, given as (value, weight) sorted by
-    value: a task kept in the report stands for itself, a value in a folded group's
+    value, each weight the number of tasks the value stands for, in 1/unit of a task: a
+    task kept in the report stands for itself (weight unit), a value in a folded group's
     reservoir for its share of the tasks folded.  The tasks are laid out in order, each
     value over as many places as it stands for, and the quantile is interpolated between
     the two nearest places (numpy's default; with every weight 1, exactly numpy's, and for
-    q = 0.5 the median as ``statistics.median`` gives it), rounded to a byte."""
+    q = 0.5 the median as ``statistics.median`` gives it), rounded to a byte.  Weights are
+    integers, so a place falls on the same value however many are added up."""
     if not pairs:
         return 0
-    total = sum(w for _, w in pairs)
-    pos = q * max(0.0, total - 1)
+    total = sum(w for _, w in pairs)  # in 1/unit tasks
+    pos = q * max(0.0, total / unit - 1)
     lo = math.floor(pos)
 
-    def at(place: float) -> int:
-        upto = 0.0
+    def at(place: int) -> int:
+        upto = 0
         for v, w in pairs:
             upto += w
-            if place < upto:
+            if place * unit < upto:
                 return v
         return pairs[-1][0]
 
@@ -492,7 +494,7 @@ def build_report(raw: RawData) -> Report:
 
     for t in tasks:
         g = _group(group_key(t.coro, t.labels), t.coro, t.labels)
-        g["alloc"].append((t.allocated_bytes, 1.0))
+        g["alloc"].append(t.allocated_bytes)
         g["sum"] += t.allocated_bytes
         g["max"] = max(g["max"], t.allocated_bytes)
         g["n"] += 1
@@ -513,8 +515,7 @@ def build_report(raw: RawData) -> Report:
         g["sum"] += fg.allocated_sum
         g["max"] = max(g["max"], fg.allocated_max)
         if fg.allocated:  # a bounded sample of the folded tasks, each for its share of them
-            w = fg.tasks / len(fg.allocated)
-            g["alloc"].extend((v, w) for v in fg.allocated)
+            g["folded_sample"] = (fg.allocated, fg.tasks)
 
     groups = []
     leak_suspects = []
@@ -537,7 +538,11 @@ def build_report(raw: RawData) -> Report:
         return _calibrated(rows, ab + folded_bytes, na + folded_allocs, live, nf + folded_allocs)
 
     for key, g in groups_acc.items():
-        vals = sorted(g["alloc"])
+        # weights in 1/len(sample) of a task: a kept task is len(sample), each sampled
+        # value of the folded ones stands for (folded tasks) of them, all integers
+        sample, folded_n = g.get("folded_sample", ((), 0))
+        unit = max(1, len(sample))
+        vals = sorted([(v, unit) for v in g["alloc"]] + [(v, folded_n) for v in sample])
         fg = raw.folded.get(key)
         group_sites = _sites_of(g["tids"], folded_sites.get(key, []), fg.allocated_sum if fg is not None else 0,
                                 fg.allocations if fg is not None else 0)
@@ -548,7 +553,8 @@ def build_report(raw: RawData) -> Report:
                 labels=g["labels"],
                 tasks=g["n"],
                 folded_tasks=g["folded"],
-                allocated_bytes=Distribution(sum=g["sum"], p50=_wpct(vals, 0.5), p95=_wpct(vals, 0.95), max=g["max"]),
+                allocated_bytes=Distribution(sum=g["sum"], p50=_wpct(vals, 0.5, unit), p95=_wpct(vals, 0.95, unit),
+                                             max=g["max"]),
                 allocations=g["allocs"],
                 live_bytes=g["live"],
                 retained_after_done_bytes=g["ret"],

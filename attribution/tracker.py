@@ -42,6 +42,8 @@ class TrackerError(RuntimeError):
 # The largest sampling interval: gaps are drawn up to ~37 times the mean and counted in
 # 64 bits (and a report's integers are 64-bit).
 MAX_INTERVAL = 1 << 50
+# The core keeps the half-life in whole nanoseconds (0 would mean never), in 64 bits.
+MIN_HALF_LIFE, MAX_HALF_LIFE = 1e-6, 1e9
 
 
 def _whole(value: Any) -> bool:
@@ -85,8 +87,11 @@ class Tracker:
         if not _whole(max_finished_tasks) or max_finished_tasks < 0:
             raise TrackerError(f"max_finished_tasks must be an integer >= 0, not {max_finished_tasks!r}")
         if (not isinstance(inferred_half_life, (int, float)) or isinstance(inferred_half_life, bool)
-                or not 0 < inferred_half_life < float("inf")):
-            raise TrackerError(f"inferred_half_life must be a number of seconds > 0, not {inferred_half_life!r}")
+                or not MIN_HALF_LIFE <= inferred_half_life <= MAX_HALF_LIFE):
+            raise TrackerError(
+                f"inferred_half_life must be a number of seconds from {MIN_HALF_LIFE} to {MAX_HALF_LIFE:.0e}, "
+                f"not {inferred_half_life!r}"
+            )
         if not _whole(seed):
             raise TrackerError(f"seed must be an integer, not {seed!r}")
         self.tag_var = tag_var

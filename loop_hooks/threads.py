@@ -30,7 +30,7 @@ __all__ = ["install", "uninstall", "installed"]
 
 _original_start = threading.Thread.start
 _original_bootstrap_inner = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
-_original_queue_get = queue.Queue.get
+_original_queue_get = queue.Queue.get  # (taken again at each install: see install)
 _pending: "weakref.WeakKeyDictionary[threading.Thread, tuple[int, int]]" = weakref.WeakKeyDictionary()
 _installed = False
 
@@ -62,7 +62,6 @@ def _bootstrap_inner(self: threading.Thread) -> None:
     return _original_bootstrap_inner(self)
 
 
-@functools.wraps(_original_queue_get)
 def _queue_get(self, block=True, timeout=None):
     _core.serves()
     return _original_queue_get(self, block, timeout)
@@ -77,8 +76,13 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    global _original_queue_get
     threading.Thread.start = _start  # type: ignore[method-assign]
     threading.Thread._bootstrap_inner = _bootstrap_inner  # type: ignore[attr-defined]
+    # whatever Queue.get is now (a library or a test may have replaced it since import)
+    # runs inside ours, and is what uninstall puts back
+    _original_queue_get = queue.Queue.get
+    functools.update_wrapper(_queue_get, _original_queue_get)
     queue.Queue.get = _queue_get  # type: ignore[method-assign]
     _installed = True
 

@@ -323,11 +323,28 @@ def test_schema_is_valid_draft_2020_12():
     jsonschema.Draft202012Validator.check_schema(load_schema())
 
 
+# Fields added to version 1 after reports were first written: optional in the schema, so
+# those reports still validate, and loaded with their defaults.
+ADDED_IN_V1 = {"leak_suspect": {"confidence", "inferred_bytes"}}
+
+
 def _props(schema: dict, name: str) -> set[str]:
     node = schema if name == "" else schema["$defs"][name]
     assert node["additionalProperties"] is False, name
-    assert set(node["required"]) == set(node["properties"]), name
+    assert set(node["required"]) == set(node["properties"]) - ADDED_IN_V1.get(name, set()), name
     return set(node["properties"])
+
+
+def test_reports_written_before_fields_were_added_still_validate_and_load():
+    pytest.importorskip("jsonschema")
+    doc = orjson.loads(make_report().to_json())
+    assert doc["leak_suspects"], "make_report must have a leak suspect"
+    for suspect in doc["leak_suspects"]:
+        for name in ADDED_IN_V1["leak_suspect"]:
+            del suspect[name]
+    assert validate_document(doc) == []
+    loaded = Report.from_dict(doc)
+    assert all(s.confidence == 1.0 and s.inferred_bytes == 0 for s in loaded.leak_suspects)
 
 
 @pytest.mark.parametrize(

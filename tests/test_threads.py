@@ -115,6 +115,30 @@ def test_process_pool_as_the_default_executor_unchanged(loop_kind):
     KEEP.clear()
 
 
+def test_process_pool_made_the_default_before_instrument_unchanged():
+    """A process pool made uvloop's default before the loop was instrumented cannot be
+    seen (uvloop keeps it out of reach): the work we wrap for it is pickled as the
+    function itself (functools.partial of it), so it still runs there."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        prof = ms.instrument()
+        try:
+            return await loop.run_in_executor(None, _square, 11)
+        finally:
+            prof.stop()
+
+    loop = uvloop.new_event_loop()
+    pool = concurrent.futures.ProcessPoolExecutor(1)
+    try:
+        loop.set_default_executor(pool)
+        assert loop.run_until_complete(main()) == 121
+    finally:
+        loop.close()
+        pool.shutdown()
+
+
 def test_call_soon_threadsafe_carries_caller(loop_kind):
     KEEP.clear()
 
