@@ -24,6 +24,7 @@ __all__ = [
     "AttributionShare",
     "Distribution",
     "Frame",
+    "FrozenMap",
     "Group",
     "Hotspot",
     "LeakSuspect",
@@ -42,6 +43,34 @@ __all__ = [
 
 class ReportError(ValueError):
     """A report file or document is not a valid memscope-async report."""
+
+
+class FrozenMap(dict):
+    """A report's labels and tool: a dict (json, ``==`` and ``isinstance`` as any dict)
+    that cannot be changed, so a Report is frozen all the way down, and hashable."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("report data cannot be changed (labels and tool are frozen)")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def __reduce__(self) -> tuple:
+        return (FrozenMap, (dict(self),))
+
+    def __repr__(self) -> str:
+        return dict.__repr__(self)
+
+
+def _freeze(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, FrozenMap):
+        object.__setattr__(obj, name, FrozenMap(value or {}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +170,9 @@ class TaskReport:
     via_factory: bool = True
     cross_thread_parent: bool = False
 
+    def __post_init__(self) -> None:
+        _freeze(self, "labels")
+
 
 @dataclass(frozen=True, slots=True)
 class Distribution:
@@ -168,6 +200,9 @@ class Group:
     hotspots: tuple[Hotspot, ...] = ()
     live_hotspots: tuple[Hotspot, ...] = ()
 
+    def __post_init__(self) -> None:
+        _freeze(self, "labels")
+
 
 @dataclass(frozen=True, slots=True)
 class LeakSuspect:
@@ -184,6 +219,9 @@ class LeakSuspect:
     # thread the task started, with no context link): a guess is never shown as a fact.
     confidence: float = 1.0
     inferred_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        _freeze(self, "labels")
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +300,9 @@ class Report:
     tool: Mapping[str, str] = field(default_factory=lambda: {"name": "memscope-async"})
     # id(task) -> task id for the task objects of this run; never serialised.
     _objects: Mapping[int, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _freeze(self, "tool")
 
     # -- lookups -------------------------------------------------------------------------
     def task(self, task_or_id: Any) -> TaskReport:

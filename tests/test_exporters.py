@@ -581,3 +581,26 @@ def test_render_text_rejects_bad_arguments():
         render_text(make_report(), top=0)
     with pytest.raises(ValueError):
         render_text(make_report(), width=10)
+
+
+def test_reports_are_frozen_all_the_way_down():
+    """A Report is plain, frozen data: its labels and tool mappings too (they were
+    dicts that could be changed in place, and made a TaskReport unhashable)."""
+    import copy
+    import pickle
+
+    report = make_report()
+    task = next(t for t in report.tasks if t.labels)
+    with pytest.raises(TypeError):
+        task.labels["route"] = "/other"  # type: ignore[index]
+    with pytest.raises(TypeError):
+        report.tool["name"] = "x"  # type: ignore[index]
+    for change in (lambda m: m.update(a="b"), lambda m: m.pop("name"), lambda m: m.clear(), lambda m: m.setdefault("z", "1")):
+        with pytest.raises(TypeError):
+            change(report.tool)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        task.name = "x"  # type: ignore[misc]
+    assert isinstance(task.labels, dict) and task.labels == dict(task.labels)
+    assert hash(task) == hash(copy.deepcopy(task)) and pickle.loads(pickle.dumps(report)) == report
+    assert Report.from_dict(orjson.loads(report.to_json())) == report
+    assert orjson.loads(report.to_json())["tool"] == dict(report.tool)
