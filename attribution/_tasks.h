@@ -1129,14 +1129,21 @@ static void learn_name_offset(PyObject *task, PyObject *name) {
 static void keep_name(task_info_t *r, PyObject *name) {
     r->name_num = 0;
     if (name != NULL && PyLong_CheckExact(name)) {
-        unsigned long long n = PyLong_AsUnsignedLongLong(name);
-        if (!PyErr_Occurred() && n < UINT64_MAX) {
+        unsigned long long n = PyLong_AsUnsignedLongLong(name); /* (-1 and an error if it does not fit) */
+        if (n < UINT64_MAX) {
             r->name_num = (uint64_t)n + 1;
             Py_DECREF(name);
             Py_CLEAR(r->name);
             return;
         }
-        PyErr_Clear();
+        PyErr_Clear(); /* (past 64 bits: the name as get_name() would give it) */
+        int g = tls.guard;
+        tls.guard = 1;
+        PyObject *s = PyUnicode_FromFormat("Task-%S", name);
+        tls.guard = g;
+        Py_DECREF(name);
+        name = s;
+        if (s == NULL) PyErr_Clear();
     } else if (name != NULL && !(PyUnicode_CheckExact(name) && PyUnicode_CHECK_INTERNED(name))) {
         int g = tls.guard;
         tls.guard = 1;
