@@ -67,6 +67,22 @@ class FrozenMap(dict):
         return dict.__repr__(self)
 
 
+def _same_task(task: Any, t: "TaskReport") -> bool:
+    """Whether report entry t can be this task object.  Entries are found by the object's
+    address, and a folded task leaves no entry: an older task kept in the report may have
+    lived at the same address.  Its coroutine or its name then tells them apart (default
+    names are unique in a process)."""
+    try:
+        coro = task.get_coro()
+        qualname = getattr(coro, "__qualname__", None) if coro is not None else None
+        if qualname is not None and t.coro is not None and qualname != t.coro:
+            return False
+        name = task.get_name()
+        return t.name is None or name == t.name
+    except Exception:  # not a Task after all: nothing contradicts the address
+        return True
+
+
 def _freeze(obj: Any, name: str) -> None:
     value = getattr(obj, name)
     if not isinstance(value, FrozenMap):
@@ -317,7 +333,7 @@ class Report:
             except KeyError:
                 raise KeyError(f"no task with id {task_or_id} in this report") from None
         tid = self._objects.get(id(task_or_id))
-        if tid is not None and tid in index:
+        if tid is not None and tid in index and _same_task(task_or_id, index[tid]):
             return index[tid]
         raise KeyError(f"task {task_or_id!r} is not in this report")
 

@@ -84,6 +84,8 @@ class Profiler:
     ) -> None:
         if mode is None:
             mode = "exact" if sample_interval is None else "sampled"
+        if not isinstance(threads, bool):
+            raise ProfilerError(f"threads must be True or False, not {threads!r}")
         try:
             self._tracker = Tracker(
                 TAG,

@@ -103,7 +103,8 @@ def test_a_sample_interval_alone_means_sampled_mode():
      dict(stack_depth=300), dict(max_finished_tasks=True), dict(max_finished_tasks=-1), dict(mode="fast"),
      dict(inferred_half_life=0), dict(inferred_half_life=-1.0), dict(inferred_half_life=float("nan")),
      dict(inferred_half_life=True), dict(inferred_half_life="x"), dict(inferred_half_life=None),
-     dict(inferred_half_life=10**400), dict(inferred_half_life=1e-12), dict(seed=1.5)],
+     dict(inferred_half_life=10**400), dict(inferred_half_life=1e-12), dict(seed=1.5), dict(threads="no"),
+     dict(threads=None)],
 )
 def test_bad_options_are_refused_with_one_line(options):
     """Refused where given, in one line that names the option: a bool is not a size,

@@ -10,6 +10,7 @@ then).  Both ways must keep the same tasks: the ones that allocated most."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import sys
 
@@ -243,3 +244,43 @@ def test_group_percentiles_count_the_folded_tasks(loop_kind):
     assert abs(f.p50 - t.p50) <= 0.1 * t.p50, (f, t)
     assert abs(f.p95 - t.p95) <= 0.1 * t.p95, (f, t)
     assert abs(f.sum - t.sum) <= 0.01 * t.sum and f.max >= 20_000, (f, t)
+
+
+async def big() -> None:
+    b = bytearray(100_000)
+    del b
+
+
+async def small() -> None:
+    await asyncio.sleep(0)
+
+
+def test_report_task_of_a_folded_task_is_not_an_older_task_at_its_address(loop_kind):
+    """report.task(task) finds a task by its object's address.  A folded task leaves no
+    entry, and an older task kept in the report may have lived at the same address (its
+    object freed, the memory reused): that one must not be returned for it.  Here big
+    tasks are kept and their objects dropped, then small tasks made in their place are
+    held and folded."""
+    held = []
+
+    async def main():
+        for _ in range(20):
+            await asyncio.create_task(big())  # kept: they allocated most; objects dropped
+        await asyncio.sleep(0)
+        gc.collect()  # (a finished task can sit in a reference cycle until a collection)
+        for _ in range(300):
+            t = asyncio.create_task(small())
+            held.append(t)
+            await t
+
+    _, report = run_profiled(main, loop_kind, max_finished_tasks=10)
+    assert report.totals.folded_tasks >= 150
+    reused = [t for t in held if id(t) in report._objects]  # an address a kept task had
+    if not reused:  # (pymalloc reuses the freed blocks here on 3.11-3.13; an allocator may not)
+        pytest.skip("no task object took the address of a kept task's: nothing to tell apart")
+    for obj in held:
+        try:
+            t = report.task(obj)
+        except KeyError:
+            continue
+        assert t.name == obj.get_name() and t.coro.endswith("small"), (t.name, t.coro, obj)
