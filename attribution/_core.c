@@ -1689,16 +1689,11 @@ static void unlink_record(uint32_t ti, int carry, int64_t alloc_bytes, double al
     r->up = r->first_child = r->next_sib = r->prev_sib = 0;
 }
 
-/* Forget task tid: its cells and its record.  Returns 0 if done (or nothing was held), 1
- * if some cell still names a live allocation (then nothing changes).  With carry, the task
- * is folded into its group: its bytes stay in its ancestors' subtrees (unlink_record). */
-static int release_task_slot(uint32_t tid, int carry) {
-    uint32_t ti;
-    if (!tid_get(tid, &ti)) return 0;
-    int64_t ab, le;
-    double na;
-    task_totals(ti, &ab, &na, &le);
-    if (le != 0) return 1;
+/* Forget task tid (slot ti), whose cells name no live allocation and total ab bytes in na
+ * allocations (the caller has just summed them: task_totals): its cells and its record.
+ * With carry, the task is folded into its group: its bytes stay in its ancestors'
+ * subtrees (unlink_record). */
+static void release_slot(uint32_t tid, uint32_t ti, int carry, int64_t ab, double na) {
     if (S.tasks[ti].flags & TF_REGISTERED) unlink_record(ti, carry, ab, na);
     gc_recount(&S.tasks[ti]);
     int g = tls.guard;
@@ -1732,6 +1727,18 @@ static int release_task_slot(uint32_t tid, int carry) {
     Py_XDECREF(name);
     Py_XDECREF(labels);
     tls.guard = g;
+}
+
+/* Forget task tid, as release_slot.  Returns 0 if done (or nothing was held), 1 if some
+ * cell still names a live allocation (then nothing changes). */
+static int release_task_slot(uint32_t tid, int carry) {
+    uint32_t ti;
+    if (!tid_get(tid, &ti)) return 0;
+    int64_t ab, le;
+    double na;
+    task_totals(ti, &ab, &na, &le);
+    if (le != 0) return 1;
+    release_slot(tid, ti, carry, ab, na);
     return 0;
 }
 

@@ -797,12 +797,8 @@ static int fold_at_finish(uint32_t tid, uint32_t ti) {
     e->allocs = na;
     e->tid = tid;
     e->sites = (r->flags & TF_SITES) != 0;
-    if (release_task_slot(tid, 1) != 0) { /* (cannot happen: nothing live) */
-        Py_CLEAR(e->coro);
-        Py_CLEAR(e->labels);
-        return 0;
-    }
     S.nearly++;
+    release_slot(tid, ti, 1, ab, na);
     return 1;
 }
 
@@ -2662,11 +2658,12 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
         if (!task_registered(cand[k].tid, &ti)) continue;
         task_info_t *r = &S.tasks[ti];
         uint32_t gi = fold_group_of(groups, &ngroups, &last, r->coro, r->labels);
-        int64_t ab;
+        int64_t ab, le;
         double na;
-        task_totals(ti, &ab, &na, NULL);
+        task_totals(ti, &ab, &na, &le);
+        if (le != 0) continue; /* (cannot happen: our own allocations are not recorded) */
         int sites = (r->flags & TF_SITES) != 0;
-        if (release_task_slot(cand[k].tid, 1) != 0) continue;
+        release_slot(cand[k].tid, ti, 1, ab, na);
         /* (a labels mapping freed just now can run a __del__ that makes tasks; a fold
          * call nested in it folds nothing, but the queue is checked, not trusted) */
         if (pos < S.nfinished && S.finished[pos] == cand[k].tid) S.finished[pos] = 0;
