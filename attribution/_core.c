@@ -63,7 +63,10 @@ typedef struct {
     uint32_t tid;
     uint32_t ti;   /* tasks[] slot of record tid, as register_task made it */
     uint32_t cell; /* the task's cell (tid, home slot, context route), once it has one */
-    uint32_t ours; /* made by tag_alloc, outside the hooks' accounting: may go to tag_pool */
+    uint32_t ours : 1; /* made by tag_alloc, outside the hooks' accounting: may go to tag_pool */
+    uint32_t up : 31;  /* id of the task's record's up (link_record) when it was made, 0 if
+                        * none: a task made in this context after the task's own record was
+                        * folded joins the tree there (ids are 31-bit) */
 } TagObject;
 
 static PyTypeObject TagType;
@@ -1639,11 +1642,18 @@ static inline void gc_recount(task_info_t *r) {
     }
 }
 
-/* Record ti (registered) joins the tree under its parent's record, if that has one. */
-static void link_record(uint32_t ti, uint32_t parent_tid) {
+/* Record ti (registered) joins the tree under its parent's record or, if that was folded,
+ * under the record that was the parent's up when the parent was made (parent_up), if
+ * that one is still kept.  (Deeper than that, a task made in a folded task's context after
+ * its grandparent's record was folded too starts a tree of its own.) */
+static int up_of(uint32_t ti, uint32_t tid, uint32_t *up) {
+    return tid != 0 && tid_get(tid, up) && *up != ti && (S.tasks[*up].flags & TF_REGISTERED);
+}
+
+static void link_record(uint32_t ti, uint32_t parent_tid, uint32_t parent_up) {
     task_info_t *r = &S.tasks[ti];
     uint32_t up;
-    if (parent_tid == 0 || !tid_get(parent_tid, &up) || up == ti || !(S.tasks[up].flags & TF_REGISTERED)) return;
+    if (!up_of(ti, parent_tid, &up) && (parent_tid == 0 || !up_of(ti, parent_up, &up))) return;
     task_info_t *u = &S.tasks[up];
     r->up = up;
     r->prev_sib = 0;

@@ -657,6 +657,7 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     tag->tid = tid;
     tag->ti = 0; /* known once the record is made, below */
     tag->cell = 0;
+    tag->up = 0;
     /* a fresh copy holds what the running context holds: read there, and tag it directly */
     int enter = ctx != NULL && how != CTX_COPIED;
     if (enter && PyContext_Enter(ctx) < 0) {
@@ -669,6 +670,7 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     /* the parent: the tag where we read (context_tid: the hooks' cached answer when it
      * holds); the labels, once labels() (their only setter) has been used */
     uint32_t parent = context_tid();
+    uint32_t parent_up = parent != 0 && t->ctx_tag != NULL && t->ctx_tag->tid == parent ? t->ctx_tag->up : 0;
     PyObject *labels = NULL;
     if (G.labels_used && G.labels_var != NULL && PyContextVar_Get(G.labels_var, NULL, &labels) < 0) {
         PyErr_Clear();
@@ -735,7 +737,8 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     Py_DECREF(tag); /* the context holds it */
     task_info_t *r = &S.tasks[ti];
     r->parent = parent;
-    link_record(ti, parent);
+    link_record(ti, parent, parent_up);
+    tag->up = r->up ? S.tasks[r->up].tid : 0; /* (the context still holds the tag) */
     r->thread_ident = PyThread_get_thread_ident();
     r->flags = TF_REGISTERED | flags | (uncounted ? TF_UNCOUNTED : 0);
     if (pti && S.tasks[pti].thread_ident != r->thread_ident) r->flags |= TF_CROSS_PARENT;

@@ -10,6 +10,7 @@ then).  Both ways must keep the same tasks: the ones that allocated most."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import random
 import sys
@@ -176,6 +177,56 @@ def test_folded_tasks_stay_in_their_ancestors_subtrees(loop_kind):
         assert t.lineage == (m.id, t.parent_id, t.id), t.lineage
     for t in report.tasks:  # the parts add up wherever a task is kept
         assert t.subtree.allocated_bytes >= t.allocated_bytes and t.subtree.tasks >= 1
+
+
+CONTEXTS: list = []
+
+
+async def keeper() -> None:
+    """Allocates and frees (it folds) and leaves a copy of its context behind, as a
+    callback scheduled from it would hold."""
+    b = bytes(10_000)
+    del b
+    CONTEXTS.append(contextvars.copy_context())
+
+
+def test_a_task_made_in_a_folded_tasks_context_joins_its_grandparent(loop_kind):
+    """A task made in a copy of a finished task's context after that task was folded (a
+    callback it scheduled) has the folded task as parent, and joins the tree under the
+    folded task's own parent: main's subtree holds its bytes and its lineage starts at
+    main.  Truth: the same program with nothing folded."""
+
+    def run(max_finished):
+        ids = {}
+
+        async def main():
+            ids["main"] = asyncio.current_task()
+            for _ in range(300):  # a fold pass comes after 110 finished tasks
+                await asyncio.create_task(keeper())
+            await asyncio.sleep(0)  # (the last keeper's end is seen)
+            leaves = [ctx.run(asyncio.create_task, leaf()) for ctx in CONTEXTS]
+            await asyncio.gather(*leaves)
+
+        HELD.clear()
+        CONTEXTS.clear()
+        _, report = run_profiled(main, loop_kind, max_finished_tasks=max_finished)
+        HELD.clear()
+        CONTEXTS.clear()
+        return report, report.task(ids["main"])
+
+    kept_all, truth = run(10_000)
+    report, m = run(10)
+    assert kept_all.totals.folded_tasks == 0
+    assert report.totals.folded_tasks >= 250, report.totals.folded_tasks
+    kept = {t.id for t in report.tasks}
+    leaves = report.find(coro="leaf")
+    assert len(leaves) == 300
+    assert sum(t.parent_id not in kept for t in leaves) >= 250
+    for t in leaves:
+        assert t.lineage == (m.id, t.parent_id, t.id), t.lineage
+    assert m.subtree.tasks == truth.subtree.tasks == 601
+    header = sys.getsizeof(b"")
+    assert abs(m.subtree.live_bytes - 300 * (100_000 + header)) <= 64 * KiB, m.subtree
 
 
 async def named_child() -> None:
