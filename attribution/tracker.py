@@ -11,7 +11,7 @@ import datetime as _dt
 import random
 import threading
 from array import array
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from . import _core
 from . import threads as core_threads
@@ -28,6 +28,11 @@ DEFAULT_STACK_DEPTH = 32
 DEFAULT_MAX_FINISHED_TASKS = 10_000
 DEFAULT_HALF_LIFE = 1.0
 _RESERVOIR = 1000
+# Folded groups with labels, per coroutine: past this many, a task whose labels would
+# start another group folds into the coroutine's group with every label value "*" (a
+# request id as a label would otherwise keep one group per task, for good).
+MAX_LABEL_GROUPS = 1000
+OTHER_LABEL_VALUE = "*"
 _UINT32 = array("I").itemsize  # the core's task ids: native uint32
 
 _lock = threading.Lock()
@@ -44,6 +49,8 @@ class TrackerError(RuntimeError):
 MAX_INTERVAL = 1 << 50
 # The core keeps the half-life in whole nanoseconds (0 would mean never), in 64 bits.
 MIN_HALF_LIFE, MAX_HALF_LIFE = 1e-6, 1e9
+# Task ids are 31-bit: no more records than that can exist.
+MAX_FINISHED_TASKS = (1 << 31) - 1
 
 
 def _whole(value: Any) -> bool:
@@ -84,8 +91,10 @@ class Tracker:
             )
         if not _whole(stack_depth) or not 0 <= stack_depth <= 256:
             raise TrackerError(f"stack_depth must be an integer in 0..256, not {stack_depth!r}")
-        if not _whole(max_finished_tasks) or max_finished_tasks < 0:
-            raise TrackerError(f"max_finished_tasks must be an integer >= 0, not {max_finished_tasks!r}")
+        if not _whole(max_finished_tasks) or not 0 <= max_finished_tasks <= MAX_FINISHED_TASKS:
+            raise TrackerError(
+                f"max_finished_tasks must be an integer from 0 to {MAX_FINISHED_TASKS}, not {max_finished_tasks!r}"
+            )
         if (not isinstance(inferred_half_life, (int, float)) or isinstance(inferred_half_life, bool)
                 or not MIN_HALF_LIFE <= inferred_half_life <= MAX_HALF_LIFE):
             raise TrackerError(
@@ -106,6 +115,7 @@ class Tracker:
         self.loops: Callable[[], Iterable[Any]] = tuple  # the instrumented loops, for live task names
         self._folded: dict[str, FoldedGroup] = {}
         self._folded_tasks = 0
+        self._label_groups: dict[str | None, int] = {}  # coro -> folded groups with labels
         self._group_site_ids: dict[str, int] = {}  # group key -> the id its sites carry
         self._rng = random.Random(seed or None)
         self._start_ns = 0
@@ -206,7 +216,7 @@ class Tracker:
             key = group_key(coro, labels)
             fg = self._folded.get(key)
             if fg is None:
-                fg = self._folded[key] = FoldedGroup(coro=coro, labels=dict(labels))
+                fg, key = self._new_group(coro, labels)
             fg.add(per_task, allocs, self._rng, _RESERVOIR, total, largest)
             self._folded_tasks += len(per_task)
             # their allocation sites become the group's (the group's hotspots keep them,
@@ -221,6 +231,25 @@ class Tracker:
         if site_tids:
             _core.fold_sites(b"".join(site_tids), b"".join(site_gids))  # one pass over the sites for all groups
         return remaining
+
+    def _new_group(self, coro: str | None, labels: Mapping[str, str]) -> tuple[FoldedGroup, str]:
+        """The folded group for tasks of coro with labels that no group has yet: a new
+        one, or, past MAX_LABEL_GROUPS for that coroutine, the one whose label values are
+        all "*" (past twice that, for tasks whose very label names vary, {"*": "*"})."""
+        n = self._label_groups.get(coro, 0) if labels else 0
+        if n >= MAX_LABEL_GROUPS:
+            labels = dict.fromkeys(labels, OTHER_LABEL_VALUE)
+            if n >= 2 * MAX_LABEL_GROUPS and group_key(coro, labels) not in self._folded:
+                labels = {OTHER_LABEL_VALUE: OTHER_LABEL_VALUE}
+            key = group_key(coro, labels)
+            fg = self._folded.get(key)
+            if fg is not None:
+                return fg, key
+        key = group_key(coro, labels)
+        fg = self._folded[key] = FoldedGroup(coro=coro, labels=dict(labels))
+        if labels:
+            self._label_groups[coro] = n + 1
+        return fg, key
 
     # -- reading ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -100,7 +100,7 @@ def test_a_sample_interval_alone_means_sampled_mode():
     "options",
     [dict(sample_interval=0), dict(sample_interval=True), dict(sample_interval=1.5), dict(sample_interval=2**64),
      dict(stack_interval=-1), dict(stack_interval=False), dict(stack_interval=2**60), dict(stack_depth=True),
-     dict(stack_depth=300), dict(max_finished_tasks=True), dict(max_finished_tasks=-1), dict(mode="fast"),
+     dict(stack_depth=300), dict(max_finished_tasks=True), dict(max_finished_tasks=-1), dict(max_finished_tasks=2**63), dict(mode="fast"),
      dict(inferred_half_life=0), dict(inferred_half_life=-1.0), dict(inferred_half_life=float("nan")),
      dict(inferred_half_life=True), dict(inferred_half_life="x"), dict(inferred_half_life=None),
      dict(inferred_half_life=10**400), dict(inferred_half_life=1e-12), dict(seed=1.5), dict(threads="no"),

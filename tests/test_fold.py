@@ -335,3 +335,42 @@ def test_report_task_of_a_folded_task_is_not_an_older_task_at_its_address(loop_k
         except KeyError:
             continue
         assert t.name == obj.get_name() and t.coro.endswith("small"), (t.name, t.coro, obj)
+
+
+async def labelled(n: int) -> None:
+    b = bytes(n)
+    del b
+
+
+def test_labels_with_a_value_per_task_keep_the_groups_bounded(monkeypatch, loop_kind):
+    """A request id as a label makes a group per task.  Folding must still bound what is
+    kept: past MAX_LABEL_GROUPS groups with labels for a coroutine, the tasks that would
+    start another fold into its group whose label values are all "*".  Nothing is lost:
+    the coroutine's groups still count every task and every byte."""
+    import memscope_async as ms
+    from memscope_async.attribution import tracker
+
+    monkeypatch.setattr(tracker, "MAX_LABEL_GROUPS", 50)
+    n_tasks = 3_000
+
+    async def main():
+        for start in range(0, n_tasks, 100):
+            tasks = []
+            for i in range(start, start + 100):
+                with ms.labels(request_id=str(i), route="/r"):
+                    tasks.append(asyncio.create_task(labelled(1_000 + i)))
+            await asyncio.gather(*tasks)
+
+    _, report = run_profiled(main, loop_kind, max_finished_tasks=10)
+    groups = [g for g in report.groups if g.coro and g.coro.endswith("labelled")]
+    assert report.totals.folded_tasks >= n_tasks - 200, report.totals.folded_tasks
+    # 50 folded groups, the "*" one, and the kept tasks' own (at most ~10 + a batch)
+    assert len(groups) <= 50 + 1 + 200, len(groups)
+    (other,) = [g for g in groups if g.labels.get("request_id") == "*"]
+    assert dict(other.labels) == {"request_id": "*", "route": "*"}
+    assert other.tasks >= n_tasks - 50 - 200, other.tasks
+    assert sum(g.tasks for g in groups) == n_tasks
+    # each task allocated its buffer (1,000 + i bytes) and a little besides
+    truth = sum(1_000 + i for i in range(n_tasks))
+    total = sum(g.allocated_bytes.sum for g in groups)
+    assert truth <= total <= truth + n_tasks * 2 * KiB, (total, truth)
