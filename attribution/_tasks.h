@@ -1478,12 +1478,18 @@ static void tasks_watch(int on) {
  * crashes CPython 3.12.1) and runs in ctx (NULL: the running context).  *tid is its id, 0
  * if it could not be tagged.  Returns -1 with an exception set on failure. */
 static int record_existing_task(PyObject *task, PyObject *ctx, uint32_t serial, uint32_t *tid) {
+    PyThreadState *ts = tstate_unchecked();
+    /* Running now (a task built with eager_start=True, inside its first step): it cannot
+     * be entered again, so it is tagged in place, as the running context. */
+    PyObject *running = ctx != NULL && ts != NULL && ts->context == ctx ? ctx : NULL;
     int g = tls.guard;
     tls.guard = 1;
     PyObject *coro = PyObject_CallMethodNoArgs(task, G.s_get_coro);
     if (coro == NULL) PyErr_Clear();
-    int rc = register_task(ctx, CTX_ADOPTED, 0, serial, coro, tid, NULL);
+    int rc = register_task(running ? NULL : ctx, CTX_ADOPTED, 0, serial, coro, tid, NULL);
     Py_XDECREF(coro);
+    uint32_t ti;
+    if (rc == 0 && running && *tid && task_registered(*tid, &ti)) S.tasks[ti].ctx = (uintptr_t)running;
     if (rc == 0 && *tid) attach_task(*tid, task, 1); /* it exists already: its name is its own */
     tls.guard = g;
     return rc;

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import run_profiled
+from conftest import KiB, close_to, run_profiled
 
 
 async def leaf():
@@ -69,6 +69,38 @@ def test_direct_task_construction_is_adopted(loop_kind):
     assert rt.via_factory is False
     assert rt.parent_id == report.task(main_task).id
     assert rt.coro == "leaf"
+
+
+HOLD: list = []
+
+
+async def eager_direct() -> None:
+    await asyncio.sleep(0)
+    HOLD.append(bytearray(7 << 20))
+    await asyncio.sleep(0)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager_start is new in 3.12")
+def test_a_task_built_with_eager_start_is_adopted_from_its_own_step(loop_kind):
+    """asyncio.Task(coro, eager_start=True) runs its first step inside the constructor:
+    it is seen first there, from inside its own running context, which cannot be entered
+    again.  It was never recorded: its 7 MiB were charged to main."""
+
+    async def main():
+        t = asyncio.Task(eager_direct(), loop=asyncio.get_running_loop(), name="direct", eager_start=True)
+        await t
+        return asyncio.current_task(), t
+
+    HOLD.clear()
+    try:
+        (main_task, t), report = run_profiled(main, loop_kind)
+    finally:
+        HOLD.clear()
+    rt, m = report.task(t), report.task(main_task)
+    assert (rt.name, rt.coro, rt.via_factory, rt.parent_id) == ("direct", "eager_direct", False, m.id)
+    assert close_to(rt.live_bytes, 7 << 20), rt.live_bytes
+    assert m.live_bytes < 64 * KiB, m.live_bytes
+    assert close_to(m.subtree.live_bytes, 7 << 20), m.subtree
 
 
 def test_deep_nesting():
