@@ -1860,6 +1860,7 @@ static PyMethodDef core_methods[] = {
     {"tid_of", core_tid_of, METH_O, tid_of_doc},
     {"task_layout", core_task_layout, METH_NOARGS, task_layout_doc},
     {"tag_running_task", core_tag_running_task, METH_VARARGS, tag_running_task_doc},
+    {"task_destroyed", core_task_destroyed, METH_O, task_destroyed_doc},
     {"task_labels", core_task_labels, METH_O, task_labels_doc},
     {"set_task_labels", core_set_task_labels, METH_VARARGS, set_task_labels_doc},
     {NULL, NULL, 0, NULL},

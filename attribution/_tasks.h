@@ -1235,6 +1235,20 @@ static PyObject *core_task_done(PyObject *m, PyObject *task) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(task_destroyed_doc,
+"task_destroyed(task)\n--\n\nTask `task`, still pending, is being destroyed (its finalizer is reporting it\n"
+"to the loop's exception handler): its record ends now, pending, with its name.");
+
+/* Else its end is found only when another task is made at its address (note_object) or
+ * at the next report, when it is gone: with no name. */
+static PyObject *core_task_destroyed(PyObject *m, PyObject *task) {
+    int defer = G.defer_fold;
+    G.defer_fold = 1;
+    end_task(task, TS_PENDING);
+    G.defer_fold = defer;
+    Py_RETURN_NONE;
+}
+
 /* ---- names given after a task ended (3.12) ---------------------------------------------
  * 3.12's asyncio.create_task and TaskGroup.create_task name a task after the loop made it,
  * so a task whose eager first step finished it (eager_task_factory) ends before its name

@@ -127,6 +127,23 @@ def _set_default_executor(self, executor, _original):
     st.register(self)
 
 
+# What a Task's finalizer tells the loop when the task is destroyed still pending (C and
+# Python Task alike, 3.11-3.13).
+_DESTROYED_PENDING = "Task was destroyed but it is pending!"
+
+
+def _call_exception_handler(self, context, _original):
+    # A task destroyed while pending: its record ends here, while the task can still be
+    # read (its name), not once another object is found at its address.
+    try:
+        task = context.get("task") if type(context) is dict and context.get("message") == _DESTROYED_PENDING else None
+        if task is not None and not task.done():
+            _core.task_destroyed(task)
+    except Exception:  # never in the way of the handler
+        pass
+    return _original(self, context)
+
+
 def _close(self, _original):
     st = self._ms_state
     try:
@@ -142,6 +159,7 @@ _IN_PYTHON = {
     "get_task_factory": _get_task_factory,
     "close": _close,
     "set_default_executor": _set_default_executor,
+    "call_exception_handler": _call_exception_handler,
 }
 _IN_C = ("call_soon", "run_in_executor", "call_soon_threadsafe")
 _MARK = "__memscope_original__"

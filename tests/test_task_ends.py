@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import re
 import sys
 from collections import Counter
 
@@ -235,6 +236,30 @@ def test_records_of_destroyed_tasks_do_not_take_other_tasks_ends():
     assert all(t.state == "pending" and not (t.name or "").startswith(("other", "direct")) for t in hung), [
         (t.name, t.state) for t in hung if t.state != "pending"
     ][:5]
+
+
+def test_a_task_destroyed_while_pending_keeps_its_name(loop_kind):
+    """A task dropped while pending and collected is ended by its finalizer's report to the
+    loop's exception handler, while it can still be read: it keeps its name (it had none:
+    its end was found only later, with the object gone).  The program's own handler still
+    gets the report."""
+    seen = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: seen.append(ctx["message"]))
+        asyncio.create_task(hang(), name="stuck")  # noqa: RUF006 - dropped on purpose
+        asyncio.create_task(hang())  # noqa: RUF006 - and one with a default name
+        await asyncio.sleep(0)
+        gc.collect()
+        await asyncio.sleep(0)
+
+    _, report = run_profiled(main, loop_kind)
+    assert seen == ["Task was destroyed but it is pending!"] * 2
+    hung = sorted(report.find(coro="hang"), key=lambda t: t.id)
+    assert [t.state for t in hung] == ["pending", "pending"]
+    assert hung[0].name == "stuck"
+    assert re.fullmatch(r"Task-\d+", hung[1].name or ""), hung[1].name
+    assert report.find(name="stuck") == [hung[0]]
 
 
 def test_tasks_sharing_one_context_all_end(loop_kind):
