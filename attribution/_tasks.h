@@ -87,9 +87,6 @@ typedef struct {
     PyObject_HEAD
     PyObject *user_factory; /* NULL: none */
     int takes_context;      /* the user's factory accepts context= */
-    int context_same;       /* ... and makes the same task given a copy of the running */
-                            /* context as given none (asyncio.eager_task_factory): it gets */
-                            /* ours even when its caller gave none */
     uint32_t serial;        /* the loop's serial number */
     vectorcallfunc vectorcall;
 } FactoryObject;
@@ -1680,11 +1677,8 @@ static PyTypeObject CallSoonType = {
 };
 
 /* ---- the task factory ---------------------------------------------------------------- */
-/* How the caller gave the task's context: not at all, as a context, or as context=None. */
-enum { CTX_ARG_NO = 0, CTX_ARG_GIVEN = 1, CTX_ARG_NONE = 2 };
-
 static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyObject *ctx, PyObject *name,
-                           PyObject *kwargs, int explicit) {
+                           PyObject *kwargs) {
     int has_name = name != NULL && name != Py_None;
     PyObject *task = NULL;
     if (f->user_factory == NULL) {
@@ -1708,10 +1702,7 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
         Py_DECREF(d);
         return task;
     }
-    /* The user's factory gets context= only if its caller gave one (as without us: a
-     * factory may tell the two apart); else it runs inside the tagged context, and the
-     * task it makes copies that. */
-    if (f->takes_context && (explicit == CTX_ARG_GIVEN || f->context_same)) {
+    if (f->takes_context) {
         if (kwargs == NULL) {
             PyObject *args[4] = {NULL, loop, coro, ctx};
             task = PyObject_Vectorcall(f->user_factory, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, G.kw_context);
@@ -1721,25 +1712,12 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
             Py_XDECREF(a);
         }
     } else {
-        /* A legacy (loop, coro) factory, or no context= given: run it inside the tagged
-         * context, so the task it makes copies that context (what ctx.run(factory, loop,
-         * coro) does). */
-        PyObject *kw = Py_XNewRef(kwargs);
-        if (explicit == CTX_ARG_NONE && f->takes_context) { /* context=None, as its caller gave */
-            if (kw == NULL && (kw = PyDict_New()) == NULL) return NULL;
-            if (PyDict_SetItem(kw, G.s_context, Py_None) < 0) {
-                Py_DECREF(kw);
-                return NULL;
-            }
-        }
-        if (PyContext_Enter(ctx) < 0) {
-            Py_XDECREF(kw);
-            return NULL;
-        }
+        /* A legacy (loop, coro) factory: run it inside the tagged context, so the task
+         * it makes copies that context (what ctx.run(factory, loop, coro) does). */
+        if (PyContext_Enter(ctx) < 0) return NULL;
         PyObject *a = PyTuple_Pack(2, loop, coro);
-        if (a != NULL) task = PyObject_Call(f->user_factory, a, kw);
+        if (a != NULL) task = PyObject_Call(f->user_factory, a, kwargs);
         Py_XDECREF(a);
-        Py_XDECREF(kw);
         if (PyContext_Exit(ctx) < 0) Py_CLEAR(task);
     }
     /* CPython 3.13.0-3.13.2's create_task calls task.set_name(name) after the user's
@@ -1766,7 +1744,6 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
                                 PyObject *kwargs) {
     maybe_fold();
     late_names_flush(1);
-    int arg = ctx == NULL ? CTX_ARG_NO : ctx == Py_None ? CTX_ARG_NONE : CTX_ARG_GIVEN;
     if (ctx == Py_None) ctx = NULL;
     Py_XINCREF(ctx);
     if (kwargs != NULL && PyDict_GET_SIZE(kwargs) == 0) kwargs = NULL;
@@ -1776,7 +1753,7 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
         if (ctx == NULL) return NULL;
     } else if (!PyContext_CheckExact(ctx)) {
         /* not ours to judge: let the Task constructor raise what it raises */
-        PyObject *task = make_task(f, loop, coro, ctx, name, kwargs, CTX_ARG_GIVEN);
+        PyObject *task = make_task(f, loop, coro, ctx, name, kwargs);
         Py_DECREF(ctx);
         return task;
     }
@@ -1799,7 +1776,7 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
         t->pending_vars = vars;
         t->pending_obj = NULL;
     }
-    PyObject *task = make_task(f, loop, coro, ctx, name, kwargs, arg);
+    PyObject *task = make_task(f, loop, coro, ctx, name, kwargs);
     PyObject *stepped = tid ? t->pending_obj : NULL; /* owned: the Task whose first step check_step saw */
     t->pending_ctx = saved_ctx;
     t->pending_tid = saved_tid;
@@ -1928,22 +1905,11 @@ static int Factory_set_takes(FactoryObject *self, PyObject *v, void *c) {
     return 0;
 }
 
-static PyObject *Factory_get_same(FactoryObject *self, void *c) { return PyBool_FromLong(self->context_same); }
-
-static int Factory_set_same(FactoryObject *self, PyObject *v, void *c) {
-    int b = v == NULL ? 0 : PyObject_IsTrue(v);
-    if (b < 0) return -1;
-    self->context_same = b;
-    return 0;
-}
-
 static PyObject *Factory_get_serial(FactoryObject *self, void *c) { return PyLong_FromUnsignedLong(self->serial); }
 
 static PyGetSetDef Factory_getset[] = {
     {"user_factory", (getter)Factory_get_uf, (setter)Factory_set_uf, "the user's task factory, or None", NULL},
     {"takes_context", (getter)Factory_get_takes, (setter)Factory_set_takes, "it accepts context=", NULL},
-    {"context_same", (getter)Factory_get_same, (setter)Factory_set_same,
-     "it makes the same task given a copy of the running context as given none", NULL},
     {"serial", (getter)Factory_get_serial, NULL, "the loop's serial number", NULL},
     {NULL},
 };

@@ -88,10 +88,6 @@ class LoopState:
 
     def set_user_factory(self, factory: Any) -> None:
         self.factory.takes_context = factory is None or _accepts_context(factory)
-        # A factory is called with context= only where its caller gave one, as without
-        # us, except where that cannot be told: asyncio's eager_task_factory passes it on
-        # to Task (which copies the running context when given none).
-        self.factory.context_same = factory is not None and factory is getattr(asyncio, "eager_task_factory", None)
         self.factory.user_factory = factory
 
 
