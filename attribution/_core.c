@@ -198,6 +198,8 @@ typedef struct {
     TagObject *pending_tag;  /* factory holds the context and the mapping while these are */
     PyObject *pending_vars;  /* set; the Tag is the context's while that mapping is) */
     PyObject *pending_obj;   /* owned: the Task whose first step check_step saw in pending_ctx */
+    int pending_copied;      /* that task's context will be a copy of pending_ctx (a legacy */
+                             /* (loop, coro) factory runs inside it) */
     PyObject *empty_ctx;     /* owned: an empty context for our done callbacks */
     PyObject *ctx_seen;      /* borrowed, compared only: the context context_tid last read */
     TagObject *ctx_tag;      /* borrowed: the Tag read there (NULL: none); valid while that */

@@ -1605,11 +1605,16 @@ static void check_step(PyObject *loop, PyObject *cb, PyObject *ctx) {
         if (t->pending_obj == NULL) t->pending_obj = Py_NewRef(task);
     } else if (u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) {
         /* one we know */
-    } else if (t->pending_tid && ctx_tag(ctx) == t->pending_tid) {
+    } else if (t->pending_tid && t->pending_copied && ctx_tag(ctx) == t->pending_tid) {
         /* The same, in a copy of the context we made (a legacy (loop, coro) factory runs
-         * inside ours). */
+         * inside ours): the record keeps the context the task has, which ours (freed
+         * when the factory returns) is not.  Only then: a task built directly inside an
+         * eager first step also runs in a copy of ours, and is another task. */
         uint32_t ti;
-        if (task_registered(t->pending_tid, &ti)) note_object(t->pending_tid, ti, task, 1);
+        if (task_registered(t->pending_tid, &ti)) {
+            S.tasks[ti].ctx = (uintptr_t)ctx;
+            note_object(t->pending_tid, ti, task, 1);
+        }
     } else {
         loop_entry_t *e = loop_entry(loop); /* only tasks of instrumented loops */
         if (e != NULL) adopt_task(e->factory->serial, task, ctx);
@@ -1766,6 +1771,7 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
     tls_t *t = &tls;
     PyObject *saved_ctx = t->pending_ctx, *saved_vars = t->pending_vars, *saved_obj = t->pending_obj;
     uint32_t saved_tid = t->pending_tid;
+    int saved_copied = t->pending_copied;
     TagObject *saved_tag = t->pending_tag;
     PyObject *vars = NULL;
     if (tid) {
@@ -1775,6 +1781,7 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
         t->pending_tag = tag;
         t->pending_vars = vars;
         t->pending_obj = NULL;
+        t->pending_copied = f->user_factory != NULL && !f->takes_context;
     }
     PyObject *task = make_task(f, loop, coro, ctx, name, kwargs);
     PyObject *stepped = tid ? t->pending_obj : NULL; /* owned: the Task whose first step check_step saw */
@@ -1782,6 +1789,7 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
     t->pending_tid = saved_tid;
     t->pending_tag = saved_tag;
     t->pending_vars = saved_vars;
+    t->pending_copied = saved_copied;
     if (tid) t->pending_obj = saved_obj;
     Py_XDECREF(vars);
     if (tid) {

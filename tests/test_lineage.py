@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import sys
 
 import pytest
@@ -205,3 +206,74 @@ def test_labels_reach_the_tasks_created_under_them(loop_kind):
     assert dict(report.task(w).labels) == {"route": "/items"}
     assert dict(report.task(nested).labels) == {"route": "/items", "tenant": "acme"}
     assert dict(report.task(after).labels) == {}
+
+
+async def grandchild_in(ctx_out: list) -> None:
+    await asyncio.sleep(0)
+
+
+async def child_sharing_a_copy(out: list) -> None:
+    await asyncio.sleep(0)
+    ctx = contextvars.copy_context()  # may take the address of a context freed just now
+    g = asyncio.get_running_loop().create_task(grandchild_in(out), context=ctx)
+    out.append(g)
+    await g
+
+
+def test_a_legacy_factorys_task_keeps_the_context_it_has(loop_kind):
+    """A (loop, coro) factory runs inside the tagged context we made, and the Task it
+    builds copies it: the record must keep the copy, not ours (freed when the factory
+    returns).  Kept ours, a copy made later at its address looked like the same task's
+    context handed on, and the grandchild got main as its parent."""
+    if loop_kind == "uvloop":
+        pytest.skip("uvloop always passes context= to a task factory")
+
+    async def main():
+        asyncio.get_running_loop().set_task_factory(lambda loop, coro: asyncio.Task(coro, loop=loop))
+        out: list = []
+        c = asyncio.create_task(child_sharing_a_copy(out))
+        await c
+        return asyncio.current_task(), c, out[0]
+
+    (m, c, g), report = run_profiled(main, loop_kind)
+    rm, rc, rg = report.task(m), report.task(c), report.task(g)
+    assert (rc.parent_id, rg.parent_id, rg.lineage) == (rm.id, rc.id, (rm.id, rc.id, rg.id))
+
+
+async def direct_grandchild() -> None:
+    await asyncio.sleep(0)
+    HOLD.append(bytearray(3 << 20))
+    await asyncio.sleep(0)
+
+
+async def child_building_a_task(out: list) -> None:
+    g = asyncio.Task(direct_grandchild())  # in the child's eager first step
+    out.append(g)
+    await g
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager_task_factory is new in 3.12")
+def test_a_task_built_directly_in_an_eager_first_step_is_its_own(loop_kind):
+    """Under eager_task_factory, the child's first step runs inside our factory, and a
+    Task it builds directly runs in a copy of the child's context: it is another task, not
+    the child seen in a copy of its context (it was: never recorded, its 3 MiB the
+    child's)."""
+    if loop_kind == "uvloop" and sys.version_info >= (3, 13):
+        pytest.skip("uvloop on 3.13 passes eager_start= that asyncio.eager_task_factory rejects")
+
+    async def main():
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+        out: list = []
+        c = asyncio.create_task(child_building_a_task(out))
+        await c
+        return c, out[0]
+
+    HOLD.clear()
+    try:
+        (c, g), report = run_profiled(main, loop_kind)
+    finally:
+        HOLD.clear()
+    rc, rg = report.task(c), report.task(g)
+    assert (rg.coro, rg.parent_id, rg.via_factory) == ("direct_grandchild", rc.id, False)
+    assert close_to(rg.live_bytes, 3 << 20), rg.live_bytes
+    assert rc.live_bytes < 64 * KiB, rc.live_bytes
