@@ -1864,6 +1864,7 @@ static PyMethodDef core_methods[] = {
     {"tag_running_task", core_tag_running_task, METH_VARARGS, tag_running_task_doc},
     {"task_destroyed", core_task_destroyed, METH_O, task_destroyed_doc},
     {"task_labels", core_task_labels, METH_O, task_labels_doc},
+    {"own_labels", core_own_labels, METH_O, own_labels_doc},
     {"set_task_labels", core_set_task_labels, METH_VARARGS, set_task_labels_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -2415,6 +2415,64 @@ PyDoc_STRVAR(unrecorded_doc,
 "unrecorded(fn, *args) -> fn(*args)\n--\n\nCall fn with this thread's allocations left out of the books (our own\n"
 "bookkeeping objects that records keep alive, e.g. a task's labels mapping).");
 
+/* ---- labels the records keep ------------------------------------------------------------
+ * A record keeps its task's labels, a mapping made under the guard (our bookkeeping, not
+ * the task's memory).  Made under the guard is not enough: a dict and its keys table come
+ * from CPython's free lists when there is one to take, and those were freed there by a
+ * task, whose block it still is in our tables.  Kept by a record, it stayed that task's
+ * "live" bytes for good (~180 bytes a labelled task: each one a leak suspect, and none
+ * could fold).  So the blocks of the mapping we keep are credited to their owner as freed
+ * now, and its strs are our own copies (a label value the task made stays the task's). */
+static void disown_block(void *p) {
+    if (p == NULL || !S.active) return;
+    int g = tls.guard;
+    tls.guard = 1;
+    record_free(p, S.mode);
+    tls.guard = g;
+}
+
+/* s, or (not an interned str) a copy made under the guard; new reference. */
+static PyObject *own_str(PyObject *s) {
+    if (!PyUnicode_Check(s) || (PyUnicode_CheckExact(s) && PyUnicode_CHECK_INTERNED(s))) return Py_NewRef(s);
+    int g = tls.guard;
+    tls.guard = 1;
+    PyObject *copy = PyUnicode_FromKindAndData(PyUnicode_KIND(s), PyUnicode_DATA(s), PyUnicode_GET_LENGTH(s));
+    tls.guard = g;
+    return copy;
+}
+
+PyDoc_STRVAR(own_labels_doc,
+"own_labels(labels: dict) -> mappingproxy\n--\n\nA read-only copy of labels that is the profiler's own: no block of it is\n"
+"counted as any task's (see disown_block).");
+
+static PyObject *core_own_labels(PyObject *m, PyObject *src) {
+    if (!PyDict_Check(src)) {
+        PyErr_SetString(PyExc_TypeError, "own_labels() takes a dict");
+        return NULL;
+    }
+    int g = tls.guard;
+    tls.guard = 1;
+    PyObject *d = PyDict_New(), *out = NULL, *k, *v;
+    Py_ssize_t pos = 0;
+    while (d != NULL && PyDict_Next(src, &pos, &k, &v)) {
+        PyObject *ck = own_str(k), *cv = ck != NULL ? own_str(v) : NULL;
+        int rc = cv != NULL ? PyDict_SetItem(d, ck, cv) : -1;
+        Py_XDECREF(ck);
+        Py_XDECREF(cv);
+        if (rc < 0) Py_CLEAR(d);
+    }
+    if (d != NULL) {
+        /* a dict's block starts at its GC header (two words, before the object; no other
+         * pre-header for dicts on 3.11-3.13); its keys table is a block of its own */
+        disown_block((char *)d - 2 * sizeof(void *));
+        disown_block(((PyDictObject *)d)->ma_keys);
+        out = PyDictProxy_New(d);
+        Py_DECREF(d);
+    }
+    tls.guard = g;
+    return out;
+}
+
 static PyObject *core_unrecorded(PyObject *m, PyObject *const *args, Py_ssize_t n) {
     if (n < 1) {
         PyErr_SetString(PyExc_TypeError, "unrecorded(fn, *args)");

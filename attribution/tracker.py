@@ -29,9 +29,12 @@ DEFAULT_MAX_FINISHED_TASKS = 10_000
 DEFAULT_HALF_LIFE = 1.0
 _RESERVOIR = 1000
 # Folded groups with labels, per coroutine: past this many, a task whose labels would
-# start another group folds into the coroutine's group with every label value "*" (a
-# request id as a label would otherwise keep one group per task, for good).
+# start another group folds into one where the labels with many values (more than
+# MANY_LABEL_VALUES among the coroutine's groups: a request id) have the value "*", or
+# if none has, every label (a request id as a label would otherwise keep one group per
+# task, for good).
 MAX_LABEL_GROUPS = 1000
+MANY_LABEL_VALUES = 100
 OTHER_LABEL_VALUE = "*"
 _UINT32 = array("I").itemsize  # the core's task ids: native uint32
 
@@ -116,6 +119,7 @@ class Tracker:
         self._folded: dict[str, FoldedGroup] = {}
         self._folded_tasks = 0
         self._label_groups: dict[str | None, int] = {}  # coro -> folded groups with labels
+        self._label_values: dict[str | None, dict[str, set[str]]] = {}  # coro -> label -> values in them
         self._group_site_ids: dict[str, int] = {}  # group key -> the id its sites carry
         self._rng = random.Random(seed or None)
         self._start_ns = 0
@@ -234,17 +238,23 @@ class Tracker:
 
     def _new_group(self, coro: str | None, labels: Mapping[str, str]) -> tuple[FoldedGroup, str]:
         """The folded group for tasks of coro with labels that no group has yet: a new
-        one, or, past MAX_LABEL_GROUPS for that coroutine, the one whose label values are
-        all "*" (past twice that, for tasks whose very label names vary, {"*": "*"})."""
+        one, or, past MAX_LABEL_GROUPS for that coroutine, the one where the labels with
+        many values have the value "*" (past twice that, for tasks whose very label names
+        vary, {"*": "*"})."""
         n = self._label_groups.get(coro, 0) if labels else 0
+        seen = self._label_values.setdefault(coro, {}) if labels else {}
         if n >= MAX_LABEL_GROUPS:
-            labels = dict.fromkeys(labels, OTHER_LABEL_VALUE)
+            many = {k for k in labels if len(seen.get(k, ())) > MANY_LABEL_VALUES}
+            labels = {k: OTHER_LABEL_VALUE if not many or k in many else v for k, v in labels.items()}
             if n >= 2 * MAX_LABEL_GROUPS and group_key(coro, labels) not in self._folded:
                 labels = {OTHER_LABEL_VALUE: OTHER_LABEL_VALUE}
             key = group_key(coro, labels)
             fg = self._folded.get(key)
             if fg is not None:
                 return fg, key
+        else:
+            for k, v in labels.items():
+                seen.setdefault(k, set()).add(v)
         key = group_key(coro, labels)
         fg = self._folded[key] = FoldedGroup(coro=coro, labels=dict(labels))
         if labels:

@@ -57,7 +57,7 @@ def current_labels() -> Mapping[str, str]:
 def _freeze(base: Mapping[str, str], kv: Mapping[str, object]) -> Mapping[str, str]:
     merged = dict(base)
     merged.update((str(k), str(v)) for k, v in kv.items())
-    return MappingProxyType(merged)
+    return _core.own_labels(merged)  # read-only, and no task's memory (see own_labels)
 
 
 @contextlib.contextmanager

@@ -28,10 +28,10 @@ __all__ = ["Profiler", "ProfilerError", "current_profiler"]
 _last: "Profiler | None" = None
 
 
-def _merged_labels(current: Any, labels: Any) -> dict:
+def _merged_labels(current: Any, labels: Any) -> Any:
     merged = dict(current) if current else {}
     merged.update(labels)
-    return merged
+    return _core.own_labels(merged)
 
 
 def _update_labels(tag: Any, labels: Any) -> None:
