@@ -11,6 +11,7 @@ started (``run.started_at`` is the wall-clock start, ISO 8601, UTC).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -406,21 +407,21 @@ class Report:
         """Rebuild a report from its plain-data form.  Raises :class:`ReportError`."""
         try:
             version = doc["schema_version"]
-            if version != SCHEMA_VERSION:
+            if type(version) is not int or version != SCHEMA_VERSION:
                 raise ReportError(f"unsupported report schema_version {version!r} (expected {SCHEMA_VERSION})")
             return cls(
                 schema_version=version,
                 tool=dict(doc.get("tool", {})),
-                run=RunInfo(**doc["run"]),
-                totals=Totals(**doc["totals"]),
-                tasks=tuple(_task_from(t) for t in doc["tasks"]),
-                groups=tuple(_group_from(g) for g in doc.get("groups", ())),
-                leak_suspects=tuple(_leak_from(s) for s in doc.get("leak_suspects", ())),
-                threads=tuple(ThreadReport(**t) for t in doc.get("threads", ())),
-                unattributed=Unattributed(
+                run=_build(RunInfo, doc["run"]),
+                totals=_build(Totals, doc["totals"]),
+                tasks=tuple(_task_from(t) for t in _list(doc["tasks"], "tasks")),
+                groups=tuple(_group_from(g) for g in _list(doc.get("groups", ()), "groups")),
+                leak_suspects=tuple(_leak_from(s) for s in _list(doc.get("leak_suspects", ()), "leak_suspects")),
+                threads=tuple(_build(ThreadReport, t) for t in _list(doc.get("threads", ()), "threads")),
+                unattributed=_build(Unattributed, {
                     **{k: v for k, v in doc["unattributed"].items() if k != "by_thread"},
-                    by_thread=tuple(UnattributedThread(**u) for u in doc["unattributed"].get("by_thread", ())),
-                ),
+                    "by_thread": tuple(_build(UnattributedThread, u) for u in doc["unattributed"].get("by_thread", ())),
+                }),
             )
         except ReportError:
             raise
@@ -450,37 +451,88 @@ def _task_dict(t: TaskReport) -> dict[str, Any]:
     return d
 
 
+def _list(v: Any, what: str) -> Any:
+    if not isinstance(v, (list, tuple)):
+        raise ReportError(f"not a memscope-async report: {what} is {type(v).__name__}, not a list")
+    return v
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
+
+
+@functools.cache
+def _scalar_fields(cls: type) -> dict[str, tuple[type, ...]]:
+    """cls's fields whose annotation is a scalar (or a union of them): the types a value
+    read back may have.  (Annotations are strings here: from __future__ import annotations.)"""
+    out = {}
+    for f in dataclasses.fields(cls):
+        parts = [p.strip() for p in str(f.type).split("|")]
+        if all(p in _SCALARS for p in parts):
+            out[f.name] = tuple(t for p in parts for t in _SCALARS[p])
+    return out
+
+
+def _build(cls: type, d: Mapping[str, Any]) -> Any:
+    """cls(**d), once every scalar field present has a value of its type (a bool is not a
+    number): a report read back from JSON that passes is one its readers can use."""
+    if not isinstance(d, Mapping):
+        raise ReportError(f"not a memscope-async report: a {cls.__name__} is {type(d).__name__}, not an object")
+    for name, types in _scalar_fields(cls).items():
+        if name not in d:
+            continue  # (the class says what is required)
+        v = d[name]
+        if not isinstance(v, types) or (type(v) is bool and bool not in types):
+            names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+            wanted = " or ".join(names[t] for t in types if not (t is int and float in types))
+            raise ReportError(f"not a memscope-async report: {cls.__name__}.{name} is {v!r}, not {wanted}")
+    return cls(**d)
+
+
+def _labels(v: Any) -> dict[str, str]:
+    labels = dict(v or {})
+    if not all(type(k) is str and type(x) is str for k, x in labels.items()):
+        raise ReportError("not a memscope-async report: labels map names to strings")
+    return labels
+
+
+def _ints(v: Any, what: str) -> tuple[int, ...]:
+    out = tuple(v)
+    if not all(type(i) is int for i in out):
+        raise ReportError(f"not a memscope-async report: {what} holds task ids (integers)")
+    return out
+
+
 def _frames(stack: Iterable[Mapping[str, Any]]) -> tuple[Frame, ...]:
-    return tuple(Frame(**f) for f in stack)
+    return tuple(_build(Frame, f) for f in stack)
 
 
 def _hotspots(items: Iterable[Mapping[str, Any]]) -> tuple[Hotspot, ...]:
-    return tuple(Hotspot(**{**h, "stack": _frames(h.get("stack", ()))}) for h in items)
+    return tuple(_build(Hotspot, {**h, "stack": _frames(h.get("stack", ()))}) for h in items)
 
 
 def _task_from(d: Mapping[str, Any]) -> TaskReport:
     d = dict(d)
-    d["lineage"] = tuple(d["lineage"])
-    d["labels"] = dict(d.get("labels") or {})
-    d["subtree"] = SubtreeCounters(**d["subtree"])
-    d["attribution"] = tuple(AttributionShare(**a) for a in d.get("attribution", ()))
-    d["migrations"] = tuple(Migration(**m) for m in d.get("migrations", ()))
+    d["lineage"] = _ints(d["lineage"], "lineage")
+    d["labels"] = _labels(d.get("labels"))
+    d["subtree"] = _build(SubtreeCounters, d["subtree"])
+    d["attribution"] = tuple(_build(AttributionShare, a) for a in d.get("attribution", ()))
+    d["migrations"] = tuple(_build(Migration, m) for m in d.get("migrations", ()))
     d["hotspots"] = _hotspots(d.get("hotspots", ()))
     d["live_hotspots"] = _hotspots(d.get("live_hotspots", ()))
-    return TaskReport(**d)
+    return _build(TaskReport, d)
 
 
 def _group_from(d: Mapping[str, Any]) -> Group:
     d = dict(d)
-    d["allocated_bytes"] = Distribution(**d["allocated_bytes"])
-    d["labels"] = dict(d.get("labels") or {})
+    d["allocated_bytes"] = _build(Distribution, d["allocated_bytes"])
+    d["labels"] = _labels(d.get("labels"))
     d["hotspots"] = _hotspots(d.get("hotspots", ()))
     d["live_hotspots"] = _hotspots(d.get("live_hotspots", ()))
-    return Group(**d)
+    return _build(Group, d)
 
 
 def _leak_from(d: Mapping[str, Any]) -> LeakSuspect:
     d = dict(d)
-    d["labels"] = dict(d.get("labels") or {})
+    d["labels"] = _labels(d.get("labels"))
     d["hotspots"] = _hotspots(d.get("hotspots", ()))
-    return LeakSuspect(**d)
+    return _build(LeakSuspect, d)

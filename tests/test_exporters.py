@@ -20,6 +20,7 @@ from memscope_async.attribution.report import (
     LeakSuspect,
     Migration,
     Report,
+    ReportError,
     RunInfo,
     SubtreeCounters,
     TaskReport,
@@ -604,3 +605,30 @@ def test_reports_are_frozen_all_the_way_down():
     assert hash(task) == hash(copy.deepcopy(task)) and pickle.loads(pickle.dumps(report)) == report
     assert Report.from_dict(orjson.loads(report.to_json())) == report
     assert orjson.loads(report.to_json())["tool"] == dict(report.tool)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [(("schema_version",), True, "schema_version"),
+     (("run", "duration_s"), "1.5", "RunInfo.duration_s is '1.5', not a number"),
+     (("totals", "tasks"), None, "Totals.tasks is None, not an integer"),
+     (("tasks", 0, "id"), "abc", "TaskReport.id is 'abc', not an integer"),
+     (("tasks", 0, "live_bytes"), True, "TaskReport.live_bytes is True, not an integer"),
+     (("tasks", 0, "name"), 5, "TaskReport.name is 5, not a string or null"),
+     (("tasks", 0, "lineage"), ["x"], "lineage holds task ids"),
+     (("tasks", 0, "labels"), {"route": 1}, "labels map names to strings"),
+     (("tasks", 0, "subtree"), None, "a SubtreeCounters is NoneType"),
+     (("tasks",), "abc", "tasks is str, not a list")],
+)
+def test_a_report_read_back_with_a_wrong_typed_field_is_refused(path, value, expected):
+    """A JSON report whose fields have the wrong types is refused when read, with one line
+    that names the field; before, Report.load took it and its readers (the CLI's report
+    command) failed later with a traceback."""
+    doc = orjson.loads(make_report().to_json_bytes())
+    target = doc
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    with pytest.raises(ReportError) as info:
+        Report.from_dict(doc)
+    assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
