@@ -77,9 +77,27 @@ def _live_tasks(loops: Iterable[Any]) -> dict[int, Any]:
     return out
 
 
-def read_records(loops: Iterable[Any]) -> dict[int, TaskRecord]:
+def live_task_names(loops: Iterable[Any]) -> dict[int, tuple[int, str | None, str]]:
+    """id(task) -> (record id, name, state) for every task not finished on ``loops`` that
+    has a record: what a report made after they stop being watched says of them."""
+    out: dict[int, tuple[int, str | None, str]] = {}
+    for key, task in _live_tasks(loops).items():
+        tid = _core.tid_of(task)
+        if tid:
+            try:
+                name = task.get_name()
+            except Exception:
+                name = None
+            out[key] = (tid, name, task_state(task))
+    return out
+
+
+def read_records(loops: Iterable[Any], at_stop: Mapping[int, tuple[int, str | None, str]] | None = None
+                 ) -> dict[int, TaskRecord]:
     """Every task record the core holds, by id.  Tasks still running on ``loops`` get
-    their current name and state; the others keep what was read when they finished."""
+    their current name and state; those that were running when the profiler stopped
+    (``at_stop``, from :func:`live_task_names`) what they had then; the others keep what
+    was read when they finished."""
     live = _live_tasks(loops)
     records: dict[int, TaskRecord] = {}
     for (tid, parent, coro, name, labels, ident, serial, slot, created, finished, state, via, cross, obj,
@@ -92,6 +110,8 @@ def read_records(loops: Iterable[Any]) -> dict[int, TaskRecord]:
                 except Exception:
                     pass
                 state = task_state(task)
+            elif at_stop and obj in at_stop and at_stop[obj][0] == tid:
+                _, name, state = at_stop[obj]
         records[tid] = TaskRecord(
             id=tid,
             parent_id=parent,

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Mapping
 from . import _core
 from . import threads as core_threads
 from .aggregate import FoldedGroup, RawData, build_report, group_key
-from .registry import read_records
+from .registry import live_task_names, read_records
 from .report import Report
 
 __all__ = ["Tracker", "TrackerError", "MODES", "DEFAULT_SAMPLE_INTERVAL", "DEFAULT_STACK_INTERVAL"]
@@ -120,6 +120,7 @@ class Tracker:
         self._folded_tasks = 0
         self._label_groups: dict[str | None, int] = {}  # coro -> folded groups with labels
         self._label_values: dict[str | None, dict[str, set[str]]] = {}  # coro -> label -> values in them
+        self._at_stop: dict[int, tuple[int, str | None, str]] = {}  # live tasks' names when stopped
         self._group_site_ids: dict[str, int] = {}  # group key -> the id its sites carry
         self._rng = random.Random(seed or None)
         self._start_ns = 0
@@ -140,6 +141,7 @@ class Tracker:
         with _lock:
             if _running is not None:
                 raise TrackerError("a memscope-async profiler is already running in this process; stop it first")
+            self._at_stop = {}
             if self.stack_depth == 0:
                 stack_interval = 0.0
             elif self.mode == "sampled":
@@ -166,6 +168,13 @@ class Tracker:
         self._has_data = True
         core_threads.reset()
         _core.set_fold_hook(self._fold_hook, self._fold_threshold(0))
+
+    def note_live_tasks(self) -> None:
+        """Keep the names and states of the tasks still running on the instrumented loops,
+        for reports made once they are no longer watched (call it before they are
+        uninstrumented)."""
+        if self._active:
+            self._at_stop = live_task_names(self.loops())
 
     def stop(self) -> None:
         """Remove the hooks (idempotent).  Data stays readable until :meth:`close`."""
@@ -283,7 +292,7 @@ class Tracker:
             )
         self._fold(self.max_finished_tasks)
         sites, stacks, frames = _core.stack_samples()
-        records = read_records(self.loops())
+        records = read_records(self.loops(), self._at_stop)
         # id(task) -> record id, for Report.task(task): the newest record made at an
         # address wins (a task object still alive cannot share it with a later task).
         live_objects = {rec.obj_id: rec.id for rec in sorted(records.values(), key=lambda r: r.id) if rec.obj_id}

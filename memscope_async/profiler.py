@@ -149,6 +149,10 @@ class Profiler:
             return self
         if gc.isenabled():
             gc.collect()  # a finalizer's exception is reported as unraisable, never raised here
+        try:
+            self._tracker.note_live_tasks()  # their names, while the loops still say which are ours
+        except Exception:
+            pass
         for loop in list(self._tagger.loops):
             try:
                 uninstrument_loop(loop)

@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import run_profiled
+from conftest import base_loop, run_profiled
 from memscope_async.attribution import _core
 
 needs_eager = pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
@@ -383,3 +383,30 @@ def test_a_task_made_with_the_context_of_one_being_made_takes_its_own_bytes():
     (c,) = report.find(name="child")
     assert c.live_bytes < 64 * 1024, c
     keep.clear()
+
+
+def test_tasks_running_when_the_profiler_stops_keep_their_names(loop_kind):
+    """A report made after stop() names the tasks that were still running then (the CLI
+    and @profile report after stopping): their names were looked up only on loops still
+    instrumented, so they came out null."""
+    import memscope_async as ms
+
+    seen = {}
+
+    async def body(prof):
+        sleeper = asyncio.create_task(asyncio.sleep(10), name="sleeper")
+        await asyncio.sleep(0)
+        prof.stop()
+        report = prof.snapshot()
+        sleeper.cancel()
+        seen["names"] = {t.coro: (t.name, t.state) for t in report.tasks}
+        seen["me"] = report.task(asyncio.current_task())
+
+    prof = ms.Profiler().start()
+    try:
+        with asyncio.Runner(loop_factory=prof.loop_factory(base_loop(loop_kind))) as runner:
+            runner.run(body(prof))
+    finally:
+        prof.close()
+    assert seen["names"]["sleep"] == ("sleeper", "pending")
+    assert seen["me"].state == "pending" and re.fullmatch(r"Task-\d+", seen["me"].name or ""), seen["me"]
