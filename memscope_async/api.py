@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
+from .loop_hooks.instrument import is_instrumented
 from .loop_hooks.policy import InstrumentedPolicy, policies_available
 from .profiler import Profiler, ProfilerError
 
@@ -180,34 +181,69 @@ def instrument(loop: asyncio.AbstractEventLoop | None = None, **options: Any) ->
 
 
 def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path | None = None, **options: Any):
-    """Decorator for coroutine functions: each call runs profiled.
+    """Decorator for coroutine functions: their calls run profiled.
 
-    If a profiler is running, the call just runs (its task is already attributed).
-    Otherwise a profiler is started on the running loop for the duration of the call,
-    and its report is written to ``report`` (if given) when the call ends.  The last
-    report is kept as ``wrapper.last_report``."""
+    A call made while no profiler runs starts one (with ``options``) on the running loop;
+    calls of the same function made while it runs (concurrently, on that loop or another)
+    join it, and when the last of them ends it stops, its report is kept as
+    ``wrapper.last_report`` and written to ``report`` (if given).  A call made while
+    another profiler runs just runs, attributed by that one (with a RuntimeWarning, once,
+    if this decorator was given a report or options it cannot honour).  Bad options are
+    refused when decorating."""
+    Profiler(**options)  # checks them now (ProfilerError, or TypeError for an unknown one)
 
     def decorate(func: Callable[..., Awaitable[T]]):
         if not asyncio.iscoroutinefunction(func):
             raise TypeError(f"@memscope_async.profile needs a coroutine function, got {func!r}")
+        lock = threading.Lock()
+        session: dict[str, Any] = {"prof": None, "calls": 0, "warned": False}
+
+        def enter() -> Profiler | None:
+            """The profiler this call runs under, if it is ours (counted in); None if another one runs."""
+            from .profiler import current_profiler
+
+            with lock:
+                prof = session["prof"]
+                if prof is None:
+                    running = current_profiler()
+                    if running is not None and running.active:
+                        if (report is not None or options) and not session["warned"]:
+                            session["warned"] = True
+                            warnings.warn(
+                                f"memscope-async: {func.__qualname__} runs under a profiler started elsewhere: "
+                                "its own report and options are not used", RuntimeWarning, stacklevel=4)
+                        return None
+                    prof = session["prof"] = Profiler(**options).start()
+                session["calls"] += 1
+            try:
+                loop = asyncio.get_running_loop()
+                if not is_instrumented(loop):
+                    prof.instrument_loop(loop)
+                prof.tag_current_task()
+            except Exception:  # the call runs all the same, if unattributed
+                pass
+            return prof
+
+        def leave(prof: Profiler) -> None:
+            with lock:
+                session["calls"] -= 1
+                if session["calls"]:
+                    return
+                session["prof"] = None
+            prof.stop()
+            wrapper.last_report = prof.snapshot()  # type: ignore[attr-defined]
+            if report is not None:
+                _export_quietly(prof, report)
 
         @functools.wraps(func)
         async def wrapper(*args: Any, **kwargs: Any) -> T:
-            from .profiler import current_profiler
-
-            running = current_profiler()
-            if running is not None and running.active:
+            prof = enter()
+            if prof is None:
                 return await func(*args, **kwargs)
-            prof = Profiler(**options).start()
             try:
-                prof.instrument_loop(asyncio.get_running_loop())
-                prof.tag_current_task()
                 return await func(*args, **kwargs)
             finally:
-                prof.stop()
-                wrapper.last_report = prof.snapshot()  # type: ignore[attr-defined]
-                if report is not None:
-                    _export_quietly(prof, report)
+                leave(prof)
 
         wrapper.last_report = None  # type: ignore[attr-defined]
         return wrapper

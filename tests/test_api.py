@@ -9,6 +9,7 @@ import warnings
 import pytest
 
 import memscope_async as ms
+from conftest import MiB, base_loop, close_to
 
 
 def test_a_second_concurrent_start_is_refused_clearly():
@@ -116,3 +117,84 @@ def test_bad_options_are_refused_with_one_line(options):
     assert name in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ms.ProfilerError):
         ms.loop_factory(**options)
+
+
+# -- @ms.profile ------------------------------------------------------------------------
+KEPT_BY_CALLS: list = []
+
+
+def test_profile_decorator_reports_each_call_and_keeps_results(tmp_path, loop_kind):
+    """A decorated coroutine's call runs profiled: its result and exceptions are its own,
+    its bytes are in wrapper.last_report and in the report file."""
+    path = tmp_path / "call.json"
+
+    @ms.profile(report=path)
+    async def handler(n: int) -> int:
+        KEPT_BY_CALLS.append(bytearray(n))
+        if n == 0:
+            raise ValueError("no bytes")
+        await asyncio.sleep(0)
+        return n
+
+    async def main():
+        return await handler(5 * MiB)
+
+    KEPT_BY_CALLS.clear()
+    try:
+        with asyncio.Runner(loop_factory=base_loop(loop_kind)) as runner:
+            assert runner.run(main()) == 5 * MiB
+            (t,) = handler.last_report.find(coro="test_profile_decorator_reports_each_call_and_keeps_results.<locals>.main")
+            assert close_to(t.live_bytes, 5 * MiB) and close_to(t.allocated_bytes, 5 * MiB), t
+            assert t.name is not None  # (reported after stopping, while it still ran)
+            assert ms.Report.load(path).task(t.id).live_bytes == t.live_bytes
+            with pytest.raises(ValueError, match="no bytes"):
+                runner.run(handler(0))
+    finally:
+        KEPT_BY_CALLS.clear()
+
+
+def test_profile_decorator_concurrent_calls_share_one_profiler(loop_kind):
+    """Calls made while one is profiled join its profiler; it stops when the last one
+    ends, and its report holds them all (before, only the first call was profiled, and
+    its profiler stopped while the others still ran)."""
+
+    @ms.profile
+    async def call(i: int) -> int:
+        await asyncio.sleep(0.02 if i else 0)  # the first ends before the others allocate
+        KEPT_BY_CALLS.append(bytearray(MiB))
+        await asyncio.sleep(0)
+        return i
+
+    async def main():
+        return await asyncio.gather(*(call(i) for i in range(4)))
+
+    KEPT_BY_CALLS.clear()
+    try:
+        with asyncio.Runner(loop_factory=base_loop(loop_kind)) as runner:
+            assert runner.run(main()) == [0, 1, 2, 3]
+        calls = call.last_report.find(coro="test_profile_decorator_concurrent_calls_share_one_profiler.<locals>.call")
+        assert len(calls) == 4, call.last_report.tasks
+        for t in calls:
+            assert close_to(t.live_bytes, MiB), t
+        assert ms.current_profiler() is None or not ms.current_profiler().active
+    finally:
+        KEPT_BY_CALLS.clear()
+
+
+def test_profile_decorator_checks_its_options_when_decorating():
+    with pytest.raises(ms.ProfilerError):
+        ms.profile(mode="bogus")
+    with pytest.raises(TypeError):
+        ms.profile(reprot="x.json")
+
+
+def test_profile_decorator_under_another_profiler_says_so(tmp_path):
+    path = tmp_path / "never.json"
+
+    @ms.profile(report=path)
+    async def inner() -> int:
+        return 1
+
+    with pytest.warns(RuntimeWarning, match="started elsewhere"):
+        assert ms.run(inner()) == 1
+    assert not path.exists() and inner.last_report is None
