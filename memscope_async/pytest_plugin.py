@@ -79,18 +79,26 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     run = item.stash.get(_RUN, None)
     if run is not None:
         run.before_body(item)
-    yield
-    if run is not None:
-        run.after_body()
+    outcome = yield
+    if run is None:
+        return
+    run.after_body()
+    if outcome.excinfo is None and hasattr(outcome, "force_exception"):
+        # A limit exceeded fails the test's call itself, as an assertion in it would: so
+        # pytest's own outcomes apply (xfail, --pdb, ...), not a report changed afterwards.
+        failure = run.check()
+        run.checked = True
+        if failure is not None:
+            outcome.force_exception(pytest.fail.Exception(failure, pytrace=False))
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     outcome = yield
     run = item.stash.get(_RUN, None)
-    if run is None or call.when != "call":
+    if run is None or call.when != "call" or run.checked:
         return
-    report = outcome.get_result()
+    report = outcome.get_result()  # (pluggy before 1.1: no force_exception)
     if report.passed:
         failure = run.check()
         if failure is not None:
@@ -156,6 +164,7 @@ class _Run:
         self.limits = limits
         self.baseline: "Totals | None" = None
         self.report: "Report | None" = None
+        self.checked = False  # the limits were checked in the call itself
 
     def before_body(self, item: pytest.Item) -> None:
         # pytest-asyncio makes its loop under the event-loop policy it saw at session
