@@ -61,10 +61,13 @@ def memscope(request: pytest.FixtureRequest) -> Iterator["Profiler"]:
     from . import api
     from .profiler import ProfilerError
 
+    problem = None
     try:
         profiler = api.install_policy()
     except ProfilerError as exc:
-        pytest.fail(f"memscope: cannot profile this test: {exc}", pytrace=False)
+        problem = str(exc)
+    if problem is not None:  # (outside the except: one message, not two chained)
+        pytest.fail(f"memscope: cannot profile this test: {problem}", pytrace=False)
     run = _Run(profiler, limits)
     request.node.stash[_RUN] = run
     try:
@@ -150,7 +153,8 @@ def _limit(name: str, value: Any) -> int | None:
     try:
         return parse_size(value)
     except (ValueError, TypeError) as exc:
-        pytest.fail(f"memscope marker: {name}: {exc}", pytrace=False)
+        problem = str(exc)
+    pytest.fail(f"memscope marker: {name}: {problem}", pytrace=False)  # (outside the except: one message)
 
 
 # -- one profiled test -------------------------------------------------------------------
