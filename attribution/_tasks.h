@@ -1221,6 +1221,15 @@ PyDoc_STRVAR(task_done_doc,
 "task_done(task)\n--\n\nThe done callback our factory adds to tasks whose end the running-task\n"
 "watcher does not see (3.11, Task subclasses, other task types).");
 
+/* End task's record in state, to be folded at the next pass, not now. */
+static PyObject *end_task_deferred(PyObject *task, uint32_t state) {
+    int defer = G.defer_fold;
+    G.defer_fold = 1;
+    end_task(task, state);
+    G.defer_fold = defer;
+    Py_RETURN_NONE;
+}
+
 static PyObject *core_task_done(PyObject *m, PyObject *task) {
     /* A done callback runs (or, inline from CallSoon, is being scheduled) inside the
      * task's last step, which goes on in its context: asyncio schedules the task's other
@@ -1228,11 +1237,7 @@ static PyObject *core_task_done(PyObject *m, PyObject *task) {
      * folding now (fold_at_finish), else those bytes had no record to go to and were
      * counted unattributed (3.11, sampled mode: about half a short task's bytes, whose
      * live estimate is 0 at its end). */
-    int defer = G.defer_fold;
-    G.defer_fold = 1;
-    end_task(task, TS_UNREAD);
-    G.defer_fold = defer;
-    Py_RETURN_NONE;
+    return end_task_deferred(task, TS_UNREAD);
 }
 
 PyDoc_STRVAR(task_destroyed_doc,
@@ -1241,13 +1246,7 @@ PyDoc_STRVAR(task_destroyed_doc,
 
 /* Else its end is found only when another task is made at its address (note_object) or
  * at the next report, when it is gone: with no name. */
-static PyObject *core_task_destroyed(PyObject *m, PyObject *task) {
-    int defer = G.defer_fold;
-    G.defer_fold = 1;
-    end_task(task, TS_PENDING);
-    G.defer_fold = defer;
-    Py_RETURN_NONE;
-}
+static PyObject *core_task_destroyed(PyObject *m, PyObject *task) { return end_task_deferred(task, TS_PENDING); }
 
 /* ---- names given after a task ended (3.12) ---------------------------------------------
  * 3.12's asyncio.create_task and TaskGroup.create_task name a task after the loop made it,
