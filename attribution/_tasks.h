@@ -2462,8 +2462,11 @@ static PyObject *core_own_labels(PyObject *m, PyObject *src) {
     }
     if (d != NULL) {
         /* a dict's block starts at its GC header (two words, before the object; no other
-         * pre-header for dicts on 3.11-3.13); its keys table is a block of its own */
+         * pre-header for dicts on 3.11-3.13, none at all on a free-threaded build); its
+         * keys table is a block of its own */
+#ifndef Py_GIL_DISABLED
         disown_block((char *)d - 2 * sizeof(void *));
+#endif
         disown_block(((PyDictObject *)d)->ma_keys);
         out = PyDictProxy_New(d);
         Py_DECREF(d);

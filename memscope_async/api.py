@@ -195,14 +195,17 @@ def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path
     def decorate(func: Callable[..., Awaitable[T]]):
         if not asyncio.iscoroutinefunction(func):
             raise TypeError(f"@memscope_async.profile needs a coroutine function, got {func!r}")
-        lock = threading.Lock()
-        session: dict[str, Any] = {"prof": None, "calls": 0, "warned": False}
+        done = threading.Condition()
+        session: dict[str, Any] = {"prof": None, "calls": 0, "closing": False, "warned": False}
 
         def enter() -> Profiler | None:
             """The profiler this call runs under, if it is ours (counted in); None if another one runs."""
             from .profiler import current_profiler
 
-            with lock:
+            with done:
+                # a session being closed (its last call ended in another thread) is ours
+                # until its report is taken: a call now waits for that, then starts anew
+                done.wait_for(lambda: not session["closing"])
                 prof = session["prof"]
                 if prof is None:
                     running = current_profiler()
@@ -225,15 +228,21 @@ def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path
             return prof
 
         def leave(prof: Profiler) -> None:
-            with lock:
+            with done:
                 session["calls"] -= 1
                 if session["calls"]:
                     return
-                session["prof"] = None
-            prof.stop()
-            wrapper.last_report = prof.snapshot()  # type: ignore[attr-defined]
-            if report is not None:
-                _export_quietly(prof, report)
+                session["closing"] = True
+            try:
+                prof.stop()
+                wrapper.last_report = prof.snapshot()  # type: ignore[attr-defined]
+                if report is not None:
+                    _export_quietly(prof, report)
+            finally:
+                with done:
+                    session["prof"] = None
+                    session["closing"] = False
+                    done.notify_all()
 
         @functools.wraps(func)
         async def wrapper(*args: Any, **kwargs: Any) -> T:
