@@ -198,3 +198,45 @@ def test_profile_decorator_under_another_profiler_says_so(tmp_path):
     with pytest.warns(RuntimeWarning, match="started elsewhere"):
         assert ms.run(inner()) == 1
     assert not path.exists() and inner.last_report is None
+
+
+def test_profile_decorator_calls_from_many_threads(tmp_path):
+    """Calls on several threads' loops: one ending while another starts must neither run
+    the new one unprofiled (taking the closing profiler for another's, with a false
+    warning) nor discard the closing one's data (its snapshot then raised out of the
+    call)."""
+    import sys
+    import threading
+
+    path = tmp_path / "calls.json"
+
+    @ms.profile(report=path)
+    async def call(i: int) -> int:
+        await asyncio.sleep(0)
+        return i
+
+    errors: list = []
+
+    def worker() -> None:
+        try:
+            with asyncio.Runner() as runner:
+                for i in range(40):
+                    assert runner.run(call(i)) == i
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            threads = [threading.Thread(target=worker) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert [str(w.message) for w in caught if "memscope" in str(w.message)] == []
+    assert call.last_report is not None and path.exists()
