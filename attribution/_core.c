@@ -1655,7 +1655,7 @@ static int up_of(uint32_t ti, uint32_t tid, uint32_t *up) {
 static void link_record(uint32_t ti, uint32_t parent_tid, uint32_t parent_up) {
     task_info_t *r = &S.tasks[ti];
     uint32_t up;
-    if (!up_of(ti, parent_tid, &up) && (parent_tid == 0 || !up_of(ti, parent_up, &up))) return;
+    if (!up_of(ti, parent_tid, &up) && !up_of(ti, parent_up, &up)) return; /* (no parent: no parent_up) */
     task_info_t *u = &S.tasks[up];
     r->up = up;
     r->prev_sib = 0;

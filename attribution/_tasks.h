@@ -1117,6 +1117,16 @@ static void learn_name_offset(PyObject *task, PyObject *name) {
     if (++G.name_hits == 2) G.name_off = found;
 }
 
+/* s, or (not an interned str) a copy made under the guard; new reference. */
+static PyObject *own_str(PyObject *s) {
+    if (!PyUnicode_Check(s) || (PyUnicode_CheckExact(s) && PyUnicode_CHECK_INTERNED(s))) return Py_NewRef(s);
+    int g = tls.guard;
+    tls.guard = 1;
+    PyObject *copy = PyUnicode_FromKindAndData(PyUnicode_KIND(s), PyUnicode_DATA(s), PyUnicode_GET_LENGTH(s));
+    tls.guard = g;
+    return copy;
+}
+
 /* Record r keeps the task's name (steals name; NULL: none).  Not the task's object: it was
  * made by whoever named the task (asyncio's Task constructor, or the program's
  * f"job-{i}"), in that task's context, so it counts as that task's live bytes, and kept
@@ -1143,13 +1153,8 @@ static void keep_name(task_info_t *r, PyObject *name) {
         Py_DECREF(name);
         name = s;
         if (s == NULL) PyErr_Clear();
-    } else if (name != NULL && !(PyUnicode_CheckExact(name) && PyUnicode_CHECK_INTERNED(name))) {
-        int g = tls.guard;
-        tls.guard = 1;
-        PyObject *copy = PyUnicode_Check(name) ? PyUnicode_FromKindAndData(PyUnicode_KIND(name), PyUnicode_DATA(name),
-                                                                           PyUnicode_GET_LENGTH(name))
-                                               : NULL;
-        tls.guard = g;
+    } else if (name != NULL) {
+        PyObject *copy = own_str(name);
         if (copy != NULL) {
             Py_DECREF(name);
             name = copy;
@@ -2428,16 +2433,6 @@ static void disown_block(void *p) {
     tls.guard = 1;
     record_free(p, S.mode);
     tls.guard = g;
-}
-
-/* s, or (not an interned str) a copy made under the guard; new reference. */
-static PyObject *own_str(PyObject *s) {
-    if (!PyUnicode_Check(s) || (PyUnicode_CheckExact(s) && PyUnicode_CHECK_INTERNED(s))) return Py_NewRef(s);
-    int g = tls.guard;
-    tls.guard = 1;
-    PyObject *copy = PyUnicode_FromKindAndData(PyUnicode_KIND(s), PyUnicode_DATA(s), PyUnicode_GET_LENGTH(s));
-    tls.guard = g;
-    return copy;
 }
 
 PyDoc_STRVAR(own_labels_doc,

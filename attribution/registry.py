@@ -98,20 +98,13 @@ def read_records(loops: Iterable[Any], at_stop: Mapping[int, tuple[int, str | No
     their current name and state; those that were running when the profiler stopped
     (``at_stop``, from :func:`live_task_names`) what they had then; the others keep what
     was read when they finished."""
-    live = _live_tasks(loops)
+    live = {**(at_stop or {}), **live_task_names(loops)}
     records: dict[int, TaskRecord] = {}
     for (tid, parent, coro, name, labels, ident, serial, slot, created, finished, state, via, cross, obj,
          up, folded, folded_bytes, folded_allocs) in _core.records():
-        if finished is None:
-            task = live.get(obj)
-            if task is not None and _core.tid_of(task) == tid:
-                try:
-                    name = task.get_name()
-                except Exception:
-                    pass
-                state = task_state(task)
-            elif at_stop and obj in at_stop and at_stop[obj][0] == tid:
-                _, name, state = at_stop[obj]
+        if finished is None and obj in live and live[obj][0] == tid:
+            _, live_name, state = live[obj]
+            name = live_name if live_name is not None else name  # (get_name() failed: what we had)
         records[tid] = TaskRecord(
             id=tid,
             parent_id=parent,

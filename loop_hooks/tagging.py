@@ -54,10 +54,12 @@ def current_labels() -> Mapping[str, str]:
     return _LABELS.get()
 
 
-def _freeze(base: Mapping[str, str], kv: Mapping[str, object]) -> Mapping[str, str]:
-    merged = dict(base)
+def merged_labels(base: Mapping[str, str] | None, kv: Mapping[str, object]) -> Mapping[str, str]:
+    """base with kv added (values as str), read-only, and no task's memory (see
+    _core.own_labels); call it through _core.unrecorded."""
+    merged = dict(base or {})
     merged.update((str(k), str(v)) for k, v in kv.items())
-    return _core.own_labels(merged)  # read-only, and no task's memory (see own_labels)
+    return _core.own_labels(merged)
 
 
 @contextlib.contextmanager
@@ -72,7 +74,7 @@ def labels(**kv: object) -> Iterator[Mapping[str, str]]:
     # Task records keep the mapping (a task's report shows its labels after the block):
     # it is our bookkeeping, not the task's memory, so its allocations are not recorded
     # (else every labelled task that finished "retained" ~500 bytes: a leak suspect).
-    frozen = _core.unrecorded(_freeze, _LABELS.get(), kv)
+    frozen = _core.unrecorded(merged_labels, _LABELS.get(), kv)
     token = _LABELS.set(frozen)
     listener = _listener
     if listener is not None:

@@ -21,23 +21,17 @@ from .attribution.tracker import (
 from .exporters import export_json_async, write_json
 from .loop_hooks import threads as thread_hooks
 from .loop_hooks.instrument import Tagger, instrument_loop, is_instrumented, uninstrument_loop
-from .loop_hooks.tagging import TAG, set_label_listener
+from .loop_hooks.tagging import TAG, merged_labels, set_label_listener
 
 __all__ = ["Profiler", "ProfilerError", "current_profiler"]
 
 _last: "Profiler | None" = None
 
 
-def _merged_labels(current: Any, labels: Any) -> Any:
-    merged = dict(current) if current else {}
-    merged.update(labels)
-    return _core.own_labels(merged)
-
-
 def _update_labels(tag: Any, labels: Any) -> None:
     """Label listener: the running task's record gets the labels set inside it (a mapping
     only the record keeps: our bookkeeping, so its allocation is not the task's)."""
-    _core.set_task_labels(tag.id, _core.unrecorded(_merged_labels, _core.task_labels(tag.id), labels))
+    _core.set_task_labels(tag.id, _core.unrecorded(merged_labels, _core.task_labels(tag.id), labels))
 
 
 class ProfilerError(TrackerError):
