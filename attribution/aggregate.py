@@ -241,6 +241,20 @@ def _calibrated(rows: Sequence[tuple], ab: float, na: float, live: float, nf: fl
     return out
 
 
+def _apportion(values: Sequence[float]) -> list[int]:
+    """Whole numbers for shares of a total, each its value rounded down or up, summing to
+    the rounded sum (largest remainders round up): rounding each share on its own could
+    make a task's hotspots add up to more than the task."""
+    vals = [max(0.0, v) for v in values]
+    whole = [math.floor(v) for v in vals]
+    extra = int(round(math.fsum(vals))) - sum(whole)
+    if extra > 0:
+        by_rest = sorted(range(len(vals)), key=lambda i: whole[i] - vals[i])
+        for i in by_rest[:extra]:
+            whole[i] += 1
+    return whole
+
+
 def _hotspots(site_rows: Iterable[tuple], stacks: list[tuple], frames: list[Frame], by_live: bool) -> tuple[Hotspot, ...]:
     """Top sites, keyed by the innermost frame's file, line and function (several
     instructions of one line are one site); each keeps its heaviest stack."""
@@ -263,11 +277,13 @@ def _hotspots(site_rows: Iterable[tuple], stacks: list[tuple], frames: list[Fram
         return (-(kv[1][2] if by_live else kv[1][0]), fr.file, fr.line, fr.function)
 
     ranked = sorted(agg.items(), key=rank)
+    entries = [e for _top, e in ranked]
+    whole_ab = _apportion([e[0] for e in entries])
+    whole_na = _apportion([e[1] for e in entries])
+    whole_live = _apportion([e[2] for e in entries])
     out = []
-    for top, (ab, na, live, stack_idx, _w) in ranked:
-        if by_live and live < 0.5:
-            continue
-        if not by_live and ab < 0.5:
+    for i, (top, entry) in enumerate(ranked):
+        if (whole_live if by_live else whole_ab)[i] == 0:
             continue
         fr = top if top is not None else NO_FRAME
         out.append(
@@ -275,10 +291,10 @@ def _hotspots(site_rows: Iterable[tuple], stacks: list[tuple], frames: list[Fram
                 file=fr.file,
                 line=fr.line,
                 function=fr.function,
-                bytes=int(round(ab)),
-                allocations=int(round(na)),
-                live_bytes=max(0, int(round(live))),
-                stack=tuple(frames[i] for i in stacks[stack_idx]),
+                bytes=whole_ab[i],
+                allocations=whole_na[i],
+                live_bytes=whole_live[i],
+                stack=tuple(frames[f] for f in stacks[entry[3]]),
             )
         )
         if len(out) >= TOP_HOTSPOTS:
