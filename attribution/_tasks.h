@@ -1672,6 +1672,43 @@ static PyMemberDef CallSoon_members[] = {
     {NULL},
 };
 
+/* ---- stand-ins ------------------------------------------------------------------------
+ * Our versions of a loop's methods (CallSoon, CreateTask, HandOver) and the work HandOver
+ * wraps (Handed) read as what they stand for: an attribute they do not have themselves
+ * (__name__, __qualname__, __module__, ...) is the wrapped object's, __doc__ is its
+ * docstring and __wrapped__ is the object itself.  So inspect.signature(loop.create_task)
+ * finds asyncio's signature, asyncio reports "Exception in callback cb() at file:line"
+ * for a callback handed over from a thread, and an executor that logs fn.__name__ logs
+ * the user's function.  The getters' closure is the offset of the wrapped object. */
+static PyObject *stand_in_getattr(PyObject *self, PyObject *name, PyObject *target) {
+    PyObject *r = PyObject_GenericGetAttr(self, name);
+    if (r != NULL || target == NULL || !PyErr_ExceptionMatches(PyExc_AttributeError)) return r;
+    PyErr_Clear();
+    return PyObject_GetAttr(target, name);
+}
+
+static PyObject *stand_in_target(PyObject *self, void *offset) {
+    PyObject *t = *(PyObject **)((char *)self + (size_t)offset);
+    if (t == NULL) PyErr_SetString(PyExc_AttributeError, "__wrapped__");
+    return Py_XNewRef(t);
+}
+
+static PyObject *stand_in_doc(PyObject *self, void *offset) {
+    PyObject *t = *(PyObject **)((char *)self + (size_t)offset);
+    return t != NULL ? PyObject_GetAttrString(t, "__doc__") : Py_NewRef(Py_None);
+}
+
+#define STAND_IN_GETSET(type, field)                                                                       \
+    {"__wrapped__", stand_in_target, NULL, "what this stands for", (void *)offsetof(type, field)},        \
+    {"__doc__", stand_in_doc, NULL, NULL, (void *)offsetof(type, field)},                                 \
+    {NULL}
+
+static PyObject *CallSoon_getattro(PyObject *self, PyObject *name) {
+    return stand_in_getattr(self, name, ((CallSoonObject *)self)->orig);
+}
+
+static PyGetSetDef CallSoon_getset[] = {STAND_IN_GETSET(CallSoonObject, orig)};
+
 static PyTypeObject CallSoonType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.CallSoon",
     .tp_basicsize = sizeof(CallSoonObject),
@@ -1683,6 +1720,8 @@ static PyTypeObject CallSoonType = {
     .tp_vectorcall_offset = offsetof(CallSoonObject, vectorcall),
     .tp_descr_get = CallSoon_get,
     .tp_members = CallSoon_members,
+    .tp_getattro = CallSoon_getattro,
+    .tp_getset = CallSoon_getset,
 };
 
 /* ---- the task factory ---------------------------------------------------------------- */
@@ -1736,7 +1775,19 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
      * without us. */
     int none_quirk = name == Py_None && Py_Version >= 0x030D00F0 && Py_Version < 0x030D03F0;
     if (task != NULL && (has_name || none_quirk)) {
-        PyObject *r = PyObject_CallMethodOneArg(task, G.s_set_name, name);
+        PyObject *set_name = PyObject_GetAttr(task, G.s_set_name);
+        if (set_name == NULL && Py_Version < 0x030D00F0 && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            /* 3.11 and 3.12 (asyncio.tasks._set_task_name) only warn when the factory's
+             * object has no set_name; 3.13 calls it, and fails, as above. */
+            PyErr_Clear();
+            if (PyErr_WarnEx(PyExc_DeprecationWarning,
+                             "Task.set_name() was added in Python 3.8, the method support will be mandatory "
+                             "for third-party task implementations since 3.13.", 1) < 0)
+                Py_CLEAR(task);
+            return task;
+        }
+        PyObject *r = set_name != NULL ? PyObject_CallOneArg(set_name, name) : NULL;
+        Py_XDECREF(set_name);
         if (r == NULL) Py_CLEAR(task);
         Py_XDECREF(r);
     }
@@ -2068,6 +2119,12 @@ static PyMemberDef CreateTask_members[] = {
     {NULL},
 };
 
+static PyObject *CreateTask_getattro(PyObject *self, PyObject *name) {
+    return stand_in_getattr(self, name, ((CreateTaskObject *)self)->orig);
+}
+
+static PyGetSetDef CreateTask_getset[] = {STAND_IN_GETSET(CreateTaskObject, orig)};
+
 static PyTypeObject CreateTaskType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.CreateTask",
     .tp_basicsize = sizeof(CreateTaskObject),
@@ -2081,6 +2138,8 @@ static PyTypeObject CreateTaskType = {
     .tp_vectorcall_offset = offsetof(CreateTaskObject, vectorcall),
     .tp_descr_get = CallSoon_get,
     .tp_members = CreateTask_members,
+    .tp_getattro = CreateTask_getattro,
+    .tp_getset = CreateTask_getset,
 };
 
 /* ---- hand-over to another thread ---------------------------------------------------- */
@@ -2124,8 +2183,9 @@ static void Handed_dealloc(HandedObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* As the wrapped callable (uvloop names a failing callback by its repr). */
 static PyObject *Handed_repr(HandedObject *self) {
-    return PyUnicode_FromFormat("<handed to task %lu: %R>", (unsigned long)self->tid, self->fn);
+    return PyObject_Repr(self->fn);
 }
 
 static PyMemberDef Handed_members[] = {
@@ -2150,6 +2210,12 @@ static PyMethodDef Handed_methods[] = {
     {NULL},
 };
 
+static PyObject *Handed_getattro(PyObject *self, PyObject *name) {
+    return stand_in_getattr(self, name, ((HandedObject *)self)->fn);
+}
+
+static PyGetSetDef Handed_getset[] = {STAND_IN_GETSET(HandedObject, fn)};
+
 static PyTypeObject HandedType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.Handed",
     .tp_basicsize = sizeof(HandedObject),
@@ -2163,6 +2229,8 @@ static PyTypeObject HandedType = {
     .tp_vectorcall_offset = offsetof(HandedObject, vectorcall),
     .tp_members = Handed_members,
     .tp_methods = Handed_methods,
+    .tp_getattro = Handed_getattro,
+    .tp_getset = Handed_getset,
 };
 
 /* HandOver(original, kind, pool_type, get_running_loop): an instrumented loop's
@@ -2275,6 +2343,12 @@ static PyMemberDef HandOver_members[] = {
     {NULL},
 };
 
+static PyObject *HandOver_getattro(PyObject *self, PyObject *name) {
+    return stand_in_getattr(self, name, ((HandOverObject *)self)->orig);
+}
+
+static PyGetSetDef HandOver_getset[] = {STAND_IN_GETSET(HandOverObject, orig)};
+
 static PyTypeObject HandOverType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.HandOver",
     .tp_basicsize = sizeof(HandOverObject),
@@ -2287,6 +2361,8 @@ static PyTypeObject HandOverType = {
     .tp_vectorcall_offset = offsetof(HandOverObject, vectorcall),
     .tp_descr_get = CallSoon_get,
     .tp_members = HandOver_members,
+    .tp_getattro = HandOver_getattro,
+    .tp_getset = HandOver_getset,
 };
 
 PyDoc_STRVAR(register_loop_doc,

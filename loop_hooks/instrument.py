@@ -109,15 +109,31 @@ def _get_task_factory(self, _original):
     return self._ms_state.user_factory
 
 
-def _create_task(self, coro, *, name=None, context=None, **kwargs):
+def _create_task(original, self, *args, **kwargs):
     # Stdlib loops only (uvloop's create_task is left alone).  Going through our factory
     # directly keeps task names exactly as asyncio sets them; CPython 3.13.0 renames every
     # task to "None" when any task factory is installed.  The usual calls take the same
-    # path in C (_core.CreateTask); this is the version for every other call shape.
+    # path in C (_core.CreateTask); this is the version for every other call shape.  A
+    # call the loop's own create_task would refuse goes to it, for its own error.
+    try:
+        bound = _signature(original).bind(self, *args, **kwargs)
+    except TypeError:
+        return original(self, *args, **kwargs)
     self._check_closed()
-    if context is not None:
-        kwargs["context"] = context
-    return self._ms_state.factory.create(self, coro, name, kwargs)
+    arguments = dict(bound.arguments)
+    arguments.pop("self", None)
+    coro = arguments.pop("coro")
+    name = arguments.pop("name", None)
+    extra = dict(arguments.pop("kwargs", None) or {})
+    extra.update(arguments)
+    if extra.get("context") is None:
+        extra.pop("context", None)
+    return self._ms_state.factory.create(self, coro, name, extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(method: Any) -> inspect.Signature:
+    return inspect.signature(method)
 
 
 def _set_default_executor(self, executor, _original):
@@ -181,7 +197,7 @@ def _replacement(name: str, original: Any) -> Any:
     if name == "call_soon":
         return _core.CallSoon(original)
     if name == "create_task":
-        return _core.CreateTask(original, _create_task)
+        return _core.CreateTask(original, functools.partial(_create_task, original))
     if name in _IN_C:
         kind = 0 if name == "run_in_executor" else 1
         return _core.HandOver(original, kind, concurrent.futures.ThreadPoolExecutor, _get_running_loop)

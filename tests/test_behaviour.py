@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import re
 import contextvars
 import sys
@@ -233,6 +234,94 @@ async def prog_kept_tag_mappings():
     return plain_kids, obj_kids, ref() is None
 
 
+async def prog_factory_returns_a_future_with_a_name():
+    """A factory whose object has no set_name: 3.11 and 3.12 warn and go on, 3.13 fails."""
+    import warnings
+
+    loop = asyncio.get_running_loop()
+
+    def factory(loop, coro, **kwargs):
+        coro.close()
+        fut = loop.create_future()
+        fut.set_result("made")
+        return fut
+
+    loop.set_task_factory(factory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            got = await loop.create_task(_sleeper(0), name="n")
+        except Exception as e:
+            got = (type(e).__name__, str(e))
+        finally:
+            loop.set_task_factory(None)
+    return got, [(w.category.__name__, str(w.message), w.filename, w.lineno) for w in caught]
+
+
+def _no_address(text: str) -> str:
+    return re.sub(r" at 0x[0-9a-f]+", "", text)
+
+
+async def prog_loop_methods_read_as_asyncio_s():
+    """Signatures, names and argument errors of the loop methods we stand in for."""
+    import inspect
+
+    loop = asyncio.get_running_loop()
+    seen = []
+    for name in ("create_task", "call_soon", "call_soon_threadsafe", "run_in_executor", "set_task_factory"):
+        m = getattr(loop, name)
+        try:
+            sig = str(inspect.signature(m))
+        except (TypeError, ValueError) as e:
+            sig = _no_address(f"{type(e).__name__}: {e}")
+        seen.append((name, sig, getattr(m, "__name__", None), getattr(m, "__qualname__", None), bool(m.__doc__)))
+    calls = [
+        lambda co: loop.create_task(co, bogus=1),
+        lambda co: loop.create_task(co, "positional name"),
+        lambda co: loop.create_task(),
+        lambda co: loop.create_task(co, name="n", context=None, bogus=2),
+    ]
+    for call in calls:
+        co = _sleeper(0)
+        try:
+            await call(co)
+            seen.append("ran")
+        except TypeError as e:
+            seen.append(_no_address(str(e)))
+        finally:
+            co.close()
+    return seen
+
+
+async def prog_work_handed_to_threads_reads_as_the_user_s():
+    """A callback sent back from a worker thread fails with asyncio's usual message, and
+    an executor sees the name of the function it was given."""
+    loop = asyncio.get_running_loop()
+    messages = []
+    loop.set_exception_handler(lambda _loop, context: messages.append(_no_address(context["message"])))
+    failed = asyncio.Event()
+
+    def callback_that_fails():
+        loop.call_soon(failed.set)
+        raise RuntimeError("in the callback")
+
+    def in_thread():
+        loop.call_soon_threadsafe(callback_that_fails)
+
+    submitted = []
+
+    class Pool(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            submitted.append((fn.__name__, fn.__qualname__, fn.__module__))
+            return super().submit(fn, *args, **kwargs)
+
+    with Pool(1) as pool:
+        await loop.run_in_executor(pool, in_thread)
+        await failed.wait()
+    loop.set_exception_handler(None)
+    return messages, submitted
+
+
 PROGRAMS = [
     prog_kept_tag_mappings,
     prog_contextvars,
@@ -248,6 +337,9 @@ PROGRAMS = [
     prog_get_stack,
     prog_shield_and_direct_task,
     prog_eager,
+    prog_factory_returns_a_future_with_a_name,
+    prog_loop_methods_read_as_asyncio_s,
+    prog_work_handed_to_threads_reads_as_the_user_s,
 ]
 
 
