@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import sys
 import threading
 import warnings
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
 from .loop_hooks.instrument import is_instrumented
-from .loop_hooks.policy import InstrumentedPolicy, policies_available
+from .loop_hooks.policy import get_policy, instrument_policy, policies_available, set_policy, uninstrument_policy
 from .profiler import Profiler, ProfilerError
 
 __all__ = ["install_policy", "uninstall_policy", "loop_factory", "LoopFactory", "run", "instrument", "profile"]
@@ -18,7 +20,8 @@ __all__ = ["install_policy", "uninstall_policy", "loop_factory", "LoopFactory", 
 T = TypeVar("T")
 
 _policy_lock = threading.Lock()
-_policy_state: tuple[Any, Profiler] | None = None
+_policy_state: tuple[Any, Any, Profiler] | None = None  # (policy instrumented, policy it replaced or None, profiler)
+_unseen_loop_types: set[type] = set()
 
 
 def _no_policies_error() -> ProfilerError:
@@ -29,40 +32,70 @@ def _no_policies_error() -> ProfilerError:
 
 
 def install_policy(*, uvloop: bool = False, **options: Any) -> Profiler:
-    """Start a profiler and wrap the current event-loop policy so every new loop is
-    instrumented.  ``uvloop=True`` wraps uvloop's policy instead.  Options are those of
-    :class:`Profiler`.  Returns the running profiler; :func:`uninstall_policy` undoes it.
-    Raises :class:`ProfilerError` if a profiler is already running."""
+    """Start a profiler and instrument the current event-loop policy so every new loop is
+    instrumented.  The policy stays the same object, of the same type; ``uvloop=True``
+    installs uvloop's policy instead.  Options are those of :class:`Profiler`.  Returns
+    the running profiler; :func:`uninstall_policy` undoes it.  Raises
+    :class:`ProfilerError` if a profiler is already running."""
     global _policy_state
     if not policies_available():
         raise _no_policies_error()
     with _policy_lock:
         if _policy_state is not None:
             raise ProfilerError("install_policy() is already in effect; call uninstall_policy() first")
-        if uvloop:
-            base = _uvloop_module().EventLoopPolicy()
-        else:
-            base = _get_policy()
+        current = get_policy()
+        policy = _uvloop_module().EventLoopPolicy() if uvloop else current
         profiler = Profiler(**options).start()
-        original = _get_policy()
-        _set_policy(InstrumentedPolicy(base, profiler.instrument_loop))
-        _policy_state = (original, profiler)
+        try:
+            instrument_policy(policy, instrument_or_skip(profiler))
+        except TypeError as exc:
+            profiler.stop()
+            raise ProfilerError(f"{exc}; use memscope_async.loop_factory() instead") from None
+        if policy is not current:
+            set_policy(policy)
+        _policy_state = (policy, current if policy is not current else None, profiler)
     return profiler
 
 
 def uninstall_policy() -> Profiler | None:
-    """Restore the policy :func:`install_policy` replaced and stop its profiler.  Returns
-    that profiler (its data is still there for snapshot/export), or None."""
+    """Undo :func:`install_policy`: the policy's class gets its own method back (with
+    ``uvloop=True``, the policy it replaced comes back, unless the program has set
+    another since), and the profiler stops.  Returns that profiler (its data is still
+    there for snapshot/export), or None."""
     global _policy_state
     with _policy_lock:
         state = _policy_state
         _policy_state = None
     if state is None:
         return None
-    original, profiler = state
-    _set_policy(original)
+    policy, replaced, profiler = state
+    uninstrument_policy(policy)
+    if replaced is not None and get_policy() is policy:
+        set_policy(replaced)
     profiler.stop()
     return profiler
+
+
+def instrument_or_skip(profiler: Profiler) -> Callable[[Any], Any]:
+    """``profiler.instrument_loop`` for loops the program makes its own way (its policy,
+    its loop factory): a loop that cannot be instrumented (uvloop's bare Cython
+    ``uvloop.loop.Loop``) runs as it would without us, unseen, and stderr says so once
+    per loop type.  Raising would break the program; a warning could be made an error
+    by its filters."""
+
+    def instrument(loop: Any) -> Any:
+        try:
+            profiler.instrument_loop(loop)
+        except Exception:  # noqa: BLE001 - never raised into the program
+            kind = type(loop)
+            if kind not in _unseen_loop_types:
+                _unseen_loop_types.add(kind)
+                with contextlib.suppress(Exception):
+                    sys.stderr.write(f"memscope-async: warning: cannot instrument event loop of type "
+                                     f"{kind.__module__}.{kind.__qualname__}; its tasks are not profiled\n")
+        return loop
+
+    return instrument
 
 
 class LoopFactory:
@@ -280,16 +313,3 @@ def _uvloop_module():
 
 def _default_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
-
-
-def _get_policy():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return asyncio.get_event_loop_policy()
-
-
-def _set_policy(policy) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        asyncio.set_event_loop_policy(policy)
-

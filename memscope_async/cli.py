@@ -5,34 +5,40 @@ docstring is the help, ``prepare`` declares the arguments and ``run`` does the w
 returns the exit status.  Anything the user got wrong raises :class:`CommandError`, which
 :func:`main` prints as one line, ``memscope-async: error: ...``, never as a traceback.
 
-Exit statuses: the profiled program's own status for ``run`` and ``demo`` (1 if it raised),
-2 for usage errors (bad options, a missing script, an unknown module, an unwritable
-output directory), 1 for other failures.
+Exit statuses: the profiled program's own status for ``run`` and ``demo`` (1 if it raised;
+after an uncaught KeyboardInterrupt, the end by SIGINT Python gives it), 2 for usage
+errors (bad options, a missing script, an unknown module, an unwritable output
+directory), 1 for other failures.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import builtins
 import contextlib
 import functools
+import importlib.machinery
 import importlib.util
 import io
+import marshal
 import os
 import re
 import runpy
 import sys
 import tempfile
+import threading
+import traceback
 import types
 import zipfile
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence, TextIO
+from typing import Any, Callable, ClassVar, Iterator, NoReturn, Sequence, TextIO
 
 from . import api
 from .attribution.report import Report, ReportError
 from .attribution.tracker import MAX_INTERVAL
 from .exporters import ExportError, render_text, write_json
-from .loop_hooks.policy import InstrumentedPolicy, policies_available
+from .loop_hooks.policy import get_policy, instrument_policy, policies_available, uninstrument_policy
 from .profiler import ProfilerError, current_profiler
 
 __all__ = ["COMMANDS", "Command", "CommandError", "main", "parse_size"]
@@ -126,8 +132,10 @@ class Command:
     def prepare(self, parser: argparse.ArgumentParser) -> None:
         """Declare this command's arguments."""
 
-    def run(self, args: argparse.Namespace) -> int:
-        """Do the work; return the exit status.  Raises :class:`CommandError`."""
+    def run(self, args: argparse.Namespace) -> int | None:
+        """Do the work; return the exit status, or None when the profiled program was ended
+        by an uncaught KeyboardInterrupt (so must this process be).  Raises
+        :class:`CommandError`."""
         raise NotImplementedError
 
 
@@ -150,9 +158,10 @@ class RunCommand(Command):
     """Run a Python program under the profiler and summarise its memory per asyncio task.
 
     Every event loop the program makes (asyncio.run, asyncio.Runner, new_event_loop) is
-    instrumented.  When the program ends, the summary is printed on stdout after its own
-    output (-q: none) and the JSON report is written to -o.  The exit status is the
-    program's.
+    instrumented.  When the program ends (after its non-daemon threads, as Python waits
+    for them), the JSON report is written to -o and the summary is printed on stdout after
+    the program's own output (-q: none).  Everything after the script or module is the
+    program's own, "--" included.  The exit status is the program's.
     """
 
     name = "run"
@@ -161,15 +170,17 @@ class RunCommand(Command):
         _add_profiling_options(parser)
         parser.add_argument("-m", dest="module", action="store_true",
                             help="run a library module as a script, like python -m")
-        parser.add_argument("target", metavar="script.py | -m module", nargs="?", help="the program to run")
-        parser.add_argument("program_args", metavar="args", nargs=argparse.REMAINDER,
-                            help="arguments passed to the program")
+        # One positional that takes the rest verbatim: the program's arguments are its own
+        # ("--" included), never parsed by us
+        parser.add_argument("program", metavar="script.py | -m module [args]", nargs=argparse.REMAINDER,
+                            help="the program to run and its arguments")
 
-    def run(self, args: argparse.Namespace) -> int:
-        if args.target is None:
+    def run(self, args: argparse.Namespace) -> int | None:
+        program = args.program[1:] if args.program[:1] == ["--"] else args.program  # "--" ends our options
+        if not program:
             raise CommandError("nothing to run: give a script or -m module (see 'memscope-async run --help')",
                                USAGE_ERROR)
-        return _profile(_Target(args.target, args.module, args.program_args), args)
+        return _profile(_Target(program[0], args.module, program[1:]), args)
 
 
 class ReportCommand(Command):
@@ -191,11 +202,13 @@ class ReportCommand(Command):
         except ReportError as exc:
             raise CommandError(f"{args.report}: {exc}") from None
         if args.json:
-            sys.stdout.buffer.write(report.to_json_bytes(indent=True) + b"\n")
-            sys.stdout.flush()
+            error = _emit(sys.stdout, report.to_json_bytes(indent=True) + b"\n")
         else:
-            sys.stdout.write(render_text(report, top=args.top, width=_width(sys.stdout)))
-            sys.stdout.flush()
+            error = _emit(sys.stdout, render_text(report, top=args.top, width=_width(sys.stdout)))
+        if isinstance(error, BrokenPipeError):  # the reader went away (e.g. `| head`): stop quietly
+            return 1
+        if error is not None:
+            raise CommandError(f"cannot write to stdout: {error.strerror or error}")
         return 0
 
 
@@ -207,7 +220,7 @@ class DemoCommand(Command):
     def prepare(self, parser: argparse.ArgumentParser) -> None:
         _add_profiling_options(parser)
 
-    def run(self, args: argparse.Namespace) -> int:
+    def run(self, args: argparse.Namespace) -> int | None:
         return _profile(_Target(DEMO_MODULE, True, []), args)
 
 
@@ -224,19 +237,24 @@ class _Target:
         self.name = name
         self.is_module = is_module
         self.args = list(args)
+        # Python's absolute path: the working directory joined to the path as given, not
+        # normalised (``./app.py`` runs as ``/cwd/./app.py``: __file__, code, sys.path)
+        self.path = name if is_module else os.path.join(os.getcwd(), name)
         if not is_module:
-            path = Path(name)
-            if not path.exists():
+            if not os.path.exists(self.path):
                 raise CommandError(f"cannot run {name}: no such file", USAGE_ERROR)
-            if path.is_dir() and not (path / "__main__.py").is_file():
+            if os.path.isdir(self.path) and not os.path.isfile(os.path.join(self.path, "__main__.py")):
                 raise CommandError(f"cannot run {name}: a directory needs a __main__.py", USAGE_ERROR)
+        # a directory or a zip file runs its __main__ module, found through sys.path[0]
+        self.importable = not is_module and (os.path.isdir(self.path) or zipfile.is_zipfile(self.path))
 
     def path0(self) -> str:
         """What Python puts in ``sys.path[0]`` for this program."""
         if self.is_module:
             return os.getcwd()
-        path = Path(self.name)
-        return str(path.resolve() if path.is_dir() else path.resolve().parent)
+        if self.importable:
+            return self.path
+        return os.path.dirname(os.path.realpath(self.path))
 
     def check_module(self) -> None:
         """Find the module the way ``python -m`` would; run with sys.path already set."""
@@ -255,54 +273,61 @@ class _Target:
         if spec is None:
             raise CommandError(f"cannot run -m {self.name}: no module named {self.name!r}", USAGE_ERROR)
 
-    def execute(self) -> dict[str, Any]:
-        """Run the program as ``__main__``; returns its globals (keeping them alive)."""
+    def execute(self, module: types.ModuleType) -> None:
+        """Run the program in ``module``, the ``__main__`` in sys.modules, as Python does."""
         if self.is_module:
-            return runpy.run_module(self.name, run_name="__main__", alter_sys=True)
-        # As Python (3.9+) does, a script runs under its absolute path (__file__, code
-        # objects, tracebacks) while sys.argv[0] stays as given.  runpy.run_path sets
-        # sys.argv[0] to the path it runs, so a source file is run here the way runpy
-        # runs one, in a __main__ module of its own; a directory, a zip file or a compiled
-        # file goes to runpy (sys.argv[0] absolute then).
-        fname = os.path.abspath(self.name)
-        source = None
-        if os.path.isfile(fname) and not zipfile.is_zipfile(fname):
-            with io.open_code(fname) as f:
-                source = f.read()
-        if source is None or source.startswith(importlib.util.MAGIC_NUMBER):
-            return runpy.run_path(fname, run_name="__main__")
-        return self._exec_source(source, fname)
+            # what ``python -m`` runs (CPython calls it by this name): sys.argv[0] becomes the file
+            runpy._run_module_as_main(self.name)
+        elif self.importable:
+            runpy._run_module_as_main("__main__", alter_argv=False)  # ``python app.zip``: argv[0] as given
+        else:
+            code, loader = self._compile()
+            vars(module).update(__file__=self.path, __cached__=None, __loader__=loader("__main__", self.path))
+            exec(code, vars(module))
 
-    @staticmethod
-    def _exec_source(source: bytes, fname: str) -> dict[str, Any]:
-        code = compile(source, fname, "exec", dont_inherit=True)
-        module = types.ModuleType("__main__")
-        module.__dict__.update(__file__=fname, __cached__=None, __loader__=None, __package__="", __spec__=None)
-        saved = sys.modules.get("__main__")
-        sys.modules["__main__"] = module
-        try:
-            exec(code, module.__dict__)
-        finally:
-            if saved is not None:
-                sys.modules["__main__"] = saved
-        return module.__dict__
+    def _compile(self) -> tuple[types.CodeType, type]:
+        """The script's code and the loader Python gives its ``__main__``: a source file, or
+        a compiled one (named .pyc, or starting as one does)."""
+        with io.open_code(self.path) as f:
+            data = f.read()
+        magic = importlib.util.MAGIC_NUMBER
+        if self.path.endswith(".pyc") or data[:2] == magic[:2]:
+            if not data.startswith(magic):
+                raise RuntimeError("Bad magic number in .pyc file")
+            return marshal.loads(data[16:]), importlib.machinery.SourcelessFileLoader
+        return compile(data, self.path, "exec", dont_inherit=True), importlib.machinery.SourceFileLoader
+
+
+def _main_module() -> types.ModuleType:
+    """A new ``__main__`` holding what the interpreter puts in its own at startup: the
+    builtins module itself (exec would put its dict), and before 3.14 ``__annotations__``."""
+    module = types.ModuleType("__main__")
+    if sys.version_info < (3, 14):
+        vars(module)["__annotations__"] = {}
+    vars(module)["__builtins__"] = builtins
+    return module
 
 
 @contextlib.contextmanager
-def _program_environment(target: _Target) -> Iterator[None]:
-    """sys.argv and sys.path[0] as ``python script.py args`` / ``python -m mod args`` set
-    them, restored afterwards."""
-    saved_argv, saved_path = sys.argv[:], sys.path[:]
+def _program_environment(target: _Target) -> Iterator[types.ModuleType]:
+    """sys.argv, sys.path[0] and a ``__main__`` module as ``python script.py args`` /
+    ``python -m mod args`` set them; yields the module.  Restored afterwards."""
+    saved_argv, saved_path, saved_main = sys.argv, sys.path[:], sys.modules.get("__main__")
     sys.argv = [target.name, *target.args]
     if sys.path:
         sys.path[0] = target.path0()
     else:
         sys.path.insert(0, target.path0())
+    module = sys.modules["__main__"] = _main_module()
     try:
-        yield
+        yield module
     finally:
-        sys.argv[:] = saved_argv
+        sys.argv = saved_argv
         sys.path[:] = saved_path
+        if saved_main is None:
+            sys.modules.pop("__main__", None)
+        else:
+            sys.modules["__main__"] = saved_main
 
 
 def _profiler_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -320,7 +345,8 @@ def _profiler_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_output(name: str) -> Path:
-    """Fail before running the program, not after, if the report cannot be written."""
+    """Fail before running the program, not after, if the report cannot be written.
+    Returns the path made absolute now: the program may change directory."""
     if not name.strip():
         raise CommandError("cannot write report to an empty path", USAGE_ERROR)
     path = Path(name)
@@ -339,104 +365,200 @@ def _check_output(name: str) -> Path:
             pass
     except OSError as exc:
         raise CommandError(f"cannot write report to {name}: {exc.strerror or exc}", USAGE_ERROR) from None
-    return path
+    return path.absolute()
 
 
-def _profile(target: _Target, args: argparse.Namespace) -> int:
+def _profile(target: _Target, args: argparse.Namespace) -> int | None:
+    """Run the program profiled, write the report, print the summary; return the program's
+    exit status (None: it was ended by an uncaught KeyboardInterrupt)."""
     options = _profiler_options(args)
     output = _check_output(args.output)
     out, err = sys.stdout, sys.stderr  # the program may replace them; the summary goes to ours
-    with _program_environment(target):
+    with _program_environment(target) as module:
         target.check_module()
         try:
             profiler = api.install_policy(uvloop=args.uvloop, **options)
         except ProfilerError as exc:
             raise CommandError(str(exc)) from None
-        status = _run_program(target, err)
-    with contextlib.suppress(Exception):
+        status = _run_program(target, module, err)
+    # The program's output first.  If it cannot be written, that is the program's error,
+    # left in place for Python to report at exit as it would have.
+    stuck: Exception | None = None
+    try:
         sys.stdout.flush()
+    except (OSError, ValueError, AttributeError) as exc:  # (AttributeError: no stdout at all)
+        stuck = exc
 
     report = profiler.snapshot()
+    written = True
     try:
         write_json(report, output)
     except ExportError as exc:
-        print(f"{PROG}: error: {exc}", file=err)
-        status = status or 1
-        output = None
+        _emit(err, f"{PROG}: error: {exc}\n")
+        written = False
+        if status == 0:
+            status = 1
+    if not args.quiet:
+        _summarise(report, args, out, err, written, stuck)
+    return status
+
+
+def _summarise(report: Report, args: argparse.Namespace, out: TextIO, err: TextIO, written: bool,
+               stuck: Exception | None) -> None:
+    """The summary on ``out``, notes on ``err``.  If ``out`` cannot take it (a full disk, a
+    closed pipe; ``stuck``: the program's own output could not be written there), one line
+    on ``err`` says so: the exit status stays the program's."""
     if out.closed:  # the program closed our stdout: the summary goes where errors go
         out = err
-    if not args.quiet:
-        out.write("\n" + render_text(report, top=args.top, width=_width(out)))
-        out.flush()
-        if report.totals.tasks == 0:
-            print(f"{PROG}: note: no asyncio task was seen (the program ran no event loop, or ran it "
-                  "in a way we do not see, e.g. a loop made directly as a uvloop.Loop)", file=err)
-        if output is not None:
-            print(f"{PROG}: report written to {output} (view it again with: {PROG} report {output})", file=out)
-    return status
+    if out is sys.stdout and stuck is not None:
+        error: Exception | None = stuck
+    else:
+        error = _emit(out, "\n" + render_text(report, top=args.top, width=_width(out)))
+    if report.totals.tasks == 0:
+        _emit(err, f"{PROG}: note: no asyncio task was seen (the program ran no event loop, or ran it "
+                   "in a way we do not see, e.g. a loop made directly as a uvloop.Loop)\n")
+    if error is None and written:
+        error = _emit(out, f"{PROG}: report written to {args.output} "
+                           f"(view it again with: {PROG} report {args.output})\n")
+    if error is not None:
+        reason = getattr(error, "strerror", None) or error
+        saved = f"; the report is in {args.output}" if written else ""
+        _emit(err, f"{PROG}: error: cannot write the summary: {reason}{saved}\n")
+
+
+def _emit(stream: TextIO, data: str | bytes) -> Exception | None:
+    """Write ``data`` (bytes: to the stream's buffer) and flush.  On failure (a full disk,
+    a closed pipe or file) return the error, after dropping what could not be written:
+    Python would try it again at exit and fail again ("Exception ignored ...", status 120)."""
+    try:
+        if isinstance(data, bytes):
+            stream.buffer.write(data)
+        else:
+            stream.write(data)
+        stream.flush()
+    except (OSError, ValueError) as exc:
+        _discard_pending(stream)
+        return exc
+    return None
+
+
+def _discard_pending(stream: TextIO) -> None:
+    """Flush ``stream`` into /dev/null, its file descriptor then put back."""
+    with contextlib.suppress(OSError, ValueError):
+        fd = stream.fileno()
+        saved = os.dup(fd)
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, fd)
+                stream.flush()
+            finally:
+                os.close(null)
+                os.dup2(saved, fd)
+        finally:
+            os.close(saved)
 
 
 @contextlib.contextmanager
 def _loops_made_any_way_instrumented() -> Iterator[None]:
-    """While the program runs, loops that bypass the policy we installed are instrumented
+    """While the program runs, loops that bypass the policy we instrumented are instrumented
     too: those an ``asyncio.Runner`` makes with a ``loop_factory`` (``asyncio.run(...,
-    loop_factory=)``, ``uvloop.run``) and those of a policy the program installs itself
-    (``uvloop.install()``, ``asyncio.set_event_loop_policy(...)``)."""
-    profiler = current_profiler()
+    loop_factory=)``, ``uvloop.run``) and those of a policy the program sets itself
+    (``uvloop.install()``, ``asyncio.set_event_loop_policy(...)``), which stays the
+    program's own object.  All of it is undone at the end."""
+    instrument = api.instrument_or_skip(current_profiler())
     runner_init = asyncio.runners.Runner.__init__
-    set_policy = asyncio.events.set_event_loop_policy if policies_available() else None
+    events = asyncio.events
+    # 3.14's deprecated set_event_loop_policy calls a private setter: wrapping that one
+    # leaves its DeprecationWarning pointing at the program's line, not at ours
+    name = "_set_event_loop_policy" if hasattr(events, "_set_event_loop_policy") else "set_event_loop_policy"
+    set_policy = getattr(events, name, None) if policies_available() else None
+    holders = [m for m in (events, asyncio) if getattr(m, name, None) is set_policy] if set_policy else []
+    ours: list[Any] = []  # the policies instrumented here
+    unseen: set[type] = set()
 
     @functools.wraps(runner_init)
-    def init(self, *args: Any, loop_factory: Any = None, **kwargs: Any) -> None:
+    def init(self: Any, *args: Any, loop_factory: Any = None, **kwargs: Any) -> None:
         if loop_factory is not None and not isinstance(loop_factory, api.LoopFactory):
-            loop_factory = api.LoopFactory(loop_factory, profiler=profiler)
+            loop_factory = _instrumenting(loop_factory, instrument)
         runner_init(self, *args, loop_factory=loop_factory, **kwargs)
 
     def set_event_loop_policy(policy: Any) -> None:
-        if policy is None:
-            policy = asyncio.events.DefaultEventLoopPolicy()  # what None means
-        if not isinstance(policy, InstrumentedPolicy):
-            # the program keeps its own object (get_event_loop_policy() is it, isinstance
-            # holds): its new loops are instrumented through an instance attribute, or,
-            # for a policy that takes none (__slots__), through a wrapper
-            make = policy.new_event_loop
-            try:
-                policy.new_event_loop = lambda: profiler.instrument_loop(make())
-            except (AttributeError, TypeError):
-                policy = InstrumentedPolicy(policy, profiler.instrument_loop)
-        set_policy(policy)
+        set_policy(policy)  # asyncio's own checks and errors first
+        policy = get_policy()  # (for None, the default policy, made now)
+        try:
+            if instrument_policy(policy, instrument):
+                ours.append(policy)
+        except TypeError as exc:  # a policy class defined in C: its loops go unseen
+            if type(policy) not in unseen:
+                unseen.add(type(policy))
+                _emit(sys.stderr, f"{PROG}: warning: {exc}; the loops it makes are not profiled\n")
 
     asyncio.runners.Runner.__init__ = init  # type: ignore[method-assign]
     if set_policy is not None:
         functools.update_wrapper(set_event_loop_policy, set_policy)
-        asyncio.events.set_event_loop_policy = asyncio.set_event_loop_policy = set_event_loop_policy
+        for holder in holders:
+            setattr(holder, name, set_event_loop_policy)
     try:
         yield
     finally:
         asyncio.runners.Runner.__init__ = runner_init  # type: ignore[method-assign]
-        if set_policy is not None:
-            asyncio.events.set_event_loop_policy = asyncio.set_event_loop_policy = set_policy
+        for holder in holders:
+            setattr(holder, name, set_policy)
+        for policy in ours:
+            uninstrument_policy(policy)
 
 
-def _run_program(target: _Target, err: TextIO) -> int:
-    """Run the program with the profiler on; return its exit status.  The profiler is
-    stopped before the program's globals (or its exception's frames) can be released, so
-    what the program still held when it ended shows as live."""
+def _instrumenting(factory: Callable[[], Any], instrument: Callable[[Any], Any]) -> Callable[[], Any]:
+    """``factory``, its loops instrumented."""
+
+    def make() -> Any:
+        return instrument(factory())
+
+    return make
+
+
+def _run_program(target: _Target, module: types.ModuleType, err: TextIO) -> int | None:
+    """Run the program with the profiler on and end it as Python does: its traceback (or
+    SystemExit message) first, then a wait for its non-daemon threads.  Returns its exit
+    status, or None if an uncaught KeyboardInterrupt ended it.  The profiler is stopped
+    before the program's exception (with its frames) can be released, so what the program
+    still held when it ended shows as live (``module``, its globals, is held by the caller)."""
+    held: BaseException | None = None  # noqa: F841 - held until the profiler has stopped
     try:
-        try:
-            with _loops_made_any_way_instrumented():
-                namespace = target.execute()  # noqa: F841 - held until the profiler has stopped
-        finally:
-            api.uninstall_policy()
-    except SystemExit as exc:
-        return _exit_status(exc.code, err)
-    except KeyboardInterrupt as exc:
-        _print_user_traceback(exc)
-        return 130
-    except BaseException as exc:  # the program's own error: its traceback, as Python shows it
-        _print_user_traceback(exc)
-        return 1
-    return 0
+        with _loops_made_any_way_instrumented():
+            try:
+                target.execute(module)
+                status: int | None = 0
+            except SystemExit as exc:
+                held, status = exc, _exit_status(exc.code, err)
+            except BaseException as exc:  # the program's own error: its traceback, as Python shows it
+                held = exc
+                _print_user_traceback(exc)
+                # Python ends by SIGINT for a KeyboardInterrupt, not for a subclass of it
+                status = None if type(exc) is KeyboardInterrupt else 1
+            _wait_for_threads()
+    finally:
+        api.uninstall_policy()
+    return status
+
+
+def _wait_for_threads() -> None:
+    """Wait for the program's non-daemon threads, as Python does after the main module
+    and before atexit handlers: their tasks belong in the report.  This is the
+    interpreter's own wait (``threading._shutdown``, which CPython calls by that name; its
+    call at exit then returns at once).  An exception in it (Ctrl-C) is shown as an
+    exception ignored, as Python shows it (3.11 and 3.12 word the header so), and the run
+    goes on."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may shut threading down
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+    except BaseException as exc:  # noqa: BLE001 - reported as Python reports it
+        tb = exc.__traceback__
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"Exception ignored in: {threading!r}\n")
+            traceback.print_exception(type(exc), exc, tb.tb_next if tb is not None else None)
 
 
 def _exit_status(code: object, err: TextIO) -> int:
@@ -458,6 +580,24 @@ def _print_user_traceback(exc: BaseException) -> None:
     # did not compile: a SyntaxError) it prints what Python prints, the error alone
     exc.__traceback__ = tb
     sys.excepthook(type(exc), exc, tb)
+
+
+def _end_interrupted() -> NoReturn:
+    """End as Python ends a program stopped by an uncaught KeyboardInterrupt (its
+    traceback already shown): killed by SIGINT once the interpreter has shut down (atexit
+    handlers run), so the shell sees the interrupt.  Python does that only for a
+    KeyboardInterrupt that reaches its top level, so one is raised; the hook that would
+    print it prints nothing, once."""
+    interrupt = KeyboardInterrupt()
+    hook = sys.excepthook
+
+    def quiet(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        sys.excepthook = hook
+        if exc is not interrupt:
+            hook(exc_type, exc, tb)
+
+    sys.excepthook = quiet
+    raise interrupt
 
 
 def _width(stream: TextIO) -> int:
@@ -496,7 +636,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+    Raises KeyboardInterrupt if the program it ran was ended by one (see _end_interrupted)."""
     parser = _build_parser()
     try:
         try:
@@ -510,7 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise CommandError(f"unrecognized arguments: {' '.join(unknown)} (see '{PROG} {command.name} --help')",
                                USAGE_ERROR)
-        return command.run(args)
+        status = command.run(args)
     except CommandError as exc:
         print(f"{PROG}: error: {exc.message}", file=sys.stderr)
         return exc.exit_code
@@ -522,3 +663,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    if status is None:
+        _end_interrupted()
+    return status

@@ -240,3 +240,154 @@ def test_profile_decorator_calls_from_many_threads(tmp_path):
     assert errors == []
     assert [str(w.message) for w in caught if "memscope" in str(w.message)] == []
     assert call.last_report is not None and path.exists()
+
+
+# -- install_policy ---------------------------------------------------------------------
+def get_policy():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return asyncio.get_event_loop_policy()
+
+
+def set_policy(policy) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        asyncio.set_event_loop_policy(policy)
+
+
+def test_install_policy_keeps_the_policy_object_and_type():
+    """The policy in effect is instrumented in place: the same object, of its own type,
+    with no attribute added (a wrapper made isinstance(p, DefaultEventLoopPolicy) False);
+    its loops are profiled; uninstall_policy gives its class its own method back."""
+    from memscope_async.loop_hooks.instrument import is_instrumented
+    from memscope_async.loop_hooks.policy import InstrumentedPolicy
+
+    policy = get_policy()
+    attributes = dict(vars(policy))
+    own = vars(asyncio.events.BaseDefaultEventLoopPolicy)["new_event_loop"]
+    KEPT_BY_CALLS.clear()
+
+    async def main():
+        KEPT_BY_CALLS.append(bytearray(MiB))
+
+    profiler = ms.install_policy()
+    try:
+        assert get_policy() is policy
+        assert type(policy).__name__ in ("_UnixDefaultEventLoopPolicy", "_WindowsDefaultEventLoopPolicy")
+        assert isinstance(policy, asyncio.DefaultEventLoopPolicy) and isinstance(policy, InstrumentedPolicy)
+        assert vars(policy) == attributes
+        loop = asyncio.new_event_loop()
+        assert is_instrumented(loop)
+        loop.close()
+        asyncio.run(main())
+        (task,) = profiler.snapshot().find(coro="test_install_policy_keeps_the_policy_object_and_type.<locals>.main")
+        assert close_to(task.live_bytes, MiB)
+    finally:
+        ms.uninstall_policy()
+        KEPT_BY_CALLS.clear()
+    assert get_policy() is policy and vars(policy) == attributes
+    assert vars(asyncio.events.BaseDefaultEventLoopPolicy)["new_event_loop"] is own
+    assert "new_event_loop" not in vars(type(policy))
+    assert not isinstance(policy, InstrumentedPolicy)
+    loop = asyncio.new_event_loop()
+    assert not is_instrumented(loop)
+    loop.close()
+
+
+def test_install_policy_instruments_policies_of_any_class():
+    """A policy class with __slots__ (no instance attributes) and one that makes its loops
+    its own way: instrumented in place, and given back."""
+    from memscope_async.loop_hooks.instrument import is_instrumented
+
+    class Slotted(asyncio.DefaultEventLoopPolicy):
+        __slots__ = ()
+
+    class Own(asyncio.DefaultEventLoopPolicy):
+        def new_event_loop(self):
+            return asyncio.SelectorEventLoop()
+
+    original = get_policy()
+    try:
+        for policy in (Slotted(), Own()):
+            set_policy(policy)
+            ms.install_policy()
+            try:
+                assert get_policy() is policy and type(policy) is not asyncio.DefaultEventLoopPolicy
+                loop = asyncio.new_event_loop()
+                assert is_instrumented(loop)
+                loop.close()
+            finally:
+                ms.uninstall_policy()
+            assert "new_event_loop" not in vars(Slotted) and vars(Own)["new_event_loop"].__qualname__ == \
+                "test_install_policy_instruments_policies_of_any_class.<locals>.Own.new_event_loop"
+    finally:
+        set_policy(original)
+
+
+def test_install_policy_uvloop_and_back():
+    uvloop = pytest.importorskip("uvloop")
+    from memscope_async.loop_hooks.instrument import is_instrumented
+
+    original = get_policy()
+    ms.install_policy(uvloop=True)
+    try:
+        assert type(get_policy()) is uvloop.EventLoopPolicy
+        loop = asyncio.new_event_loop()
+        assert isinstance(loop, uvloop.Loop) and is_instrumented(loop)
+        loop.close()
+    finally:
+        ms.uninstall_policy()
+    assert get_policy() is original
+
+
+def test_a_loop_the_policy_cannot_have_instrumented_is_left_alone(capfd):
+    """A policy that makes loops we cannot instrument (uvloop's bare Cython Loop): its
+    loops come back unharmed, not a TypeError; stderr says so in one line at most."""
+    uvloop = pytest.importorskip("uvloop")
+
+    class Bare(asyncio.DefaultEventLoopPolicy):
+        def new_event_loop(self):
+            return uvloop.loop.Loop()
+
+    async def main():
+        return "ok"
+
+    original = get_policy()
+    set_policy(Bare())
+    try:
+        ms.install_policy()
+        try:
+            for _ in range(2):
+                loop = asyncio.new_event_loop()
+                assert type(loop) is uvloop.loop.Loop
+                assert loop.run_until_complete(main()) == "ok"
+                loop.close()
+        finally:
+            ms.uninstall_policy()
+    finally:
+        set_policy(original)
+    err = capfd.readouterr().err
+    assert err in ("", "memscope-async: warning: cannot instrument event loop of type uvloop.loop.Loop; "
+                       "its tasks are not profiled\n")
+
+
+def test_install_policy_leaves_the_deprecation_warning_at_the_programs_line(tmp_path):
+    """asyncio.get_event_loop() with no loop set: on 3.12 and 3.13 its DeprecationWarning
+    names the caller's line, as without us (a frame of ours there hid it in __main__)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "prog.py").write_text(
+        "import asyncio, sys\n"
+        "import memscope_async as ms\n"
+        "if sys.argv[1:]:\n"
+        "    ms.install_policy()\n"
+        "loop = asyncio.get_event_loop()\n"
+        "loop.close()\n"
+    )
+    runs = [subprocess.run([sys.executable, "prog.py", *args], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=60) for args in ([], ["profiled"])]
+    assert runs[0].returncode == runs[1].returncode == 0
+    assert runs[0].stderr == runs[1].stderr
+    if sys.version_info[:2] in ((3, 12), (3, 13)):
+        assert "prog.py:5: DeprecationWarning: There is no current event loop" in runs[1].stderr
