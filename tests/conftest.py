@@ -43,12 +43,13 @@ def _leaves_nothing_behind():
         leaked.append("threading.Thread.start still patched")
     if queue.Queue.get is not queue_get:
         leaked.append("queue.Queue.get still patched")
-    if type(_policy()) is not start_policy:
-        leaked.append(f"event-loop policy left as {type(_policy()).__name__}")
+    from memscope_async.loop_hooks import instrument, policy
+
+    if type(_policy()) is not start_policy or policy._patches:
+        leaked.append(f"event-loop policy left as {type(_policy()).__name__}, patched: {sorted(c.__qualname__ for c in policy._patches)}")
         import memscope_async as ms
 
         ms.uninstall_policy()
-    from memscope_async.loop_hooks import instrument
 
     if instrument._patches:
         leaked.append(f"loop methods still patched: {sorted(f'{c.__qualname__}.{n}' for c, n in instrument._patches)}")
