@@ -255,6 +255,12 @@ static struct {
     uint64_t seed;
     PyObject *tag_var;          /* strong ref while active or holding data */
     PyMemAllocatorEx orig_obj, orig_mem;
+    /* Our hooks stay installed, recording nothing, after a stop that found another hook
+     * (tracemalloc's) installed over them in a domain (see core_stop): pt_left has bit 0
+     * (object domain) or bit 1 (memory domain) set for each, pt_mode is their mode and
+     * pt_seen counts allocations passed through (a probe's test that they are called). */
+    int passthrough, pt_left, pt_mode;
+    uint64_t pt_seen;
     Py_ssize_t *raw_blocks;      /* pymalloc's count of blocks it got from the raw allocator,
                                     when our own objects come from there (own_malloc) */
     int own_raw_now;             /* a task's tag mapping is being made, to come from there */
@@ -834,8 +840,19 @@ __attribute__((noinline)) static int stack_due(tls_t *t) {
     return 1;
 }
 
+__attribute__((noinline)) static void passed_through(tls_t *t) {
+    S.pt_seen++;
+    t->countdown = INT64_MAX; /* sampled hooks: straight to the allocator from now on */
+}
+
 static MS_HOT void record_alloc(void *p, size_t size, int mode) {
     tls_t *t = &tls;
+    /* (every allocation comes here while passing through: start() and the stop that
+     * began it bump cell_gen, so no exact fast path holds) */
+    if (MS_UNLIKELY(S.passthrough)) {
+        passed_through(t);
+        return;
+    }
     if (MS_UNLIKELY(t->session != S.session)) tls_enter_session(t);
     int64_t bytes, count;
     int stack = 0;
@@ -1231,14 +1248,24 @@ static void clear_task_refs(task_info_t *r) {
 static void tasks_watch(int on);
 static void kept_mappings_clear(void);
 
+/* The sampled free hooks' filter while passing through, or between sessions: all clear. */
+static uint64_t no_samples[FILTER_WORDS];
+
+/* Empty the tables of recorded blocks, leaving them as hooks passing through expect (no
+ * shadow directory, an empty pointer table, a clear filter).  Their counters stay. */
+static void detach_block_tables(void) {
+    shadow_free(&S.shadow);
+    ptrmap_free(&S.ptrs);
+    if (S.filter != no_samples) sysmem_free(S.filter);
+    S.filter = no_samples;
+    u64map_free(&S.filter_more);
+    S.filter_sticky = 0;
+}
+
 static void clear_data(void) {
     tasks_watch(0);
     kept_mappings_clear();
-    shadow_free(&S.shadow);
-    sysmem_free(S.filter);
-    S.filter = NULL;
-    u64map_free(&S.filter_more);
-    S.filter_sticky = 0;
+    detach_block_tables();
     for (uint32_t i = 1; S.tasks != NULL && i < S.ntasks; i++) clear_task_refs(&S.tasks[i]);
     u64map_free(&S.obj_index);
     sysmem_free(S.finished);
@@ -1261,7 +1288,6 @@ static void clear_data(void) {
     S.fold_armed = 0;
     S.records = S.pending = S.mappings_reused = 0;
     S.ninferred = 0;
-    ptrmap_free(&S.ptrs);
     u64map_free(&S.cell_index);
     u64map_free(&S.task_index);
     sysmem_free(S.tid_ring);
@@ -1295,6 +1321,63 @@ PyDoc_STRVAR(start_doc,
 
 static Py_ssize_t *raw_blocks_counter(void);
 
+static inline int hooks_on_top(PyMemAllocatorDomain domain, const PyMemAllocatorEx *orig) {
+    PyMemAllocatorEx top;
+    PyMem_GetAllocator(domain, &top);
+    return top.ctx == (void *)orig; /* our hooks' ctx: only ours name our copy */
+}
+
+/* Of the domains in mask (bit 0 object, bit 1 memory) where our hooks pass through, those
+ * where they are still called: an allocation in each, made to take the hooks' slow path. */
+static int probe_hooks(int mask) {
+    tls_t *t = &tls;
+    int g = t->guard, called = 0;
+    t->guard = 0;
+    if (mask & 1) {
+        uint64_t seen = S.pt_seen;
+        t->countdown = 0;
+        PyObject_Free(PyObject_Malloc(16));
+        if (S.pt_seen != seen) called |= 1;
+    }
+    if (mask & 2) {
+        uint64_t seen = S.pt_seen;
+        t->countdown = 0;
+        PyMem_Free(PyMem_Malloc(16));
+        if (S.pt_seen != seen) called |= 2;
+    }
+    t->guard = g;
+    return called;
+}
+
+/* Before a start, hooks left passing through by the last stop (see core_stop): where they
+ * are on top again (the hook over them was removed: tracemalloc.stop() puts back what it
+ * found), the original allocator goes back; where they are no longer called at all, they
+ * are forgotten; where they are still called under another hook, they are kept, to record
+ * again in this session, which must then be in their mode.  Returns -1 with an exception
+ * set (nothing changed) if it is not. */
+static int settle_passthrough(int mode) {
+    if ((S.pt_left & 1) && hooks_on_top(PYMEM_DOMAIN_OBJ, &S.orig_obj)) {
+        PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &S.orig_obj);
+        S.pt_left &= ~1;
+    }
+    if ((S.pt_left & 2) && hooks_on_top(PYMEM_DOMAIN_MEM, &S.orig_mem)) {
+        PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &S.orig_mem);
+        S.pt_left &= ~2;
+    }
+    int under = probe_hooks(S.pt_left);
+    if (under && S.pt_mode != mode) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "another allocator hook (tracemalloc?) was installed over this profiler's %s-mode hooks "
+                     "and is still active; %s-mode session can start only once it is removed "
+                     "(tracemalloc.stop())",
+                     S.pt_mode == MODE_SAMPLED ? "sampled" : "exact", mode == MODE_SAMPLED ? "a sampled" : "an exact");
+        return -1;
+    }
+    S.pt_left = under;
+    if (!under) S.passthrough = 0;
+    return 0;
+}
+
 static PyObject *core_start(PyObject *m, PyObject *args) {
     PyObject *var;
     int mode, depth;
@@ -1319,6 +1402,7 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "sample_interval must be >= 1 byte");
         return NULL;
     }
+    if (S.passthrough && settle_passthrough(mode) < 0) return NULL;
     if (S.has_data) clear_data();
     if (ptrmap_init(&S.ptrs, mode == MODE_SAMPLED ? 1u << 10 : 1u << 14) < 0 || u64map_init_local(&S.cell_index, 1024, 0) < 0 ||
         u64map_init_local(&S.task_index, 1024, 0) < 0 || u64map_init_local(&S.obj_index, 1024, 7) < 0 || stacks_init(depth) < 0 ||
@@ -1354,34 +1438,66 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
     tstate_locate();
     tasks_watch(1); /* before the hooks: it may import _asyncio */
     static PyMemAllocatorEx hook_obj, hook_mem;
-    PyMem_GetAllocator(PYMEM_DOMAIN_OBJ, &S.orig_obj);
-    PyMem_GetAllocator(PYMEM_DOMAIN_MEM, &S.orig_mem);
-    S.raw_blocks = raw_blocks_counter();
-    hook_obj.ctx = &S.orig_obj;
     int sampled = mode == MODE_SAMPLED;
-    hook_obj.malloc = sampled ? hook_malloc_sampled : hook_malloc_obj;
-    hook_obj.calloc = sampled ? hook_calloc_sampled : hook_calloc_obj;
-    hook_obj.realloc = sampled ? hook_realloc_sampled : hook_realloc;
-    hook_obj.free = sampled ? hook_free_sampled : hook_free;
-    hook_mem = hook_obj;
-    hook_mem.ctx = &S.orig_mem;
-    hook_mem.malloc = sampled ? hook_malloc_sampled : hook_malloc;
-    hook_mem.calloc = sampled ? hook_calloc_sampled : hook_calloc;
-    PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &hook_obj);
-    PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &hook_mem);
+    S.raw_blocks = raw_blocks_counter();
+    if (!(S.pt_left & 1)) {
+        PyMem_GetAllocator(PYMEM_DOMAIN_OBJ, &S.orig_obj);
+        hook_obj.ctx = &S.orig_obj;
+        hook_obj.malloc = sampled ? hook_malloc_sampled : hook_malloc_obj;
+        hook_obj.calloc = sampled ? hook_calloc_sampled : hook_calloc_obj;
+        hook_obj.realloc = sampled ? hook_realloc_sampled : hook_realloc;
+        hook_obj.free = sampled ? hook_free_sampled : hook_free;
+        PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &hook_obj);
+    }
+    if (!(S.pt_left & 2)) {
+        PyMem_GetAllocator(PYMEM_DOMAIN_MEM, &S.orig_mem);
+        hook_mem.ctx = &S.orig_mem;
+        hook_mem.malloc = sampled ? hook_malloc_sampled : hook_malloc;
+        hook_mem.calloc = sampled ? hook_calloc_sampled : hook_calloc;
+        hook_mem.realloc = sampled ? hook_realloc_sampled : hook_realloc;
+        hook_mem.free = sampled ? hook_free_sampled : hook_free;
+        PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &hook_mem);
+    }
+    /* (hooks still under another one, from the last session, record again from here) */
+    S.pt_left = 0;
+    S.passthrough = 0;
     S.active = 1;
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(stop_doc, "stop()\n--\n\nRestore the original allocators.  Data is kept until clear() or start().");
+PyDoc_STRVAR(stop_doc, "stop() -> bool\n--\n\nRestore the original allocators.  Data is kept until clear() or start().\n"
+"True if the hooks had been taken out of the allocator chain by someone else (some\n"
+"allocations went unrecorded).");
 
+/* A hook installed over ours since start (tracemalloc.start() while profiling) holds our
+ * hooks as its allocator and will call them, and put them back when it is removed.  Taking
+ * them out under it would cut it off from the allocator (its frees of blocks made through
+ * it then go astray), and putting the original back over it would drop it.  So in each
+ * domain where ours are not on top they stay, recording nothing from now on (passthrough:
+ * S.cell_gen moves, so no exact fast path holds, and the tables of recorded blocks are
+ * emptied so that no free finds one; record_alloc turns back every allocation), until a
+ * start finds where they are (settle_passthrough). */
 static PyObject *core_stop(PyObject *m, PyObject *noargs) {
+    int cut = 0;
     if (S.active) {
-        PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &S.orig_obj);
-        PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &S.orig_mem);
+        int left = 0;
+        if (hooks_on_top(PYMEM_DOMAIN_OBJ, &S.orig_obj)) PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &S.orig_obj);
+        else left |= 1;
+        if (hooks_on_top(PYMEM_DOMAIN_MEM, &S.orig_mem)) PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &S.orig_mem);
+        else left |= 2;
+        if (left) {
+            S.passthrough = 1;
+            S.pt_left = left;
+            S.pt_mode = S.mode;
+            S.cell_gen++;
+            detach_block_tables();
+            /* and if they are no longer called at all, they were taken out (tracemalloc
+             * started before us and stopped since: it put back what it found) */
+            if (probe_hooks(left) != left) cut = 1;
+        }
         S.active = 0;
     }
-    Py_RETURN_NONE;
+    return PyBool_FromLong(cut);
 }
 
 PyDoc_STRVAR(clear_doc, "clear()\n--\n\nFree all recorded data.  Raises RuntimeError while started.");
@@ -1772,7 +1888,7 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
     int g = tls.guard;
     tls.guard = 1;
     size_t table = ptrmap_bytes(&S.ptrs) + shadow_resident_bytes(&S.shadow) +
-                   (S.filter ? FILTER_WORDS * sizeof(uint64_t) : 0) +
+                   (S.filter != NULL && S.filter != no_samples ? FILTER_WORDS * sizeof(uint64_t) : 0) +
                    (S.filter_more.slots ? (S.filter_more.mask + 1) * sizeof(u64map_entry_t) : 0);
     size_t other = (size_t)S.capcells * sizeof(cell_t) + (size_t)S.captasks * sizeof(task_info_t) +
                    (size_t)S.capthreads * sizeof(thread_info_t) +

@@ -8,8 +8,11 @@ only counts.
 from __future__ import annotations
 
 import datetime as _dt
+import os
+import sys
 import random
 import threading
+import warnings
 from array import array
 from typing import Any, Callable, Iterable, Mapping
 
@@ -41,6 +44,20 @@ _UINT32 = array("I").itemsize  # the core's task ids: native uint32
 _lock = threading.Lock()
 _running: "Tracker | None" = None
 _generation = 0  # bumped at every start: the C core holds one run's data at a time
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by our caller name the first frame
+    outside memscope-async (the program's line that stopped the profiler)."""
+    ours = {
+        os.path.dirname(m.__file__)
+        for name, m in list(sys.modules.items())
+        if name.partition(".")[0] == "memscope_async" and getattr(m, "__file__", None)
+    }
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.dirname(frame.f_code.co_filename) in ours:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class TrackerError(RuntimeError):
@@ -148,15 +165,18 @@ class Tracker:
                 stack_interval = float(self.sample_interval)
             else:
                 stack_interval = float(self.stack_interval)
-            _core.start(
-                self.tag_var,
-                _core.MODE_SAMPLED if self.mode == "sampled" else _core.MODE_EXACT,
-                float(self.sample_interval),
-                stack_interval,
-                max(1, self.stack_depth),
-                float(self.inferred_half_life),
-                int(self.seed),
-            )
+            try:
+                _core.start(
+                    self.tag_var,
+                    _core.MODE_SAMPLED if self.mode == "sampled" else _core.MODE_EXACT,
+                    float(self.sample_interval),
+                    stack_interval,
+                    max(1, self.stack_depth),
+                    float(self.inferred_half_life),
+                    int(self.seed),
+                )
+            except RuntimeError as e:  # hooks of an earlier session still under tracemalloc's
+                raise TrackerError(str(e)) from None
             _running = self
             global _generation
             _generation += 1
@@ -182,12 +202,19 @@ class Tracker:
         with _lock:
             if not self._active:
                 return
-            _core.stop()
+            cut = _core.stop()
             _core.set_fold_hook(None, 0)
             self._active = False
             self._stop_ns = _core.now_ns()
             if _running is self:
                 _running = None
+        if cut:
+            warnings.warn(
+                "memscope-async: the allocator hooks were taken out while profiling (tracemalloc, started "
+                "before the profiler, was stopped during it?); allocations made after that are not in the report",
+                RuntimeWarning,
+                stacklevel=_caller_stacklevel(),
+            )
 
     def close(self) -> None:
         """Stop and free everything the core holds."""
