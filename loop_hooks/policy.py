@@ -1,16 +1,17 @@
-"""Instrumenting an event-loop policy in place: every loop it makes gets instrumented.
+"""Instrumenting an event-loop policy in place: every loop it makes or is given gets instrumented.
 
 The policy keeps its identity, its type and its attributes: ``get_event_loop_policy()`` is
 still the program's object, ``isinstance(policy, DefaultEventLoopPolicy)`` still holds and
 ``vars(policy)`` does not change.  While a policy is instrumented, the class that defines
 the ``new_event_loop`` it uses has ours instead, which calls the class's own and then, if
-its policy is an instrumented one, instruments the loop; the class gets its own back with
-the last of them.  (A wrapper object changed the policy's type; instance attributes show
-in ``vars()`` and in copies.)  Only ``new_event_loop``: ``get_event_loop`` makes its loop
-through it, and must stay asyncio's own, as its "There is no current event loop"
+its policy is an instrumented one, instruments the loop; so does the class that defines
+its ``set_event_loop`` (a loop made directly, ``SelectorEventLoop()``, and set as the
+current loop is instrumented there).  The classes get their own back with the last of
+them.  (A wrapper object changed the policy's type; instance attributes show in
+``vars()`` and in copies.)  Not ``get_event_loop``: it makes its loop through
+``new_event_loop``, and must stay asyncio's own, as its "There is no current event loop"
 DeprecationWarning (3.12, 3.13) names the first frame outside asyncio, which must be the
-program's line; a loop made directly (``SelectorEventLoop()``) is not instrumented,
-whether the program sets it as the current loop or not.
+program's line.  A loop made directly and run without being set is not instrumented.
 
 Policies are deprecated from Python 3.14 and will go away; there, the policy is read and
 set through asyncio's own private accessors, so no DeprecationWarning reaches the user,
@@ -55,83 +56,117 @@ def set_policy(policy: Any) -> None:
 _IMMUTABLE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE
 _MISSING = object()
 
-# id(policy) -> (policy, instrument, the class holding our method): the policy is held
-# while it is instrumented
-_instrumented: dict[int, tuple[Any, Callable[[Any], Any], type]] = {}
-_patches: dict[type, list[Any]] = {}  # class -> [what its __dict__ held, policies using our method there]
+_METHODS = ("new_event_loop", "set_event_loop")
+
+# id(policy) -> (policy, instrument, where our methods are): the policy is held while it
+# is instrumented
+_instrumented: dict[int, tuple[Any, Callable[[Any], Any], tuple[tuple[type, str], ...]]] = {}
+# (class, method name) -> [what the class's __dict__ held, policies using our method there]
+_patches: dict[tuple[type, str], list[Any]] = {}
 _lock = threading.RLock()
 
 
-def _owner(cls: type) -> type:
-    """Where our ``new_event_loop`` goes for policies of type ``cls``: the class that
-    defines the one they use (``BaseDefaultEventLoopPolicy`` for asyncio's and uvloop's,
-    so policies of related classes share it), else, if that class cannot be changed,
-    ``cls`` itself."""
-    definer = next((k for k in cls.__mro__ if "new_event_loop" in vars(k)), cls)
+def _owner(cls: type, name: str) -> type:
+    """Where our method ``name`` goes for policies of type ``cls``: the class that defines
+    the one they use (``BaseDefaultEventLoopPolicy``'s ``new_event_loop`` for asyncio's and
+    uvloop's, so policies of related classes share it), else, if that class cannot be
+    changed, ``cls`` itself."""
+    definer = next((k for k in cls.__mro__ if name in vars(k)), cls)
     return cls if definer.__flags__ & _IMMUTABLE else definer
 
 
-def _replacement(owner: type, saved: Any) -> Callable[..., Any]:
-    """Our ``new_event_loop`` on ``owner``: the class's own (``saved``, or what its bases
-    give), then the loop instrumented if ``self`` is an instrumented policy."""
+def _own(owner: type, name: str, saved: Any, policy: Any) -> Callable[..., Any]:
+    """The method ``name`` that ``owner`` had for ``policy`` (``saved``, or what its bases give)."""
+    if saved is _MISSING:
+        return getattr(super(owner, policy), name)
+    get = getattr(type(saved), "__get__", None)  # (a function, as a rule: bound to the policy)
+    return saved if get is None else get(saved, policy, type(policy))
 
-    def new_event_loop(self, *args, **kwargs):
-        if saved is _MISSING:
-            own = super(owner, self).new_event_loop
-        else:
-            get = getattr(type(saved), "__get__", None)  # (a function, as a rule: bound to self)
-            own = saved if get is None else get(saved, self, type(self))
-        loop = own(*args, **kwargs)
-        entry = _instrumented.get(id(self))
-        if entry is not None and entry[0] is self and not is_instrumented(loop):
-            entry[1](loop)
-        return loop
 
-    return functools.wraps(getattr(owner, "new_event_loop"))(new_event_loop)
+def _instrument_for(policy: Any, loop: Any) -> None:
+    entry = _instrumented.get(id(policy))
+    if (entry is not None and entry[0] is policy and loop is not None and not is_instrumented(loop)
+            and not getattr(loop, "is_closed", lambda: False)()):
+        entry[1](loop)
+
+
+def _replacement(owner: type, name: str, saved: Any) -> Callable[..., Any]:
+    """Our method ``name`` on ``owner``: the class's own, then the loop it made or was
+    given instrumented if ``self`` is an instrumented policy."""
+    if name == "new_event_loop":
+
+        def new_event_loop(self, *args, **kwargs):
+            loop = _own(owner, name, saved, self)(*args, **kwargs)
+            _instrument_for(self, loop)
+            return loop
+
+        method = new_event_loop
+    else:
+
+        def set_event_loop(self, loop, *args, **kwargs):
+            result = _own(owner, name, saved, self)(loop, *args, **kwargs)  # its errors first
+            _instrument_for(self, loop)
+            return result
+
+        method = set_event_loop
+    return functools.wraps(getattr(owner, name))(method)
+
+
+def _unpatch(key: tuple[type, str]) -> None:
+    patch = _patches[key]
+    patch[1] -= 1
+    if patch[1]:
+        return
+    del _patches[key]
+    owner, name = key
+    if patch[0] is _MISSING:
+        delattr(owner, name)
+    else:
+        setattr(owner, name, patch[0])
 
 
 def instrument_policy(policy: Any, instrument: Callable[[Any], Any]) -> bool:
     """Have ``instrument(loop)`` called on every loop ``policy.new_event_loop()`` makes
-    (that is not instrumented already), until :func:`uninstrument_policy`.  Returns False
-    if ``policy`` already was (nothing done).  Raises TypeError if the policy's class cannot
-    be changed (a type defined in C)."""
+    and every open loop ``policy.set_event_loop()`` is given (that is not instrumented
+    already), until :func:`uninstrument_policy`.  Returns False if ``policy`` already was
+    (nothing done).  Raises TypeError if the policy's class cannot be changed (a type
+    defined in C)."""
     with _lock:
         if id(policy) in _instrumented:
             return False
-        owner = _owner(type(policy))
-        entry = _patches.get(owner)
-        if entry is None:
-            saved = vars(owner).get("new_event_loop", _MISSING)
-            try:
-                setattr(owner, "new_event_loop", _replacement(owner, saved))
-            except (AttributeError, TypeError):
-                raise TypeError(f"cannot instrument event-loop policy of type "
-                                f"{type(policy).__module__}.{type(policy).__qualname__}: its class cannot be changed"
-                                ) from None
-            entry = _patches[owner] = [saved, 0]
-        entry[1] += 1
-        _instrumented[id(policy)] = (policy, instrument, owner)
+        done: list[tuple[type, str]] = []
+        for name in _METHODS:
+            if not hasattr(type(policy), name):
+                continue
+            key = (_owner(type(policy), name), name)
+            entry = _patches.get(key)
+            if entry is None:
+                saved = vars(key[0]).get(name, _MISSING)
+                try:
+                    setattr(key[0], name, _replacement(key[0], name, saved))
+                except (AttributeError, TypeError):
+                    for k in done:
+                        _unpatch(k)
+                    raise TypeError(f"cannot instrument event-loop policy of type "
+                                    f"{type(policy).__module__}.{type(policy).__qualname__}: its class cannot be changed"
+                                    ) from None
+                entry = _patches[key] = [saved, 0]
+            entry[1] += 1
+            done.append(key)
+        _instrumented[id(policy)] = (policy, instrument, tuple(done))
         return True
 
 
 def uninstrument_policy(policy: Any) -> None:
-    """Undo :func:`instrument_policy` (nothing if ``policy`` is not instrumented): the
-    class gets its own ``new_event_loop`` back once none of its policies is instrumented."""
+    """Undo :func:`instrument_policy` (nothing if ``policy`` is not instrumented): a class
+    gets its own methods back once none of its policies is instrumented."""
     with _lock:
         entry = _instrumented.get(id(policy))
         if entry is None or entry[0] is not policy:
             return
         del _instrumented[id(policy)]
-        owner = entry[2]
-        patch = _patches[owner]
-        patch[1] -= 1
-        if patch[1]:
-            return
-        del _patches[owner]
-        if patch[0] is _MISSING:
-            delattr(owner, "new_event_loop")
-        else:
-            setattr(owner, "new_event_loop", patch[0])
+        for key in entry[2]:
+            _unpatch(key)
 
 
 class _Instrumented(type):

@@ -46,7 +46,7 @@ def _leaves_nothing_behind():
     from memscope_async.loop_hooks import instrument, policy
 
     if type(_policy()) is not start_policy or policy._patches:
-        leaked.append(f"event-loop policy left as {type(_policy()).__name__}, patched: {sorted(c.__qualname__ for c in policy._patches)}")
+        leaked.append(f"event-loop policy left as {type(_policy()).__name__}, patched: {sorted(f'{c.__qualname__}.{n}' for c, n in policy._patches)}")
         import memscope_async as ms
 
         ms.uninstall_policy()

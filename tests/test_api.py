@@ -324,6 +324,48 @@ def test_install_policy_instruments_policies_of_any_class():
         set_policy(original)
 
 
+def test_install_policy_instruments_a_loop_made_directly_and_set_as_current():
+    """asyncio.SelectorEventLoop() made by the program, set with asyncio.set_event_loop and
+    run: its tasks are profiled (5 MiB kept by one of them), and set_event_loop's own
+    errors and the class's method come back unchanged."""
+    from memscope_async.loop_hooks.instrument import is_instrumented
+
+    unix_policy = type(get_policy())
+    own = vars(unix_policy).get("set_event_loop")
+
+    async def keeper():
+        KEPT_BY_CALLS.append(bytearray(5 * MiB))
+
+    async def main():
+        await asyncio.create_task(keeper())
+
+    profiler = ms.install_policy()
+    loop = asyncio.SelectorEventLoop()
+    try:
+        assert not is_instrumented(loop)
+        with pytest.raises(TypeError):
+            asyncio.set_event_loop(object())  # asyncio's check, before ours
+        asyncio.set_event_loop(loop)
+        assert is_instrumented(loop)
+        loop.run_until_complete(main())
+        (task,) = profiler.snapshot().find(
+            coro="test_install_policy_instruments_a_loop_made_directly_and_set_as_current.<locals>.keeper")
+        assert close_to(task.live_bytes, 5 * MiB) and close_to(task.allocated_bytes, 5 * MiB)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+        ms.uninstall_policy()
+        KEPT_BY_CALLS.clear()
+    assert vars(unix_policy).get("set_event_loop") is own
+    loop = asyncio.SelectorEventLoop()
+    asyncio.set_event_loop(loop)
+    try:
+        assert not is_instrumented(loop)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
 def test_install_policy_uvloop_and_back():
     uvloop = pytest.importorskip("uvloop")
     from memscope_async.loop_hooks.instrument import is_instrumented
