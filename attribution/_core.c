@@ -62,7 +62,8 @@ typedef struct {
     PyObject_HEAD
     uint32_t tid;
     uint32_t ti;   /* tasks[] slot of record tid, as register_task made it */
-    uint32_t cell; /* the task's cell (tid, home slot, context route), once it has one */
+    uint32_t cell : 31; /* the task's cell (tid, home slot, context route), once it has one */
+    uint32_t shared : 1; /* the context holding it is another live task's too (see shared_tid) */
     uint32_t ours : 1; /* made by tag_alloc, outside the hooks' accounting: may go to tag_pool */
     uint32_t up : 31;  /* id of the task's record's up (link_record) when it was made, 0 if
                         * none: a task made in this context after the task's own record was
@@ -207,6 +208,7 @@ typedef struct {
     uint64_t ctx_ver;
     uint32_t ctx_session;
     uint32_t ctx_tid;
+    int ctx_shared;          /* that Tag is shared: ctx_tid is the running task's (shared_tid) */
     PyObject *fast_ctx;      /* borrowed, compared only; FAST_NONE: no fast answer.  While */
     uint64_t fast_ver;       /* (context, context_ver) and cell_gen hold, the current cell */
     uint32_t fast_now;       /* is cache_cell and the running task (current_tid) fast_now */
@@ -498,6 +500,7 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t ti, uint32_t slot,
  * in the running context, register_task, resets ctx_seen), so while (context, context_ver)
  * is unchanged the answer is too: most allocations skip the lookup. */
 static PyObject *context_vars(PyObject *ctx); /* _tasks.h */
+static uint32_t shared_tid(const TagObject *tag, PyThreadState *ts, int *cacheable);
 
 static inline uint32_t context_tid(void) {
     PyThreadState *ts = tstate_unchecked();
@@ -525,8 +528,11 @@ static inline uint32_t context_tid(void) {
         }
         Py_DECREF(v); /* the context still holds it: never the last reference */
     }
+    int cacheable = 1;
+    t->ctx_shared = tag != NULL && tag->shared;
+    if (MS_UNLIKELY(t->ctx_shared)) tid = shared_tid(tag, ts, &cacheable);
     t->ctx_tag = tag;
-    t->ctx_seen = ts->context;
+    t->ctx_seen = cacheable ? ts->context : NULL;
     t->ctx_ver = ts->context_ver;
     t->ctx_session = S.session;
     t->ctx_tid = tid;
@@ -602,7 +608,8 @@ __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadSt
         }
     }
     uint64_t key = cell_key(tid, slot, route, phase);
-    t->fast_ctx = (route != ROUTE_INFERRED && ts != NULL) ? ts->context : FAST_NONE;
+    /* (a context shared by tasks, where the running one cannot be watched for: no cache) */
+    t->fast_ctx = (route != ROUTE_INFERRED && ts != NULL && t->ctx_seen != NULL) ? ts->context : FAST_NONE;
     t->fast_ver = ts != NULL ? ts->context_ver : 0;
     if (key == t->cache_key && t->cache_gen == S.cell_gen) return t->cache_cell; /* fast_cell holds too */
     /* the Tag this tid came from, for its hints (a tid from the context always has one) */

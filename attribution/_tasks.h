@@ -70,6 +70,7 @@ static struct {
     int watcher;               /* dict watcher id + 1; 0 none */
     PyObject *watched;         /* _asyncio._current_tasks while watched (strong), else NULL */
     uint32_t watch_gen;        /* bumped when what threads remember of it (tls.step_*) is void */
+    PyObject *current_tasks;   /* _asyncio._current_tasks (strong; every version), or NULL */
     getter state_get;          /* the C Task's _state getter, NULL if not found */
     void *state_closure;
     getter exc_get;            /* its _exception getter, NULL if not found */
@@ -619,6 +620,44 @@ static void kept_mappings_clear(void) {
     KEPT.tag_var = NULL;
 }
 
+/* ---- contexts shared by tasks ---------------------------------------------------------
+ * A task runs in a copy of its creator's context, with its Tag in it, so the Tag found in
+ * the running context names the running task.  Not so when tasks share one context (the
+ * program passed one Context to several create_task calls, or a task's own running
+ * context to a task it creates): the context holds one Tag, the latest one's.  Such a Tag
+ * is marked shared (register_task), and there the running task is looked up instead: the
+ * task _asyncio has as running whose context is the running one (a context is entered
+ * by one thread at a time, so that is this thread's task).  On 3.12+ the running-task
+ * watcher has it at hand (tls.step_task) and tells us when it changes (so the answer is
+ * cached like any other); elsewhere (3.11) the running tasks are scanned at every
+ * allocation made in such a context.  With no task of it running (a callback scheduled
+ * in it), the bytes go to the task the Tag names. */
+static inline uint32_t tid_running_in(PyObject *task, PyThreadState *ts) {
+    uint32_t tid, ti;
+    if (task == NULL || !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid) || !task_registered(tid, &ti))
+        return 0;
+    return S.tasks[ti].ctx == (uintptr_t)ts->context ? tid : 0;
+}
+
+static uint32_t shared_tid(const TagObject *tag, PyThreadState *ts, int *cacheable) {
+    tls_t *t = &tls;
+    uint32_t tid = 0;
+#if PY_VERSION_HEX >= 0x030C0000
+    if (G.watched != NULL) {
+        tid = tid_running_in(t->step_gen == G.watch_gen ? t->step_task : NULL, ts);
+        return tid ? tid : tag->tid;
+    }
+#endif
+    *cacheable = 0;
+    if (G.current_tasks != NULL) {
+        Py_ssize_t pos = 0;
+        PyObject *loop, *task;
+        while (tid == 0 && PyDict_Next(G.current_tasks, &pos, &loop, &task)) tid = tid_running_in(task, ts);
+    }
+    (void)t;
+    return tid ? tid : tag->tid;
+}
+
 /* How register_task's ctx came: */
 enum {
     CTX_COPIED,  /* the factory copied it from the running context just now */
@@ -657,15 +696,22 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     tag->tid = tid;
     tag->ti = 0; /* known once the record is made, below */
     tag->cell = 0;
+    tag->shared = 0;
     tag->up = 0;
     /* a fresh copy holds what the running context holds: read there, and tag it directly */
     int enter = ctx != NULL && how != CTX_COPIED;
     if (enter && PyContext_Enter(ctx) < 0) {
-        Py_DECREF(tag);
+        Py_CLEAR(tag);
         if (!PyErr_ExceptionMatches(PyExc_RuntimeError)) goto error;
         PyErr_Clear();
-        t->guard = g;
-        return 0;
+        PyThreadState *ts = tstate_unchecked();
+        if (ts == NULL || ts->context != ctx) { /* running in another thread: cannot be told apart */
+            t->guard = g;
+            return 0;
+        }
+        /* The running context itself, given to a task made here: the running task's Tag
+         * stays in it, now shared (with the new task, which gets no Tag of its own). */
+        enter = 0;
     }
     /* the parent: the tag where we read (context_tid: the hooks' cached answer when it
      * holds); the labels, once labels() (their only setter) has been used */
@@ -676,8 +722,13 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
         PyErr_Clear();
         labels = NULL;
     }
-    int rc = reused ? 0 : 1, uncounted = 0;
-    if (ctx != NULL && !enter && !reused) {
+    if (tag == NULL && parent != 0 && t->ctx_tag != NULL && t->ctx_tag->tid == parent && !t->ctx_tag->shared) {
+        t->ctx_tag->shared = 1;
+        t->ctx_seen = NULL; /* the cached answers for this context were the Tag's */
+        t->fast_ctx = FAST_NONE;
+    }
+    int rc = reused || tag == NULL ? 0 : 1, uncounted = 0;
+    if (ctx != NULL && !enter && rc) {
         int raw_before = S.own_raw_now; /* (a collection in there may make a task) */
         S.own_raw_now = S.eager_score <= 0; /* see own_raw */
         rc = fresh_context_set(ctx, S.tag_var, (PyObject *)tag);
@@ -701,15 +752,17 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     }
     if (enter && PyContext_Exit(ctx) < 0) PyErr_Clear();
     if (rc < 0) {
-        Py_DECREF(tag);
+        Py_XDECREF(tag);
         Py_XDECREF(labels);
         goto error;
     }
 
     uint32_t pti = 0;
-    if (parent && task_registered(parent, &pti) && how == CTX_GIVEN && S.tasks[pti].ctx == (uintptr_t)ctx) {
+    if (parent && task_registered(parent, &pti) && how == CTX_GIVEN && tag != NULL && S.tasks[pti].ctx == (uintptr_t)ctx) {
         /* One context handed to several create_task calls (asyncio.Runner does this): the
-         * tag in it is an earlier sibling's, so the parent is that sibling's parent. */
+         * tag in it is an earlier sibling's, so the parent is that sibling's parent; if
+         * that sibling still runs, the two share the context (see shared_tid). */
+        if (S.tasks[pti].state == TS_PENDING) tag->shared = 1;
         parent = S.tasks[pti].parent;
         if (!task_registered(parent, &pti)) pti = 0;
     }
@@ -727,18 +780,20 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     uint32_t ti = task_info_for(tid, slot, 1);
     if (ti == 0) { /* no memory for the record: the task runs, its bytes go unattributed */
         if (uncounted) gc_count_add(2);
-        Py_DECREF(tag);
+        Py_XDECREF(tag);
         Py_XDECREF(labels);
         Py_XDECREF(qualname);
         t->guard = g;
         return 0;
     }
-    tag->ti = ti;
-    Py_DECREF(tag); /* the context holds it */
+    if (tag != NULL) {
+        tag->ti = ti;
+        Py_DECREF(tag); /* the context holds it */
+    }
     task_info_t *r = &S.tasks[ti];
     r->parent = parent;
     link_record(ti, parent, parent_up);
-    tag->up = r->up ? S.tasks[r->up].tid : 0; /* (the context still holds the tag) */
+    if (tag != NULL) tag->up = r->up ? S.tasks[r->up].tid : 0; /* (the context still holds the tag) */
     r->thread_ident = PyThread_get_thread_ident();
     r->flags = TF_REGISTERED | flags | (uncounted ? TF_UNCOUNTED : 0);
     if (pti && S.tasks[pti].thread_ident != r->thread_ident) r->flags |= TF_CROSS_PARENT;
@@ -1415,6 +1470,10 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
     t->step_loop = key;
     t->step_task = ev == PyDict_EVENT_DELETED ? NULL : new_value;
     t->step_gen = G.watch_gen;
+    if (t->ctx_shared) { /* the running task, read for a context shared by tasks, changes */
+        t->ctx_seen = NULL;
+        t->fast_ctx = FAST_NONE;
+    }
     if (ev == PyDict_EVENT_ADDED || S.obj_index.count == 0) return 0;
     /* Inside our factory, a replacement is an eager first step going in or out: the task
      * leaving is the running one, mid-step (so pending), or the one being made, whose end
@@ -1458,6 +1517,15 @@ static void find_getter(PyObject *name, getter *get, void **closure) {
 /* Start (on) or stop watching _asyncio._current_tasks.  Failing to start is not an error:
  * tasks then get done callbacks. */
 static void tasks_watch(int on) {
+    if (!on) Py_CLEAR(G.current_tasks);
+    else if (G.current_tasks == NULL) {
+        PyObject *mod = PyImport_ImportModule("_asyncio");
+        PyObject *d = mod != NULL ? PyObject_GetAttrString(mod, "_current_tasks") : NULL;
+        Py_XDECREF(mod);
+        if (d != NULL && PyDict_CheckExact(d)) G.current_tasks = d;
+        else Py_XDECREF(d);
+        PyErr_Clear();
+    }
 #if PY_VERSION_HEX >= 0x030C0000
     if (!on) {
         if (G.watched != NULL) {

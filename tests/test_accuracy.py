@@ -433,3 +433,55 @@ def test_block_resized_by_code_that_runs_unrecorded_stays_its_owners():
     (t,) = report.find(coro="owner")
     assert close_to(t.live_bytes, 3 * MiB), t
     held.clear()
+
+
+async def two_steps(mib: int) -> None:
+    """Keep ``mib`` MiB, half before and half after a pause others run in."""
+    await asyncio.sleep(0)
+    KEEP.append(bytearray(mib * MiB // 2))
+    await asyncio.sleep(0.01)
+    KEEP.append(bytearray(mib * MiB // 2))
+
+
+def test_tasks_sharing_one_context_keep_their_own_bytes(loop_kind):
+    """One Context given to three create_task calls: the three run in it at once, and
+    each is charged what it allocated (the context's tag names only the last of them)."""
+    KEEP.clear()
+
+    async def main():
+        ctx = contextvars.copy_context()
+        await asyncio.gather(*[asyncio.create_task(two_steps(mib), context=ctx) for mib in (2, 4, 6)])
+
+    _, report = run_profiled(main, loop_kind)
+    tasks = report.find(coro="two_steps")
+    assert len(tasks) == 3
+    (root,) = report.find(coro="test_tasks_sharing_one_context_keep_their_own_bytes.<locals>.main")
+    for t, mib in zip(sorted(tasks, key=lambda t: t.id), (2, 4, 6)):
+        assert close_to(t.allocated_bytes, mib * MiB) and close_to(t.live_bytes, mib * MiB), (mib, t)
+        assert t.parent_id == root.id
+    KEEP.clear()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="Task.get_context() is 3.12+")
+def test_a_task_given_its_creators_running_context_keeps_its_own_bytes(loop_kind):
+    """create_task(coro, context=<the creator's own running context>): creator and child
+    share one context, and each keeps its own bytes."""
+    KEEP.clear()
+
+    async def creator():
+        child = asyncio.get_running_loop().create_task(two_steps(4), context=asyncio.current_task().get_context())
+        await asyncio.sleep(0.005)
+        KEEP.append(bytearray(2 * MiB))
+        await child
+
+    async def main():
+        await asyncio.create_task(creator())
+
+    _, report = run_profiled(main, loop_kind)
+    (c,) = report.find(coro="test_a_task_given_its_creators_running_context_keeps_its_own_bytes.<locals>.creator")
+    (child,) = report.find(coro="two_steps")
+    assert child.parent_id == c.id
+    assert close_to(child.allocated_bytes, 4 * MiB) and close_to(child.live_bytes, 4 * MiB), child
+    assert close_to(c.allocated_bytes, 2 * MiB) and close_to(c.live_bytes, 2 * MiB), c
+    assert close_to(c.subtree.live_bytes, 6 * MiB)
+    KEEP.clear()
