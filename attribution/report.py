@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -68,13 +69,18 @@ class FrozenMap(dict):
         return dict.__repr__(self)
 
 
+_GET_CORO_UNSAFE = sys.version_info[:2] == (3, 12)
+
+
 def _same_task(task: Any, t: "TaskReport") -> bool:
     """Whether report entry t can be this task object.  Entries are found by the object's
     address, and a folded task leaves no entry: an older task kept in the report may have
     lived at the same address.  Its coroutine or its name then tells them apart (default
     names are unique in a process)."""
     try:
-        coro = task.get_coro()
+        # (CPython 3.12's get_coro() crashes on an eager task that finished in create_task:
+        # there a finished task is told apart by its name alone)
+        coro = None if _GET_CORO_UNSAFE and task.done() else task.get_coro()
         qualname = getattr(coro, "__qualname__", None) if coro is not None else None
         if qualname is not None and t.coro is not None and qualname != t.coro:
             return False

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import KiB, run_profiled
+from conftest import KiB, MiB, close_to, run_profiled
 
 N = 600
 KEEP = 20
@@ -404,3 +404,29 @@ def test_labelled_tasks_that_keep_nothing_hold_nothing(loop_kind):
     assert not [s for s in report.leak_suspects if s.coro == "labelled_handler"], report.leak_suspects
     (g,) = [g for g in report.groups if g.coro == "labelled_handler" and g.tasks > 1_000]
     assert g.labels == {"route": "/users", "request": "*"}
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
+def test_report_task_of_an_eager_task_that_finished_in_create_task(loop_kind):
+    """report.task(task) for an eager task whose first step was its last: CPython 3.12's
+    get_coro() crashes on such a task, so the lookup must not call it (a segfault before)."""
+    got = {}
+
+    async def quick():
+        b = bytearray(2 * MiB)
+        del b
+        return asyncio.current_task()
+
+    def eager(loop, coro, **kwargs):  # asyncio.eager_task_factory, taking uvloop's eager_start= (3.13)
+        kwargs.pop("eager_start", None)
+        return asyncio.Task(coro, loop=loop, eager_start=True, **kwargs)
+
+    async def main():
+        asyncio.get_running_loop().set_task_factory(eager)
+        got["task"] = await asyncio.create_task(quick())
+        assert got["task"].done()  # before any await: it finished in create_task
+
+    _, report = run_profiled(main, loop_kind)
+    t = report.task(got["task"])
+    assert t.name == got["task"].get_name() and t.coro.endswith("quick")
+    assert close_to(t.allocated_bytes, 2 * MiB)
