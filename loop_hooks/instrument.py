@@ -101,7 +101,9 @@ def _accepts_context(factory: Any) -> bool:
 
 def _set_task_factory(self, factory, _original):
     if factory is not None and not callable(factory):
-        raise TypeError(f"A callable object or None is expected, got {factory!r}")
+        _original(self, factory)  # the loop's own error (it checks before it sets anything)
+        _original(self, self._ms_state.factory)  # (a loop that took it anyway: ours goes back)
+        raise TypeError(f"task factory must be a callable or None, got {factory!r}")
     self._ms_state.set_user_factory(factory)
 
 

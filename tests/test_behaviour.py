@@ -290,6 +290,13 @@ async def prog_loop_methods_read_as_asyncio_s():
             seen.append(_no_address(str(e)))
         finally:
             co.close()
+    for bad in (5, "factory"):
+        try:
+            loop.set_task_factory(bad)
+            seen.append("set")
+        except TypeError as e:
+            seen.append(str(e))
+    seen.append(loop.get_task_factory() is None)
     return seen
 
 
