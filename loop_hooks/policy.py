@@ -12,6 +12,8 @@ them.  (A wrapper object changed the policy's type; instance attributes show in
 ``new_event_loop``, and must stay asyncio's own, as its "There is no current event loop"
 DeprecationWarning (3.12, 3.13) names the first frame outside asyncio, which must be the
 program's line.  A loop made directly and run without being set is not instrumented.
+(Loops that bypass the policy, made by a Runner's ``loop_factory``, are the facade's:
+``api.instrument_loops_made_any_way``.)
 
 Policies are deprecated from Python 3.14 and will go away; there, the policy is read and
 set through asyncio's own private accessors, so no DeprecationWarning reaches the user,

@@ -20,7 +20,8 @@ __all__ = ["install_policy", "uninstall_policy", "loop_factory", "LoopFactory", 
 T = TypeVar("T")
 
 _policy_lock = threading.Lock()
-_policy_state: tuple[Any, Any, Profiler] | None = None  # (policy instrumented, policy it replaced or None, profiler)
+# (policy instrumented, policy it replaced or None, profiler, undo of instrument_loops_made_any_way)
+_policy_state: tuple[Any, Any, Profiler, Callable[[], None]] | None = None
 _unseen_loop_types: set[type] = set()
 
 
@@ -53,7 +54,8 @@ def install_policy(*, uvloop: bool = False, **options: Any) -> Profiler:
             raise ProfilerError(f"{exc}; use memscope_async.loop_factory() instead") from None
         if policy is not current:
             set_policy(policy)
-        _policy_state = (policy, current if policy is not current else None, profiler)
+        undo = instrument_loops_made_any_way(instrument_or_skip(profiler))
+        _policy_state = (policy, current if policy is not current else None, profiler, undo)
     return profiler
 
 
@@ -68,12 +70,75 @@ def uninstall_policy() -> Profiler | None:
         _policy_state = None
     if state is None:
         return None
-    policy, replaced, profiler = state
+    policy, replaced, profiler, undo = state
+    undo()
     uninstrument_policy(policy)
     if replaced is not None and get_policy() is policy:
         set_policy(replaced)
     profiler.stop()
     return profiler
+
+
+def instrument_loops_made_any_way(instrument: Callable[[Any], Any]) -> Callable[[], None]:
+    """Have ``instrument(loop)`` called on the loops that bypass an instrumented policy:
+    those an ``asyncio.Runner`` makes with a ``loop_factory`` (``asyncio.run(...,
+    loop_factory=)``, ``uvloop.run``; not our own :class:`LoopFactory`), and those of a
+    policy the program sets (``uvloop.install()``, ``asyncio.set_event_loop_policy(...)``),
+    which is instrumented in place and stays the program's own object.  Returns the
+    function that undoes all of it."""
+    runner_init = asyncio.runners.Runner.__init__
+    events = asyncio.events
+    # 3.14's deprecated set_event_loop_policy calls a private setter: wrapping that one
+    # leaves its DeprecationWarning pointing at the program's line, not at ours
+    name = "_set_event_loop_policy" if hasattr(events, "_set_event_loop_policy") else "set_event_loop_policy"
+    setter = getattr(events, name, None) if policies_available() else None
+    holders = [m for m in (events, asyncio) if getattr(m, name, None) is setter] if setter else []
+    ours: list[Any] = []  # the policies instrumented here
+    unseen: set[type] = set()
+
+    @functools.wraps(runner_init)
+    def init(self: Any, *args: Any, loop_factory: Any = None, **kwargs: Any) -> None:
+        if loop_factory is not None and not isinstance(loop_factory, LoopFactory):
+            loop_factory = _instrumenting(loop_factory, instrument)
+        runner_init(self, *args, loop_factory=loop_factory, **kwargs)
+
+    def set_event_loop_policy(policy: Any) -> None:
+        setter(policy)  # asyncio's own checks and errors first
+        policy = get_policy()  # (for None, the default policy, made now)
+        try:
+            if instrument_policy(policy, instrument):
+                ours.append(policy)
+        except TypeError as exc:  # a policy class defined in C: its loops go unseen
+            if type(policy) not in unseen:
+                unseen.add(type(policy))
+                with contextlib.suppress(Exception):
+                    sys.stderr.write(f"memscope-async: warning: {exc}; the loops it makes are not profiled\n")
+
+    asyncio.runners.Runner.__init__ = init  # type: ignore[method-assign]
+    if setter is not None:
+        functools.update_wrapper(set_event_loop_policy, setter)
+        for holder in holders:
+            setattr(holder, name, set_event_loop_policy)
+
+    def undo() -> None:
+        if asyncio.runners.Runner.__init__ is init:
+            asyncio.runners.Runner.__init__ = runner_init  # type: ignore[method-assign]
+        for holder in holders:
+            if getattr(holder, name, None) is set_event_loop_policy:
+                setattr(holder, name, setter)
+        for policy in ours:
+            uninstrument_policy(policy)
+
+    return undo
+
+
+def _instrumenting(factory: Callable[[], Any], instrument: Callable[[Any], Any]) -> Callable[[], Any]:
+    """``factory``, its loops instrumented."""
+
+    def make() -> Any:
+        return instrument(factory())
+
+    return make
 
 
 def instrument_or_skip(profiler: Profiler) -> Callable[[Any], Any]:

@@ -14,10 +14,8 @@ directory), 1 for other failures.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import builtins
 import contextlib
-import functools
 import importlib.machinery
 import importlib.util
 import io
@@ -32,14 +30,13 @@ import traceback
 import types
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, NoReturn, Sequence, TextIO
+from typing import Any, ClassVar, Iterator, NoReturn, Sequence, TextIO
 
 from . import api
 from .attribution.report import Report, ReportError
 from .attribution.tracker import MAX_INTERVAL
 from .exporters import ExportError, render_text, write_json
-from .loop_hooks.policy import get_policy, instrument_policy, policies_available, uninstrument_policy
-from .profiler import ProfilerError, current_profiler
+from .profiler import ProfilerError
 
 __all__ = ["COMMANDS", "Command", "CommandError", "main", "parse_size"]
 
@@ -459,65 +456,6 @@ def _discard_pending(stream: TextIO) -> None:
             os.close(saved)
 
 
-@contextlib.contextmanager
-def _loops_made_any_way_instrumented() -> Iterator[None]:
-    """While the program runs, loops that bypass the policy we instrumented are instrumented
-    too: those an ``asyncio.Runner`` makes with a ``loop_factory`` (``asyncio.run(...,
-    loop_factory=)``, ``uvloop.run``) and those of a policy the program sets itself
-    (``uvloop.install()``, ``asyncio.set_event_loop_policy(...)``), which stays the
-    program's own object.  All of it is undone at the end."""
-    instrument = api.instrument_or_skip(current_profiler())
-    runner_init = asyncio.runners.Runner.__init__
-    events = asyncio.events
-    # 3.14's deprecated set_event_loop_policy calls a private setter: wrapping that one
-    # leaves its DeprecationWarning pointing at the program's line, not at ours
-    name = "_set_event_loop_policy" if hasattr(events, "_set_event_loop_policy") else "set_event_loop_policy"
-    set_policy = getattr(events, name, None) if policies_available() else None
-    holders = [m for m in (events, asyncio) if getattr(m, name, None) is set_policy] if set_policy else []
-    ours: list[Any] = []  # the policies instrumented here
-    unseen: set[type] = set()
-
-    @functools.wraps(runner_init)
-    def init(self: Any, *args: Any, loop_factory: Any = None, **kwargs: Any) -> None:
-        if loop_factory is not None and not isinstance(loop_factory, api.LoopFactory):
-            loop_factory = _instrumenting(loop_factory, instrument)
-        runner_init(self, *args, loop_factory=loop_factory, **kwargs)
-
-    def set_event_loop_policy(policy: Any) -> None:
-        set_policy(policy)  # asyncio's own checks and errors first
-        policy = get_policy()  # (for None, the default policy, made now)
-        try:
-            if instrument_policy(policy, instrument):
-                ours.append(policy)
-        except TypeError as exc:  # a policy class defined in C: its loops go unseen
-            if type(policy) not in unseen:
-                unseen.add(type(policy))
-                _emit(sys.stderr, f"{PROG}: warning: {exc}; the loops it makes are not profiled\n")
-
-    asyncio.runners.Runner.__init__ = init  # type: ignore[method-assign]
-    if set_policy is not None:
-        functools.update_wrapper(set_event_loop_policy, set_policy)
-        for holder in holders:
-            setattr(holder, name, set_event_loop_policy)
-    try:
-        yield
-    finally:
-        asyncio.runners.Runner.__init__ = runner_init  # type: ignore[method-assign]
-        for holder in holders:
-            setattr(holder, name, set_policy)
-        for policy in ours:
-            uninstrument_policy(policy)
-
-
-def _instrumenting(factory: Callable[[], Any], instrument: Callable[[Any], Any]) -> Callable[[], Any]:
-    """``factory``, its loops instrumented."""
-
-    def make() -> Any:
-        return instrument(factory())
-
-    return make
-
-
 def _run_program(target: _Target, module: types.ModuleType, err: TextIO) -> int | None:
     """Run the program with the profiler on and end it as Python does: its traceback (or
     SystemExit message) first, then a wait for its non-daemon threads.  Returns its exit
@@ -526,18 +464,17 @@ def _run_program(target: _Target, module: types.ModuleType, err: TextIO) -> int 
     still held when it ended shows as live (``module``, its globals, is held by the caller)."""
     held: BaseException | None = None  # noqa: F841 - held until the profiler has stopped
     try:
-        with _loops_made_any_way_instrumented():
-            try:
-                target.execute(module)
-                status: int | None = 0
-            except SystemExit as exc:
-                held, status = exc, _exit_status(exc.code, err)
-            except BaseException as exc:  # the program's own error: its traceback, as Python shows it
-                held = exc
-                _print_user_traceback(exc)
-                # Python ends by SIGINT for a KeyboardInterrupt, not for a subclass of it
-                status = None if type(exc) is KeyboardInterrupt else 1
-            _wait_for_threads()
+        try:
+            target.execute(module)
+            status: int | None = 0
+        except SystemExit as exc:
+            held, status = exc, _exit_status(exc.code, err)
+        except BaseException as exc:  # the program's own error: its traceback, as Python shows it
+            held = exc
+            _print_user_traceback(exc)
+            # Python ends by SIGINT for a KeyboardInterrupt, not for a subclass of it
+            status = None if type(exc) is KeyboardInterrupt else 1
+        _wait_for_threads()
     finally:
         api.uninstall_policy()
     return status

@@ -34,8 +34,12 @@ def _leaves_nothing_behind():
     start_policy = type(_policy())
     start = threading.Thread.start
     queue_get = queue.Queue.get
+    runner_init = asyncio.runners.Runner.__init__
+    set_policy = asyncio.set_event_loop_policy
     yield
     leaked = []
+    if asyncio.runners.Runner.__init__ is not runner_init or asyncio.set_event_loop_policy is not set_policy:
+        leaked.append("asyncio.Runner.__init__ or set_event_loop_policy still patched")
     if _core.is_active():
         leaked.append("allocator hooks still installed")
         _core.stop()

@@ -366,6 +366,38 @@ def test_install_policy_instruments_a_loop_made_directly_and_set_as_current():
         loop.close()
 
 
+def test_install_policy_instruments_loops_runners_make_with_their_own_factory(loop_kind):
+    """asyncio.Runner(loop_factory=...) (what asyncio.run(..., loop_factory=) and uvloop.run
+    use) bypasses the policy: its loops are instrumented all the same while the policy is
+    installed, and Runner is given back after."""
+
+    async def keeper():
+        KEPT_BY_CALLS.append(bytearray(3 * MiB))
+
+    async def main():
+        await asyncio.create_task(keeper())
+
+    runner_init = asyncio.runners.Runner.__init__
+    profiler = ms.install_policy()
+    try:
+        with asyncio.Runner(loop_factory=base_loop(loop_kind)) as runner:
+            runner.run(main())
+        if loop_kind == "uvloop":
+            import uvloop
+
+            uvloop.run(main())
+    finally:
+        ms.uninstall_policy()
+    report = profiler.snapshot()
+    keepers = report.find(coro="test_install_policy_instruments_loops_runners_make_with_their_own_factory.<locals>.keeper")
+    assert len(keepers) == (2 if loop_kind == "uvloop" else 1)
+    assert all(close_to(t.live_bytes, 3 * MiB) for t in keepers), keepers
+    if loop_kind == "uvloop":
+        assert report.run.loop == "uvloop"
+    assert asyncio.runners.Runner.__init__ is runner_init
+    KEPT_BY_CALLS.clear()
+
+
 def test_install_policy_uvloop_and_back():
     uvloop = pytest.importorskip("uvloop")
     from memscope_async.loop_hooks.instrument import is_instrumented
