@@ -145,6 +145,7 @@ typedef struct task_info {
     uintptr_t obj;          /* id() of the task object (never dereferenced) */
     uintptr_t ctx;          /* id() of the context it was created with */
     PyObject *coro;         /* str: the coroutine's qualified name, or NULL */
+    PyObject *code;         /* its code object (which function it is: groups), or NULL */
     PyObject *name;         /* str: the task's name when it finished (a copy: keep_name), or NULL */
     uint64_t name_num;      /* or n + 1 for the default name "Task-<n>" (3.12+: n is all a Task keeps) */
     PyObject *labels;       /* the labels mapping in effect at creation, or NULL */
@@ -162,7 +163,7 @@ typedef struct task_info {
 
 /* A task folded as it finished, before the fold call that hands it to its group. */
 typedef struct {
-    PyObject *coro, *labels; /* owned (the record's, which is gone) */
+    PyObject *coro, *labels, *code; /* owned (the record's, which is gone) */
     int64_t alloc_bytes;
     double allocs;
     uint32_t tid;
@@ -502,7 +503,7 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t ti, uint32_t slot,
 static PyObject *context_vars(PyObject *ctx); /* _tasks.h */
 static uint32_t shared_tid(const TagObject *tag, PyThreadState *ts, int *cacheable);
 
-static inline uint32_t context_tid(void) {
+static MS_HOT uint32_t context_tid(void) {
     PyThreadState *ts = tstate_unchecked();
     if (ts == NULL) return 0;
     tls_t *t = &tls;
@@ -1248,6 +1249,7 @@ static void hook_free_sampled(void *ctx, void *ptr) {
 /* ---- lifecycle ------------------------------------------------------------------------ */
 static void clear_task_refs(task_info_t *r) {
     Py_CLEAR(r->coro);
+    Py_CLEAR(r->code);
     Py_CLEAR(r->name);
     Py_CLEAR(r->labels);
 }
@@ -1280,6 +1282,7 @@ static void clear_data(void) {
     S.nfinished = S.capfinished = 0;
     for (uint32_t i = 0; i < S.nearly; i++) {
         Py_CLEAR(S.early[i].coro);
+        Py_CLEAR(S.early[i].code);
         Py_CLEAR(S.early[i].labels);
     }
     sysmem_free(S.early);
@@ -1853,7 +1856,7 @@ static void release_slot(uint32_t tid, uint32_t ti, int carry, int64_t ab, doubl
             if (r->obj) u64map_del(&S.obj_index, (uint64_t)r->obj);
         }
     }
-    PyObject *coro = r->coro, *name = r->name, *labels = r->labels;
+    PyObject *coro = r->coro, *name = r->name, *labels = r->labels, *code = r->code;
     memset(r, 0, sizeof(*r));
     if (grow_array((void **)&S.free_tasks, &S.capfree_tasks, sizeof(uint32_t), S.nfree_tasks + 1) == 0)
         S.free_tasks[S.nfree_tasks++] = ti;
@@ -1861,6 +1864,7 @@ static void release_slot(uint32_t tid, uint32_t ti, int carry, int64_t ab, doubl
     Py_XDECREF(coro);
     Py_XDECREF(name);
     Py_XDECREF(labels);
+    Py_XDECREF(code);
     tls.guard = g;
 }
 

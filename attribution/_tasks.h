@@ -143,6 +143,21 @@ static inline int task_registered(uint32_t tid, uint32_t *ti) {
     return tid && tid_get(tid, ti);
 }
 
+/* The code object of a coroutine (a new reference), or NULL: tells apart coroutine
+ * functions of one qualified name (a `worker` in two modules) for grouping. */
+static PyObject *code_of(PyObject *coro) {
+#if PY_VERSION_HEX < 0x030E0000
+    if (coro != NULL && PyCoro_CheckExact(coro)) {
+#if PY_VERSION_HEX >= 0x030C0000
+        return (PyObject *)PyGen_GetCode((PyGenObject *)coro); /* (a coroutine is laid out as one) */
+#else
+        return Py_XNewRef((PyObject *)((PyCoroObject *)coro)->cr_code);
+#endif
+    }
+#endif
+    return NULL;
+}
+
 static PyObject *qualname_of(PyObject *coro) {
     if (coro == NULL || coro == Py_None) return NULL;
 #if PY_VERSION_HEX < 0x030E0000 /* 3.14 moves PyCoroObject into an internal header */
@@ -639,7 +654,7 @@ static inline uint32_t tid_running_in(PyObject *task, PyThreadState *ts) {
     return S.tasks[ti].ctx == (uintptr_t)ts->context ? tid : 0;
 }
 
-static uint32_t shared_tid(const TagObject *tag, PyThreadState *ts, int *cacheable) {
+__attribute__((noinline)) static uint32_t shared_tid(const TagObject *tag, PyThreadState *ts, int *cacheable) {
     tls_t *t = &tls;
     uint32_t tid = 0;
 #if PY_VERSION_HEX >= 0x030C0000
@@ -776,6 +791,7 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     /* Before taking a pointer into S.tasks: reading __qualname__ can run Python code,
      * which can make tasks and move the array. */
     PyObject *qualname = qualname_of(coro);
+    PyObject *code = code_of(coro);
     uint32_t slot = thread_slot(t);
     uint32_t ti = task_info_for(tid, slot, 1);
     if (ti == 0) { /* no memory for the record: the task runs, its bytes go unattributed */
@@ -783,6 +799,7 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
         Py_XDECREF(tag);
         Py_XDECREF(labels);
         Py_XDECREF(qualname);
+        Py_XDECREF(code);
         t->guard = g;
         return 0;
     }
@@ -803,6 +820,7 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     r->ctx = (uintptr_t)ctx;
     r->labels = labels;
     r->coro = qualname;
+    r->code = code;
     S.records++;
     S.pending++;
     t->guard = g;
@@ -850,6 +868,7 @@ static int fold_at_finish(uint32_t tid, uint32_t ti) {
     task_info_t *r = &S.tasks[ti];
     folded_early_t *e = &S.early[S.nearly];
     e->coro = Py_XNewRef(r->coro);
+    e->code = Py_XNewRef(r->code);
     e->labels = Py_XNewRef(r->labels);
     e->alloc_bytes = ab;
     e->allocs = na;
@@ -2644,8 +2663,9 @@ static const char *state_names[] = {"pending", "done", "cancelled", "failed"};
 PyDoc_STRVAR(records_doc,
 "records() -> list[tuple]\n--\n\nOne row per task record: (tid, parent_id, coro, name, labels, thread_id,\n"
 "loop_serial, home_slot, created_ns, finished_ns, state, via_factory, cross_thread_parent, obj_id,\n"
-"up, folded_tasks, folded_alloc_bytes, folded_allocs): up is the nearest ancestor with a record\n"
-"(None: none), and the folded_* sum the tasks folded away below this one.");
+"up, folded_tasks, folded_alloc_bytes, folded_allocs, code): up is the nearest ancestor with a record\n"
+"(None: none), the folded_* sum the tasks folded away below this one, and code is the\n"
+"coroutine's code object (None if not a coroutine).");
 
 static PyObject *core_records(PyObject *m, PyObject *noargs) {
     late_names_flush(0);
@@ -2667,14 +2687,15 @@ static PyObject *core_records(PyObject *m, PyObject *noargs) {
         }
         PyObject *row = NULL;
         if (parent != NULL && fin != NULL)
-            row = Py_BuildValue("(kOOOOkkkKOsOONNkLd)", (unsigned long)r->tid, parent, r->coro ? r->coro : Py_None,
+            row = Py_BuildValue("(kOOOOkkkKOsOONNkLdO)", (unsigned long)r->tid, parent, r->coro ? r->coro : Py_None,
                                 r->name ? r->name : Py_None, r->labels ? r->labels : Py_None, r->thread_ident,
                                 (unsigned long)r->loop_serial, (unsigned long)r->home_slot,
                                 (unsigned long long)r->created_ns, fin, state_names[r->state & 3],
                                 (r->flags & TF_VIA_FACTORY) ? Py_True : Py_False,
                                 (r->flags & TF_CROSS_PARENT) ? Py_True : Py_False, PyLong_FromSize_t(r->obj),
                                 r->up ? PyLong_FromUnsignedLong(S.tasks[r->up].tid) : Py_NewRef(Py_None),
-                                (unsigned long)r->sub_tasks, (long long)r->sub_alloc_bytes, r->sub_allocs);
+                                (unsigned long)r->sub_tasks, (long long)r->sub_alloc_bytes, r->sub_allocs,
+                                r->code ? r->code : Py_None);
         Py_XDECREF(parent);
         Py_XDECREF(fin);
         if (row == NULL || PyList_Append(out, row) < 0) Py_CLEAR(out);
@@ -2756,7 +2777,7 @@ static void select_smallest(fold_cand_t *a, uint32_t n, uint32_t k) {
 #define FOLD_SCRATCH_UNIT (sizeof(int64_t) + 2 * sizeof(uint32_t)) /* a value, a tid, a group */
 
 typedef struct {
-    PyObject *coro, *labels; /* owned: a folded record drops its own */
+    PyObject *coro, *labels, *code; /* owned: a folded record drops its own */
     uint32_t n;              /* tasks folded into it */
     uint32_t off;            /* where its tasks start in the pass's values and tids */
     uint32_t nsites;         /* of those, the ones with sites (TF_SITES): their tids */
@@ -2779,22 +2800,23 @@ PyDoc_STRVAR(fold_doc,
 "finished tasks that hold no live allocation, those that allocated least first (the newer\n"
 "of equals first), until at most `keep` of them remain (those holding memory all stay).\n"
 "remaining: the finished tasks still waiting.  groups:\n"
-"one row per (coro, labels) folded, (coro, labels, allocated_bytes: bytes of int64 per\n"
+"one row per (coro, labels, code) folded, (coro, labels, allocated_bytes: bytes of int64 per\n"
 "task, allocations, tids: bytes of uint32, one per task that owns stack-sample sites,\n"
-"sum of allocated_bytes, largest of them).");
+"sum of allocated_bytes, largest of them, the coroutine's code object or None).");
 
 /* The group of (coro, labels) in groups[0..*ngroups), made if new (room was made for it);
  * *last: the one found the time before, tried first. */
 static uint32_t fold_group_of(fold_group_t *groups, uint32_t *ngroups, uint32_t *last, PyObject *coro,
-                              PyObject *labels) {
+                              PyObject *labels, PyObject *code) {
     uint32_t gi = *last;
-    if (gi < *ngroups && groups[gi].coro == coro && groups[gi].labels == labels) return gi;
+    if (gi < *ngroups && groups[gi].coro == coro && groups[gi].labels == labels && groups[gi].code == code) return gi;
     for (gi = 0; gi < *ngroups; gi++)
-        if (groups[gi].coro == coro && groups[gi].labels == labels) break;
+        if (groups[gi].coro == coro && groups[gi].labels == labels && groups[gi].code == code) break;
     if (gi == *ngroups) {
         memset(&groups[gi], 0, sizeof(fold_group_t));
         groups[gi].coro = Py_XNewRef(coro);
         groups[gi].labels = Py_XNewRef(labels);
+        groups[gi].code = Py_XNewRef(code);
         (*ngroups)++;
     }
     *last = gi;
@@ -2887,7 +2909,7 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
         cand[k].pos = UINT32_MAX;
         if (!task_registered(cand[k].tid, &ti)) continue;
         task_info_t *r = &S.tasks[ti];
-        uint32_t gi = fold_group_of(groups, &ngroups, &last, r->coro, r->labels);
+        uint32_t gi = fold_group_of(groups, &ngroups, &last, r->coro, r->labels, r->code);
         int64_t ab, le;
         double na;
         task_totals(ti, &ab, &na, &le);
@@ -2913,7 +2935,7 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
     S.capearly_spare = 0;
     S.nearly = 0;
     for (uint32_t j = 0; j < ne; j++) {
-        uint32_t gi = fold_group_of(groups, &ngroups, &last, early[j].coro, early[j].labels);
+        uint32_t gi = fold_group_of(groups, &ngroups, &last, early[j].coro, early[j].labels, early[j].code);
         early_group[j] = gi;
         groups[gi].n++;
         groups[gi].allocs += early[j].allocs;
@@ -2942,6 +2964,7 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
     for (uint32_t j = 0; j < ne; j++) { /* the groups hold their own references */
         Py_XDECREF(early[j].coro);
         Py_XDECREF(early[j].labels);
+        Py_XDECREF(early[j].code);
     }
     if (S.early_spare == NULL) { /* the buffer comes round again (a nested call takes none) */
         S.early_spare = early;
@@ -2958,10 +2981,11 @@ static PyObject *fold_now(Py_ssize_t keep, int scan) {
             total += values[fg->off + k];
             if (values[fg->off + k] > largest) largest = values[fg->off + k];
         }
-        PyObject *row = Py_BuildValue("(OOy#dy#LL)", fg->coro ? fg->coro : Py_None, fg->labels ? fg->labels : Py_None,
+        PyObject *row = Py_BuildValue("(OOy#dy#LLO)", fg->coro ? fg->coro : Py_None, fg->labels ? fg->labels : Py_None,
                                       (const char *)(values + fg->off), (Py_ssize_t)fg->n * (Py_ssize_t)sizeof(int64_t),
                                       fg->allocs, (const char *)(tids + fg->off),
-                                      (Py_ssize_t)fg->nsites * (Py_ssize_t)sizeof(uint32_t), total, largest);
+                                      (Py_ssize_t)fg->nsites * (Py_ssize_t)sizeof(uint32_t), total, largest,
+                                      fg->code ? fg->code : Py_None);
         if (row == NULL || PyList_Append(list, row) < 0) Py_CLEAR(list);
         Py_XDECREF(row);
     }
@@ -2970,6 +2994,7 @@ done:
     for (uint32_t gi = 0; gi < ngroups; gi++) {
         Py_XDECREF(groups[gi].coro);
         Py_XDECREF(groups[gi].labels);
+        Py_XDECREF(groups[gi].code);
     }
     tls.guard = g;
     return out;

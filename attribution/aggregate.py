@@ -19,7 +19,7 @@ import random
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import routes
 from .report import (
@@ -134,6 +134,8 @@ class RawData:
     folded_tasks: int
     group_site_ids: Mapping[int, str]  # the tid that folded tasks' sites carry -> group key
     live_objects: Mapping[int, Any]
+    # (coro, code) -> the name the coroutine's groups go by (Tracker._group_coro)
+    group_coro: Callable[[str | None, Any], str | None] = lambda coro, code: coro
 
 
 def group_key(coro: str | None, labels: Mapping[str, str]) -> str:
@@ -509,7 +511,7 @@ def build_report(raw: RawData) -> Report:
         )
 
     for t in tasks:
-        g = _group(group_key(t.coro, t.labels), t.coro, t.labels)
+        g = _group(group_key(raw.group_coro(t.coro, getattr(records.get(t.id), "code", None)), t.labels), t.coro, t.labels)
         g["alloc"].append(t.allocated_bytes)
         g["sum"] += t.allocated_bytes
         g["max"] = max(g["max"], t.allocated_bytes)

@@ -46,6 +46,8 @@ class TaskRecord:
     folded_tasks: int = 0
     folded_alloc_bytes: int = 0
     folded_allocs: float = 0.0
+    code: Any = None  # the coroutine's code object: which function it is, for its group
+
 
 
 def task_state(task: Any) -> str:
@@ -101,7 +103,7 @@ def read_records(loops: Iterable[Any], at_stop: Mapping[int, tuple[int, str | No
     live = {**(at_stop or {}), **live_task_names(loops)}
     records: dict[int, TaskRecord] = {}
     for (tid, parent, coro, name, labels, ident, serial, slot, created, finished, state, via, cross, obj,
-         up, folded, folded_bytes, folded_allocs) in _core.records():
+         up, folded, folded_bytes, folded_allocs, code) in _core.records():
         if finished is None and obj in live and live[obj][0] == tid:
             _, live_name, state = live[obj]
             name = live_name if live_name is not None else name  # (get_name() failed: what we had)
@@ -124,5 +126,6 @@ def read_records(loops: Iterable[Any], at_stop: Mapping[int, tuple[int, str | No
             folded_tasks=folded,
             folded_alloc_bytes=folded_bytes,
             folded_allocs=folded_allocs,
+            code=code,
         )
     return records

@@ -134,6 +134,8 @@ class Tracker:
         self.loop_impl = "asyncio"
         self.loops: Callable[[], Iterable[Any]] = tuple  # the instrumented loops, for live task names
         self._folded: dict[str, FoldedGroup] = {}
+        # coro -> [(function, the name its groups go by)]: see _group_coro
+        self._coro_functions: dict[str | None, list[tuple[tuple[str, int] | None, str | None]]] = {}
         self._folded_tasks = 0
         self._label_groups: dict[str | None, int] = {}  # coro -> folded groups with labels
         self._label_values: dict[str | None, dict[str, set[str]]] = {}  # coro -> label -> values in them
@@ -249,14 +251,15 @@ class Tracker:
         finish); only the per-group sums come back here, with every call."""
         remaining, groups = _core.fold(keep, scan)
         site_tids, site_gids = [], []
-        for coro, labels, values, allocs, tids, total, largest in groups:
+        for coro, labels, values, allocs, tids, total, largest, code in groups:
             per_task = array("q")
             per_task.frombytes(values)
             labels = labels if labels is not None else {}
-            key = group_key(coro, labels)
+            name = self._group_coro(coro, code)
+            key = group_key(name, labels)
             fg = self._folded.get(key)
             if fg is None:
-                fg, key = self._new_group(coro, labels)
+                fg, key = self._new_group(coro, labels, name)
             fg.add(per_task, allocs, self._rng, _RESERVOIR, total, largest)
             self._folded_tasks += len(per_task)
             # their allocation sites become the group's (the group's hotspots keep them,
@@ -272,29 +275,72 @@ class Tracker:
             _core.fold_sites(b"".join(site_tids), b"".join(site_gids))  # one pass over the sites for all groups
         return remaining
 
-    def _new_group(self, coro: str | None, labels: Mapping[str, str]) -> tuple[FoldedGroup, str]:
-        """The folded group for tasks of coro with labels that no group has yet: a new
-        one, or, past MAX_LABEL_GROUPS for that coroutine, the one where the labels with
-        many values have the value "*" (past twice that, for tasks whose very label names
-        vary, {"*": "*"})."""
-        n = self._label_groups.get(coro, 0) if labels else 0
-        seen = self._label_values.setdefault(coro, {}) if labels else {}
+    def _group_coro(self, coro: str | None, code: Any) -> str | None:
+        """The name a coroutine's groups go by: its qualified name, or, while functions of
+        another file or line share it (a ``worker`` in two modules), that name with where
+        each is (``worker (jobs.py:12)``), so that they are not one group.  A function is
+        its code's file and first line; when a second one comes, the groups of the first
+        are renamed so."""
+        where = (code.co_filename, code.co_firstlineno) if code is not None else None
+        seen = self._coro_functions.setdefault(coro, [])
+        for function, name in seen:
+            if function == where:
+                return name
+        if not seen:
+            seen.append((where, coro))
+            return coro
+        if len(seen) == 1:  # the first function loses the plain name
+            first = seen[0][0]
+            seen[0] = (first, self._placed(coro, first, seen))
+            self._rename_groups(coro, seen[0][1])
+        name = self._placed(coro, where, seen)
+        seen.append((where, name))
+        return name
+
+    @staticmethod
+    def _placed(coro: str | None, where: tuple[str, int] | None, seen: list) -> str:
+        if where is None:
+            return f"{coro} (?)"
+        short = f"{coro} ({os.path.basename(where[0])}:{where[1]})"
+        return short if all(n != short for _, n in seen) else f"{coro} ({where[0]}:{where[1]})"
+
+    def _rename_groups(self, coro: str | None, name: str) -> None:
+        """The folded groups of coro, so far named by it alone, go by ``name`` from now on."""
+        for key, fg in list(self._folded.items()):
+            if fg.coro != coro or key != group_key(coro, fg.labels) or key == group_key(name, fg.labels):
+                continue
+            new = group_key(name, fg.labels)
+            self._folded[new] = self._folded.pop(key)
+            if key in self._group_site_ids:
+                self._group_site_ids[new] = self._group_site_ids.pop(key)
+        if coro in self._label_groups:
+            self._label_groups[name] = self._label_groups.pop(coro)
+        if coro in self._label_values:
+            self._label_values[name] = self._label_values.pop(coro)
+
+    def _new_group(self, coro: str | None, labels: Mapping[str, str], name: str | None) -> tuple[FoldedGroup, str]:
+        """The folded group for tasks of coro (going by ``name``, see _group_coro) with
+        labels that no group has yet: a new one, or, past MAX_LABEL_GROUPS for that
+        coroutine, the one where the labels with many values have the value "*" (past
+        twice that, for tasks whose very label names vary, {"*": "*"})."""
+        n = self._label_groups.get(name, 0) if labels else 0
+        seen = self._label_values.setdefault(name, {}) if labels else {}
         if n >= MAX_LABEL_GROUPS:
             many = {k for k in labels if len(seen.get(k, ())) > MANY_LABEL_VALUES}
             labels = {k: OTHER_LABEL_VALUE if not many or k in many else v for k, v in labels.items()}
-            if n >= 2 * MAX_LABEL_GROUPS and group_key(coro, labels) not in self._folded:
+            if n >= 2 * MAX_LABEL_GROUPS and group_key(name, labels) not in self._folded:
                 labels = {OTHER_LABEL_VALUE: OTHER_LABEL_VALUE}
-            key = group_key(coro, labels)
+            key = group_key(name, labels)
             fg = self._folded.get(key)
             if fg is not None:
                 return fg, key
         else:
             for k, v in labels.items():
                 seen.setdefault(k, set()).add(v)
-        key = group_key(coro, labels)
+        key = group_key(name, labels)
         fg = self._folded[key] = FoldedGroup(coro=coro, labels=dict(labels))
         if labels:
-            self._label_groups[coro] = n + 1
+            self._label_groups[name] = n + 1
         return fg, key
 
     # -- reading ------------------------------------------------------------------------
@@ -320,6 +366,8 @@ class Tracker:
         self._fold(self.max_finished_tasks)
         sites, stacks, frames = _core.stack_samples()
         records = read_records(self.loops(), self._at_stop)
+        for rec in records.values():  # (every name settled before any is used: see _group_coro)
+            self._group_coro(rec.coro, rec.code)
         # id(task) -> record id, for Report.task(task): the newest record made at an
         # address wins (a task object still alive cannot share it with a later task).
         live_objects = {rec.obj_id: rec.id for rec in sorted(records.values(), key=lambda r: r.id) if rec.obj_id}
@@ -348,6 +396,7 @@ class Tracker:
             folded_tasks=self._folded_tasks,
             group_site_ids={gid: key for key, gid in self._group_site_ids.items()},
             live_objects=live_objects,
+            group_coro=self._group_coro,
         )
         return build_report(raw)
 

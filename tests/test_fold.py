@@ -430,3 +430,49 @@ def test_report_task_of_an_eager_task_that_finished_in_create_task(loop_kind):
     t = report.task(got["task"])
     assert t.name == got["task"].get_name() and t.coro.endswith("quick")
     assert close_to(t.allocated_bytes, 2 * MiB)
+
+
+_SAME_NAME = """
+async def worker(n, keep):
+    b = bytearray(n)
+    if keep is not None:
+        keep.append(b)
+"""
+
+
+def _same_named_workers():
+    """Two coroutine functions with one qualified name, `worker`, in two files."""
+    ns_a: dict = {}
+    ns_b: dict = {}
+    exec(compile(_SAME_NAME, "jobs_a.py", "exec"), ns_a)
+    exec(compile("\n" * 9 + _SAME_NAME, "jobs_b.py", "exec"), ns_b)
+    return ns_a["worker"], ns_b["worker"]
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_coroutines_of_one_name_in_two_files_are_two_groups(loop_kind, fold):
+    """`worker` in jobs_a.py keeps 256 KiB a task; `worker` in jobs_b.py churns 1 MiB a
+    task and keeps nothing.  They are two groups (each named with its place), with
+    their own counts, and only the first is a leak suspect; also once their tasks fold."""
+    worker_a, worker_b = _same_named_workers()
+    kept: list = []
+    n = 60 if fold else 5
+
+    async def main():
+        for _ in range(n):
+            await asyncio.create_task(worker_a(256 * KiB, kept))
+            await asyncio.create_task(worker_b(MiB, None))
+
+    options = {"max_finished_tasks": 10} if fold else {}
+    _, report = run_profiled(main, loop_kind, **options)
+    groups = {g.key: g for g in report.groups if g.coro == "worker"}
+    assert set(groups) == {"worker (jobs_a.py:2)", "worker (jobs_b.py:11)"}, list(groups)
+    a, b = groups["worker (jobs_a.py:2)"], groups["worker (jobs_b.py:11)"]
+    assert a.tasks == b.tasks == n
+    assert (a.folded_tasks + b.folded_tasks > 0) == fold
+    assert close_to(a.allocated_bytes.max, 256 * KiB, abs_=8 * KiB) and close_to(b.allocated_bytes.p50, MiB, abs_=8 * KiB)
+    assert close_to(a.live_bytes, n * 256 * KiB) and b.live_bytes < 64 * KiB
+    (suspect,) = [s for s in report.leak_suspects if s.coro == "worker"]
+    assert suspect.key == "worker (jobs_a.py:2)" and suspect.tasks == n
+    assert close_to(suspect.retained_bytes, n * 256 * KiB)
+    kept.clear()
