@@ -10,6 +10,11 @@ when a task holds or allocates more than allowed.
 
       @pytest.mark.memscope(max_live_bytes="1 MiB")           # per task
       @pytest.mark.memscope(max_allocated_bytes=50_000_000, per_task=False)  # whole test
+      @pytest.mark.memscope(mode="sampled", sample_interval="64 KiB")      # profiler options
+
+  The marker also takes the profiler's options (``mode``, ``sample_interval``,
+  ``stack_interval``, ``stack_depth``, ``max_finished_tasks``, ``threads``), as every other
+  entry point does; the intervals may be strings like the limits.
 
 Tests that use neither do not touch the profiler: no hook, no policy, no import of the
 C core from here.  Only one profiler can run in a process; a test that cannot get it
@@ -31,11 +36,15 @@ __all__ = ["memscope"]
 
 _MARKER = "memscope"
 _MARKER_HELP = (
-    "memscope(max_live_bytes=None, max_allocated_bytes=None, per_task=True): profile the test "
-    "with memscope-async and fail it if any asyncio task (or, with per_task=False, the whole "
-    "test body) holds more than max_live_bytes at its end or allocated more than "
-    "max_allocated_bytes. Limits are bytes or strings like '512KiB', '1 MiB'."
+    "memscope(max_live_bytes=None, max_allocated_bytes=None, per_task=True, **options): profile "
+    "the test with memscope-async and fail it if any asyncio task (or, with per_task=False, the "
+    "whole test body) holds more than max_live_bytes at its end or allocated more than "
+    "max_allocated_bytes. Limits are bytes or strings like '512KiB', '1 MiB'. options: the "
+    "profiler's (mode, sample_interval, stack_interval, stack_depth, max_finished_tasks, threads)."
 )
+# the profiler options the marker passes on (the intervals may be given as sizes)
+_OPTIONS = ("mode", "sample_interval", "stack_interval", "stack_depth", "max_finished_tasks", "threads")
+_SIZE_OPTIONS = ("sample_interval", "stack_interval")
 _TABLE_ROWS = 5
 
 
@@ -63,11 +72,13 @@ def memscope(request: pytest.FixtureRequest) -> Iterator["Profiler"]:
 
     problem = None
     try:
-        profiler = api.install_policy()
+        profiler = api.install_policy(**limits.options)
     except ProfilerError as exc:
-        problem = str(exc)
+        problem = f"memscope: cannot profile this test: {exc}"
+    except (ValueError, TypeError) as exc:  # an option the profiler refuses
+        problem = f"memscope marker: {exc}"
     if problem is not None:  # (outside the except: one message, not two chained)
-        pytest.fail(f"memscope: cannot profile this test: {problem}", pytrace=False)
+        pytest.fail(problem, pytrace=False)
     run = _Run(profiler, limits)
     request.node.stash[_RUN] = run
     try:
@@ -117,6 +128,7 @@ class _Limits:
     max_live_bytes: int | None = None
     max_allocated_bytes: int | None = None
     per_task: bool = True
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the profiler's
 
     @property
     def any(self) -> bool:
@@ -133,14 +145,19 @@ class _Limits:
             pytest.fail("memscope marker: give limits by keyword, e.g. memscope(max_live_bytes='1 MiB')",
                         pytrace=False)
         kwargs = dict(marker.kwargs)
-        unknown = set(kwargs) - {f.name for f in dataclasses.fields(cls)}
+        options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
+        for k in _SIZE_OPTIONS:
+            if isinstance(options.get(k), str):
+                options[k] = _limit(k, options[k])
+        unknown = set(kwargs) - {"max_live_bytes", "max_allocated_bytes", "per_task"}
         if unknown:
             pytest.fail(f"memscope marker: unknown argument(s) {', '.join(sorted(unknown))}; "
-                        f"expected {_MARKER_HELP.split(':', 1)[0]}", pytrace=False)
+                        f"expected {_MARKER_HELP.split(':', 1)[0]} with options {', '.join(_OPTIONS)}",
+                        pytrace=False)
         per_task = kwargs.pop("per_task", True)
         if not isinstance(per_task, bool):
             pytest.fail(f"memscope marker: per_task must be True or False, not {per_task!r}", pytrace=False)
-        return cls(per_task=per_task, **{k: _limit(k, v) for k, v in kwargs.items()})
+        return cls(per_task=per_task, options=options, **{k: _limit(k, v) for k, v in kwargs.items()})
 
 
 def _limit(name: str, value: Any) -> int | None:

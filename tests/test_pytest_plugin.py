@@ -39,7 +39,8 @@ def inner(pytester: pytest.Pytester) -> pytest.Pytester:
 
 def test_marker_is_registered_with_its_signature(inner: pytest.Pytester) -> None:
     result = inner.runpytest("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.memscope(max_live_bytes=None, max_allocated_bytes=None, per_task=True):*"])
+    result.stdout.fnmatch_lines(
+        ["@pytest.mark.memscope(max_live_bytes=None, max_allocated_bytes=None, per_task=True, **options):*"])
 
 
 def test_live_limit_per_task_fails_the_test_with_a_table(inner: pytest.Pytester) -> None:
@@ -247,3 +248,41 @@ def test_malformed_marker_is_a_clear_setup_error(inner: pytest.Pytester) -> None
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines(["*memscope marker: unknown argument(s) max_live*",
                                  "*memscope marker: max_live_bytes: invalid size 'lots'*"])
+
+
+def test_marker_takes_the_profilers_options(inner: pytest.Pytester) -> None:
+    """mode="sampled" and sample_interval (a size string too) reach the profiler, as with
+    every other entry point; a bad option value is a one-line setup error."""
+    inner.makepyfile(
+        """
+        import asyncio
+        import pytest
+        from helpers import hog
+
+        @pytest.mark.memscope(mode="sampled", sample_interval="64 KiB", stack_depth=8)
+        def test_sampled(memscope):
+            async def main():
+                await asyncio.create_task(hog(4), name="hog")
+            asyncio.run(main())
+            report = memscope.snapshot()
+            assert report.run.mode == "sampled" and report.run.sample_interval == 65536
+            assert report.run.estimated and report.run.stack_depth == 8
+            (t,) = report.find(name="hog")
+            assert abs(t.live_bytes - 4 * 1024 * 1024) < 1024 * 1024, t.live_bytes
+
+        @pytest.mark.memscope(mode="sampled", sample_interval=4096, max_live_bytes="1 MiB")
+        def test_sampled_limit():
+            async def main():
+                await asyncio.create_task(hog(), name="session_cache")
+            asyncio.run(main())
+
+        @pytest.mark.memscope(mode="fast")
+        def test_bad_mode():
+            pass
+        """
+    )
+    result = inner.runpytest()
+    result.assert_outcomes(passed=1, failed=1, errors=1)
+    result.stdout.fnmatch_lines(["*memscope*mode must be one of exact, sampled, not 'fast'*",
+                                 "*memscope: limited to 1.0 MiB live per task, task 'session_cache'*"])
+    assert "Traceback" not in result.stdout.str()
