@@ -69,7 +69,7 @@
 int madvise(void *addr, size_t len, int advice);
 int mincore(void *addr, size_t len, unsigned char *vec);
 
-#define SHADOW_MAX_SIZE 1024u         /* sizes 0..1023 fit; larger go to the hash table */
+#define SHADOW_MAX_SIZE 512u          /* sizes 0..511 fit (pymalloc's blocks); larger go to the hash table */
 #define SHADOW_MAX_CELL ((1u << 21) - 1)
 
 #ifndef SHADOW_ADDR_BITS
