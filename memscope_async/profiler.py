@@ -51,7 +51,7 @@ class Profiler:
         Mean bytes between samples in sampled mode (default 512 KiB).  Giving it implies
         sampled mode unless ``mode="exact"`` is given too, where it has no use.
     stack_interval
-        Exact mode: mean bytes between stack samples for hotspots (default 256 KiB;
+        Exact mode: mean bytes between stack samples for hotspots (default 64 KiB;
         0 disables stacks).
     stack_depth
         Frames kept per stack, innermost first (default 32; 0 disables stacks).
