@@ -1388,6 +1388,18 @@ static int settle_passthrough(int mode) {
     return 0;
 }
 
+/* Put our hooks over what `domain` has now (kept in orig, which the hooks call). */
+static void install_hooks(PyMemAllocatorDomain domain, PyMemAllocatorEx *hook, PyMemAllocatorEx *orig, int sampled,
+                          void *(*exact_malloc)(void *, size_t), void *(*exact_calloc)(void *, size_t, size_t)) {
+    PyMem_GetAllocator(domain, orig);
+    hook->ctx = orig;
+    hook->malloc = sampled ? hook_malloc_sampled : exact_malloc;
+    hook->calloc = sampled ? hook_calloc_sampled : exact_calloc;
+    hook->realloc = sampled ? hook_realloc_sampled : hook_realloc;
+    hook->free = sampled ? hook_free_sampled : hook_free;
+    PyMem_SetAllocator(domain, hook);
+}
+
 static PyObject *core_start(PyObject *m, PyObject *args) {
     PyObject *var;
     int mode, depth;
@@ -1449,25 +1461,9 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
     tasks_watch(1); /* before the hooks: it may import _asyncio */
     static PyMemAllocatorEx hook_obj, hook_mem;
     int sampled = mode == MODE_SAMPLED;
-    S.raw_blocks = raw_blocks_counter();
-    if (!(S.pt_left & 1)) {
-        PyMem_GetAllocator(PYMEM_DOMAIN_OBJ, &S.orig_obj);
-        hook_obj.ctx = &S.orig_obj;
-        hook_obj.malloc = sampled ? hook_malloc_sampled : hook_malloc_obj;
-        hook_obj.calloc = sampled ? hook_calloc_sampled : hook_calloc_obj;
-        hook_obj.realloc = sampled ? hook_realloc_sampled : hook_realloc;
-        hook_obj.free = sampled ? hook_free_sampled : hook_free;
-        PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &hook_obj);
-    }
-    if (!(S.pt_left & 2)) {
-        PyMem_GetAllocator(PYMEM_DOMAIN_MEM, &S.orig_mem);
-        hook_mem.ctx = &S.orig_mem;
-        hook_mem.malloc = sampled ? hook_malloc_sampled : hook_malloc;
-        hook_mem.calloc = sampled ? hook_calloc_sampled : hook_calloc;
-        hook_mem.realloc = sampled ? hook_realloc_sampled : hook_realloc;
-        hook_mem.free = sampled ? hook_free_sampled : hook_free;
-        PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &hook_mem);
-    }
+    if (!(S.pt_left & 1)) install_hooks(PYMEM_DOMAIN_OBJ, &hook_obj, &S.orig_obj, sampled, hook_malloc_obj, hook_calloc_obj);
+    if (!(S.pt_left & 2)) install_hooks(PYMEM_DOMAIN_MEM, &hook_mem, &S.orig_mem, sampled, hook_malloc, hook_calloc);
+    S.raw_blocks = raw_blocks_counter(); /* (it tests S.orig_obj: what is under our hooks now) */
     /* (hooks still under another one, from the last session, record again from here) */
     S.pt_left = 0;
     S.passthrough = 0;

@@ -128,3 +128,26 @@ def test_a_profiler_started_under_tracemalloc_restores_it(mode: str) -> None:
     """, mode)
     assert five_mib(out[0]) and five_mib(out[2]), out
     assert int(out[1]) >= 2000 * 1000, out
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="pymalloc's raw-block count is found on 3.12+")
+def test_our_objects_go_to_the_raw_allocator_only_where_pymalloc_is_under_the_hooks() -> None:
+    """Tag mappings come from the raw allocator only when pymalloc itself is the object
+    allocator under our hooks: from the first session on, and not under tracemalloc
+    (whose traces they would bypass).  It was decided from the allocator of the session
+    before (none in the first)."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import contextvars, tracemalloc
+        from memscope_async.attribution import _core
+        v = contextvars.ContextVar("t")
+        for _ in range(2):
+            _core.start(v, 0, 1.0, 0.0, 8, 0.0, 1)
+            print(_core.stats()["own_objects_raw"])
+            _core.stop(); _core.clear()
+        tracemalloc.start()
+        _core.start(v, 0, 1.0, 0.0, 8, 0.0, 1)
+        print(_core.stats()["own_objects_raw"])
+        _core.stop(); _core.clear()
+    """)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", "1", "0"], proc.stdout
