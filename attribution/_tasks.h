@@ -732,6 +732,7 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
      * holds); the labels, once labels() (their only setter) has been used */
     uint32_t parent = context_tid();
     uint32_t parent_up = parent != 0 && t->ctx_tag != NULL && t->ctx_tag->tid == parent ? t->ctx_tag->up : 0;
+    int was_shared = parent != 0 && t->ctx_tag != NULL && t->ctx_tag->tid == parent && t->ctx_tag->shared;
     PyObject *labels = NULL;
     if (G.labels_used && G.labels_var != NULL && PyContextVar_Get(G.labels_var, NULL, &labels) < 0) {
         PyErr_Clear();
@@ -777,7 +778,7 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
         /* One context handed to several create_task calls (asyncio.Runner does this): the
          * tag in it is an earlier sibling's, so the parent is that sibling's parent; if
          * that sibling still runs, the two share the context (see shared_tid). */
-        if (S.tasks[pti].state == TS_PENDING) tag->shared = 1;
+        if (S.tasks[pti].state == TS_PENDING || was_shared) tag->shared = 1; /* (an older one may still run) */
         parent = S.tasks[pti].parent;
         if (!task_registered(parent, &pti)) pti = 0;
     }

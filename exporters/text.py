@@ -299,7 +299,9 @@ def _leak_suspects(report: Report, fmt: _Numbers, top: int, width: int) -> list[
     columns.append(_Column("top hotspot", flex=True, keep_end=True))
     rows = []
     for s in shown:
-        row = [s.coro or s.key, str(s.tasks), fmt.size(s.retained_bytes)]
+        # (a coroutine named like another one's shows where it is, as its key does)
+        name = s.key.split("[", 1)[0] if s.coro and s.key.startswith(f"{s.coro} (") else (s.coro or s.key)
+        row = [name, str(s.tasks), fmt.size(s.retained_bytes)]
         if with_inferred:
             # as in the task tables: a guessed byte always carries "~" and the confidence
             row.append(f"~{format_size(s.inferred_bytes)} (c={_confidence(s.confidence)})" if s.inferred_bytes else "-")

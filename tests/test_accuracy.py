@@ -485,3 +485,26 @@ def test_a_task_given_its_creators_running_context_keeps_its_own_bytes(loop_kind
     assert close_to(c.allocated_bytes, 2 * MiB) and close_to(c.live_bytes, 2 * MiB), c
     assert close_to(c.subtree.live_bytes, 6 * MiB)
     KEEP.clear()
+
+
+def test_a_task_given_a_shared_context_after_a_sibling_ended_keeps_its_own_bytes(loop_kind):
+    """Task 1 and a quick task 2 are given one Context; task 2 ends; task 3 is given it
+    while task 1 still runs: each keeps its own bytes (task 3's tag replaced a finished
+    sibling's, but the context is still task 1's too)."""
+    KEEP.clear()
+
+    async def quick():
+        return None
+
+    async def main():
+        ctx = contextvars.copy_context()
+        first = asyncio.create_task(two_steps(4), context=ctx)
+        await asyncio.create_task(quick(), context=ctx)
+        third = asyncio.create_task(two_steps(2), context=ctx)
+        await asyncio.gather(first, third)
+
+    _, report = run_profiled(main, loop_kind)
+    first, third = sorted(report.find(coro="two_steps"), key=lambda t: t.id)
+    assert close_to(first.allocated_bytes, 4 * MiB) and close_to(first.live_bytes, 4 * MiB), first
+    assert close_to(third.allocated_bytes, 2 * MiB) and close_to(third.live_bytes, 2 * MiB), third
+    KEEP.clear()
