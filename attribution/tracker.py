@@ -142,6 +142,9 @@ class Tracker:
         self._at_stop: dict[int, tuple[int, str | None, str]] = {}  # live tasks' names when stopped
         self._group_site_ids: dict[str, int] = {}  # group key -> the id its sites carry
         self._rng = random.Random(seed or None)
+        # folds (from any loop's thread) and a report's naming of groups, one at a time:
+        # a report may rename groups (_group_coro) that a fold is adding to
+        self._groups_lock = threading.RLock()
         self._start_ns = 0
         self._stop_ns: int | None = None
         self._started_at = ""
@@ -249,6 +252,10 @@ class Tracker:
         Returns how many finished tasks remain.  The core picks and forgets the tasks
         (once a pass has had to, those that allocated no more than any it kept go as they
         finish); only the per-group sums come back here, with every call."""
+        with self._groups_lock:
+            return self._fold_locked(keep, scan)
+
+    def _fold_locked(self, keep: int, scan: bool) -> int:
         remaining, groups = _core.fold(keep, scan)
         site_tids, site_gids = [], []
         for coro, labels, values, allocs, tids, total, largest, code in groups:
@@ -363,11 +370,12 @@ class Tracker:
                 "this profiler's data was discarded when a later profiler started; "
                 "take snapshot() before starting another one"
             )
-        self._fold(self.max_finished_tasks)
-        sites, stacks, frames = _core.stack_samples()
-        records = read_records(self.loops(), self._at_stop)
-        for rec in records.values():  # (every name settled before any is used: see _group_coro)
-            self._group_coro(rec.coro, rec.code)
+        with self._groups_lock:
+            self._fold(self.max_finished_tasks)
+            sites, stacks, frames = _core.stack_samples()
+            records = read_records(self.loops(), self._at_stop)
+            for rec in records.values():  # (every name settled before any is used: see _group_coro)
+                self._group_coro(rec.coro, rec.code)
         # id(task) -> record id, for Report.task(task): the newest record made at an
         # address wins (a task object still alive cannot share it with a later task).
         live_objects = {rec.obj_id: rec.id for rec in sorted(records.values(), key=lambda r: r.id) if rec.obj_id}
