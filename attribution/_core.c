@@ -1337,6 +1337,21 @@ static inline int hooks_on_top(PyMemAllocatorDomain domain, const PyMemAllocator
     return top.ctx == (void *)orig; /* our hooks' ctx: only ours name our copy */
 }
 
+/* In each domain of mask (bit 0 object, bit 1 memory) where our hooks are on top, the
+ * original allocator goes back.  Returns the domains of mask where ours stay (under
+ * another hook, or taken out by someone else). */
+static int take_hooks_off(int mask) {
+    if ((mask & 1) && hooks_on_top(PYMEM_DOMAIN_OBJ, &S.orig_obj)) {
+        PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &S.orig_obj);
+        mask &= ~1;
+    }
+    if ((mask & 2) && hooks_on_top(PYMEM_DOMAIN_MEM, &S.orig_mem)) {
+        PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &S.orig_mem);
+        mask &= ~2;
+    }
+    return mask;
+}
+
 /* Of the domains in mask (bit 0 object, bit 1 memory) where our hooks pass through, those
  * where they are still called: an allocation in each, made to take the hooks' slow path. */
 static int probe_hooks(int mask) {
@@ -1366,14 +1381,7 @@ static int probe_hooks(int mask) {
  * again in this session, which must then be in their mode.  Returns -1 with an exception
  * set (nothing changed) if it is not. */
 static int settle_passthrough(int mode) {
-    if ((S.pt_left & 1) && hooks_on_top(PYMEM_DOMAIN_OBJ, &S.orig_obj)) {
-        PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &S.orig_obj);
-        S.pt_left &= ~1;
-    }
-    if ((S.pt_left & 2) && hooks_on_top(PYMEM_DOMAIN_MEM, &S.orig_mem)) {
-        PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &S.orig_mem);
-        S.pt_left &= ~2;
-    }
+    S.pt_left = take_hooks_off(S.pt_left);
     int under = probe_hooks(S.pt_left);
     if (under && S.pt_mode != mode) {
         PyErr_Format(PyExc_RuntimeError,
@@ -1486,11 +1494,7 @@ PyDoc_STRVAR(stop_doc, "stop() -> bool\n--\n\nRestore the original allocators.  
 static PyObject *core_stop(PyObject *m, PyObject *noargs) {
     int cut = 0;
     if (S.active) {
-        int left = 0;
-        if (hooks_on_top(PYMEM_DOMAIN_OBJ, &S.orig_obj)) PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &S.orig_obj);
-        else left |= 1;
-        if (hooks_on_top(PYMEM_DOMAIN_MEM, &S.orig_mem)) PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &S.orig_mem);
-        else left |= 2;
+        int left = take_hooks_off(3);
         if (left) {
             S.passthrough = 1;
             S.pt_left = left;
