@@ -61,11 +61,12 @@ _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[kmg]?)(?:i?b)?", re.I
 _UNIT = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, *, allow_zero: bool = False) -> int:
     """A size in bytes from ``65536``, ``64K``, ``512KiB``, ``1M``, ``1.5 MiB``...
 
     Units are binary whatever their spelling (``K``, ``KB`` and ``KiB`` are all 1024 bytes).
-    Returns a positive integer; raises ``ValueError`` with a readable message otherwise.
+    Returns a positive integer (or 0, with ``allow_zero``); raises ``ValueError`` with a
+    readable message otherwise.
     """
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
@@ -82,8 +83,8 @@ def parse_size(text: str | int) -> int:
         if frac and int(frac) * unit % 10 ** len(frac):
             raise ValueError(f"{text!r} is not a whole number of bytes")
         value = scaled
-    if value < 1:
-        raise ValueError(f"{text!r} is not a positive number of bytes")
+    if value < (0 if allow_zero else 1):
+        raise ValueError(f"{text!r} is not a {'' if allow_zero else 'positive '}number of bytes")
     return value
 
 

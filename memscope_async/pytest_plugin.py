@@ -165,10 +165,9 @@ def _limit(name: str, value: Any) -> int | None:
         return None
     from .cli import parse_size
 
-    if isinstance(value, int) and not isinstance(value, bool) and value == 0:
-        return 0  # "nothing at all" is a legitimate limit
     try:
-        return parse_size(value)
+        # 0 ("nothing at all", or no stack samples) is legitimate, as an int or a string
+        return parse_size(value, allow_zero=True)
     except (ValueError, TypeError) as exc:
         problem = str(exc)
     pytest.fail(f"memscope marker: {name}: {problem}", pytrace=False)  # (outside the except: one message)

@@ -276,13 +276,17 @@ def test_marker_takes_the_profilers_options(inner: pytest.Pytester) -> None:
                 await asyncio.create_task(hog(), name="session_cache")
             asyncio.run(main())
 
+        @pytest.mark.memscope(stack_interval="0", max_live_bytes="0 KiB")
+        def test_zero_sizes_as_strings(memscope):
+            assert memscope._settings()["stack_interval"] == 0
+
         @pytest.mark.memscope(mode="fast")
         def test_bad_mode():
             pass
         """
     )
     result = inner.runpytest()
-    result.assert_outcomes(passed=1, failed=1, errors=1)
+    result.assert_outcomes(passed=2, failed=1, errors=1)
     result.stdout.fnmatch_lines(["*memscope*mode must be one of exact, sampled, not 'fast'*",
                                  "*memscope: limited to 1.0 MiB live per task, task 'session_cache'*"])
     assert "Traceback" not in result.stdout.str()
