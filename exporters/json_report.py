@@ -8,6 +8,10 @@ target with ``os.replace``.  On any failure the temporary file is removed and wh
 
 The parent directory must already exist: creating directories is the caller's decision
 (a typo in ``--output`` should be an error, not a new directory tree).
+
+A symbolic link is followed: the file it points to is replaced, the link stays.  A target
+that is not a regular file (``/dev/null``, ``/dev/stdout``, a FIFO) is written through,
+as the shell's ``>`` would: replacing it would put a plain file where a device was.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 from pathlib import Path
 
 from ..attribution.report import Report
@@ -34,7 +39,16 @@ def write_json(report: Report, path: str | os.PathLike[str], *, indent: bool = F
     serialised, or any write, fsync or rename fails.  In every failure case the previous
     file at ``path`` (if any) is left intact and no temporary file remains.
     """
-    target = Path(path)
+    named = Path(path)
+    target, stream = _resolve(named)
+    if stream:
+        data = _serialise(report, named, indent)
+        try:
+            with open(target, "wb") as fh:
+                fh.write(data)
+        except OSError as exc:
+            raise _error(named, exc) from exc
+        return named
     _check_parent(target, target.parent.is_dir())
     data = _serialise(report, target, indent)
     tmp = _temp_name(target)
@@ -52,7 +66,7 @@ def write_json(report: Report, path: str | os.PathLike[str], *, indent: bool = F
             raise _error(target, exc) from exc
         raise
     _fsync_dir(target.parent)
-    return target
+    return named
 
 
 async def export_json_async(report: Report, path: str | os.PathLike[str], *, indent: bool = False) -> Path:
@@ -70,11 +84,20 @@ async def export_json_async(report: Report, path: str | os.PathLike[str], *, ind
     import aiofiles
     import aiofiles.os
 
-    target = Path(path)
+    named = Path(path)
+    loop = asyncio.get_running_loop()
+    target, stream = await loop.run_in_executor(None, _resolve, named)
+    if stream:  # (a FIFO's open waits for a reader: off the loop too)
+        data = _serialise(report, named, indent)
+        try:
+            async with aiofiles.open(target, "wb") as fh:
+                await fh.write(data)
+        except OSError as exc:
+            raise _error(named, exc) from exc
+        return named
     _check_parent(target, await aiofiles.os.path.isdir(target.parent))
     data = _serialise(report, target, indent)
     tmp = _temp_name(target)
-    loop = asyncio.get_running_loop()
     try:
         async with aiofiles.open(tmp, "xb") as fh:
             await fh.write(data)
@@ -89,7 +112,18 @@ async def export_json_async(report: Report, path: str | os.PathLike[str], *, ind
             raise _error(target, exc) from exc
         raise
     await loop.run_in_executor(None, _fsync_dir, target.parent)
-    return target
+    return named
+
+
+def _resolve(named: Path) -> tuple[Path, bool]:
+    """Where the bytes for ``named`` go: the file a symbolic link points to, and whether
+    that is something other than a regular file (written through, not replaced)."""
+    target = Path(os.path.realpath(named)) if named.is_symlink() else named
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:  # nothing there yet (or unreadable: the write will say why)
+        return target, False
+    return target, not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def _check_parent(target: Path, parent_is_dir: bool) -> None:

@@ -350,7 +350,12 @@ def _check_output(name: str) -> Path:
     path = Path(name)
     if path.is_dir():
         raise CommandError(f"cannot write report to {name}: it is a directory", USAGE_ERROR)
-    parent = path.parent
+    real = Path(os.path.realpath(path))
+    if real.exists() and not real.is_file():  # /dev/null, /dev/stdout, a FIFO: written through
+        if not os.access(real, os.W_OK):
+            raise CommandError(f"cannot write report to {name}: permission denied", USAGE_ERROR)
+        return path.absolute()
+    parent = real.parent if path.is_symlink() else path.parent
     if not parent.is_dir():
         raise CommandError(f"cannot write report to {name}: directory {parent} does not exist", USAGE_ERROR)
     if not os.access(parent, os.W_OK | os.X_OK):

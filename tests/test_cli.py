@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -77,6 +78,27 @@ def test_default_report_path_is_in_the_working_directory(tmp_path: Path, script:
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "" and proc.stdout == "argv: []\n"
     assert abs(grabber(Report.load(tmp_path / "report.json")).live_bytes - 4 * MiB) <= 64 * 1024
+
+
+def test_output_through_a_symlink_or_to_a_device(tmp_path: Path, script: Path) -> None:
+    """-o follows a link (the link stays) and writes a device through: -o /dev/null
+    throws the report away and leaves /dev/null a device (a device node of our own here)."""
+    import stat
+
+    real = tmp_path / "reports" / "r.json"
+    real.parent.mkdir()
+    (tmp_path / "link.json").symlink_to(real)
+    proc = cli("run", "-q", "-o", "link.json", script.name, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "link.json").is_symlink()
+    assert abs(grabber(Report.load(real)).live_bytes - 4 * MiB) <= 64 * 1024
+    try:
+        os.mknod(tmp_path / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except OSError:
+        pytest.skip("cannot make a device node here (not root)")
+    proc = cli("run", "-q", "-o", "null", script.name, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_ISCHR(os.stat(tmp_path / "null").st_mode)
 
 
 def test_program_arguments_are_passed_through(tmp_path: Path, script: Path) -> None:

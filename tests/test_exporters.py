@@ -308,6 +308,56 @@ def test_export_json_async_missing_parent(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("writer", ["sync", "async"])
+def test_a_symlink_is_followed_and_a_special_file_written_through(tmp_path, writer):
+    """A link keeps pointing at the (replaced) report; a FIFO or /dev/null stays what it
+    is and gets the bytes, as with the shell's >.  Replacing /dev/null with a plain file
+    (as root, which CI is) would break the machine."""
+    import stat
+    import threading
+
+    def write(path):
+        if writer == "sync":
+            return write_json(report, path)
+        return asyncio.run(export_json_async(report, path))
+
+    report = make_report()
+    real = tmp_path / "real.json"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    assert write(link) == link
+    assert link.is_symlink() and real.read_bytes() == report.to_json_bytes()
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "later.json")
+    write(dangling)
+    assert dangling.is_symlink() and (tmp_path / "later.json").read_bytes() == report.to_json_bytes()
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    write(fifo)
+    reader.join(10)
+    assert got == [report.to_json_bytes()] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+    # character devices of our own (as root; /dev's own would be destroyed by the bug)
+    try:
+        os.mknod(tmp_path / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        os.mknod(tmp_path / "full", 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    except OSError:
+        pytest.skip("cannot make device nodes here (not root)")
+    write(tmp_path / "null")
+    assert stat.S_ISCHR(os.stat(tmp_path / "null").st_mode)
+    with pytest.raises(ExportError, match="No space left") as info:
+        write(tmp_path / "full")
+    assert "\n" not in str(info.value)
+    assert stat.S_ISCHR(os.stat(tmp_path / "full").st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["dangling.json", "fifo", "full", "later.json", "link.json", "null",
+                                            "real.json"]
+
+
 # -- schema ----------------------------------------------------------------------------
 
 
