@@ -232,10 +232,11 @@ def _owner(cls: type, name: str) -> type:
 
 
 class _Patch:
-    __slots__ = ("saved", "loops")
+    __slots__ = ("saved", "ours", "loops")
 
-    def __init__(self, saved: Any) -> None:
+    def __init__(self, saved: Any, ours: Any) -> None:
         self.saved = saved  # what the class's own __dict__ held (_MISSING: nothing)
+        self.ours = ours  # what we put there
         self.loops = 0
 
 
@@ -257,8 +258,9 @@ def _patch(key: tuple[type, str]) -> None:
         owner, name = key
         saved = owner.__dict__.get(name, _MISSING)
         original = _unwrap(saved if saved is not _MISSING else getattr(owner, name))
-        setattr(owner, name, _replacement(name, original))
-        p = _patches[key] = _Patch(saved)
+        ours = _replacement(name, original)
+        setattr(owner, name, ours)
+        p = _patches[key] = _Patch(saved, ours)
     p.loops += 1
 
 
@@ -271,6 +273,8 @@ def _unpatch(key: tuple[type, str]) -> None:
         return
     del _patches[key]
     owner, name = key
+    if owner.__dict__.get(name) is not p.ours:
+        return  # replaced after us (a library's wrapper around ours): it stays
     try:
         if p.saved is _MISSING:
             delattr(owner, name)

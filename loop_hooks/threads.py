@@ -28,43 +28,70 @@ from .tagging import TAG
 
 __all__ = ["install", "uninstall", "installed"]
 
-_original_start = threading.Thread.start
-_original_bootstrap_inner = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
-_original_queue_get = queue.Queue.get  # (taken again at each install: see install)
 _pending: "weakref.WeakKeyDictionary[threading.Thread, tuple[int, int]]" = weakref.WeakKeyDictionary()
 _installed = False
+_session: object | None = None  # the running install's token (see install)
 
 
 def _executor_worker(thread: threading.Thread) -> bool:
     return getattr(thread, "_target", None) is _cf_thread._worker
 
 
-def _start(self: threading.Thread) -> None:
+def _note_start(thread: threading.Thread) -> None:
     try:
         tag = TAG.get(None)
         tid = tag.id if tag is not None else handover.current()
-        if tid and not _executor_worker(self):
-            _pending[self] = (tid, core_threads.now_ns())
+        if tid and not _executor_worker(thread):
+            _pending[thread] = (tid, core_threads.now_ns())
     except Exception:  # never let bookkeeping break the user's thread
         pass
-    return _original_start(self)
 
 
-def _bootstrap_inner(self: threading.Thread) -> None:
+def _note_bootstrap(thread: threading.Thread) -> None:
     try:
-        role = "executor" if _executor_worker(self) else "other"
-        core_threads.note_thread(self.name, role)
-        info = _pending.pop(self, None)
+        role = "executor" if _executor_worker(thread) else "other"
+        core_threads.note_thread(thread.name, role)
+        info = _pending.pop(thread, None)
         if info is not None:
             core_threads.started_by(*info)
     except Exception:
         pass
-    return _original_bootstrap_inner(self)
 
 
-def _queue_get(self, block=True, timeout=None):
-    _core.serves()
-    return _original_queue_get(self, block, timeout)
+# (owner, attribute) -> (our wrapper, what it replaced) while installed
+_patches: dict[tuple[type, str], tuple[object, object]] = {}
+
+
+def _wrap_start(original, session):
+    def start(self):
+        if _session is session:
+            _note_start(self)
+        return original(self)
+
+    return start
+
+
+def _wrap_bootstrap_inner(original, session):
+    def _bootstrap_inner(self):
+        if _session is session:
+            _note_bootstrap(self)
+        return original(self)
+
+    return _bootstrap_inner
+
+
+def _wrap_queue_get(original, session):
+    def get(self, block=True, timeout=None):
+        if _session is session:
+            _core.serves()
+        return original(self, block, timeout)
+
+    return get
+
+
+_WRAPPERS = ((threading.Thread, "start", _wrap_start),
+             (threading.Thread, "_bootstrap_inner", _wrap_bootstrap_inner),
+             (queue.Queue, "get", _wrap_queue_get))
 
 
 def installed() -> bool:
@@ -72,29 +99,34 @@ def installed() -> bool:
 
 
 def install() -> None:
-    """Patch ``threading.Thread`` (idempotent)."""
+    """Patch ``threading.Thread.start`` / ``_bootstrap_inner`` and ``queue.Queue.get``
+    (idempotent).  Whatever each is now (a library such as an APM agent may have wrapped
+    it since import) runs inside ours.  Each install makes wrappers of its own: one left
+    in place under a library's wrapper by an earlier session only passes calls through,
+    so a chain of sessions and wrappers never loops back on itself."""
     global _installed
     if _installed:
         return
-    global _original_queue_get
-    threading.Thread.start = _start  # type: ignore[method-assign]
-    threading.Thread._bootstrap_inner = _bootstrap_inner  # type: ignore[attr-defined]
-    # whatever Queue.get is now (a library or a test may have replaced it since import)
-    # runs inside ours, and is what uninstall puts back
-    _original_queue_get = queue.Queue.get
-    functools.update_wrapper(_queue_get, _original_queue_get)
-    queue.Queue.get = _queue_get  # type: ignore[method-assign]
+    global _session
+    session = _session = object()
+    for owner, name, wrap in _WRAPPERS:
+        original = owner.__dict__[name]
+        ours = functools.update_wrapper(wrap(original, session), original)
+        setattr(owner, name, ours)
+        _patches[(owner, name)] = (ours, original)
     _installed = True
 
 
 def uninstall() -> None:
-    """Restore ``threading.Thread`` exactly as it was."""
-    global _installed
+    """Put back what install replaced, where ours is still the one in place (a wrapper a
+    library put over ours stays, and ours under it passes calls straight through)."""
+    global _installed, _session
     if not _installed:
         return
-    threading.Thread.start = _original_start  # type: ignore[method-assign]
-    threading.Thread._bootstrap_inner = _original_bootstrap_inner  # type: ignore[attr-defined]
-    if queue.Queue.get is _queue_get:  # (unless someone replaced it after us)
-        queue.Queue.get = _original_queue_get  # type: ignore[method-assign]
+    _session = None
+    for (owner, name), (ours, original) in _patches.items():
+        if owner.__dict__.get(name) is ours:
+            setattr(owner, name, original)
+    _patches.clear()
     _pending.clear()
     _installed = False

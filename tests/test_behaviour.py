@@ -468,6 +468,51 @@ def test_class_restored_when_an_instrumented_loop_is_collected():
         prof.close()
 
 
+def test_a_librarys_wrapper_set_while_profiling_stays(monkeypatch):
+    """An APM agent that wraps a loop method or Thread.start while we profile (or before)
+    keeps its wrapper when the loop closes and the profiler stops: we put back only what
+    is still ours.  Two sessions under a library's wrapper do not call each other in a
+    loop."""
+    import threading
+
+    seen = []
+
+    def wrap(owner, name):
+        original = owner.__dict__[name]
+
+        def wrapper(self, *args):
+            if name == "run_in_executor" or getattr(self, "_target", None) is len:  # (not the pool's)
+                seen.append(name)
+            return original(self, *args)
+
+        monkeypatch.setattr(owner, name, wrapper)
+        return wrapper
+
+    async def main():
+        await asyncio.get_running_loop().run_in_executor(None, len, "abc")
+        thread = threading.Thread(target=len, args=("abc",))
+        thread.start()
+        thread.join()
+
+    before = wrap(threading.Thread, "start")  # a library set up before profiling
+    for session in range(2):
+        ms.install_policy()
+        try:
+            asyncio.run(main())
+            if session == 0:  # and one set up while profiling (say, by the program under the CLI)
+                in_executor = wrap(asyncio.BaseEventLoop, "run_in_executor")
+                thread_start = wrap(threading.Thread, "start")
+                asyncio.run(main())
+        finally:
+            ms.uninstall_policy()
+        assert asyncio.BaseEventLoop.__dict__["run_in_executor"] is in_executor
+        assert threading.Thread.__dict__["start"] is thread_start
+        seen.clear()
+        asyncio.run(main())
+        assert seen == ["run_in_executor", "start", "start"], seen
+    assert before is not None
+
+
 def test_user_subclass_overriding_loop_methods():
     seen = []
 
