@@ -383,7 +383,12 @@ def _profile(target: _Target, args: argparse.Namespace) -> int | None:
             profiler = api.install_policy(uvloop=args.uvloop, **options)
         except ProfilerError as exc:
             raise CommandError(str(exc)) from None
+        started_in = os.getpid()
         status = _run_program(target, module, err)
+    if os.getpid() != started_in:
+        # a child the program forked, which ran on to the program's end: the report and
+        # summary are its parent's (a child writing the same -o would replace the parent's)
+        return status
     # The program's output first.  If it cannot be written, that is the program's error,
     # left in place for Python to report at exit as it would have.
     stuck: Exception | None = None

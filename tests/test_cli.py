@@ -101,6 +101,31 @@ def test_output_through_a_symlink_or_to_a_device(tmp_path: Path, script: Path) -
     assert stat.S_ISCHR(os.stat(tmp_path / "null").st_mode)
 
 
+def test_a_forked_child_that_runs_to_the_end_writes_no_report(tmp_path: Path) -> None:
+    """The report and summary are the profiled process's: a child it forked that falls off
+    the end of the program (as Python allows) ends as it would without us."""
+    prog = tmp_path / "forks.py"
+    prog.write_text(textwrap.dedent("""
+        import asyncio, os
+
+        async def main():
+            global keep
+            keep = bytearray(3 << 20)
+            child = os.fork()
+            if child:
+                os.waitpid(child, 0)
+            print("parent" if child else "child", flush=True)
+
+        asyncio.run(main())
+    """))
+    proc = cli("run", "-o", "r.json", prog.name, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("child\nparent\n"), proc.stdout
+    assert proc.stdout.count("memscope-async report (schema") == 1
+    assert proc.stdout.count("report written to") == 1
+    assert sorted(os.listdir(tmp_path)) == ["forks.py", "r.json"]
+
+
 def test_program_arguments_are_passed_through(tmp_path: Path, script: Path) -> None:
     proc = cli("run", "-q", "-o", "r.json", script.name, "--top", "3", "-o", "x", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
