@@ -257,9 +257,12 @@ def _apportion(values: Sequence[float]) -> list[int]:
     return whole
 
 
-def _hotspots(site_rows: Iterable[tuple], stacks: list[tuple], frames: list[Frame], by_live: bool) -> tuple[Hotspot, ...]:
+def _hotspots(site_rows: Iterable[tuple], stacks: list[tuple], frames: list[Frame], by_live: bool,
+              held: bool = False) -> tuple[Hotspot, ...]:
     """Top sites, keyed by the innermost frame's file, line and function (several
-    instructions of one line are one site); each keeps its heaviest stack."""
+    instructions of one line are one site); each keeps its heaviest stack.  ``held`` (a
+    leak suspect's sites: what is still held): ``bytes`` is the site's live bytes, not
+    all it allocated (a line that made ten buffers and kept one holds one)."""
     agg: dict[Frame | None, list] = {}
     for _tid, stack_idx, ab, na, live in site_rows:
         st = stacks[stack_idx]
@@ -293,7 +296,7 @@ def _hotspots(site_rows: Iterable[tuple], stacks: list[tuple], frames: list[Fram
                 file=fr.file,
                 line=fr.line,
                 function=fr.function,
-                bytes=whole_ab[i],
+                bytes=(whole_live if held else whole_ab)[i],
                 allocations=whole_na[i],
                 live_bytes=whole_live[i],
                 stack=tuple(frames[f] for f in stacks[entry[3]]),
@@ -594,7 +597,7 @@ def build_report(raw: RawData) -> Report:
                     # which do (most hold no sample), so all its finished tasks
                     tasks=len(g["held_tids"]) if raw.mode != "sampled" else g["finished"],
                     retained_bytes=g["ret"],
-                    hotspots=_hotspots(held_sites, raw.stacks, frames, by_live=True),
+                    hotspots=_hotspots(held_sites, raw.stacks, frames, by_live=True, held=True),
                     confidence=round(min(1.0, held_weighted / held_live), 4) if held_live > 0 else 1.0,
                     inferred_bytes=int(min(g["ret"], sum(max(0, a.live_inferred) for a in held))),
                 )

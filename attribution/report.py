@@ -229,7 +229,10 @@ class Group:
 
 @dataclass(frozen=True, slots=True)
 class LeakSuspect:
-    """A group of finished tasks whose memory outlives them, with the sites still holding it."""
+    """A group of finished tasks whose memory outlives them, with the sites still holding it.
+
+    ``hotspots`` rank the sites by what they still hold, and each one's ``bytes`` is that
+    (equal to its ``live_bytes``); ``allocations`` counts all the site made."""
 
     key: str
     coro: str | None

@@ -129,6 +129,42 @@ def test_hotspots_and_leak_suspects(mode, loop_kind):
     KEEP.clear()
 
 
+def _ten_made_one_kept():
+    for i in range(10):
+        buf = bytearray(MiB)  # CHURN-AND-KEEP
+        if i == 3:
+            KEEP.append(buf)
+
+
+async def keeps_one_of_ten():
+    _ten_made_one_kept()
+    await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_a_leak_suspects_hotspot_says_what_its_line_still_holds(mode, loop_kind):
+    """A line that made ten 1 MiB buffers and kept one holds 1 MiB: a leak suspect's
+    hotspot, 'what is still held', says 1 MiB, not the 10 MiB the line made."""
+    KEEP.clear()
+
+    async def main():
+        for _ in range(3):
+            await asyncio.create_task(keeps_one_of_ten())
+
+    _, report = run_profiled(main, loop_kind, mode=mode, sample_interval=16 * KiB, stack_interval=16 * KiB)
+    top = report.leak_suspects[0]
+    assert top.coro == "keeps_one_of_ten"
+    hs = top.hotspots[0]
+    src = open(__file__).read().splitlines()
+    assert "CHURN-AND-KEEP" in src[hs.line - 1]
+    rel = 0.01 if mode == "exact" else 0.05
+    assert close_to(hs.bytes, 3 * MiB, rel=rel) and hs.bytes == hs.live_bytes, hs
+    (t,) = report.find(coro="keeps_one_of_ten")[:1]
+    # a task's hotspots by allocated bytes still say what the line made
+    assert close_to(t.hotspots[0].bytes, 10 * MiB, rel=rel), t.hotspots[0]
+    KEEP.clear()
+
+
 async def one_site(plan):
     await sized_allocs(plan)
 
