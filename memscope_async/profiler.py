@@ -22,6 +22,7 @@ from .exporters import export_json_async, write_json
 from .loop_hooks import threads as thread_hooks
 from .loop_hooks.instrument import Tagger, instrument_loop, is_instrumented, uninstrument_loop
 from .loop_hooks.tagging import TAG, merged_labels, set_label_listener
+from .sizes import parse_size
 
 __all__ = ["Profiler", "ProfilerError", "current_profiler"]
 
@@ -48,7 +49,8 @@ class Profiler:
         ``sample_interval`` bytes and reports unbiased estimates.  Not given: sampled
         if ``sample_interval`` is, else exact (as the command line's ``--sample-interval``).
     sample_interval
-        Mean bytes between samples in sampled mode (default 512 KiB).  Giving it implies
+        Mean bytes between samples in sampled mode (default 512 KiB): an int, or a size
+        string such as ``"64 KiB"`` (binary units, as on the command line).  Giving it implies
         sampled mode unless ``mode="exact"`` is given too, where it has no use.
     stack_interval
         Exact mode: mean bytes between stack samples for hotspots (default 64 KiB;
@@ -68,14 +70,22 @@ class Profiler:
         self,
         *,
         mode: str | None = None,
-        sample_interval: int | None = None,
-        stack_interval: int = DEFAULT_STACK_INTERVAL,
+        sample_interval: int | str | None = None,
+        stack_interval: int | str | None = DEFAULT_STACK_INTERVAL,
         stack_depth: int = DEFAULT_STACK_DEPTH,
         max_finished_tasks: int = DEFAULT_MAX_FINISHED_TASKS,
         threads: bool = True,
         inferred_half_life: float = 1.0,
         seed: int = 0,
     ) -> None:
+        try:  # sizes may be written as people write them ("64 KiB"), as on the command line
+            if isinstance(sample_interval, str):
+                sample_interval = parse_size(sample_interval)
+            if isinstance(stack_interval, str):
+                stack_interval = parse_size(stack_interval, allow_zero=True)
+        except ValueError as exc:
+            name = "sample_interval" if isinstance(sample_interval, str) else "stack_interval"
+            raise ProfilerError(f"{name}: {exc}") from None
         if mode is None:
             mode = "exact" if sample_interval is None else "sampled"
         if not isinstance(threads, bool):

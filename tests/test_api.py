@@ -97,6 +97,28 @@ def test_a_sample_interval_alone_means_sampled_mode():
     assert seen == {"ok": True}
 
 
+def test_sizes_may_be_given_as_strings_at_every_entry_point():
+    """ "64 KiB" as on the command line and in the pytest marker."""
+    async def main():
+        await asyncio.sleep(0)
+
+    p = ms.Profiler(sample_interval="64 KiB", stack_interval="0")
+    assert (p.mode, p._settings()["sample_interval"], p._settings()["stack_interval"]) == ("sampled", 65536, 0)
+    assert ms.Profiler(stack_interval="16K")._settings()["stack_interval"] == 16384
+    ms.run(main(), sample_interval="128 KiB")
+    assert ms.current_profiler().snapshot().run.sample_interval == 131072
+    runner = asyncio.Runner(loop_factory=ms.loop_factory(sample_interval="1 MiB"))
+    with runner:
+        runner.run(main())
+    assert ms.current_profiler().snapshot().run.sample_interval == 1 << 20
+    prof = ms.install_policy(mode="sampled", sample_interval="32KiB")
+    try:
+        asyncio.run(main())
+        assert prof.snapshot().run.sample_interval == 32768
+    finally:
+        ms.uninstall_policy()
+
+
 @pytest.mark.parametrize(
     "options",
     [dict(sample_interval=0), dict(sample_interval=True), dict(sample_interval=1.5), dict(sample_interval=2**64),
@@ -105,7 +127,7 @@ def test_a_sample_interval_alone_means_sampled_mode():
      dict(inferred_half_life=0), dict(inferred_half_life=-1.0), dict(inferred_half_life=float("nan")),
      dict(inferred_half_life=True), dict(inferred_half_life="x"), dict(inferred_half_life=None),
      dict(inferred_half_life=10**400), dict(inferred_half_life=1e-12), dict(seed=1.5), dict(threads="no"),
-     dict(threads=None)],
+     dict(threads=None), dict(sample_interval="lots"), dict(sample_interval="0 KiB"), dict(stack_interval="-1K")],
 )
 def test_bad_options_are_refused_with_one_line(options):
     """Refused where given, in one line that names the option: a bool is not a size,
