@@ -169,8 +169,9 @@ class LoopFactory:
 
     It reports to ``profiler`` if given, else to the profiler already running, else to a
     profiler of its own, started with the first loop and stopped (and exported to
-    ``report``, if given) when the last of its loops closes.  ``.profiler`` is that
-    profiler once a loop has been made.
+    ``report``, if given) when the last of its loops closes.  A ``profiler`` given that is
+    not running when a loop is made is run that way too.  ``.profiler`` is that profiler
+    once a loop has been made.
     """
 
     def __init__(self, base: Callable[[], Any] | None = None, *, profiler: Profiler | None = None,
@@ -178,6 +179,7 @@ class LoopFactory:
         self.base = base
         self.profiler = profiler
         self.report = report
+        self._given = profiler is not None
         self._options = options
         self._owned = False
         self._open: set[int] = set()
@@ -188,7 +190,13 @@ class LoopFactory:
     def __call__(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             prof = self.profiler
-            if prof is None or (self._owned and not prof.active):
+            if prof is not None and self._given and not prof.active:
+                # the profiler it was given is not running: run it for these loops, as the
+                # factory's own (a profiler that records nothing would be a silent loss)
+                prof.start()
+                self._owned = True
+                prof._tagger.on_loop_close = self._loop_closed
+            elif prof is None or (self._owned and not prof.active):
                 from .profiler import current_profiler
 
                 running = current_profiler()

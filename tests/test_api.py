@@ -487,3 +487,26 @@ def test_install_policy_leaves_the_deprecation_warning_at_the_programs_line(tmp_
     assert runs[0].stderr == runs[1].stderr
     if sys.version_info[:2] in ((3, 12), (3, 13)):
         assert "prog.py:5: DeprecationWarning: There is no current event loop" in runs[1].stderr
+
+
+def test_loop_factory_runs_a_profiler_it_is_given_that_is_not_running():
+    """loop_factory(profiler=p) with p never started: p records the run (it recorded
+    nothing, and snapshot() then said it held no data), stopped when the loop closes."""
+    kept = []
+
+    async def hold():
+        kept.append(bytearray(3 * MiB))
+
+    async def main():
+        await asyncio.create_task(hold(), name="holder")
+
+    p = ms.Profiler()
+    factory = ms.loop_factory(profiler=p)
+    for _ in range(2):  # the same factory again: the same profiler, run again
+        kept.clear()
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
+        assert not p.active and factory.profiler is p
+        (task,) = p.snapshot().find(name="holder")
+        assert close_to(task.live_bytes, 3 * MiB)
+    kept.clear()
