@@ -366,10 +366,13 @@ def _profile(target: _Target, args: argparse.Namespace) -> int | None:
     except (OSError, ValueError, AttributeError) as exc:  # (AttributeError: no stdout at all)
         stuck = exc
 
-    report = profiler.snapshot()
     written = True
     try:
+        report = profiler.snapshot()
         write_json(report, output)
+    except KeyboardInterrupt:  # (a large report takes a while): say so, then end as interrupted
+        _emit(err, f"{PROG}: interrupted: the report was not written (what was at {args.output} is unchanged)\n")
+        raise
     except ExportError as exc:
         _emit(err, f"{PROG}: error: {exc}\n")
         written = False

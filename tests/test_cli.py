@@ -126,6 +126,26 @@ def test_a_forked_child_that_runs_to_the_end_writes_no_report(tmp_path: Path) ->
     assert sorted(os.listdir(tmp_path)) == ["forks.py", "r.json"]
 
 
+def test_an_interrupt_while_the_report_is_written_says_so(tmp_path: Path, script: Path) -> None:
+    """Ctrl-C after the program ended, while a large report is being built or written:
+    one line says the report was not written, the old one stays, status 130."""
+    (tmp_path / "r.json").write_text("old")
+    driver = textwrap.dedent(f"""
+        import sys
+        from memscope_async import cli
+
+        def interrupted(report, path):
+            raise KeyboardInterrupt
+
+        cli.write_json = interrupted
+        sys.exit(cli.main(["run", "-q", "-o", "r.json", {script.name!r}]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130
+    assert proc.stderr == "memscope-async: interrupted: the report was not written (what was at r.json is unchanged)\n"
+    assert (tmp_path / "r.json").read_text() == "old"
+
+
 def test_program_arguments_are_passed_through(tmp_path: Path, script: Path) -> None:
     proc = cli("run", "-q", "-o", "r.json", script.name, "--top", "3", "-o", "x", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
