@@ -414,6 +414,12 @@ class Report:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> "Report":
         """Rebuild a report from its plain-data form.  Raises :class:`ReportError`."""
+        report = cls._from_dict(doc)
+        _check_tasks(report.tasks)
+        return report
+
+    @classmethod
+    def _from_dict(cls, doc: Mapping[str, Any]) -> "Report":
         try:
             version = doc["schema_version"]
             if type(version) is not int or version != SCHEMA_VERSION:
@@ -451,6 +457,32 @@ class Report:
     def load(cls, path: str | Path) -> "Report":
         """Read a report written by ``Profiler.export``.  Raises ``OSError`` or :class:`ReportError`."""
         return cls.from_json(Path(path).read_bytes())
+
+
+_STATES = frozenset({"pending", "done", "cancelled", "failed"})
+
+
+def _check_tasks(tasks: tuple[TaskReport, ...]) -> None:
+    """What a report's tasks must be for its lineage to mean anything (every lookup and
+    walk relies on it): one task per id, a known state, and parents that never lead back
+    to the task itself.  A parent that is not listed (folded) is fine."""
+    parents: dict[int, int | None] = {}
+    for t in tasks:
+        if t.id in parents:
+            raise ReportError(f"not a consistent memscope-async report: task id {t.id} appears twice")
+        if t.state not in _STATES:
+            raise ReportError(f"not a consistent memscope-async report: task {t.id} has state {t.state!r}")
+        parents[t.id] = t.parent_id
+    done: set[int] = set()  # ids whose parent chains are known to end
+    for tid in parents:
+        seen: list[int] = []
+        node: int | None = tid
+        while node is not None and node in parents and node not in done:
+            if node in seen:
+                raise ReportError(f"not a consistent memscope-async report: task {node} is its own ancestor")
+            seen.append(node)
+            node = parents[node]
+        done.update(seen)
 
 
 def _task_dict(t: TaskReport) -> dict[str, Any]:

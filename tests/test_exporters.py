@@ -682,3 +682,22 @@ def test_a_report_read_back_with_a_wrong_typed_field_is_refused(path, value, exp
     with pytest.raises(ReportError) as info:
         Report.from_dict(doc)
     assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [(lambda tasks: tasks[1].update(id=tasks[0]["id"]), "task id 1 appears twice"),
+     (lambda tasks: tasks[1].update(parent_id=tasks[1]["id"]), "task 2 is its own ancestor"),
+     (lambda tasks: tasks[0].update(parent_id=tasks[2]["id"]), "is its own ancestor"),
+     (lambda tasks: tasks[0].update(state="running"), "task 1 has state 'running'")],
+)
+def test_a_report_whose_lineage_cannot_hold_is_refused(change, expected):
+    """Duplicate ids and parent cycles made walk() drop or repeat tasks silently."""
+    doc = orjson.loads(make_report().to_json_bytes())
+    change(doc["tasks"])
+    with pytest.raises(ReportError) as info:
+        Report.from_dict(doc)
+    assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+    ok = orjson.loads(make_report().to_json_bytes())
+    ok["tasks"][1]["parent_id"] = 999  # a parent not listed (folded) is fine
+    Report.from_dict(ok)
