@@ -87,7 +87,8 @@ static struct {
 typedef struct {
     PyObject_HEAD
     PyObject *user_factory; /* NULL: none */
-    int takes_context;      /* the user's factory accepts context= */
+    int takes_context;      /* the user's factory: 0 no context=, 1 accepts it, 2 asyncio's own
+                             * eager factory (hands context= to the Task as is) */
     uint32_t serial;        /* the loop's serial number */
     vectorcallfunc vectorcall;
 } FactoryObject;
@@ -1663,6 +1664,16 @@ static PyObject *step_wrapper_task(PyObject *cb) {
     return task;
 }
 
+/* A step scheduled in ctx, a copy of the context our factory made, is the first step of
+ * the task the user's factory is making if it comes from that factory (which runs inside
+ * ours) or from the task's own eager first step (which runs in ctx); from anywhere else
+ * (a step running in ctx builds a Task directly, whose context is a copy of ctx) it is
+ * another task's. */
+static inline int made_or_stepping(PyObject *ctx) {
+    PyThreadState *ts = tstate_unchecked();
+    return ts != NULL && (ts->context == tls.pending_ctx || ts->context == ctx);
+}
+
 /* call_soon(callback, context=ctx) is about to schedule a step of some task: make sure
  * we know that task. */
 static void check_step(PyObject *loop, PyObject *cb, PyObject *ctx) {
@@ -1697,11 +1708,12 @@ static void check_step(PyObject *loop, PyObject *cb, PyObject *ctx) {
         if (t->pending_obj == NULL) t->pending_obj = Py_NewRef(task);
     } else if (u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) {
         /* one we know */
-    } else if (t->pending_tid && t->pending_copied && ctx_tag(ctx) == t->pending_tid) {
-        /* The same, in a copy of the context we made (a legacy (loop, coro) factory runs
-         * inside ours): the record keeps the context the task has, which ours (freed
-         * when the factory returns) is not.  Only then: a task built directly inside an
-         * eager first step also runs in a copy of ours, and is another task. */
+    } else if (t->pending_tid && t->pending_copied && ctx_tag(ctx) == t->pending_tid && made_or_stepping(ctx)) {
+        /* The same, in a copy of the context we made (the user's factory runs inside
+         * ours): the record keeps the context the task has, which ours (freed when the
+         * factory returns) is not.  Only then: a task built directly inside an eager
+         * first step also runs in a copy of ours, and is another task; made_or_stepping
+         * tells them apart. */
         uint32_t ti;
         if (task_registered(t->pending_tid, &ti)) {
             S.tasks[ti].ctx = (uintptr_t)ctx;
@@ -1813,8 +1825,19 @@ static PyTypeObject CallSoonType = {
 };
 
 /* ---- the task factory ---------------------------------------------------------------- */
+/* The user's factory is called with the arguments the loop gave ours: context= only if
+ * the caller gave a Context (then it is that Context, tagged), else without it (or with
+ * the loop's context=None, as uvloop passes), run inside the tagged copy so the task it
+ * makes copies that.  Passing our copy as context= where asyncio passes nothing broke
+ * factories that hand their **kwargs to a Task class without a context parameter. */
+static inline int passes_context(FactoryObject *f, int explicit) {
+    /* (asyncio's eager factories make the Task with the context given, exactly as one
+     * made from inside ours: so they may have ours, which spares a context switch) */
+    return f->user_factory == NULL || f->takes_context == 2 || (explicit && f->takes_context);
+}
+
 static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyObject *ctx, PyObject *name,
-                           PyObject *kwargs) {
+                           PyObject *kwargs, int explicit) {
     int has_name = name != NULL && name != Py_None;
     PyObject *task = NULL;
     if (f->user_factory == NULL) {
@@ -1838,7 +1861,7 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
         Py_DECREF(d);
         return task;
     }
-    if (f->takes_context) {
+    if (passes_context(f, explicit)) {
         if (kwargs == NULL) {
             PyObject *args[4] = {NULL, loop, coro, ctx};
             task = PyObject_Vectorcall(f->user_factory, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, G.kw_context);
@@ -1848,8 +1871,9 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
             Py_XDECREF(a);
         }
     } else {
-        /* A legacy (loop, coro) factory: run it inside the tagged context, so the task
-         * it makes copies that context (what ctx.run(factory, loop, coro) does). */
+        /* Run it inside the tagged context, so the task it makes copies that context
+         * (what ctx.run(factory, loop, coro) does); also a legacy (loop, coro) factory
+         * given a Context, which it could not take. */
         if (PyContext_Enter(ctx) < 0) return NULL;
         PyObject *a = PyTuple_Pack(2, loop, coro);
         if (a != NULL) task = PyObject_Call(f->user_factory, a, kwargs);
@@ -1901,7 +1925,7 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
         if (ctx == NULL) return NULL;
     } else if (!PyContext_CheckExact(ctx)) {
         /* not ours to judge: let the Task constructor raise what it raises */
-        PyObject *task = make_task(f, loop, coro, ctx, name, kwargs);
+        PyObject *task = make_task(f, loop, coro, ctx, name, kwargs, 1);
         Py_DECREF(ctx);
         return task;
     }
@@ -1924,9 +1948,9 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
         t->pending_tag = tag;
         t->pending_vars = vars;
         t->pending_obj = NULL;
-        t->pending_copied = f->user_factory != NULL && !f->takes_context;
+        t->pending_copied = !passes_context(f, explicit);
     }
-    PyObject *task = make_task(f, loop, coro, ctx, name, kwargs);
+    PyObject *task = make_task(f, loop, coro, ctx, name, kwargs, explicit);
     PyObject *stepped = tid ? t->pending_obj : NULL; /* owned: the Task whose first step check_step saw */
     t->pending_ctx = saved_ctx;
     t->pending_tid = saved_tid;
@@ -1972,7 +1996,8 @@ static PyObject *factory_vectorcall(PyObject *self, PyObject *const *args, size_
         PyObject *key = PyTuple_GET_ITEM(kwnames, i);
         if (kw_is_context(key)) {
             ctx = args[n + i];
-            continue;
+            /* context=None (uvloop's create_task passes it): the user's factory gets it too */
+            if (ctx != Py_None || ((FactoryObject *)self)->user_factory == NULL) continue;
         }
         if (kwargs == NULL && (kwargs = PyDict_New()) == NULL) return NULL;
         if (PyDict_SetItem(kwargs, key, args[n + i]) < 0) {
@@ -2011,7 +2036,7 @@ static PyObject *Factory_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     unsigned long serial;
     PyObject *uf = Py_None;
     int takes = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "k|Op:TaskFactory", kwlist, &serial, &uf, &takes)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "k|Oi:TaskFactory", kwlist, &serial, &uf, &takes)) return NULL;
     FactoryObject *self = (FactoryObject *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
     self->serial = (uint32_t)serial;
@@ -2047,12 +2072,16 @@ static int Factory_set_uf(FactoryObject *self, PyObject *v, void *c) {
     return 0;
 }
 
-static PyObject *Factory_get_takes(FactoryObject *self, void *c) { return PyBool_FromLong(self->takes_context); }
+static PyObject *Factory_get_takes(FactoryObject *self, void *c) { return PyLong_FromLong(self->takes_context); }
 
 static int Factory_set_takes(FactoryObject *self, PyObject *v, void *c) {
-    int b = v == NULL ? 1 : PyObject_IsTrue(v);
-    if (b < 0) return -1;
-    self->takes_context = b;
+    long b = v == NULL ? 1 : PyLong_AsLong(v);
+    if (b == -1 && PyErr_Occurred()) return -1;
+    if (b < 0 || b > 2) {
+        PyErr_SetString(PyExc_ValueError, "takes_context is 0, 1 or 2");
+        return -1;
+    }
+    self->takes_context = (int)b;
     return 0;
 }
 
@@ -2060,7 +2089,7 @@ static PyObject *Factory_get_serial(FactoryObject *self, void *c) { return PyLon
 
 static PyGetSetDef Factory_getset[] = {
     {"user_factory", (getter)Factory_get_uf, (setter)Factory_set_uf, "the user's task factory, or None", NULL},
-    {"takes_context", (getter)Factory_get_takes, (setter)Factory_set_takes, "it accepts context=", NULL},
+    {"takes_context", (getter)Factory_get_takes, (setter)Factory_set_takes, "0: the user's factory takes no context=, 1: it does, 2: asyncio's eager factory", NULL},
     {"serial", (getter)Factory_get_serial, NULL, "the loop's serial number", NULL},
     {NULL},
 };
@@ -2074,7 +2103,7 @@ static PyTypeObject FactoryType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.TaskFactory",
     .tp_basicsize = sizeof(FactoryObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = PyDoc_STR("TaskFactory(serial, user_factory=None, takes_context=True): an instrumented loop's task factory."),
+    .tp_doc = PyDoc_STR("TaskFactory(serial, user_factory=None, takes_context=1): an instrumented loop's task factory."),
     .tp_new = Factory_new,
     .tp_dealloc = (destructor)Factory_dealloc,
     .tp_traverse = (traverseproc)Factory_traverse,

@@ -87,8 +87,18 @@ class LoopState:
         return self.factory.user_factory
 
     def set_user_factory(self, factory: Any) -> None:
-        self.factory.takes_context = factory is None or _accepts_context(factory)
+        self.factory.takes_context = 2 if _is_asyncios_eager(factory) else int(factory is None or _accepts_context(factory))
         self.factory.user_factory = factory
+
+
+def _is_asyncios_eager(factory: Any) -> bool:
+    """asyncio.eager_task_factory, or a factory made by asyncio.create_eager_task_factory:
+    they make the Task with the context they are given, so giving them the task's tagged
+    context is the same as calling them inside it, and cheaper."""
+    if factory is getattr(asyncio, "eager_task_factory", None):
+        return True
+    return (getattr(factory, "__module__", None) == "asyncio.tasks"
+            and getattr(factory, "__qualname__", None) == "create_eager_task_factory.<locals>.factory")
 
 
 def _accepts_context(factory: Any) -> bool:

@@ -513,6 +513,54 @@ def test_a_librarys_wrapper_set_while_profiling_stays(monkeypatch):
     assert before is not None
 
 
+def test_a_user_factory_gets_the_arguments_the_loop_gives(loop_kind):
+    """The user's factory is called with what the loop passes (no context= where asyncio
+    passes none, context=None where uvloop does, the Context where one was given), so a
+    factory forwarding **kwargs to a Task class without a context parameter works as
+    without us (it failed with TypeError), and its tasks are still attributed."""
+    import contextvars
+
+    from conftest import MiB, close_to, run_profiled
+
+    class OldTask(asyncio.Task):
+        def __init__(self, coro, *, loop=None, name=None):
+            super().__init__(coro, loop=loop, name=name)
+
+    kept = []
+
+    async def child():
+        kept.append(bytearray(3 * MiB))
+        return 42
+
+    def program(log):
+        def factory(loop, coro, **kwargs):
+            log.append(sorted(kwargs))
+            if kwargs.get("context", 0) is None:
+                del kwargs["context"]  # (uvloop passes context=None, 3.13's eager_start=None too)
+            if kwargs.get("eager_start", 0) is None:
+                del kwargs["eager_start"]
+            cls = OldTask if not kwargs else asyncio.Task
+            return cls(coro, loop=loop, **kwargs)
+
+        async def main():
+            asyncio.get_running_loop().set_task_factory(factory)
+            t = asyncio.create_task(child(), name="c")
+            given = asyncio.create_task(child(), context=contextvars.copy_context())
+            return await t, await given, type(t).__name__, t.get_name(), t
+
+        return main
+
+    plain_log, prof_log = [], []
+    with asyncio.Runner(loop_factory=base_loop(loop_kind)) as runner:
+        plain = runner.run(program(plain_log)())
+    kept.clear()
+    result, report = run_profiled(program(prof_log), loop_kind)
+    assert result[:4] == plain[:4] == (42, 42, "OldTask", "c")
+    assert prof_log == plain_log
+    assert close_to(report.task(result[4]).live_bytes, 3 * MiB)
+    kept.clear()
+
+
 def test_user_subclass_overriding_loop_methods():
     seen = []
 
