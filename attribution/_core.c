@@ -220,6 +220,8 @@ typedef struct {
     PyObject *step_loop;     /* borrowed: the key and value this thread last put in   */
     PyObject *step_task;     /* _asyncio._current_tasks (see tasks_watcher); NULL: none */
     uint32_t step_gen;
+    PyObject *eager_adopted; /* borrowed, compared only: a Task built directly with eager_start */
+                             /* whose first step tasks_watcher saw go in (see adopt_eager) */
 } tls_t;
 
 /* tls_t.fast_ctx when the cached cell must not be trusted (no context lives at address 1) */
@@ -2014,6 +2016,7 @@ static int init_strings(void) {
     INTERN(s_cancelled, "cancelled");
     INTERN(s_add_done_callback, "add_done_callback");
     INTERN(s_get_coro, "get_coro");
+    INTERN(s_get_context, "get_context");
     INTERN(s_done, "done");
     INTERN(s_eager_start, "eager_start");
     INTERN(s_name, "name");

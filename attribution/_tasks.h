@@ -53,7 +53,7 @@ static struct {
     uint32_t next_tid;         /* task ids are never reused, even across runs */
     int tids_wrapped;          /* 2^31 ids were handed out: an id may still be in use */
     PyObject *s_qualname, *s_self, *s_get_name, *s_set_name, *s_state, *s_exception, *s_cancelled,
-        *s_add_done_callback, *s_get_coro, *s_done, *s_eager_start, *s_name,
+        *s_add_done_callback, *s_get_coro, *s_get_context, *s_done, *s_eager_start, *s_name,
         *s_loop, *s_context, *s_check_closed, *s_closed, *s_decimal_module, *s_base_events_module;
     PyObject *kw_context;      /* ("context",) */
     PyObject *kw_loop_context; /* ("loop", "context") */
@@ -1476,6 +1476,8 @@ static int is_recorded_task(uint32_t tid, PyObject *task, PyObject *loop) {
     return ts != NULL && S.tasks[ti].ctx != 0 && S.tasks[ti].ctx == (uintptr_t)ts->context;
 }
 
+static void adopt_eager(PyObject *loop, PyObject *task);
+
 static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObject *new_value) {
     if (d != G.watched) return 0;
     tls_t *t = &tls;
@@ -1505,16 +1507,25 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
     /* The error indicator read from the thread state itself: PyErr_Occurred and
      * PyErr_Clear each find the thread state again, twice per task step. */
     PyObject *exc = ts->current_exception != NULL ? PyErr_GetRaisedException_compat() : NULL;
-    if (!known) old = PyDict_GetItemWithError(d, key);
     uint32_t tid;
     uint32_t st;
+    /* Outside our factory, a replacement by a task we do not know is the eager first step
+     * of a Task built directly (asyncio.Task(coro, eager_start=True)) going in: no
+     * call_soon comes before it, so it is adopted here, before it runs (rare: only such
+     * steps replace the running task outside our factory). */
+    if (ev == PyDict_EVENT_MODIFIED && new_value != NULL && Py_TYPE(new_value) == (PyTypeObject *)G.task_type &&
+        !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)new_value, &tid))
+        adopt_eager(key, new_value);
+    if (!known) old = PyDict_GetItemWithError(d, key);
     /* a step that leaves its task pending (most steps of a long-lived task) is told by
      * the task's state alone, once its place is known: no index lookup */
     if (old != NULL && Py_TYPE(old) == (PyTypeObject *)G.task_type &&
         (G.state_off <= 0 || state_slot(old) != 0) &&
         u64map_get(&S.obj_index, (uint64_t)(uintptr_t)old, &tid) && (st = c_task_state(old)) != TS_PENDING) {
         Py_INCREF(old);
-        if (is_recorded_task(tid, old, key)) end_task(old, st);
+        /* (an adopted eager first step ends outside its context: it is ours all the same) */
+        if (old == t->eager_adopted || is_recorded_task(tid, old, key)) end_task(old, st);
+        if (old == t->eager_adopted) t->eager_adopted = NULL;
         Py_DECREF(old);
     }
     if (ts->current_exception != NULL) PyErr_Clear();
@@ -1616,6 +1627,26 @@ static void adopt_task(uint32_t serial, PyObject *task, PyObject *ctx) {
     uint32_t tid;
     if (record_existing_task(task, ctx, serial, &tid) < 0) PyErr_Clear();
 }
+
+#if PY_VERSION_HEX >= 0x030C0000
+/* A Task built directly with eager_start=True, its first step about to run (tasks_watcher):
+ * recorded as adopted, its context (not entered yet) tagged, so that step is its own and
+ * not its creator's, and the tasks it makes there are its children. */
+static void adopt_eager(PyObject *loop, PyObject *task) {
+    loop_entry_t *e = loop_entry(loop);
+    if (e == NULL) return;
+    int g = tls.guard;
+    tls.guard = 1;
+    PyObject *ctx = PyObject_CallMethodNoArgs(task, G.s_get_context);
+    tls.guard = g;
+    if (ctx != NULL && PyContext_CheckExact(ctx)) {
+        uint32_t tid;
+        if (record_existing_task(task, ctx, e->factory->serial, &tid) == 0 && tid) tls.eager_adopted = task;
+    }
+    Py_XDECREF(ctx);
+    PyErr_Clear();
+}
+#endif
 
 /* The task id tagged in a context that is not running, 0 if none. */
 static uint32_t ctx_tag(PyObject *ctx) {

@@ -277,3 +277,34 @@ def test_a_task_built_directly_in_an_eager_first_step_is_its_own(loop_kind):
     assert (rg.coro, rg.parent_id, rg.via_factory) == ("direct_grandchild", rc.id, False)
     assert close_to(rg.live_bytes, 3 << 20), rg.live_bytes
     assert rc.live_bytes < 64 * KiB, rc.live_bytes
+
+
+async def eager_direct_child(out: list) -> None:
+    HOLD.append(bytearray(4 << 20))
+    out.append(asyncio.create_task(direct_grandchild(), name="grandchild"))  # made in the first step
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="Task(eager_start=) is new in 3.12")
+def test_a_task_built_directly_with_eager_start_is_its_own(loop_kind):
+    """asyncio.Task(coro, eager_start=True) runs its first step inside the constructor,
+    with no call_soon before it: that step was charged to its creator, a task finishing
+    in it was missing from the report, and a task made there got its creator as parent."""
+
+    async def main():
+        out: list = []
+        done_at_once = asyncio.Task(eager_direct_child(out), loop=asyncio.get_running_loop(), eager_start=True)
+        assert done_at_once.done()
+        await out[0]
+        return asyncio.current_task(), done_at_once, out[0]
+
+    HOLD.clear()
+    try:
+        (m, c, g), report = run_profiled(main, loop_kind)
+    finally:
+        HOLD.clear()
+    rm, rc, rg = report.task(m), report.task(c), report.task(g)
+    assert (rc.coro, rc.parent_id, rc.state, rc.via_factory) == ("eager_direct_child", rm.id, "done", False)
+    assert close_to(rc.live_bytes, 4 << 20), rc.live_bytes
+    assert rm.live_bytes < 64 * KiB, rm.live_bytes
+    assert (rg.parent_id, rg.lineage) == (rc.id, (rm.id, rc.id, rg.id))
+    assert close_to(rg.live_bytes, 3 << 20), rg.live_bytes
