@@ -12,6 +12,7 @@ import os
 import sys
 import random
 import threading
+import weakref
 import warnings
 from array import array
 from typing import Any, Callable, Iterable, Mapping
@@ -44,6 +45,20 @@ _UINT32 = array("I").itemsize  # the core's task ids: native uint32
 _lock = threading.Lock()
 _running: "Tracker | None" = None
 _generation = 0  # bumped at every start: the C core holds one run's data at a time
+_holder: "weakref.ref[Tracker] | None" = None  # the tracker whose run the C core holds
+
+
+def _keep_report_of_previous(new: "Tracker") -> None:
+    """The C core holds one run at a time: before a new run takes it, the run it holds gets
+    its report made, kept by its tracker (if that is still alive), so a profiler stopped
+    earlier still answers snapshot() and export() (two runs compared in one process)."""
+    prev = _holder() if _holder is not None else None
+    if prev is None or prev is new or not prev._has_data or prev._generation != _generation:
+        return
+    try:
+        prev._kept = prev.report()
+    except Exception:  # (never in the way of the new run; the old one then says it was discarded)
+        prev._kept = None
 
 
 def _caller_stacklevel() -> int:
@@ -151,6 +166,7 @@ class Tracker:
         self._active = False
         self._has_data = False
         self._generation = -1
+        self._kept: Report | None = None  # its report, made when a later run took the C core
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
@@ -163,7 +179,9 @@ class Tracker:
         with _lock:
             if _running is not None:
                 raise TrackerError("a memscope-async profiler is already running in this process; stop it first")
+            _keep_report_of_previous(self)
             self._at_stop = {}
+            self._kept = None
             if self.stack_depth == 0:
                 stack_interval = 0.0
             elif self.mode == "sampled":
@@ -183,9 +201,10 @@ class Tracker:
             except RuntimeError as e:  # hooks of an earlier session still under tracemalloc's
                 raise TrackerError(str(e)) from None
             _running = self
-            global _generation
+            global _generation, _holder
             _generation += 1
             self._generation = _generation
+            _holder = weakref.ref(self)
         self._start_ns = _core.now_ns()
         self._stop_ns = None
         self._started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
@@ -227,6 +246,7 @@ class Tracker:
         if self._has_data and _running is None and self._generation == _generation:
             _core.clear()
         self._has_data = False
+        self._kept = None
 
     # -- bounded memory -----------------------------------------------------------------
     def _fold_threshold(self, waiting: int) -> int:
@@ -353,7 +373,7 @@ class Tracker:
     # -- reading ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """The tracker's own footprint (bytes) and counts."""
-        s = dict(_core.stats()) if self._has_data else {}
+        s = dict(_core.stats()) if self._has_data and self._generation == _generation else {}
         n = s.get("tracked_allocations", 0)
         s["bytes_per_tracked_allocation"] = (s["table_bytes"] / n) if n else 0.0
         s["live_tasks"] = s.get("pending_task_records", 0)
@@ -366,6 +386,8 @@ class Tracker:
         if not self._has_data:
             raise TrackerError("this profiler holds no data (it was never started, or it was closed)")
         if self._generation != _generation:
+            if self._kept is not None:  # its run, as it was when a later one started
+                return self._kept
             raise TrackerError(
                 "this profiler's data was discarded when a later profiler started; "
                 "take snapshot() before starting another one"

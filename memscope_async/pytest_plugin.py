@@ -64,8 +64,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def memscope(request: pytest.FixtureRequest) -> Iterator["Profiler"]:
     """A running memscope-async profiler for this test; every event loop the test makes
     is instrumented (``memscope.snapshot()`` returns the report so far).  Stopped, and
-    loops un-instrumented, at teardown; its data stays readable until another profiler
-    starts."""
+    loops un-instrumented, at teardown; its data stays readable afterwards."""
     limits = _Limits.from_item(request.node)
     from . import api
     from .profiler import ProfilerError

@@ -510,3 +510,36 @@ def test_loop_factory_runs_a_profiler_it_is_given_that_is_not_running():
         (task,) = p.snapshot().find(name="holder")
         assert close_to(task.live_bytes, 3 * MiB)
     kept.clear()
+
+
+def test_a_stopped_profiler_still_answers_after_another_one_ran(loop_kind):
+    """The same program under two profilers one after the other (say asyncio, then
+    uvloop), compared afterwards: the first one's data was discarded when the second
+    started ("take snapshot() before starting another one")."""
+    kept = []
+
+    async def hold(n):
+        kept.append(bytearray(n * MiB))
+
+    async def main(n):
+        await asyncio.create_task(hold(n), name="holder")
+
+    first = ms.install_policy()
+    try:
+        asyncio.run(main(3))
+    finally:
+        ms.uninstall_policy()
+    second = ms.install_policy(uvloop=loop_kind == "uvloop")
+    try:
+        asyncio.run(main(5))
+    finally:
+        ms.uninstall_policy()
+    r1, r2 = first.snapshot(), second.snapshot()
+    assert (r1.run.loop, r2.run.loop) == ("asyncio", loop_kind)
+    assert close_to(r1.find(name="holder")[0].live_bytes, 3 * MiB)
+    assert close_to(r2.find(name="holder")[0].live_bytes, 5 * MiB)
+    assert first.snapshot() is r1  # (made once, when the second run began)
+    first.close()
+    with pytest.raises(ms.ProfilerError, match="holds no data"):
+        first.snapshot()
+    kept.clear()
