@@ -409,7 +409,14 @@ class Report:
     def to_json_bytes(self, *, indent: bool = False) -> bytes:
         """The schema-v1 JSON document, as UTF-8 bytes (what the exporters write)."""
         opts = orjson.OPT_NON_STR_KEYS | (orjson.OPT_INDENT_2 if indent else 0)
-        return orjson.dumps(self.to_dict(), option=opts)
+        doc = self.to_dict()
+        try:
+            return orjson.dumps(doc, option=opts)
+        except TypeError:
+            # A lone surrogate (a name or label from os.fsdecode of bytes that are not
+            # UTF-8, a file name in a stack) cannot be written as UTF-8: such a string is
+            # written with that character as a \uXXXX escape in its text, not lost.
+            return orjson.dumps(_without_surrogates(doc), option=opts)
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> "Report":
@@ -483,6 +490,20 @@ def _check_tasks(tasks: tuple[TaskReport, ...]) -> None:
             seen.append(node)
             node = parents[node]
         done.update(seen)
+
+
+def _without_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_surrogates(v) for v in value]
+    return value
 
 
 def _task_dict(t: TaskReport) -> dict[str, Any]:

@@ -701,3 +701,15 @@ def test_a_report_whose_lineage_cannot_hold_is_refused(change, expected):
     ok = orjson.loads(make_report().to_json_bytes())
     ok["tasks"][1]["parent_id"] = 999  # a parent not listed (folded) is fine
     Report.from_dict(ok)
+
+
+def test_a_name_with_a_lone_surrogate_is_written_escaped(tmp_path):
+    """os.fsdecode gives lone surrogates for bytes that are not UTF-8 (file names): a task
+    named after one made the whole report unwritable (orjson refuses them)."""
+    report = make_report()
+    odd = dataclasses.replace(report.tasks[0], name="file-\udcff.txt", labels={"path": "x\udc80"})
+    report = dataclasses.replace(report, tasks=(odd, *report.tasks[1:]))
+    write_json(report, tmp_path / "r.json")
+    again = Report.load(tmp_path / "r.json")
+    assert again.tasks[0].name == "file-\\udcff.txt" and dict(again.tasks[0].labels) == {"path": "x\\udc80"}
+    assert again.tasks[1:] == report.tasks[1:]
