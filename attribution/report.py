@@ -345,6 +345,9 @@ class Report:
         tid = self._objects.get(id(task_or_id))
         if tid is not None and tid in index and _same_task(task_or_id, index[tid]):
             return index[tid]
+        if not self._objects and self.tasks:  # read back from JSON: no task objects behind it
+            raise KeyError(f"task {task_or_id!r}: a report read back from JSON finds tasks by id "
+                           "(or report.find(name=..., coro=...)), not by task object")
         raise KeyError(f"task {task_or_id!r} is not in this report")
 
     def find(self, name: str | None = None, coro: str | None = None, **labels: str) -> list[TaskReport]:
