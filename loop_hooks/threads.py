@@ -62,22 +62,18 @@ def _note_bootstrap(thread: threading.Thread) -> None:
 _patches: dict[tuple[type, str], tuple[object, object]] = {}
 
 
-def _wrap_start(original, session):
-    def start(self):
-        if _session is session:
-            _note_start(self)
-        return original(self)
+def _noting(note):
+    """A wrapper maker for Thread methods: ``note(thread)`` first while its session runs."""
 
-    return start
+    def wrap(original, session):
+        def method(self):
+            if _session is session:
+                note(self)
+            return original(self)
 
+        return method
 
-def _wrap_bootstrap_inner(original, session):
-    def _bootstrap_inner(self):
-        if _session is session:
-            _note_bootstrap(self)
-        return original(self)
-
-    return _bootstrap_inner
+    return wrap
 
 
 def _wrap_queue_get(original, session):
@@ -89,8 +85,8 @@ def _wrap_queue_get(original, session):
     return get
 
 
-_WRAPPERS = ((threading.Thread, "start", _wrap_start),
-             (threading.Thread, "_bootstrap_inner", _wrap_bootstrap_inner),
+_WRAPPERS = ((threading.Thread, "start", _noting(_note_start)),
+             (threading.Thread, "_bootstrap_inner", _noting(_note_bootstrap)),
              (queue.Queue, "get", _wrap_queue_get))
 
 
