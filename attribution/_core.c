@@ -220,8 +220,6 @@ typedef struct {
     PyObject *step_loop;     /* borrowed: the key and value this thread last put in   */
     PyObject *step_task;     /* _asyncio._current_tasks (see tasks_watcher); NULL: none */
     uint32_t step_gen;
-    PyObject *eager_adopted; /* borrowed, compared only: a Task built directly with eager_start */
-                             /* whose first step tasks_watcher saw go in (see adopt_eager) */
 } tls_t;
 
 /* tls_t.fast_ctx when the cached cell must not be trusted (no context lives at address 1) */

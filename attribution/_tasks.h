@@ -1498,10 +1498,20 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
         t->fast_ctx = FAST_NONE;
     }
     if (ev == PyDict_EVENT_ADDED || S.obj_index.count == 0) return 0;
-    /* Inside our factory, a replacement is an eager first step going in or out: the task
-     * leaving is the running one, mid-step (so pending), or the one being made, whose end
-     * attach_task sees (it is not in the index yet). */
-    if (ev == PyDict_EVENT_MODIFIED && t->pending_tid != 0) return 0;
+    /* A replacement is an eager first step going in or out.  Inside our factory, the
+     * first task we do not know to go in is the one being made; outside it, or another
+     * one inside it, a Task built directly with eager_start (asyncio.Task(coro,
+     * eager_start=True)): no call_soon comes before its first step, so it is adopted
+     * here, before that step runs (rare: only such steps replace the running task
+     * outside our factory). */
+    int making = ev == PyDict_EVENT_MODIFIED && t->pending_tid != 0;
+    int arriving = ev == PyDict_EVENT_MODIFIED && new_value != NULL && new_value != t->pending_obj &&
+                   Py_TYPE(new_value) == (PyTypeObject *)G.task_type;
+    /* Inside our factory, the task leaving is the running one, mid-step (so pending), or
+     * the one being made, whose end attach_task sees (it is not in the index yet): only
+     * an adopted one's eager first step coming out goes on, to be ended if it was its last */
+    int leaving = !making || (known && old != NULL && old != t->pending_obj);
+    if (!arriving && !leaving) return 0;
     PyThreadState *ts = tstate_unchecked();
     if (ts == NULL) return 0;
     /* The error indicator read from the thread state itself: PyErr_Occurred and
@@ -1509,23 +1519,19 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
     PyObject *exc = ts->current_exception != NULL ? PyErr_GetRaisedException_compat() : NULL;
     uint32_t tid;
     uint32_t st;
-    /* Outside our factory, a replacement by a task we do not know is the eager first step
-     * of a Task built directly (asyncio.Task(coro, eager_start=True)) going in: no
-     * call_soon comes before it, so it is adopted here, before it runs (rare: only such
-     * steps replace the running task outside our factory). */
-    if (ev == PyDict_EVENT_MODIFIED && new_value != NULL && Py_TYPE(new_value) == (PyTypeObject *)G.task_type &&
-        !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)new_value, &tid))
-        adopt_eager(key, new_value);
-    if (!known) old = PyDict_GetItemWithError(d, key);
+    if (arriving && !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)new_value, &tid)) {
+        if (making && t->pending_obj == NULL) t->pending_obj = Py_NewRef(new_value);
+        else adopt_eager(key, new_value);
+    }
+    if (!leaving) old = NULL;
+    else if (!known) old = PyDict_GetItemWithError(d, key);
     /* a step that leaves its task pending (most steps of a long-lived task) is told by
      * the task's state alone, once its place is known: no index lookup */
     if (old != NULL && Py_TYPE(old) == (PyTypeObject *)G.task_type &&
         (G.state_off <= 0 || state_slot(old) != 0) &&
         u64map_get(&S.obj_index, (uint64_t)(uintptr_t)old, &tid) && (st = c_task_state(old)) != TS_PENDING) {
         Py_INCREF(old);
-        /* (an adopted eager first step ends outside its context: it is ours all the same) */
-        if (old == t->eager_adopted || is_recorded_task(tid, old, key)) end_task(old, st);
-        if (old == t->eager_adopted) t->eager_adopted = NULL;
+        if (is_recorded_task(tid, old, key)) end_task(old, st);
         Py_DECREF(old);
     }
     if (ts->current_exception != NULL) PyErr_Clear();
@@ -1641,7 +1647,7 @@ static void adopt_eager(PyObject *loop, PyObject *task) {
     tls.guard = g;
     if (ctx != NULL && PyContext_CheckExact(ctx)) {
         uint32_t tid;
-        if (record_existing_task(task, ctx, e->factory->serial, &tid) == 0 && tid) tls.eager_adopted = task;
+        (void)record_existing_task(task, ctx, e->factory->serial, &tid);
     }
     Py_XDECREF(ctx);
     PyErr_Clear();
@@ -1695,14 +1701,15 @@ static PyObject *step_wrapper_task(PyObject *cb) {
     return task;
 }
 
-/* A step scheduled in ctx, a copy of the context our factory made, is the first step of
- * the task the user's factory is making if it comes from that factory (which runs inside
- * ours) or from the task's own eager first step (which runs in ctx); from anywhere else
- * (a step running in ctx builds a Task directly, whose context is a copy of ctx) it is
- * another task's. */
-static inline int made_or_stepping(PyObject *ctx) {
+/* Whether a task seen stepping in a copy of the context our factory made is the one the
+ * user's factory is making: the first such task (or the one whose eager first step went
+ * in: tasks_watcher), or one made right inside the factory's call (a factory that returns
+ * another Task than the one it made for the coroutine: both are that task's).  A task
+ * built directly inside the eager first step of the one being made is another task. */
+static inline int pending_made_here(tls_t *t, PyObject *task) {
+    if (t->pending_obj == NULL || t->pending_obj == task) return 1;
     PyThreadState *ts = tstate_unchecked();
-    return ts != NULL && (ts->context == tls.pending_ctx || ts->context == ctx);
+    return ts != NULL && ts->context == t->pending_ctx;
 }
 
 /* call_soon(callback, context=ctx) is about to schedule a step of some task: make sure
@@ -1739,13 +1746,14 @@ static void check_step(PyObject *loop, PyObject *cb, PyObject *ctx) {
         if (t->pending_obj == NULL) t->pending_obj = Py_NewRef(task);
     } else if (u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) {
         /* one we know */
-    } else if (t->pending_tid && t->pending_copied && ctx_tag(ctx) == t->pending_tid && made_or_stepping(ctx)) {
+    } else if (t->pending_tid && t->pending_copied && pending_made_here(t, task) && ctx_tag(ctx) == t->pending_tid) {
         /* The same, in a copy of the context we made (the user's factory runs inside
-         * ours): the record keeps the context the task has, which ours (freed when the
-         * factory returns) is not.  Only then: a task built directly inside an eager
-         * first step also runs in a copy of ours, and is another task; made_or_stepping
-         * tells them apart. */
+         * ours, and may copy it again): the record keeps the context the task has, which
+         * ours (freed when the factory returns) is not.  Only for what pending_made_here
+         * says: a task built directly inside an eager first step also runs in a copy of
+         * ours, and is another task. */
         uint32_t ti;
+        if (t->pending_obj == NULL) t->pending_obj = Py_NewRef(task);
         if (task_registered(t->pending_tid, &ti)) {
             S.tasks[ti].ctx = (uintptr_t)ctx;
             note_object(t->pending_tid, ti, task, 1);
@@ -1864,7 +1872,7 @@ static PyTypeObject CallSoonType = {
 static inline int passes_context(FactoryObject *f, int explicit) {
     /* (asyncio's eager factories make the Task with the context given, exactly as one
      * made from inside ours: so they may have ours, which spares a context switch) */
-    return f->user_factory == NULL || f->takes_context == 2 || (explicit && f->takes_context);
+    return f->user_factory == NULL || f->takes_context == 2 || explicit;
 }
 
 static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyObject *ctx, PyObject *name,
@@ -1903,8 +1911,7 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
         }
     } else {
         /* Run it inside the tagged context, so the task it makes copies that context
-         * (what ctx.run(factory, loop, coro) does); also a legacy (loop, coro) factory
-         * given a Context, which it could not take. */
+         * (what ctx.run(factory, loop, coro) does). */
         if (PyContext_Enter(ctx) < 0) return NULL;
         PyObject *a = PyTuple_Pack(2, loop, coro);
         if (a != NULL) task = PyObject_Call(f->user_factory, a, kwargs);

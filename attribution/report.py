@@ -485,12 +485,12 @@ def _check_tasks(tasks: tuple[TaskReport, ...]) -> None:
         parents[t.id] = t.parent_id
     done: set[int] = set()  # ids whose parent chains are known to end
     for tid in parents:
-        seen: list[int] = []
+        seen: set[int] = set()
         node: int | None = tid
         while node is not None and node in parents and node not in done:
             if node in seen:
                 raise ReportError(f"not a consistent memscope-async report: task {node} is its own ancestor")
-            seen.append(node)
+            seen.add(node)
             node = parents[node]
         done.update(seen)
 

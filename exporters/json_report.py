@@ -10,8 +10,9 @@ The parent directory must already exist: creating directories is the caller's de
 (a typo in ``--output`` should be an error, not a new directory tree).
 
 A symbolic link is followed: the file it points to is replaced, the link stays.  A target
-that is not a regular file (``/dev/null``, ``/dev/stdout``, a FIFO) is written through,
-as the shell's ``>`` would: replacing it would put a plain file where a device was.
+that is not a regular file (``/dev/null``, a FIFO, a pipe) or is named in /dev or /proc
+(``/dev/stdout``) is written through, as the shell's ``>>`` would: replacing it would put
+a plain file where a device was, or throw away what the program printed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from ..attribution.report import Report
 
-__all__ = ["ExportError", "export_json_async", "write_json"]
+__all__ = ["ExportError", "export_json_async", "write_json", "writes_through"]
 
 
 class ExportError(Exception):
@@ -44,7 +45,7 @@ def write_json(report: Report, path: str | os.PathLike[str], *, indent: bool = F
     if stream:
         data = _serialise(report, named, indent)
         try:
-            with open(target, "wb") as fh:
+            with open(target, "ab") as fh:  # ("a": a file behind /dev/stdout keeps what is in it)
                 fh.write(data)
         except OSError as exc:
             raise _error(named, exc) from exc
@@ -90,7 +91,7 @@ async def export_json_async(report: Report, path: str | os.PathLike[str], *, ind
     if stream:  # (a FIFO's open waits for a reader: off the loop too)
         data = _serialise(report, named, indent)
         try:
-            async with aiofiles.open(target, "wb") as fh:
+            async with aiofiles.open(target, "ab") as fh:
                 await fh.write(data)
         except OSError as exc:
             raise _error(named, exc) from exc
@@ -116,14 +117,29 @@ async def export_json_async(report: Report, path: str | os.PathLike[str], *, ind
 
 
 def _resolve(named: Path) -> tuple[Path, bool]:
-    """Where the bytes for ``named`` go: the file a symbolic link points to, and whether
-    that is something other than a regular file (written through, not replaced)."""
-    target = Path(os.path.realpath(named)) if named.is_symlink() else named
+    """Where the bytes for ``named`` go, and whether they are written through (not
+    replaced): a device, FIFO or pipe, and a name in /dev or /proc (``/dev/stdout``, which
+    may lead to the file the shell redirected stdout to: that file is appended to, not
+    replaced, so what the program printed stays).  Otherwise the file a symbolic link
+    points to is replaced, the link stays."""
     try:
-        mode = os.stat(target).st_mode
+        mode = os.stat(named).st_mode  # (follows /proc/self/fd/N to the pipe or file behind it)
     except OSError:  # nothing there yet (or unreadable: the write will say why)
-        return target, False
-    return target, not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+        mode = None
+    if mode is not None and not stat.S_ISDIR(mode) and (not stat.S_ISREG(mode) or _is_special_name(named)):
+        return named, True
+    return (Path(os.path.realpath(named)) if named.is_symlink() else named), False
+
+
+def writes_through(path: str | os.PathLike[str]) -> bool:
+    """Whether a report written to ``path`` goes through to what is there (a device, FIFO,
+    pipe, /dev/stdout) instead of replacing it atomically."""
+    return _resolve(Path(path))[1]
+
+
+def _is_special_name(named: Path) -> bool:
+    parts = Path(os.path.abspath(named)).parts
+    return len(parts) > 1 and parts[1] in ("dev", "proc")
 
 
 def _check_parent(target: Path, parent_is_dir: bool) -> None:

@@ -35,6 +35,7 @@ from . import api
 from .attribution.report import Report, ReportError
 from .attribution.tracker import MAX_INTERVAL
 from .sizes import parse_size
+from .exporters.json_report import writes_through
 from .exporters import ExportError, render_text, write_json
 from .profiler import ProfilerError
 
@@ -319,11 +320,11 @@ def _check_output(name: str) -> Path:
     path = Path(name)
     if path.is_dir():
         raise CommandError(f"cannot write report to {name}: it is a directory", USAGE_ERROR)
-    real = Path(os.path.realpath(path))
-    if real.exists() and not real.is_file():  # /dev/null, /dev/stdout, a FIFO: written through
-        if not os.access(real, os.W_OK):
+    if writes_through(path):  # /dev/null, /dev/stdout, a FIFO: written through, by this name
+        if not os.access(path, os.W_OK):
             raise CommandError(f"cannot write report to {name}: permission denied", USAGE_ERROR)
         return path.absolute()
+    real = Path(os.path.realpath(path))
     parent = real.parent if path.is_symlink() else path.parent
     if not parent.is_dir():
         raise CommandError(f"cannot write report to {name}: directory {parent} does not exist", USAGE_ERROR)

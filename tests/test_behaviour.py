@@ -561,6 +561,32 @@ def test_a_user_factory_gets_the_arguments_the_loop_gives(loop_kind):
     kept.clear()
 
 
+def test_a_two_argument_factory_given_a_context_fails_as_without_us(loop_kind):
+    """create_task(context=ctx) hands the factory context=ctx; one taking only (loop, coro)
+    raises TypeError, with or without the profiler (it used to succeed under it)."""
+    import contextvars
+
+    if loop_kind == "uvloop":
+        pytest.skip("uvloop passes context= to every factory call: a (loop, coro) factory never works there")
+
+    from conftest import run_profiled
+
+    async def main():
+        asyncio.get_running_loop().set_task_factory(lambda loop, coro: asyncio.Task(coro, loop=loop))
+        coro = asyncio.sleep(0)
+        try:
+            asyncio.get_running_loop().create_task(coro, context=contextvars.copy_context())
+        except TypeError as exc:
+            coro.close()
+            return type(exc).__name__
+        return "made"
+
+    with asyncio.Runner(loop_factory=base_loop(loop_kind)) as runner:
+        plain = runner.run(main())
+    profiled, _ = run_profiled(main, loop_kind)
+    assert profiled == plain == "TypeError"
+
+
 def test_user_subclass_overriding_loop_methods():
     seen = []
 

@@ -101,6 +101,24 @@ def test_output_through_a_symlink_or_to_a_device(tmp_path: Path, script: Path) -
     assert stat.S_ISCHR(os.stat(tmp_path / "null").st_mode)
 
 
+@pytest.mark.parametrize("to", ["file", "pipe"])
+def test_output_to_dev_stdout(tmp_path: Path, script: Path, to: str) -> None:
+    """-o /dev/stdout writes the report after the program's output, to a redirected file
+    (appended: replacing the file would lose what the program printed) or a pipe."""
+    cmd = [sys.executable, "-m", "memscope_async", "run", "-q", "-o", "/dev/stdout", script.name]
+    if to == "file":
+        with open(tmp_path / "out.txt", "wb") as out:
+            proc = subprocess.run(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.PIPE, timeout=60)
+        data = (tmp_path / "out.txt").read_bytes()
+    else:
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, timeout=60)
+        data = proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    assert data.startswith(b"argv: []\n{"), data[:80]
+    report = Report.from_json(data[len(b"argv: []\n"):])
+    assert abs(grabber(report).live_bytes - 4 * MiB) <= 64 * 1024
+
+
 def test_a_forked_child_that_runs_to_the_end_writes_no_report(tmp_path: Path) -> None:
     """The report and summary are the profiled process's: a child it forked that falls off
     the end of the program (as Python allows) ends as it would without us."""

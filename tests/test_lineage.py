@@ -225,11 +225,10 @@ def test_a_legacy_factorys_task_keeps_the_context_it_has(loop_kind):
     builds copies it: the record must keep the copy, not ours (freed when the factory
     returns).  Kept ours, a copy made later at its address looked like the same task's
     context handed on, and the grandchild got main as its parent."""
-    if loop_kind == "uvloop":
-        pytest.skip("uvloop always passes context= to a task factory")
 
     async def main():
-        asyncio.get_running_loop().set_task_factory(lambda loop, coro: asyncio.Task(coro, loop=loop))
+        # (**kw: the grandchild is made with a context=, which the loop hands to the factory)
+        asyncio.get_running_loop().set_task_factory(lambda loop, coro, **kw: asyncio.Task(coro, loop=loop, **kw))
         out: list = []
         c = asyncio.create_task(child_sharing_a_copy(out))
         await c
@@ -308,3 +307,69 @@ def test_a_task_built_directly_with_eager_start_is_its_own(loop_kind):
     assert rm.live_bytes < 64 * KiB, rm.live_bytes
     assert (rg.parent_id, rg.lineage) == (rc.id, (rm.id, rc.id, rg.id))
     assert close_to(rg.live_bytes, 3 << 20), rg.live_bytes
+
+
+async def eager_outer(out: list, finish: bool) -> None:
+    HOLD.append(bytearray(1 << 20))
+    inner = asyncio.Task(eager_inner(finish), loop=asyncio.get_running_loop(), eager_start=True)
+    out.append(inner)
+    await inner
+
+
+async def eager_inner(finish: bool) -> None:
+    HOLD.append(bytearray(4 << 20))
+    if not finish:
+        await asyncio.sleep(0)
+        HOLD.append(bytearray(2 << 20))
+
+
+def _custom_eager(loop, coro, **kwargs):
+    kwargs["eager_start"] = True
+    return asyncio.Task(coro, loop=loop, **kwargs)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are new in 3.12")
+@pytest.mark.parametrize("factory", ["asyncio", "custom"])
+@pytest.mark.parametrize("finish", [True, False], ids=["finishes-at-once", "steps-again"])
+def test_an_eager_task_built_directly_in_an_eager_first_step(factory, finish):
+    """Under an eager factory, a Task built directly with eager_start inside the first
+    step of the task being made is a task of its own, whether or not that step is its
+    last (it was merged into the outer one, or charged to it and left out)."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory if factory == "asyncio" else _custom_eager)
+        out: list = []
+        outer = asyncio.create_task(eager_outer(out, finish))
+        await outer
+        return asyncio.current_task(), outer, out[0]
+
+    HOLD.clear()
+    try:
+        (m, a, b), report = run_profiled(main)
+    finally:
+        HOLD.clear()
+    rm, ra, rb = report.task(m), report.task(a), report.task(b)
+    assert (ra.parent_id, rb.parent_id, rb.state, rb.via_factory) == (rm.id, ra.id, "done", False)
+    assert close_to(ra.live_bytes, 1 << 20), ra.live_bytes
+    assert close_to(rb.live_bytes, (4 if finish else 6) << 20), rb.live_bytes
+
+
+def test_a_factory_that_makes_its_task_in_a_context_of_its_own():
+    """A factory that builds the Task inside copy_context().run(...): the task's context is
+    a copy of a copy of ours; still one record per task, its bytes, its parent, done."""
+    import contextvars
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(lambda loop, coro, context=None: contextvars.copy_context().run(
+            lambda: asyncio.Task(coro, loop=loop, context=context)))
+        out: list = []
+        c = asyncio.create_task(child_sharing_a_copy(out))
+        await c
+        return asyncio.current_task(), c, out[0]
+
+    (m, c, g), report = run_profiled(main)
+    rm, rc, rg = report.task(m), report.task(c), report.task(g)
+    assert (rc.parent_id, rg.parent_id, rc.state, rg.state) == (rm.id, rc.id, "done", "done")
+    assert len(report.find(coro="child_sharing_a_copy")) == 1
