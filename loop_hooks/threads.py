@@ -106,10 +106,12 @@ def install() -> None:
     global _session
     session = _session = object()
     for owner, name, wrap in _WRAPPERS:
-        original = owner.__dict__[name]
+        # what uninstall puts back is the class's own entry; what ours calls is what an
+        # attribute lookup gives (a library's descriptor, e.g. a wrapt wrapper, binds there)
+        saved, original = owner.__dict__[name], getattr(owner, name)
         ours = functools.update_wrapper(wrap(original, session), original)
         setattr(owner, name, ours)
-        _patches[(owner, name)] = (ours, original)
+        _patches[(owner, name)] = (ours, saved)
     _installed = True
 
 

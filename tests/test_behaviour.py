@@ -587,6 +587,50 @@ def test_a_two_argument_factory_given_a_context_fails_as_without_us(loop_kind):
     assert profiled == plain == "TypeError"
 
 
+def test_a_librarys_descriptor_wrapper_of_thread_start_is_called_bound(monkeypatch):
+    """wrapt (OpenTelemetry's threading instrumentation) puts a descriptor on the class,
+    bound through __get__: ours must call it as an attribute lookup gives it, not the raw
+    object (every Thread.start failed while profiling, and thread pools with it)."""
+    import functools
+    import queue
+    import threading
+
+    class LibWrapper:
+        def __init__(self, fn):
+            self.fn, self.calls = fn, 0
+
+        def __get__(self, obj, cls=None):
+            return functools.partial(self.bound, obj) if obj is not None else self.bound
+
+        def bound(self, inst, *args, **kwargs):
+            self.calls += 1
+            return self.fn(inst, *args, **kwargs)
+
+        def __call__(self, *args, **kwargs):
+            raise TypeError("called without binding")
+
+    start = LibWrapper(threading.Thread.__dict__["start"])
+    get = LibWrapper(queue.Queue.__dict__["get"])
+    monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(queue.Queue, "get", get)
+
+    async def main():
+        thread = threading.Thread(target=len, args=("abc",))
+        thread.start()
+        thread.join()
+        q = queue.Queue()
+        q.put("abcd")
+        return await asyncio.to_thread(lambda: len(q.get()))
+
+    ms.install_policy()
+    try:
+        assert asyncio.run(main()) == 4
+    finally:
+        ms.uninstall_policy()
+    assert start.calls >= 2 and get.calls == 1  # (to_thread's pool started a thread too)
+    assert threading.Thread.__dict__["start"] is start and queue.Queue.__dict__["get"] is get
+
+
 def test_user_subclass_overriding_loop_methods():
     seen = []
 
