@@ -200,6 +200,8 @@ typedef struct {
     TagObject *pending_tag;  /* factory holds the context and the mapping while these are */
     PyObject *pending_vars;  /* set; the Tag is the context's while that mapping is) */
     PyObject *pending_obj;   /* owned: the Task whose first step check_step saw in pending_ctx */
+    PyObject *pending_prev;  /* borrowed, compared only: the task pending_obj's eager first */
+                             /* step displaced (tasks_watcher), which comes back after it */
     int pending_copied;      /* that task's context will be a copy of pending_ctx (a legacy */
                              /* (loop, coro) factory runs inside it) */
     PyObject *empty_ctx;     /* owned: an empty context for our done callbacks */

@@ -1506,7 +1506,7 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
      * outside our factory). */
     int making = ev == PyDict_EVENT_MODIFIED && t->pending_tid != 0;
     int arriving = ev == PyDict_EVENT_MODIFIED && new_value != NULL && new_value != t->pending_obj &&
-                   Py_TYPE(new_value) == (PyTypeObject *)G.task_type;
+                   !(making && new_value == t->pending_prev) && Py_TYPE(new_value) == (PyTypeObject *)G.task_type;
     /* Inside our factory, the task leaving is the running one, mid-step (so pending), or
      * the one being made, whose end attach_task sees (it is not in the index yet): only
      * an adopted one's eager first step coming out goes on, to be ended if it was its last */
@@ -1520,8 +1520,13 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
     uint32_t tid;
     uint32_t st;
     if (arriving && !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)new_value, &tid)) {
-        if (making && t->pending_obj == NULL) t->pending_obj = Py_NewRef(new_value);
-        else adopt_eager(key, new_value);
+        if (making && t->pending_obj == NULL) {
+            t->pending_obj = Py_NewRef(new_value);
+            /* (the task it displaces comes back in after it: not another task arriving) */
+            t->pending_prev = known ? old : PyDict_GetItemWithError(d, key);
+        } else {
+            adopt_eager(key, new_value);
+        }
     }
     if (!leaving) old = NULL;
     else if (!known) old = PyDict_GetItemWithError(d, key);
@@ -1974,7 +1979,8 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
         return NULL;
     }
     tls_t *t = &tls;
-    PyObject *saved_ctx = t->pending_ctx, *saved_vars = t->pending_vars, *saved_obj = t->pending_obj;
+    PyObject *saved_ctx = t->pending_ctx, *saved_vars = t->pending_vars, *saved_obj = t->pending_obj,
+             *saved_prev = t->pending_prev;
     uint32_t saved_tid = t->pending_tid;
     int saved_copied = t->pending_copied;
     TagObject *saved_tag = t->pending_tag;
@@ -1986,6 +1992,7 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
         t->pending_tag = tag;
         t->pending_vars = vars;
         t->pending_obj = NULL;
+        t->pending_prev = NULL;
         t->pending_copied = !passes_context(f, explicit);
     }
     PyObject *task = make_task(f, loop, coro, ctx, name, kwargs, explicit);
@@ -1995,7 +2002,10 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
     t->pending_tag = saved_tag;
     t->pending_vars = saved_vars;
     t->pending_copied = saved_copied;
-    if (tid) t->pending_obj = saved_obj;
+    if (tid) {
+        t->pending_obj = saved_obj;
+        t->pending_prev = saved_prev;
+    }
     Py_XDECREF(vars);
     if (tid) {
         uint32_t ti, known;

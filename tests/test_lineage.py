@@ -373,3 +373,37 @@ def test_a_factory_that_makes_its_task_in_a_context_of_its_own():
     rm, rc, rg = report.task(m), report.task(c), report.task(g)
     assert (rc.parent_id, rg.parent_id, rc.state, rg.state) == (rm.id, rc.id, "done", "done")
     assert len(report.find(coro="child_sharing_a_copy")) == 1
+
+
+async def eager_level(depth: int) -> int:
+    HOLD.append(bytearray(100_000))
+    if depth == 0:
+        return 1
+    kids = [asyncio.create_task(eager_level(depth - 1)) for _ in range(2)]
+    return 1 + sum([await k for k in kids])
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager_task_factory is new in 3.12")
+def test_nested_eager_tasks_have_one_record_each(loop_kind):
+    """Eager tasks made inside the eager first steps of tasks still being made: one record
+    per task, each made through our factory, each with its parent and its own bytes (a
+    task whose step an inner one's first step handed back to was taken for a task built
+    directly, and recorded twice)."""
+    if loop_kind == "uvloop" and sys.version_info >= (3, 13):
+        pytest.skip("uvloop on 3.13 passes eager_start= that asyncio.eager_task_factory rejects")
+
+    async def main():
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+        return await asyncio.create_task(eager_level(3))
+
+    HOLD.clear()
+    try:
+        total, report = run_profiled(main, loop_kind)
+    finally:
+        HOLD.clear()
+    assert total == 15
+    levels = report.find(coro="eager_level")
+    assert len(levels) == 15 and all(t.via_factory for t in levels), [(t.id, t.parent_id, t.via_factory) for t in levels]
+    ids = {t.id for t in levels}
+    assert sum(t.parent_id not in ids for t in levels) == 1  # the root's parent is main
+    assert all(close_to(t.allocated_bytes, 100_000, abs_=16 * KiB) for t in levels), [t.allocated_bytes for t in levels]
