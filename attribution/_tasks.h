@@ -1507,11 +1507,21 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
     int making = ev == PyDict_EVENT_MODIFIED && t->pending_tid != 0;
     int arriving = ev == PyDict_EVENT_MODIFIED && new_value != NULL && new_value != t->pending_obj &&
                    !(making && new_value == t->pending_prev) && Py_TYPE(new_value) == (PyTypeObject *)G.task_type;
-    /* Inside our factory, the task leaving is the running one, mid-step (so pending), or
-     * the one being made, whose end attach_task sees (it is not in the index yet): only
-     * an adopted one's eager first step coming out goes on, to be ended if it was its last */
-    int leaving = !making || (known && old != NULL && old != t->pending_obj);
-    if (!arriving && !leaving) return 0;
+    int leaving = 1;
+    if (making) {
+        if (arriving && t->pending_obj == NULL) { /* the one being made: its eager first step goes in */
+            t->pending_obj = Py_NewRef(new_value);
+            /* (the task it displaces comes back in after it: not another task arriving) */
+            t->pending_prev = known ? old : PyDict_GetItemWithError(d, key);
+            return 0;
+        }
+        /* The task leaving is the running one, mid-step (so pending), or the one being
+         * made, whose end attach_task sees (it is not in the index yet): only an adopted
+         * one's eager first step coming out (back to the one being made) goes on, to be
+         * ended if it was its last. */
+        leaving = known && old != NULL && new_value == t->pending_obj;
+        if (!arriving && !leaving) return 0;
+    }
     PyThreadState *ts = tstate_unchecked();
     if (ts == NULL) return 0;
     /* The error indicator read from the thread state itself: PyErr_Occurred and
@@ -1519,15 +1529,7 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
     PyObject *exc = ts->current_exception != NULL ? PyErr_GetRaisedException_compat() : NULL;
     uint32_t tid;
     uint32_t st;
-    if (arriving && !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)new_value, &tid)) {
-        if (making && t->pending_obj == NULL) {
-            t->pending_obj = Py_NewRef(new_value);
-            /* (the task it displaces comes back in after it: not another task arriving) */
-            t->pending_prev = known ? old : PyDict_GetItemWithError(d, key);
-        } else {
-            adopt_eager(key, new_value);
-        }
-    }
+    if (arriving && !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)new_value, &tid)) adopt_eager(key, new_value);
     if (!leaving) old = NULL;
     else if (!known) old = PyDict_GetItemWithError(d, key);
     /* a step that leaves its task pending (most steps of a long-lived task) is told by
