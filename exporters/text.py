@@ -239,7 +239,14 @@ def _task_table(report: Report, fmt: _Numbers, title: str, metric: Callable[[Tas
 
 
 def _thread_names(threads: Sequence[ThreadReport]) -> dict[int, str]:
-    return {t.id: t.name or "" for t in threads}
+    """Thread id -> name; an id that several threads had in turn (the OS reuses them)
+    names them all, as the unattributed bytes of that id are theirs together."""
+    names: dict[int, list[str]] = {}
+    for t in threads:
+        seen = names.setdefault(t.id, [])
+        if (t.name or "") not in seen:
+            seen.append(t.name or "")
+    return {ident: " / ".join(n for n in ns if n) for ident, ns in names.items()}
 
 
 def _unattributed(report: Report, fmt: _Numbers, top: int, width: int) -> list[str]:

@@ -598,6 +598,12 @@ def test_render_text_unattributed_leaks_and_threads():
     bare = dataclasses.replace(make_report(), leak_suspects=(), threads=())
     assert "Leak suspects" not in render_text(bare) and "Threads" not in render_text(bare)
 
+    # a thread id the OS gave two threads in turn: its unattributed bytes are both's
+    reused = dataclasses.replace(make_report(), threads=(
+        *make_report().threads, ThreadReport(POOL_THREAD, 9003, "late-worker", "other", 0, 10, 1)))
+    rows = _section(render_text(reused), "Unattributed")[4:]
+    assert rows[1].split()[:4] == [str(POOL_THREAD), "asyncio_0", "/", "late-worker"], rows
+
 
 def test_render_text_sizes():
     tasks = (
