@@ -730,8 +730,12 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
         enter = 0;
     }
     /* the parent: the tag where we read (context_tid: the hooks' cached answer when it
-     * holds); the labels, once labels() (their only setter) has been used */
+     * holds), else the task whose work this thread is doing for it (a callback handed over
+     * by call_soon_threadsafe from a run_in_executor job, whose thread has no copy of the
+     * task's context: asyncio.run_coroutine_threadsafe there); the labels, once labels()
+     * (their only setter) has been used */
     uint32_t parent = context_tid();
+    if (parent == 0) parent = t->handover;
     uint32_t parent_up = parent != 0 && t->ctx_tag != NULL && t->ctx_tag->tid == parent ? t->ctx_tag->up : 0;
     int was_shared = parent != 0 && t->ctx_tag != NULL && t->ctx_tag->tid == parent && t->ctx_tag->shared;
     PyObject *labels = NULL;

@@ -201,6 +201,46 @@ def test_run_coroutine_threadsafe_cross_loop_lineage(loop_kind):
     KEEP.clear()
 
 
+@pytest.mark.parametrize("via", ["to_thread", "run_in_executor"])
+def test_run_coroutine_threadsafe_from_a_thread_doing_the_tasks_work(loop_kind, via):
+    """Submitted from an executor job: to_thread's thread has a copy of the task's context,
+    run_in_executor's has only our hand-over; either way the remote task's parent is the
+    task whose job it is (run_in_executor's had none)."""
+    KEEP.clear()
+    prof = ms.Profiler().start()
+    other = prof.loop_factory(base_loop(loop_kind))()
+    th = threading.Thread(target=other.run_forever, name="other-loop")
+    th.start()
+
+    async def remote():
+        alloc(2)
+
+    def job():
+        asyncio.run_coroutine_threadsafe(remote(), other).result()
+
+    async def submitter():
+        if via == "to_thread":
+            await asyncio.to_thread(job)
+        else:
+            await asyncio.get_running_loop().run_in_executor(None, job)
+
+    try:
+        with asyncio.Runner(loop_factory=prof.loop_factory(base_loop(loop_kind))) as r:
+            r.run(submitter())
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        th.join()
+        other.close()
+        prof.stop()
+    report = prof.snapshot()
+    prof.close()
+    (s,) = report.find(coro="test_run_coroutine_threadsafe_from_a_thread_doing_the_tasks_work.<locals>.submitter")
+    (r_,) = report.find(coro="test_run_coroutine_threadsafe_from_a_thread_doing_the_tasks_work.<locals>.remote")
+    assert (r_.parent_id, r_.cross_thread_parent) == (s.id, True)
+    assert close_to(r_.live_bytes, 2 * MiB) and s.live_bytes < 65536, (r_.live_bytes, s.live_bytes)
+    KEEP.clear()
+
+
 def test_thread_started_in_task_is_inferred(loop_kind):
     KEEP.clear()
 
