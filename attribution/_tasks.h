@@ -1501,7 +1501,17 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
         t->ctx_seen = NULL;
         t->fast_ctx = FAST_NONE;
     }
-    if (ev == PyDict_EVENT_ADDED || S.obj_index.count == 0) return 0;
+    if (ev == PyDict_EVENT_ADDED) {
+        /* no task was running: inside our factory, the eager first step of the one being
+         * made (from a plain callback) going in */
+        if (t->pending_tid != 0 && t->pending_obj == NULL && new_value != NULL &&
+            Py_TYPE(new_value) == (PyTypeObject *)G.task_type) {
+            t->pending_obj = Py_NewRef(new_value);
+            t->pending_prev = NULL;
+        }
+        return 0;
+    }
+    if (S.obj_index.count == 0) return 0;
     /* A replacement is an eager first step going in or out.  Inside our factory, the
      * first task we do not know to go in is the one being made; outside it, or another
      * one inside it, a Task built directly with eager_start (asyncio.Task(coro,
@@ -1519,11 +1529,11 @@ static int tasks_watcher(PyDict_WatchEvent ev, PyObject *d, PyObject *key, PyObj
             t->pending_prev = known ? old : PyDict_GetItemWithError(d, key);
             return 0;
         }
-        /* The task leaving is the running one, mid-step (so pending), or the one being
-         * made, whose end attach_task sees (it is not in the index yet): only an adopted
-         * one's eager first step coming out (back to the one being made) goes on, to be
-         * ended if it was its last. */
-        leaving = known && old != NULL && new_value == t->pending_obj;
+        /* The task leaving is the one being made, whose end attach_task sees (it is not
+         * in the index yet), or the one it displaced (back in after it, not arriving):
+         * only another one goes on, an adopted one's eager first step coming out, to be
+         * ended if it was its last (or one going in over it, mid-step, which is let be). */
+        leaving = known && old != NULL && old != t->pending_obj;
         if (!arriving && !leaving) return 0;
     }
     PyThreadState *ts = tstate_unchecked();

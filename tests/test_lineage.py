@@ -407,3 +407,69 @@ def test_nested_eager_tasks_have_one_record_each(loop_kind):
     ids = {t.id for t in levels}
     assert sum(t.parent_id not in ids for t in levels) == 1  # the root's parent is main
     assert all(close_to(t.allocated_bytes, 100_000, abs_=16 * KiB) for t in levels), [t.allocated_bytes for t in levels]
+
+
+async def built_directly_in_first_step(out: list, eager: bool) -> None:
+    HOLD.append(bytearray(1 << 20))
+    out.append(asyncio.Task(eager_inner(False), loop=asyncio.get_running_loop(), eager_start=eager))
+    await out[-1]
+
+
+def _legacy_eager(loop, coro):
+    return asyncio.Task(coro, loop=loop, eager_start=True)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are new in 3.12")
+@pytest.mark.parametrize("factory", ["asyncio", "legacy"])
+@pytest.mark.parametrize("eager", [True, False], ids=["eager-inner", "inner"])
+def test_an_eager_task_made_from_a_plain_callback(factory, eager):
+    """create_task from a callback (no task running): the eager first step of the task
+    being made goes in with no task to replace.  A Task built directly in that step is
+    still another task (it was merged into it, or its first step charged to it)."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory if factory == "asyncio" else _legacy_eager)
+        out: list = []
+        made = loop.create_future()
+        loop.call_soon(lambda: made.set_result(loop.create_task(built_directly_in_first_step(out, eager))))
+        outer = await made
+        await outer
+        return outer, out[0]
+
+    HOLD.clear()
+    try:
+        (a, b), report = run_profiled(main)
+    finally:
+        HOLD.clear()
+    ra, rb = report.task(a), report.task(b)
+    assert (rb.parent_id, rb.state, ra.state) == (ra.id, "done", "done")
+    assert close_to(ra.live_bytes, 1 << 20), ra.live_bytes
+    assert close_to(rb.live_bytes, 6 << 20), rb.live_bytes
+
+
+async def eager_twice_removed(out: list) -> None:
+    loop = asyncio.get_running_loop()
+    out.append(asyncio.Task(eager_outer(out, True), loop=loop, eager_start=True))
+    await out[0]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are new in 3.12")
+def test_eager_tasks_built_directly_two_deep_in_an_eager_first_step():
+    """Under eager_task_factory, a Task built directly with eager_start inside one built
+    the same way, finishing in its first step: it ends done (it stayed pending)."""
+
+    async def main():
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+        out: list = []
+        await asyncio.create_task(eager_twice_removed(out))
+        return out
+
+    HOLD.clear()
+    try:
+        out, report = run_profiled(main)
+    finally:
+        HOLD.clear()
+    inner, outer = report.task(out[0]), report.task(out[1])  # (the inner one is appended first)
+    assert (inner.parent_id, inner.state, outer.state) == (outer.id, "done", "done")
+    assert close_to(inner.live_bytes, 4 << 20) and close_to(outer.live_bytes, 1 << 20), (inner, outer)
