@@ -163,27 +163,16 @@ def test_call_soon_threadsafe_carries_caller(loop_kind):
     KEEP.clear()
 
 
-def test_run_coroutine_threadsafe_cross_loop_lineage(loop_kind):
-    KEEP.clear()
+def _with_another_loop(loop_kind, program):
+    """Run ``program(other)()`` on an instrumented loop while ``other``, a second one,
+    runs in a thread of its own; return (result, report)."""
     prof = ms.Profiler().start()
     other = prof.loop_factory(base_loop(loop_kind))()
     th = threading.Thread(target=other.run_forever, name="other-loop")
     th.start()
-
-    async def remote():
-        alloc(3)
-        return threading.get_ident()
-
-    async def submitter():
-        fut = asyncio.run_coroutine_threadsafe(remote(), other)
-        return await asyncio.wrap_future(fut)
-
-    async def main():
-        return await asyncio.create_task(submitter())
-
     try:
         with asyncio.Runner(loop_factory=prof.loop_factory(base_loop(loop_kind))) as r:
-            remote_thread = r.run(main())
+            result = r.run(program(other)())
     finally:
         other.call_soon_threadsafe(other.stop)
         th.join()
@@ -191,8 +180,33 @@ def test_run_coroutine_threadsafe_cross_loop_lineage(loop_kind):
         prof.stop()
     report = prof.snapshot()
     prof.close()
-    (s,) = report.find(coro="test_run_coroutine_threadsafe_cross_loop_lineage.<locals>.submitter")
-    (r_,) = report.find(coro="test_run_coroutine_threadsafe_cross_loop_lineage.<locals>.remote")
+    return result, report
+
+
+async def remote_3():
+    alloc(3)
+    return threading.get_ident()
+
+
+async def remote_2():
+    alloc(2)
+
+
+def test_run_coroutine_threadsafe_cross_loop_lineage(loop_kind):
+    KEEP.clear()
+
+    def program(other):
+        async def submitter():
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(remote_3(), other))
+
+        async def main():
+            return await asyncio.create_task(submitter(), name="submitter")
+
+        return main
+
+    remote_thread, report = _with_another_loop(loop_kind, program)
+    (s,) = report.find(name="submitter")
+    (r_,) = report.find(coro="remote_3")
     assert r_.parent_id == s.id
     assert r_.cross_thread_parent
     assert r_.thread_id == remote_thread != s.thread_id
@@ -207,35 +221,25 @@ def test_run_coroutine_threadsafe_from_a_thread_doing_the_tasks_work(loop_kind, 
     run_in_executor's has only our hand-over; either way the remote task's parent is the
     task whose job it is (run_in_executor's had none)."""
     KEEP.clear()
-    prof = ms.Profiler().start()
-    other = prof.loop_factory(base_loop(loop_kind))()
-    th = threading.Thread(target=other.run_forever, name="other-loop")
-    th.start()
 
-    async def remote():
-        alloc(2)
+    def program(other):
+        def job():
+            asyncio.run_coroutine_threadsafe(remote_2(), other).result()
 
-    def job():
-        asyncio.run_coroutine_threadsafe(remote(), other).result()
+        async def submitter():
+            if via == "to_thread":
+                await asyncio.to_thread(job)
+            else:
+                await asyncio.get_running_loop().run_in_executor(None, job)
 
-    async def submitter():
-        if via == "to_thread":
-            await asyncio.to_thread(job)
-        else:
-            await asyncio.get_running_loop().run_in_executor(None, job)
+        async def main():
+            await asyncio.create_task(submitter(), name="submitter")
 
-    try:
-        with asyncio.Runner(loop_factory=prof.loop_factory(base_loop(loop_kind))) as r:
-            r.run(submitter())
-    finally:
-        other.call_soon_threadsafe(other.stop)
-        th.join()
-        other.close()
-        prof.stop()
-    report = prof.snapshot()
-    prof.close()
-    (s,) = report.find(coro="test_run_coroutine_threadsafe_from_a_thread_doing_the_tasks_work.<locals>.submitter")
-    (r_,) = report.find(coro="test_run_coroutine_threadsafe_from_a_thread_doing_the_tasks_work.<locals>.remote")
+        return main
+
+    _, report = _with_another_loop(loop_kind, program)
+    (s,) = report.find(name="submitter")
+    (r_,) = report.find(coro="remote_2")
     assert (r_.parent_id, r_.cross_thread_parent) == (s.id, True)
     assert close_to(r_.live_bytes, 2 * MiB) and s.live_bytes < 65536, (r_.live_bytes, s.live_bytes)
     KEEP.clear()
