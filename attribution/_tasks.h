@@ -87,8 +87,8 @@ static struct {
 typedef struct {
     PyObject_HEAD
     PyObject *user_factory; /* NULL: none */
-    int takes_context;      /* the user's factory: 0 no context=, 1 accepts it, 2 asyncio's own
-                             * eager factory (hands context= to the Task as is) */
+    int forwards_context;   /* the user's factory is asyncio's own eager one (hands context=
+                             * to the Task as is) */
     uint32_t serial;        /* the loop's serial number */
     vectorcallfunc vectorcall;
 } FactoryObject;
@@ -1893,7 +1893,7 @@ static PyTypeObject CallSoonType = {
 static inline int passes_context(FactoryObject *f, int explicit) {
     /* (asyncio's eager factories make the Task with the context given, exactly as one
      * made from inside ours: so they may have ours, which spares a context switch) */
-    return f->user_factory == NULL || f->takes_context == 2 || explicit;
+    return f->user_factory == NULL || f->forwards_context || explicit;
 }
 
 static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyObject *ctx, PyObject *name,
@@ -2096,16 +2096,16 @@ static PyObject *Factory_create(PyObject *self, PyObject *const *args, Py_ssize_
 }
 
 static PyObject *Factory_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"serial", "user_factory", "takes_context", NULL};
+    static char *kwlist[] = {"serial", "user_factory", "forwards_context", NULL};
     unsigned long serial;
     PyObject *uf = Py_None;
-    int takes = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "k|Oi:TaskFactory", kwlist, &serial, &uf, &takes)) return NULL;
+    int forwards = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "k|Op:TaskFactory", kwlist, &serial, &uf, &forwards)) return NULL;
     FactoryObject *self = (FactoryObject *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
     self->serial = (uint32_t)serial;
     self->user_factory = uf == Py_None ? NULL : Py_NewRef(uf);
-    self->takes_context = takes;
+    self->forwards_context = forwards;
     self->vectorcall = factory_vectorcall;
     return (PyObject *)self;
 }
@@ -2136,16 +2136,12 @@ static int Factory_set_uf(FactoryObject *self, PyObject *v, void *c) {
     return 0;
 }
 
-static PyObject *Factory_get_takes(FactoryObject *self, void *c) { return PyLong_FromLong(self->takes_context); }
+static PyObject *Factory_get_forwards(FactoryObject *self, void *c) { return PyBool_FromLong(self->forwards_context); }
 
-static int Factory_set_takes(FactoryObject *self, PyObject *v, void *c) {
-    long b = v == NULL ? 1 : PyLong_AsLong(v);
-    if (b == -1 && PyErr_Occurred()) return -1;
-    if (b < 0 || b > 2) {
-        PyErr_SetString(PyExc_ValueError, "takes_context is 0, 1 or 2");
-        return -1;
-    }
-    self->takes_context = (int)b;
+static int Factory_set_forwards(FactoryObject *self, PyObject *v, void *c) {
+    int b = v == NULL ? 0 : PyObject_IsTrue(v);
+    if (b < 0) return -1;
+    self->forwards_context = b;
     return 0;
 }
 
@@ -2153,7 +2149,8 @@ static PyObject *Factory_get_serial(FactoryObject *self, void *c) { return PyLon
 
 static PyGetSetDef Factory_getset[] = {
     {"user_factory", (getter)Factory_get_uf, (setter)Factory_set_uf, "the user's task factory, or None", NULL},
-    {"takes_context", (getter)Factory_get_takes, (setter)Factory_set_takes, "0: the user's factory takes no context=, 1: it does, 2: asyncio's eager factory", NULL},
+    {"forwards_context", (getter)Factory_get_forwards, (setter)Factory_set_forwards,
+     "the user's factory is asyncio's own eager one: it may be given the task's tagged context", NULL},
     {"serial", (getter)Factory_get_serial, NULL, "the loop's serial number", NULL},
     {NULL},
 };
@@ -2167,7 +2164,7 @@ static PyTypeObject FactoryType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.TaskFactory",
     .tp_basicsize = sizeof(FactoryObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = PyDoc_STR("TaskFactory(serial, user_factory=None, takes_context=1): an instrumented loop's task factory."),
+    .tp_doc = PyDoc_STR("TaskFactory(serial, user_factory=None, forwards_context=False): an instrumented loop's task factory."),
     .tp_new = Factory_new,
     .tp_dealloc = (destructor)Factory_dealloc,
     .tp_traverse = (traverseproc)Factory_traverse,

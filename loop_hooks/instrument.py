@@ -87,7 +87,7 @@ class LoopState:
         return self.factory.user_factory
 
     def set_user_factory(self, factory: Any) -> None:
-        self.factory.takes_context = 2 if _is_asyncios_eager(factory) else int(factory is None or _accepts_context(factory))
+        self.factory.forwards_context = _is_asyncios_eager(factory)
         self.factory.user_factory = factory
 
 
@@ -99,14 +99,6 @@ def _is_asyncios_eager(factory: Any) -> bool:
         return True
     return (getattr(factory, "__module__", None) == "asyncio.tasks"
             and getattr(factory, "__qualname__", None) == "create_eager_task_factory.<locals>.factory")
-
-
-def _accepts_context(factory: Any) -> bool:
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return any(p.kind is p.VAR_KEYWORD or (p.name == "context" and p.kind is not p.POSITIONAL_ONLY) for p in params)
 
 
 def _set_task_factory(self, factory, _original):
