@@ -887,7 +887,7 @@ static MS_HOT void record_alloc(void *p, size_t size, int mode) {
     account_alloc(cell, bytes, count);
     /* a sample stands for 1/(1-exp(-size/R)) blocks of its size, R the interval it was drawn at */
     if (stack) {
-        stacks_record_alloc(p, size, S.cells[cell].key, mode == MODE_SAMPLED ? (double)S.sample_interval : S.stack_interval);
+        stacks_record_alloc(p, size, S.cells[cell].key, mode == MODE_SAMPLED ? (double)S.sample_interval : S.stack_interval, 1);
         if (S.cells[cell].task != NULL) S.cells[cell].task->flags |= TF_SITES;
     }
 }
@@ -905,8 +905,23 @@ static MS_HOT void record_free(void *p, int mode) {
 /* Exact mode: the block at old (taken from the tables: old_size bytes in old_cell, flag its
  * stack-sample mark), now at p with `size` bytes, stays with that cell and only the size
  * difference counts.  Returns 1, or 0 if it could not be kept in the tables (it ends). */
-static int keep_resized(void *old, void *p, size_t size, size_t old_size, uint32_t old_cell, int flag) {
-    int kept = flag && S.stack_interval > 0 ? stacks_move(old, p, old_size, size) : 0;
+static int keep_resized(void *old, void *p, size_t size, size_t old_size, uint32_t old_cell, int flag,
+                        int may_sample) {
+    /* (a block in the pointer table is flagged whether it has a sample or not) */
+    int kept = flag && S.stack_interval > 0 ? stacks_move(old, p, old_size, size, S.stack_interval) : -1;
+    if (kept < 0) {
+        kept = 0;
+        if (may_sample && size > old_size) {
+            /* growth moves the stack countdown as an allocation of its size does (stacks_move) */
+            tls_t *t = &tls;
+            t->stack_countdown -= (int64_t)(size - old_size);
+            if (MS_UNLIKELY(t->stack_countdown <= 0) && stack_due(t)) {
+                stacks_record_alloc(p, size, S.cells[old_cell].key, S.stack_interval, 0);
+                if (S.cells[old_cell].task != NULL) S.cells[old_cell].task->flags |= TF_SITES;
+                kept = 1;
+            }
+        }
+    }
     if (ptrs_put(p, size, old_cell, kept, MODE_EXACT) < 0) {
         S.untracked++;
         if (kept) stacks_record_free(p);
@@ -917,10 +932,58 @@ static int keep_resized(void *old, void *p, size_t size, size_t old_size, uint32
     return 1;
 }
 
+/* Sampled mode: a sample at `old` (old_size bytes, in old_cell) is resized by its owner.
+ * Exact mode charges such a realloc only the difference (growth as allocated, shrinkage as
+ * freed), but a realloc of a block that was not sampled cannot be told from a new block:
+ * its old size is known nowhere.  That one is left as it is, an allocation of the new size
+ * (its sample decision drawn on the new size, as for any allocation), and this branch, the
+ * only one that knows the old size, makes up for it.  With p(s) = 1 - exp(-s/R) the chance
+ * a block of s bytes is a sample, the unsampled branch adds new_size to allocated in
+ * expectation (1 - p(old_size)) of the time; so this one, taken p(old_size) of the time,
+ * takes min(old_size, new_size) / p(old_size) off allocated and adds the shrinkage over
+ * p(old_size) to freed, and the realloc is charged what exact mode charges in expectation
+ * (growth to allocated, shrinkage to freed, no new allocation; the block's live estimate
+ * is its old weight off, and whatever the new decision gives on).  Before this a buffer
+ * grown by `+=` to 8 MiB was charged every step's full size: ~9x its size at a 1/8 growth
+ * factor.  The site that resizes takes the same correction, so the realloc's own line is
+ * charged its growth. */
+static void resample_resized(size_t old_size, uint32_t old_cell, size_t size, uint32_t cell) {
+    double w = scaled_count(old_size); /* 1 / p(old_size) */
+    int64_t whole = scaled_bytes(old_size);
+    int64_t undone = llround((double)(size < old_size ? size : old_size) * w);
+    if (undone > whole) undone = whole;
+    cell_t *c = &S.cells[old_cell];
+    c->alloc_bytes -= undone;
+    c->freed_bytes += whole - undone;
+    c->allocs -= scaled_count_fp(old_size);
+    c->live_entries--;
+    if (c->task != NULL) c->task->live_bytes -= whole;
+    if (S.stack_interval > 0) stacks_adjust_here(S.cells[cell].key, -(double)undone, -w);
+}
+
+static void record_realloc_sampled(void *old, void *p, size_t size) {
+    size_t old_size;
+    uint32_t old_cell;
+    int flag;
+    if (ptrs_take(old, &old_size, &old_cell, &flag, MODE_SAMPLED)) {
+        if (flag && S.stack_interval > 0) stacks_record_free(old);
+        tls_t *t = &tls;
+        uint32_t cell = 0;
+        if (!S.passthrough) {
+            if (t->session != S.session) tls_enter_session(t);
+            cell = current_cell(t);
+        }
+        if (cell != 0 && cell_tid(&S.cells[cell]) == cell_tid(&S.cells[old_cell]))
+            resample_resized(old_size, old_cell, size, cell);
+        else /* another owner resizes it: the sample ends as a free, the new block is its */
+            account_free(old_cell, scaled_bytes(old_size), scaled_count_fp(old_size));
+    }
+    record_alloc(p, size, MODE_SAMPLED);
+}
+
 static void record_realloc(void *old, void *p, size_t size) {
     if (S.mode == MODE_SAMPLED) {
-        record_free(old, MODE_SAMPLED);
-        record_alloc(p, size, MODE_SAMPLED);
+        record_realloc_sampled(old, p, size);
         return;
     }
     tls_t *t = &tls;
@@ -936,7 +999,7 @@ static void record_realloc(void *old, void *p, size_t size) {
     if (cell != 0 && cell_tid(&S.cells[cell]) == cell_tid(&S.cells[old_cell])) {
         /* Same owner: the block keeps its cell (and its stack sample), so a buffer grown
          * by realloc is charged its final size, not every step. */
-        if (keep_resized(old, p, size, old_size, old_cell, flag) && S.cells[old_cell].track_time)
+        if (keep_resized(old, p, size, old_size, old_cell, flag, 1) && S.cells[old_cell].track_time)
             S.cells[old_cell].last_ns = coarse_ns();
         return;
     }
@@ -952,7 +1015,7 @@ static void record_realloc_kept(void *old, void *p, size_t size) {
     size_t old_size;
     uint32_t old_cell;
     int flag;
-    if (ptrs_take(old, &old_size, &old_cell, &flag, MODE_EXACT)) (void)keep_resized(old, p, size, old_size, old_cell, flag);
+    if (ptrs_take(old, &old_size, &old_cell, &flag, MODE_EXACT)) (void)keep_resized(old, p, size, old_size, old_cell, flag, 0);
 }
 
 /* What every hook does around the original allocator.  The guard keeps *allocations*
@@ -1077,9 +1140,15 @@ static MS_HOT int exact_realloc_fast(void *old, void *p, size_t size) {
         return 0; /* a stack sample, a migration, or another owner: the general path */
     uint32_t *en = shadow_slot(&S.shadow, (uintptr_t)p);
     if (en == NULL || (en != eo && *en != 0)) return 0;
+    int64_t delta = (int64_t)size - (int64_t)(v & SHADOW_SIZE_MASK);
+    if (delta > 0) { /* growth moves the stack countdown (keep_resized) */
+        int64_t left = t->stack_countdown - delta;
+        if (left <= 0) return 0;
+        t->stack_countdown = left;
+    }
     *eo = 0;
     *en = shadow_encode((uint32_t)size, cell, 0);
-    charge_resize(c, (int64_t)size - (int64_t)(v & SHADOW_SIZE_MASK));
+    charge_resize(c, delta);
     return 1;
 }
 

@@ -217,9 +217,9 @@ static void live_release(uint32_t li) {
     K.free_live = li;
 }
 
-/* Record one stack sample for allocation p.  R: the mean bytes of the sampling process
- * that chose it (the sample's weight follows from it). */
-static void stacks_record_alloc(void *p, size_t size, uint64_t cell_key, double R) {
+/* The site (cell_key's tid, the stack running now), made if new; UINT32_MAX if it cannot
+ * be (no memory for its frames, stack or slot). */
+static uint32_t site_here(uint64_t cell_key) {
     PyThreadState *ts = tstate_unchecked();
     uint32_t fr[STACK_MAX_DEPTH];
     uint32_t n = 0;
@@ -230,29 +230,49 @@ static void stacks_record_alloc(void *p, size_t size, uint64_t cell_key, double 
             if (frame_skip(f, code)) continue;
             uint32_t lasti = (uint32_t)(frame_instr(f) - _PyCode_CODE(code));
             fr[n++] = intern_frame(code, lasti, &ok);
-            if (!ok) return;
+            if (!ok) return UINT32_MAX;
         }
     }
     int64_t stack = intern_stack(fr, n);
-    if (stack < 0) return;
+    if (stack < 0) return UINT32_MAX;
     uint32_t tid = (uint32_t)(cell_key & 0xFFFFFFFFu);
     uint64_t skey = site_key(tid, (uint32_t)stack);
     uint32_t site;
     if (!u64map_get(&K.site_index, skey, &site)) {
         int reuse = K.free_site != UINT32_MAX;
-        if (!reuse && grow_array((void **)&K.sites, &K.capsites, sizeof(site_t), K.nsites + 1) < 0) return;
+        if (!reuse && grow_array((void **)&K.sites, &K.capsites, sizeof(site_t), K.nsites + 1) < 0) return UINT32_MAX;
         site = reuse ? K.free_site : K.nsites;
-        if (u64map_put(&K.site_index, skey, site) < 0) return;
+        if (u64map_put(&K.site_index, skey, site) < 0) return UINT32_MAX;
         if (reuse) K.free_site = K.sites[site].stack;
         else K.nsites++;
         memset(&K.sites[site], 0, sizeof(site_t));
         K.sites[site].tid = tid;
         K.sites[site].stack = (uint32_t)stack;
     }
+    return site;
+}
+
+/* Sampled mode: a sampled block's owner resized it here; the site takes the correction
+ * the cell took (resample_resized), which may leave it below zero for a while: the
+ * report's shares count a site's bytes from zero up (_apportion). */
+static void stacks_adjust_here(uint64_t cell_key, double bytes, double allocs) {
+    uint32_t site = site_here(cell_key);
+    if (site == UINT32_MAX) return;
+    K.sites[site].alloc_bytes += bytes;
+    K.sites[site].allocs += allocs;
+}
+
+/* Record one stack sample for allocation p.  R: the mean bytes of the sampling process
+ * that chose it (the sample's weight follows from it).  `counted`: 0 for a block that is
+ * not new (exact mode's sample of a block's growth, stacks_sample_growth), whose
+ * allocation was counted when it was made. */
+static void stacks_record_alloc(void *p, size_t size, uint64_t cell_key, double R, int counted) {
+    uint32_t site = site_here(cell_key);
+    if (site == UINT32_MAX) return;
     double w = 1.0 / (1.0 - exp(-(double)size / R));
     double bytes = (double)size * w;
     K.sites[site].alloc_bytes += bytes;
-    K.sites[site].allocs += w;
+    if (counted) K.sites[site].allocs += w;
     K.sites[site].live_bytes += bytes;
     K.samples++;
     /* remember the pointer so its free takes the bytes off the site's live total */
@@ -284,23 +304,42 @@ static int stacks_record_free(void *p) {
     return 1;
 }
 
-/* A sampled block was resized in place or moved by realloc, by the task that owns it: the
- * sample follows it to p and keeps its weight (the bytes it stands for scale with the
- * size; growth counts as allocated, as in the cells).  Re-sampling it at the new size
- * would give a block shrunk from 256 KiB to 100 bytes the weight of a 100-byte sample
- * (~2,600 at R = 256 KiB) and walk the frames again.  Returns 1 if p now carries the
- * sample, 0 if old had none (or its weight cannot be told: old_size 0; it is dropped). */
-static int stacks_move(void *old, void *p, size_t old_size, size_t size) {
+/* Exact mode: a block was resized in place or moved by realloc, by the task that owns it.
+ * Its stack sample, if it has one, follows it to p.  R is the stack interval.
+ *
+ * Shrunk, the sample keeps its weight W (the bytes it stands for scale with the size): a
+ * block sampled with chance 1/W stands for W times its size whatever that is, so the
+ * estimate stays unbiased, where re-sampling it at the new size would give a block shrunk
+ * from 256 KiB to 100 bytes either nothing or the weight of a 100-byte sample (~650 at
+ * R = 64 KiB), and walk the frames again.
+ *
+ * Grown by g bytes, the growth is sampled as an allocation of g bytes would be: a sampled
+ * block stays sampled, an unsampled one becomes sampled with chance 1 - exp(-g/R) (the
+ * countdown, in keep_resized), so after it the block is sampled with chance
+ * 1 - (1 - 1/W) exp(-g/R) and every sample takes the weight W' that is one over that (an
+ * unsampled block is taken as sampled with chance p(old size) before: a block shrunk and
+ * then grown again is the exception).  Keeping the weight here too would leave a buffer
+ * grown from its first 1,000 bytes to 8 MiB sampled only if its first 1,000 bytes were
+ * (p = 0.015 at 64 KiB), every other one seen nowhere, and the task's growth split over
+ * its other sites (a `while len(b) < n:` line's ints took a 73 MB task's every byte).  The
+ * site gains the sample's added bytes as allocated.
+ *
+ * Returns 1 if p now carries the sample, 0 if it ended (its weight cannot be told:
+ * old_size 0; or no memory to follow it), -1 if old had none. */
+static int stacks_move(void *old, void *p, size_t old_size, size_t size, double R) {
     uint64_t okey = live_key(old);
     uint32_t li;
-    if (K.live_index.count == 0 || !u64map_get(&K.live_index, okey, &li)) return 0;
+    if (K.live_index.count == 0 || !u64map_get(&K.live_index, okey, &li)) return -1;
     if (old_size == 0) {
         u64map_del(&K.live_index, okey);
         live_release(li);
         return 0;
     }
     live_sample_t *ls = &K.live[li];
-    double nb = ls->bytes * ((double)size / (double)old_size);
+    double W = ls->bytes / (double)old_size;
+    if (size > old_size && W > 1.0)
+        W = 1.0 / (1.0 - (1.0 - 1.0 / W) * exp(-(double)(size - old_size) / R));
+    double nb = (double)size * W;
     site_t *site = &K.sites[ls->site];
     if (nb > ls->bytes) site->alloc_bytes += nb - ls->bytes;
     site->live_bytes += nb - ls->bytes;
