@@ -855,20 +855,22 @@ __attribute__((noinline)) static void passed_through(tls_t *t) {
     t->countdown = INT64_MAX; /* sampled hooks: straight to the allocator from now on */
 }
 
-static MS_HOT void record_alloc(void *p, size_t size, int mode) {
+/* A new block p of `size` bytes.  `site`: where its stack sample goes if it gets one
+ * (UINT32_MAX: the running stack's site). */
+static MS_HOT int record_alloc_at(void *p, size_t size, int mode, uint32_t site) {
     tls_t *t = &tls;
     /* (every allocation comes here while passing through: start() and the stop that
      * began it bump cell_gen, so no exact fast path holds) */
     if (MS_UNLIKELY(S.passthrough)) {
         passed_through(t);
-        return;
+        return 0;
     }
     if (MS_UNLIKELY(t->session != S.session)) tls_enter_session(t);
     int64_t bytes, count;
     int stack = 0;
     if (mode == MODE_SAMPLED) {
         t->countdown -= (int64_t)size;
-        if (t->countdown > 0) return;
+        if (t->countdown > 0) return 0;
         t->countdown = draw_gap(&t->rng, S.sample_interval);
         bytes = scaled_bytes(size);
         count = scaled_count_fp(size);
@@ -882,14 +884,21 @@ static MS_HOT void record_alloc(void *p, size_t size, int mode) {
     uint32_t cell = current_cell(t);
     if (cell == 0 || ptrs_put(p, size, cell, stack, mode) < 0) {
         S.untracked++;
-        return;
+        return 0;
     }
     account_alloc(cell, bytes, count);
     /* a sample stands for 1/(1-exp(-size/R)) blocks of its size, R the interval it was drawn at */
     if (stack) {
-        stacks_record_alloc(p, size, S.cells[cell].key, mode == MODE_SAMPLED ? (double)S.sample_interval : S.stack_interval, 1);
+        double R = mode == MODE_SAMPLED ? (double)S.sample_interval : S.stack_interval;
+        if (site != UINT32_MAX) stacks_record_at(p, 0, size, site, R, 1);
+        else stacks_record_alloc(p, 0, size, S.cells[cell].key, R, 1);
         if (S.cells[cell].task != NULL) S.cells[cell].task->flags |= TF_SITES;
     }
+    return stack;
+}
+
+static MS_HOT void record_alloc(void *p, size_t size, int mode) {
+    (void)record_alloc_at(p, size, mode, UINT32_MAX);
 }
 
 static MS_HOT void record_free(void *p, int mode) {
@@ -908,18 +917,16 @@ static MS_HOT void record_free(void *p, int mode) {
 static int keep_resized(void *old, void *p, size_t size, size_t old_size, uint32_t old_cell, int flag,
                         int may_sample) {
     /* (a block in the pointer table is flagged whether it has a sample or not) */
-    int kept = flag && S.stack_interval > 0 ? stacks_move(old, p, old_size, size, S.stack_interval) : -1;
-    if (kept < 0) {
-        kept = 0;
-        if (may_sample && size > old_size) {
-            /* growth moves the stack countdown as an allocation of its size does (stacks_move) */
-            tls_t *t = &tls;
-            t->stack_countdown -= (int64_t)(size - old_size);
-            if (MS_UNLIKELY(t->stack_countdown <= 0) && stack_due(t)) {
-                stacks_record_alloc(p, size, S.cells[old_cell].key, S.stack_interval, 0);
-                if (S.cells[old_cell].task != NULL) S.cells[old_cell].task->flags |= TF_SITES;
-                kept = 1;
-            }
+    int kept = flag && S.stack_interval > 0 ? stacks_move(old, p, size) : -1;
+    if (kept < 0) kept = 0;
+    if (may_sample && size > old_size) {
+        /* the growth is sampled for its stack as a new block of its size is (stacks_move) */
+        tls_t *t = &tls;
+        t->stack_countdown -= (int64_t)(size - old_size);
+        if (MS_UNLIKELY(t->stack_countdown <= 0) && stack_due(t)) {
+            stacks_record_alloc(p, old_size, size - old_size, S.cells[old_cell].key, S.stack_interval, 0);
+            if (S.cells[old_cell].task != NULL) S.cells[old_cell].task->flags |= TF_SITES;
+            kept = 1;
         }
     }
     if (ptrs_put(p, size, old_cell, kept, MODE_EXACT) < 0) {
@@ -943,11 +950,10 @@ static int keep_resized(void *old, void *p, size_t size, size_t old_size, uint32
  * takes min(old_size, new_size) / p(old_size) off allocated and adds the shrinkage over
  * p(old_size) to freed, and the realloc is charged what exact mode charges in expectation
  * (growth to allocated, shrinkage to freed, no new allocation; the block's live estimate
- * is its old weight off, and whatever the new decision gives on).  Before this a buffer
- * grown by `+=` to 8 MiB was charged every step's full size: ~9x its size at a 1/8 growth
- * factor.  The site that resizes takes the same correction, so the realloc's own line is
- * charged its growth. */
-static void resample_resized(size_t old_size, uint32_t old_cell, size_t size, uint32_t cell) {
+ * is its old weight off, and whatever the new decision gives on).  Counted at every new
+ * size, a buffer grown by `+=` came to ~9x its size (docs/attribution.md).  `site` takes
+ * the same correction (UINT32_MAX: the running stack's). */
+static void resample_resized(size_t old_size, uint32_t old_cell, size_t size, uint32_t cell, uint32_t site) {
     double w = scaled_count(old_size); /* 1 / p(old_size) */
     int64_t whole = scaled_bytes(old_size);
     int64_t undone = llround((double)(size < old_size ? size : old_size) * w);
@@ -958,27 +964,37 @@ static void resample_resized(size_t old_size, uint32_t old_cell, size_t size, ui
     c->allocs -= scaled_count_fp(old_size);
     c->live_entries--;
     if (c->task != NULL) c->task->live_bytes -= whole;
-    if (S.stack_interval > 0) stacks_adjust_here(S.cells[cell].key, -(double)undone, -w);
+    if (S.stack_interval > 0) stacks_adjust(site, S.cells[cell].key, -(double)undone, -w);
 }
 
+/* Where the sites come in: the resized block keeps the lines that made it, each for its
+ * stretch (stacks_detach, stacks_reattach).  Grown, the line that grows it takes the
+ * correction, and the new stretch if the block is sampled again; shrunk, the block's
+ * newest line takes the correction, and no stack is walked. */
 static void record_realloc_sampled(void *old, void *p, size_t size) {
     size_t old_size;
     uint32_t old_cell;
     int flag;
+    uint32_t site = UINT32_MAX, was = UINT32_MAX, layout = UINT32_MAX;
     if (ptrs_take(old, &old_size, &old_cell, &flag, MODE_SAMPLED)) {
-        if (flag && S.stack_interval > 0) stacks_record_free(old);
+        if (flag && S.stack_interval > 0) layout = stacks_detach(old, &was);
         tls_t *t = &tls;
         uint32_t cell = 0;
         if (!S.passthrough) {
             if (t->session != S.session) tls_enter_session(t);
             cell = current_cell(t);
         }
-        if (cell != 0 && cell_tid(&S.cells[cell]) == cell_tid(&S.cells[old_cell]))
-            resample_resized(old_size, old_cell, size, cell);
-        else /* another owner resizes it: the sample ends as a free, the new block is its */
+        if (cell != 0 && cell_tid(&S.cells[cell]) == cell_tid(&S.cells[old_cell])) {
+            if (size <= old_size) site = was;
+            resample_resized(old_size, old_cell, size, cell, site);
+        } else { /* another owner resizes it: the sample ends as a free, the new block is its */
             account_free(old_cell, scaled_bytes(old_size), scaled_count_fp(old_size));
+            live_release_all(layout);
+            layout = UINT32_MAX;
+        }
     }
-    record_alloc(p, size, MODE_SAMPLED);
+    int sampled = record_alloc_at(p, size, MODE_SAMPLED, site);
+    if (layout != UINT32_MAX) stacks_reattach(p, layout, size, sampled);
 }
 
 static void record_realloc(void *old, void *p, size_t size) {

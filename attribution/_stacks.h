@@ -47,10 +47,16 @@ typedef struct {
     uint32_t dead;  /* 1: a free slot */
 } site_t;
 
+/* A live sample: one stretch of a live block, `raw` bytes from offset `base`, standing for
+ * `bytes` (raw times its weight) at its site.  A block has one per sampled stretch (exact
+ * mode samples what a block grows by on its own: keep_resized), newest first, chained
+ * through `below`; K.live_index names the newest. */
 typedef struct {
     uint32_t site;
     uint32_t next_free;
-    double bytes; /* the estimate this sample added to its site */
+    uint32_t below; /* the block's next older sampled stretch, UINT32_MAX none */
+    double bytes;   /* the estimate this sample added to its site */
+    double raw, base;
 } live_sample_t;
 
 static struct {
@@ -209,12 +215,19 @@ static inline uint64_t site_key(uint32_t tid, uint32_t stack) {
 }
 
 /* Live sample li ends (its pointer is already out of K.live_index): take its bytes off its
- * site and free the slot. */
-static void live_release(uint32_t li) {
-    K.sites[K.live[li].site].live_bytes -= K.live[li].bytes;
-    K.sites[K.live[li].site].nlive--;
-    K.live[li].next_free = K.free_live;
+ * site and free the slot.  Returns the stretch below it. */
+static uint32_t live_release(uint32_t li) {
+    live_sample_t *ls = &K.live[li];
+    uint32_t below = ls->below;
+    K.sites[ls->site].live_bytes -= ls->bytes;
+    K.sites[ls->site].nlive--;
+    ls->next_free = K.free_live;
     K.free_live = li;
+    return below;
+}
+
+static void live_release_all(uint32_t li) {
+    while (li != UINT32_MAX) li = live_release(li);
 }
 
 /* The site (cell_key's tid, the stack running now), made if new; UINT32_MAX if it cannot
@@ -252,23 +265,22 @@ static uint32_t site_here(uint64_t cell_key) {
     return site;
 }
 
-/* Sampled mode: a sampled block's owner resized it here; the site takes the correction
- * the cell took (resample_resized), which may leave it below zero for a while: the
- * report's shares count a site's bytes from zero up (_apportion). */
-static void stacks_adjust_here(uint64_t cell_key, double bytes, double allocs) {
-    uint32_t site = site_here(cell_key);
+/* Sampled mode: a sampled block's owner resized it; `site` (UINT32_MAX: the running
+ * stack's) takes the correction the cell took (resample_resized), which may leave it below
+ * zero for a while: the report's shares count a site's bytes from zero up (_apportion). */
+static void stacks_adjust(uint32_t site, uint64_t cell_key, double bytes, double allocs) {
+    if (site == UINT32_MAX) site = site_here(cell_key);
     if (site == UINT32_MAX) return;
     K.sites[site].alloc_bytes += bytes;
     K.sites[site].allocs += allocs;
 }
 
-/* Record one stack sample for allocation p.  R: the mean bytes of the sampling process
- * that chose it (the sample's weight follows from it).  `counted`: 0 for a block that is
- * not new (exact mode's sample of a block's growth, stacks_sample_growth), whose
- * allocation was counted when it was made. */
-static void stacks_record_alloc(void *p, size_t size, uint64_t cell_key, double R, int counted) {
-    uint32_t site = site_here(cell_key);
-    if (site == UINT32_MAX) return;
+/* One sample of `size` bytes at p from offset `base`, at `site` (site_here's answer, or
+ * the site of a sample it replaces), drawn by a sampling process of mean R bytes (its
+ * weight follows from it).  A new block: base 0, counted 1; what a block grew by (exact
+ * mode): base its old size, counted 0 (the block was counted when it was made), on top of
+ * the block's other samples. */
+static void stacks_record_at(void *p, size_t base, size_t size, uint32_t site, double R, int counted) {
     double w = 1.0 / (1.0 - exp(-(double)size / R));
     double bytes = (double)size * w;
     K.sites[site].alloc_bytes += bytes;
@@ -276,10 +288,13 @@ static void stacks_record_alloc(void *p, size_t size, uint64_t cell_key, double 
     K.sites[site].live_bytes += bytes;
     K.samples++;
     /* remember the pointer so its free takes the bytes off the site's live total */
+    uint64_t key = live_key(p);
+    uint32_t below;
+    if (K.live_index.count == 0 || !u64map_get(&K.live_index, key, &below)) below = UINT32_MAX;
     uint32_t li = K.free_live;
     if (li != UINT32_MAX) K.free_live = K.live[li].next_free;
     else if (grow_array((void **)&K.live, &K.caplive, sizeof(live_sample_t), K.nlive + 1) == 0) li = K.nlive++;
-    if (li == UINT32_MAX || u64map_put(&K.live_index, live_key(p), li) < 0) {
+    if (li == UINT32_MAX || u64map_put(&K.live_index, key, li) < 0) {
         /* no memory to remember it: counted as allocated, never as live */
         K.sites[site].live_bytes -= bytes;
         if (li != UINT32_MAX) {
@@ -291,65 +306,123 @@ static void stacks_record_alloc(void *p, size_t size, uint64_t cell_key, double 
     K.sites[site].nlive++;
     K.live[li].site = site;
     K.live[li].bytes = bytes;
+    K.live[li].raw = (double)size;
+    K.live[li].base = (double)base;
+    K.live[li].below = below;
     K.live[li].next_free = UINT32_MAX;
 }
 
-/* Returns 1 if p was a sampled pointer (now forgotten), else 0. */
+/* stacks_record_at the running stack's site. */
+static void stacks_record_alloc(void *p, size_t base, size_t size, uint64_t cell_key, double R, int counted) {
+    uint32_t site = site_here(cell_key);
+    if (site != UINT32_MAX) stacks_record_at(p, base, size, site, R, counted);
+}
+
+/* p is freed: its samples end.  Returns 1 if it had some, else 0. */
 static int stacks_record_free(void *p) {
     uint64_t key = live_key(p);
     uint32_t li;
     if (K.live_index.count == 0 || !u64map_get(&K.live_index, key, &li)) return 0;
     u64map_del(&K.live_index, key);
-    live_release(li);
+    live_release_all(li);
     return 1;
 }
 
-/* Exact mode: a block was resized in place or moved by realloc, by the task that owns it.
- * Its stack sample, if it has one, follows it to p.  R is the stack interval.
- *
- * Shrunk, the sample keeps its weight W (the bytes it stands for scale with the size): a
- * block sampled with chance 1/W stands for W times its size whatever that is, so the
- * estimate stays unbiased, where re-sampling it at the new size would give a block shrunk
- * from 256 KiB to 100 bytes either nothing or the weight of a 100-byte sample (~650 at
- * R = 64 KiB), and walk the frames again.
- *
- * Grown by g bytes, the growth is sampled as an allocation of g bytes would be: a sampled
- * block stays sampled, an unsampled one becomes sampled with chance 1 - exp(-g/R) (the
- * countdown, in keep_resized), so after it the block is sampled with chance
- * 1 - (1 - 1/W) exp(-g/R) and every sample takes the weight W' that is one over that (an
- * unsampled block is taken as sampled with chance p(old size) before: a block shrunk and
- * then grown again is the exception).  Keeping the weight here too would leave a buffer
- * grown from its first 1,000 bytes to 8 MiB sampled only if its first 1,000 bytes were
- * (p = 0.015 at 64 KiB), every other one seen nowhere, and the task's growth split over
- * its other sites (a `while len(b) < n:` line's ints took a 73 MB task's every byte).  The
- * site gains the sample's added bytes as allocated.
- *
- * Returns 1 if p now carries the sample, 0 if it ended (its weight cannot be told:
- * old_size 0; or no memory to follow it), -1 if old had none. */
-static int stacks_move(void *old, void *p, size_t old_size, size_t size, double R) {
+/* Sampled mode, a sampled block resized by its owner (record_realloc_sampled): its samples
+ * come off their sites' live bytes but keep their slots and stretches, the layout of the
+ * lines that made it.  Returns the newest (UINT32_MAX: it had none); `site` is set to its
+ * site.  stacks_reattach hands them to the resized block, or ends them. */
+static uint32_t stacks_detach(void *p, uint32_t *site) {
+    uint64_t key = live_key(p);
+    uint32_t li;
+    *site = UINT32_MAX;
+    if (K.live_index.count == 0 || !u64map_get(&K.live_index, key, &li)) return UINT32_MAX;
+    u64map_del(&K.live_index, key);
+    *site = K.live[li].site;
+    for (uint32_t i = li; i != UINT32_MAX; i = K.live[i].below) {
+        K.sites[K.live[i].site].live_bytes -= K.live[i].bytes;
+        K.live[i].bytes = 0;
+    }
+    return li;
+}
+
+/* The resized block p (`size` bytes) got a sample (its newest, covering all of it, at the
+ * resizing line or the block's own): the detached stretches below `size` take their part
+ * of it back at their own lines, at the new sample's weight, so a buffer made at one line
+ * and grown at another is held by both, each for its stretch.  Without a new sample (or
+ * with no stretches) they end. */
+static void stacks_reattach(void *p, uint32_t old, size_t size, int sampled) {
+    uint64_t key = live_key(p);
+    uint32_t top;
+    if (!sampled || old == UINT32_MAX || K.live_index.count == 0 || !u64map_get(&K.live_index, key, &top)) {
+        live_release_all(old);
+        return;
+    }
+    live_sample_t *t = &K.live[top];
+    double W = t->raw > 0 ? t->bytes / t->raw : 0, n = (double)size, below = 0;
+    /* newest first: stretches at or above the new end go, the one it cuts shrinks */
+    while (old != UINT32_MAX && K.live[old].base >= n) old = live_release(old);
+    if (old == UINT32_MAX) return;
+    if (K.live[old].base + K.live[old].raw > n) K.live[old].raw = n - K.live[old].base;
+    below = K.live[old].base + K.live[old].raw; /* what the old stretches cover */
+    for (uint32_t i = old; i != UINT32_MAX; i = K.live[i].below) {
+        K.live[i].bytes = K.live[i].raw * W;
+        K.sites[K.live[i].site].live_bytes += K.live[i].bytes;
+    }
+    if (below >= n) { /* shrunk (or not grown): the old stretches are all of it */
+        (void)u64map_put(&K.live_index, key, old); /* (an existing key: no memory needed) */
+        live_release(top);
+        return;
+    }
+    double nb = (n - below) * W;
+    K.sites[t->site].live_bytes += nb - t->bytes;
+    t->bytes = nb;
+    t->raw = n - below;
+    t->base = below;
+    t->below = old;
+}
+
+/* Exact mode: a block was resized in place or moved by realloc by the task that owns it;
+ * its samples follow it to p.  Each sampled stretch of the block stays what it was (its
+ * site and weight), so what it stands for stays unbiased: a stretch sampled with chance
+ * 1/W stands for W times its bytes.  Shrunk, the block loses its newest stretches first
+ * (what it grew by last), the one cut into keeping its weight for what is left of it:
+ * re-sampling a buffer shrunk from 256 KiB to 100 bytes at its new size would give it
+ * either nothing or the weight of a 100-byte sample (~650 at R = 64 KiB), and walk the
+ * frames again.  Grown, the growth is a stretch of its own, sampled as a new block of its
+ * size would be, at the line that grew it (keep_resized): a buffer
+ * made at one line and grown at another is held by both, each for what it added.
+ * Returns 1 if p now carries samples, 0 if they ended (shrunk away, or no memory to follow
+ * the block), -1 if old had none. */
+static int stacks_move(void *old, void *p, size_t size) {
     uint64_t okey = live_key(old);
     uint32_t li;
     if (K.live_index.count == 0 || !u64map_get(&K.live_index, okey, &li)) return -1;
-    if (old_size == 0) {
+    /* newest first: the stretches at or above the new end go, the one it cuts shrinks */
+    while (li != UINT32_MAX && K.live[li].base + K.live[li].raw > (double)size) {
+        live_sample_t *ls = &K.live[li];
+        if (ls->base < (double)size) {
+            double keep = (double)size - ls->base;
+            double nb = ls->bytes * (keep / ls->raw);
+            K.sites[ls->site].live_bytes += nb - ls->bytes;
+            ls->bytes = nb;
+            ls->raw = keep;
+            break;
+        }
+        li = live_release(li);
+    }
+    if (li == UINT32_MAX) {
         u64map_del(&K.live_index, okey);
-        live_release(li);
         return 0;
     }
-    live_sample_t *ls = &K.live[li];
-    double W = ls->bytes / (double)old_size;
-    if (size > old_size && W > 1.0)
-        W = 1.0 / (1.0 - (1.0 - 1.0 / W) * exp(-(double)(size - old_size) / R));
-    double nb = (double)size * W;
-    site_t *site = &K.sites[ls->site];
-    if (nb > ls->bytes) site->alloc_bytes += nb - ls->bytes;
-    site->live_bytes += nb - ls->bytes;
-    ls->bytes = nb;
     if (p != old) {
         u64map_del(&K.live_index, okey);
         if (u64map_put(&K.live_index, live_key(p), li) < 0) {
-            live_release(li); /* no memory to follow it: the sample ends here */
+            live_release_all(li); /* no memory to follow it: the samples end here */
             return 0;
         }
+    } else {
+        (void)u64map_put(&K.live_index, okey, li); /* (an existing key: no memory needed) */
     }
     return 1;
 }
