@@ -855,9 +855,10 @@ __attribute__((noinline)) static void passed_through(tls_t *t) {
     t->countdown = INT64_MAX; /* sampled hooks: straight to the allocator from now on */
 }
 
-/* A new block p of `size` bytes.  `site`: where its stack sample goes if it gets one
- * (UINT32_MAX: the running stack's site). */
-static MS_HOT int record_alloc_at(void *p, size_t size, int mode, uint32_t site) {
+/* A new block p of `size` bytes, in cell `into` (0: the running task's on this thread).
+ * `site`: where its stack sample goes if it gets one (UINT32_MAX: the running stack's
+ * site).  Returns 1 if it got a stack sample. */
+static MS_HOT int record_alloc_at(void *p, size_t size, int mode, uint32_t into, uint32_t site) {
     tls_t *t = &tls;
     /* (every allocation comes here while passing through: start() and the stop that
      * began it bump cell_gen, so no exact fast path holds) */
@@ -881,7 +882,7 @@ static MS_HOT int record_alloc_at(void *p, size_t size, int mode, uint32_t site)
         t->stack_countdown -= (int64_t)size;
         if (MS_UNLIKELY(t->stack_countdown <= 0)) stack = stack_due(t);
     }
-    uint32_t cell = current_cell(t);
+    uint32_t cell = into != 0 ? into : current_cell(t);
     if (cell == 0 || ptrs_put(p, size, cell, stack, mode) < 0) {
         S.untracked++;
         return 0;
@@ -898,7 +899,7 @@ static MS_HOT int record_alloc_at(void *p, size_t size, int mode, uint32_t site)
 }
 
 static MS_HOT void record_alloc(void *p, size_t size, int mode) {
-    (void)record_alloc_at(p, size, mode, UINT32_MAX);
+    (void)record_alloc_at(p, size, mode, 0, UINT32_MAX);
 }
 
 static MS_HOT void record_free(void *p, int mode) {
@@ -975,7 +976,7 @@ static void record_realloc_sampled(void *old, void *p, size_t size) {
     size_t old_size;
     uint32_t old_cell;
     int flag;
-    uint32_t site = UINT32_MAX, was = UINT32_MAX, layout = UINT32_MAX;
+    uint32_t site = UINT32_MAX, was = UINT32_MAX, layout = UINT32_MAX, into = 0;
     if (ptrs_take(old, &old_size, &old_cell, &flag, MODE_SAMPLED)) {
         if (flag && S.stack_interval > 0) layout = stacks_detach(old, &was);
         tls_t *t = &tls;
@@ -985,6 +986,8 @@ static void record_realloc_sampled(void *old, void *p, size_t size) {
             cell = current_cell(t);
         }
         if (cell != 0 && cell_tid(&S.cells[cell]) == cell_tid(&S.cells[old_cell])) {
+            /* the block stays in its cell (its thread and route), as in exact mode */
+            into = old_cell;
             if (size <= old_size) site = was;
             resample_resized(old_size, old_cell, size, cell, site);
         } else { /* another owner resizes it: the sample ends as a free, the new block is its */
@@ -993,7 +996,7 @@ static void record_realloc_sampled(void *old, void *p, size_t size) {
             layout = UINT32_MAX;
         }
     }
-    int sampled = record_alloc_at(p, size, MODE_SAMPLED, site);
+    int sampled = record_alloc_at(p, size, MODE_SAMPLED, into, site);
     if (layout != UINT32_MAX) stacks_reattach(p, layout, size, sampled);
 }
 

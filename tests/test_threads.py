@@ -523,3 +523,38 @@ def test_threads_keep_their_own_names_when_an_ident_is_reused(loop_kind):
     (main_row,) = [t for t in report.threads if t.role == "loop"]
     assert main_row.id == threading.get_ident()
     KEEP.clear()
+
+
+def _grow_in_thread(b: bytearray, steps: int) -> bytearray:
+    chunk = b"x" * 1000
+    for _ in range(steps):
+        b += chunk
+    return b
+
+
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_a_block_grown_in_a_thread_stays_where_it_was_made(mode, loop_kind):
+    """A task's buffer made on the loop thread and grown inside to_thread stays the loop
+    thread's (route observed), in both modes: exact mode keeps a block its owner resizes
+    in its cell; sampled mode gave a sampled block's new size to the resizing thread's
+    (helper-38's review).  The 400 kB buffers are sampled nearly surely at 64 KiB."""
+    KEEP.clear()
+
+    async def work():
+        for _ in range(16):
+            b = bytearray(400_000)
+            KEEP.append(await asyncio.to_thread(_grow_in_thread, b, 2000))
+
+    async def main():
+        await asyncio.create_task(work(), name="grower")
+
+    options = {"sample_interval": 64 * 1024, "seed": 3} if mode == "sampled" else {}
+    _, report = run_profiled(main, loop_kind, mode=mode, **options)
+    (t,) = report.find(name="grower")
+    held = sum(b.__alloc__() for b in KEEP)
+    assert close_to(t.live_bytes, held, rel=0.03), (t.live_bytes, held)
+    here = threading.main_thread().ident
+    observed = sum(s.bytes for s in t.attribution if s.route == "observed" and s.thread_id == here)
+    assert observed >= 0.95 * held, t.attribution
+    assert sum(m.allocated_bytes for m in t.migrations) <= 0.05 * held, t.migrations
+    KEEP.clear()
