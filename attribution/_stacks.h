@@ -370,7 +370,7 @@ static void stacks_reattach(void *p, uint32_t old, size_t size, int sampled) {
         K.sites[K.live[i].site].live_bytes += K.live[i].bytes;
     }
     if (below >= n) { /* shrunk (or not grown): the old stretches are all of it */
-        (void)u64map_put(&K.live_index, key, old); /* (an existing key: no memory needed) */
+        (void)u64map_put(&K.live_index, key, old); /* (an existing key: cannot fail, u64map_put) */
         live_release(top);
         return;
     }
@@ -422,7 +422,7 @@ static int stacks_move(void *old, void *p, size_t size) {
             return 0;
         }
     } else {
-        (void)u64map_put(&K.live_index, okey, li); /* (an existing key: no memory needed) */
+        (void)u64map_put(&K.live_index, okey, li); /* (an existing key: cannot fail, u64map_put) */
     }
     return 1;
 }

@@ -124,12 +124,23 @@ static int u64map_grow(u64map_t *m) {
     return 0;
 }
 
-/* Insert or overwrite.  Returns 0, or -1 if memory for the map could not be had. */
+/* Insert or overwrite.  Returns 0, or -1 if memory for the map could not be had (only a
+ * new key can need it: overwriting one that is there always succeeds, which callers that
+ * re-point a key rely on). */
 static int u64map_put(u64map_t *m, uint64_t key, uint32_t value) {
-    if ((m->count + 1) * 2 > m->mask + 1 && u64map_grow(m) < 0) return -1;
     uint64_t home = u64map_home(m, key, m->mask), i = home;
     while (m->slots[i].key != 0 && m->slots[i].key != key) i = (i + 1) & m->mask;
-    if (m->slots[i].key == 0) m->count++;
+    if (m->slots[i].key == key) {
+        m->slots[i].value = value;
+        return 0;
+    }
+    if ((m->count + 1) * 2 > m->mask + 1) {
+        if (u64map_grow(m) < 0) return -1;
+        home = u64map_home(m, key, m->mask);
+        i = home;
+        while (m->slots[i].key != 0) i = (i + 1) & m->mask;
+    }
+    m->count++;
     m->slots[i].key = key;
     m->slots[i].value = value;
     m->slots[i].home = (uint32_t)home;

@@ -736,3 +736,65 @@ def test_exact_hotspots_never_add_up_to_more_than_their_task(loop_kind):
         assert sum(h.live_bytes for h in t.live_hotspots) <= t.live_bytes, (t.live_bytes, t.live_hotspots)
         # the three sites hold nearly all of it: the shares are not just rounded down
         assert sum(h.bytes for h in t.hotspots) >= t.allocated_bytes * 0.95
+
+
+_MAP_FULL = r'''
+import ctypes, gc, resource, sys
+import memscope_async as ms
+from memscope_async.attribution import _core
+
+api = ctypes.pythonapi
+alloc, resize, free = api.PyMem_Malloc, api.PyMem_Realloc, api.PyMem_Free
+alloc.restype = resize.restype = ctypes.c_void_p
+alloc.argtypes = [ctypes.c_size_t]
+resize.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+free.argtypes = [ctypes.c_void_p]
+mode = sys.argv[1]
+options = dict(mode=mode, stack_interval=512, seed=1)
+if mode == "sampled":
+    options["sample_interval"] = 512
+gc.disable()
+prof = ms.Profiler(**options).start()
+block = resize(alloc(100_000), 200_000)  # two stretches
+for x in [resize(alloc(600), 1300) for _ in range(6000)]:
+    free(x)  # the sample tables grow; glibc keeps the freed chunks for later
+ints = [10**30 + i for i in range(64_000)]
+del ints[::2]  # pymalloc keeps its arenas half free for the list below
+held = [0] * 16_000
+
+def mapped() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (mapped(), hard))  # no new mapping from here on
+for i in range(len(held)):
+    held[i] = alloc(600)  # samples until the index of live samples is half full
+block = resize(block, 50_000)  # a shrink re-points the block's key in that index
+resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+free(block)
+for x in held:
+    free(x)
+print([s for s in _core.stack_samples()[0] if s[4] < -1])
+prof.stop()
+prof.close()
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status")
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_a_shrink_with_no_memory_left_keeps_the_sample_tables_whole(mode, tmp_path):
+    """Re-pointing a key of the index of live samples needs no memory: a shrink that
+    drops a block's newest stretch, with the index half full and no memory to grow it,
+    left the index naming the released stretch, and the block's free released it again (a
+    site's live bytes went negative, its count of live samples wrapped).  Run in a child
+    whose address space is capped (helper-40's review)."""
+    import os
+    import subprocess
+
+    script = tmp_path / "map_full.py"
+    script.write_text(_MAP_FULL)
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="4000000000")
+    out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
