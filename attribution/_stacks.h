@@ -369,11 +369,13 @@ static void stacks_reattach(void *p, uint32_t old, size_t size, int sampled) {
         K.live[i].bytes = K.live[i].raw * W;
         K.sites[K.live[i].site].live_bytes += K.live[i].bytes;
     }
+    /* (anything under the new sample is a chain left at p by a free never seen: it ends) */
     if (below >= n) { /* shrunk (or not grown): the old stretches are all of it */
         (void)u64map_put(&K.live_index, key, old); /* (an existing key: cannot fail, u64map_put) */
-        live_release(top);
+        live_release_all(top);
         return;
     }
+    live_release_all(t->below);
     double nb = (n - below) * W;
     K.sites[t->site].live_bytes += nb - t->bytes;
     t->bytes = nb;
