@@ -210,7 +210,8 @@ def _calibrated(rows: Sequence[tuple], ab: float, na: float, live: float, nf: fl
     parts add up to the task, and a task with nothing live has no live hotspots.  Counts
     go the same way: the task's blocks still live (allocations - frees) by each site's
     sampled count in the proportion its sampled bytes are live, the freed ones by the
-    rest."""
+    rest.  A task whose samples are all of blocks growing (which count no allocation:
+    a realloc is not one) has its allocations split as its allocated bytes are."""
     slive = sum(max(0.0, r[4]) for r in rows)
     kept = max(0.0, min(float(live), float(ab))) if slive > 0 else 0.0
     freed = max(0.0, float(ab) - kept)
@@ -218,6 +219,9 @@ def _calibrated(rows: Sequence[tuple], ab: float, na: float, live: float, nf: fl
     sfreed = sum(max(0.0, r[2] - max(0.0, r[4])) for r in rows)
     sab = sum(r[2] for r in rows)
     sna = sum(r[3] for r in rows)
+    if sna <= 0 < sab:
+        rows = [(tid, stack, rab, max(0.0, rab), rlive) for tid, stack, rab, _rna, rlive in rows]
+        sna = sum(r[3] for r in rows)
 
     def live_share(rab: float, rlive: float) -> float:
         return min(1.0, max(0.0, rlive) / rab) if rab > 0 else 0.0
