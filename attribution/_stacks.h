@@ -346,11 +346,16 @@ static uint32_t stacks_detach(void *p, uint32_t *site) {
     return li;
 }
 
+/* The most stretches a sampled-mode block keeps (stacks_reattach walks them all at each
+ * resize; a `str` grown by `+=` is resized at every step). */
+#define STRETCHES_MAX 16
+
 /* The resized block p (`size` bytes) got a sample (its newest, covering all of it, at the
  * resizing line or the block's own): the detached stretches below `size` take their part
  * of it back at their own lines, at the new sample's weight, so a buffer made at one line
- * and grown at another is held by both, each for its stretch.  Without a new sample (or
- * with no stretches) they end. */
+ * and grown at another is held by both, each for its stretch.  A stretch that grows at
+ * the line of the one below it extends that one; past STRETCHES_MAX the oldest two become
+ * one, at the line of the bigger.  Without a new sample (or with no stretches) they end. */
 static void stacks_reattach(void *p, uint32_t old, size_t size, int sampled) {
     uint64_t key = live_key(p);
     uint32_t top;
@@ -365,12 +370,43 @@ static void stacks_reattach(void *p, uint32_t old, size_t size, int sampled) {
     if (old == UINT32_MAX) return;
     if (K.live[old].base + K.live[old].raw > n) K.live[old].raw = n - K.live[old].base;
     below = K.live[old].base + K.live[old].raw; /* what the old stretches cover */
+    uint32_t count = 0, last = UINT32_MAX, before_last = UINT32_MAX;
     for (uint32_t i = old; i != UINT32_MAX; i = K.live[i].below) {
         K.live[i].bytes = K.live[i].raw * W;
         K.sites[K.live[i].site].live_bytes += K.live[i].bytes;
+        before_last = last;
+        last = i;
+        count++;
+    }
+    if (count >= STRETCHES_MAX && before_last != UINT32_MAX) {
+        live_sample_t *a = &K.live[before_last], *b = &K.live[last]; /* b: the oldest */
+        if (b->raw > a->raw) { /* the merged stretch goes to the bigger one's line */
+            K.sites[a->site].live_bytes -= a->bytes;
+            K.sites[b->site].live_bytes += a->bytes;
+            K.sites[a->site].nlive--;
+            K.sites[b->site].nlive++;
+            a->site = b->site;
+        } else {
+            K.sites[b->site].live_bytes -= b->bytes;
+            K.sites[a->site].live_bytes += b->bytes;
+        }
+        b->bytes = 0;
+        a->bytes += b->raw * W;
+        a->raw += b->raw;
+        a->base = b->base;
+        a->below = UINT32_MAX;
+        (void)live_release(last);
     }
     /* (anything under the new sample is a chain left at p by a free never seen: it ends) */
-    if (below >= n) { /* shrunk (or not grown): the old stretches are all of it */
+    if (below >= n || K.live[old].site == t->site) {
+        /* shrunk (or not grown): the old stretches are all of it; or grown at the line of
+         * the newest of them, which takes the growth */
+        if (below < n) {
+            double add = (n - below) * W;
+            K.live[old].raw += n - below;
+            K.live[old].bytes += add;
+            K.sites[K.live[old].site].live_bytes += add;
+        }
         (void)u64map_put(&K.live_index, key, old); /* (an existing key: cannot fail, u64map_put) */
         live_release_all(top);
         return;

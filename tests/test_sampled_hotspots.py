@@ -825,3 +825,32 @@ def test_exact_hotspots_count_a_growing_tasks_allocations():
         assert sum(h.allocations for h in t.hotspots) == t.allocations, (seed, t.allocations, t.hotspots)
         assert sum(h.bytes for h in t.hotspots) == t.allocated_bytes, (seed, t.allocated_bytes, t.hotspots)
     KEEP.clear()
+
+
+def _build_text(steps: int) -> int:
+    s = ""
+    chunk = "x" * 1000
+    for _ in itertools.repeat(None, steps):
+        s += chunk  # resized in place at every step: one realloc a step
+    KEEP.append(s)
+    return len(s)
+
+
+def test_sampled_mode_keeps_few_stretches_of_a_block_resized_at_every_step():
+    """A str grown by `+=` is resized at every step, and a big one is sampled again each
+    time: sampled mode kept one more stretch of it per step, and walked them all at each
+    resize (40,000 steps: 40,000 stretches, quadratic time).  A stretch grown at the line
+    of the one below it now extends that one, and a block keeps at most 16: the tracker's
+    own memory is the same for 2,000 steps as for 40,000."""
+    memory = {}
+    for steps in (2_000, 40_000):
+        KEEP.clear()
+
+        async def main():
+            return _build_text(steps)
+
+        held, report = run_profiled(main, mode="sampled", sample_interval=64 * KiB, seed=2)
+        assert close_to(report.totals.live_bytes, held, rel=0.05), (steps, report.totals.live_bytes, held)
+        memory[steps] = report.run.tracker_bytes
+    assert memory[40_000] <= memory[2_000] + 256 * KiB, memory  # 40,000 slots of 40 bytes: 1.6 MB
+    KEEP.clear()
