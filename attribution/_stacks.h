@@ -355,7 +355,8 @@ static uint32_t stacks_detach(void *p, uint32_t *site) {
  * of it back at their own lines, at the new sample's weight, so a buffer made at one line
  * and grown at another is held by both, each for its stretch.  A stretch that grows at
  * the line of the one below it extends that one; past STRETCHES_MAX the oldest two become
- * one, at the line of the bigger.  Without a new sample (or with no stretches) they end. */
+ * one, at the line of either, drawn by their bytes.  Without a new sample (or with no
+ * stretches) they end. */
 static void stacks_reattach(void *p, uint32_t old, size_t size, int sampled) {
     uint64_t key = live_key(p);
     uint32_t top;
@@ -380,7 +381,11 @@ static void stacks_reattach(void *p, uint32_t old, size_t size, int sampled) {
     }
     if (count >= STRETCHES_MAX && before_last != UINT32_MAX) {
         live_sample_t *a = &K.live[before_last], *b = &K.live[last]; /* b: the oldest */
-        if (b->raw > a->raw) { /* the merged stretch goes to the bigger one's line */
+        /* the merged stretch goes to one of the two lines, drawn by their bytes, so each
+         * line's live estimate stays unbiased (the bigger one's would take every later
+         * merge: a str grown at two lines in turn went all to one) */
+        double u = (double)(rng_next(&tls.rng) >> 11) * (1.0 / 9007199254740992.0);
+        if (u * (a->raw + b->raw) < b->raw) {
             K.sites[a->site].live_bytes -= a->bytes;
             K.sites[b->site].live_bytes += a->bytes;
             K.sites[a->site].nlive--;
