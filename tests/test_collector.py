@@ -171,16 +171,21 @@ def test_the_collector_runs_as_often_as_without_the_profiler():
     import subprocess
     from pathlib import Path
 
-    out = subprocess.run(
-        [sys.executable, "-c", _COLLECTIONS_SCRIPT, str(Path(__file__).parent)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    plain, profiled = json.loads(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(3):
+        out = subprocess.run(
+            [sys.executable, "-c", _COLLECTIONS_SCRIPT, str(Path(__file__).parent)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert out.returncode == 0, out.stderr
+        runs.append(tuple(json.loads(out.stdout.strip().splitlines()[-1])))
+    plain, profiled = sorted(runs, key=lambda r: r[1] / r[0])[1]  # the median run
     assert plain > 20  # the tree does exercise the collector
     # (~8% more on 3.12, e.g. 141 against 130; 19% before the mappings were given their
-    # count back)
-    assert profiled <= plain * 1.10 + 2, (plain, profiled)
+    # count back).  The median of three fresh interpreters: one CI run of a full suite
+    # saw 154 against 130 on 3.12 where 50 runs of the same venv alone all gave 141,
+    # a state not found again (session 22's note).
+    assert profiled <= plain * 1.10 + 2, runs
 
 
 @pytest.mark.parametrize("eager", [False, True], ids=["tasks", "eager-tasks"])
