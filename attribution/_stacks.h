@@ -230,6 +230,25 @@ static void live_release_all(uint32_t li) {
     while (li != UINT32_MAX) li = live_release(li);
 }
 
+/* A block's stretches from li (newest first), cut at `size` bytes: those at or above it
+ * end, the one it cuts keeps its weight for what is left of it.  Returns the newest left
+ * (UINT32_MAX: none). */
+static uint32_t stretches_cut(uint32_t li, double size) {
+    while (li != UINT32_MAX && K.live[li].base + K.live[li].raw > size) {
+        live_sample_t *ls = &K.live[li];
+        if (ls->base < size) {
+            double keep = size - ls->base;
+            double nb = ls->bytes * (keep / ls->raw);
+            K.sites[ls->site].live_bytes += nb - ls->bytes;
+            ls->bytes = nb;
+            ls->raw = keep;
+            break;
+        }
+        li = live_release(li);
+    }
+    return li;
+}
+
 /* The site (cell_key's tid, the stack running now), made if new; UINT32_MAX if it cannot
  * be (no memory for its frames, stack or slot). */
 static uint32_t site_here(uint64_t cell_key) {
@@ -366,10 +385,8 @@ static void stacks_reattach(void *p, uint32_t old, size_t size, int sampled) {
     }
     live_sample_t *t = &K.live[top];
     double W = t->raw > 0 ? t->bytes / t->raw : 0, n = (double)size, below = 0;
-    /* newest first: stretches at or above the new end go, the one it cuts shrinks */
-    while (old != UINT32_MAX && K.live[old].base >= n) old = live_release(old);
+    old = stretches_cut(old, n); /* (detached: their bytes are 0 until reweighted below) */
     if (old == UINT32_MAX) return;
-    if (K.live[old].base + K.live[old].raw > n) K.live[old].raw = n - K.live[old].base;
     below = K.live[old].base + K.live[old].raw; /* what the old stretches cover */
     uint32_t count = 0, last = UINT32_MAX, before_last = UINT32_MAX;
     for (uint32_t i = old; i != UINT32_MAX; i = K.live[i].below) {
@@ -441,19 +458,7 @@ static int stacks_move(void *old, void *p, size_t size) {
     uint64_t okey = live_key(old);
     uint32_t li;
     if (K.live_index.count == 0 || !u64map_get(&K.live_index, okey, &li)) return -1;
-    /* newest first: the stretches at or above the new end go, the one it cuts shrinks */
-    while (li != UINT32_MAX && K.live[li].base + K.live[li].raw > (double)size) {
-        live_sample_t *ls = &K.live[li];
-        if (ls->base < (double)size) {
-            double keep = (double)size - ls->base;
-            double nb = ls->bytes * (keep / ls->raw);
-            K.sites[ls->site].live_bytes += nb - ls->bytes;
-            ls->bytes = nb;
-            ls->raw = keep;
-            break;
-        }
-        li = live_release(li);
-    }
+    li = stretches_cut(li, (double)size);
     if (li == UINT32_MAX) {
         u64map_del(&K.live_index, okey);
         return 0;
