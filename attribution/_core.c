@@ -171,8 +171,10 @@ typedef struct {
 } folded_early_t;
 
 enum { TF_REGISTERED = 1, TF_VIA_FACTORY = 2, TF_CROSS_PARENT = 4, TF_FINISHED = 8,
-       TF_UNCOUNTED = 16, TF_SITES = 32 }; /* task_info_t.flags (TF_UNCOUNTED: see gc_uncount;
-       TF_SITES: a stack sample named it, so it owns sites that go to its group when it folds) */
+       TF_SITES = 32, TF_UNCOUNTED_SHIFT = 8, TF_UNCOUNTED = 15 << TF_UNCOUNTED_SHIFT };
+/* task_info_t.flags.  TF_SITES: a stack sample named it, so it owns sites that go to its
+ * group when it folds.  TF_UNCOUNTED: how many of its tag mapping's objects were taken off
+ * the collector's count (gc_uncount), 0 to 9. */
 enum { TS_PENDING = 0, TS_DONE = 1, TS_CANCELLED = 2, TS_FAILED = 3 };                /* task_info_t.state */
 
 typedef struct {
@@ -1778,11 +1780,12 @@ static PyObject *core_threads(PyObject *m, PyObject *noargs) {
 
 /* ---- the collector's count of a task's tag mapping ---------------------------------
  * The collector starts a young collection when allocations of collected objects, net of
- * frees, pass a threshold.  A task's tag mapping (two such objects; a plain task's context
- * shares its parent's) counts there while the task runs, so a task tree ran ~20% more
- * young collections, and so more full ones (~70 ms each at 56,000 pending tasks), than
- * without us.  When the mapping is untracked (hamt_untrack_if_acyclic) its two objects
- * are taken off the count while the task runs and given back when it ends, before they
+ * frees, pass a threshold.  A task's tag mapping (two such objects, three or more where
+ * our variable shares a slot with another; a plain task's context shares its parent's)
+ * counts there while the task runs, so a task tree ran ~20% more young collections, and
+ * so more full ones (~70 ms each at 56,000 pending tasks), than without us.  When the
+ * mapping is untracked (hamt_untrack_if_acyclic) its objects are taken off the count
+ * while the task runs and given back when it ends, before they
  * are freed (which takes them off again, as for any object): over a task's life the count
  * moves as in a plain run.  The count lives in CPython's interpreter state, whose layout
  * is internal: it is used only after the thresholds read there matched
@@ -1843,20 +1846,20 @@ static void gc_count_add(int n) {
     *gc_young = *gc_young + n > 0 ? *gc_young + n : 0;
 }
 
-/* A task whose mapping was just untracked: take its two objects off the count (1), or
- * leave it (0: the layout is not known to match). */
-static int gc_uncount(void) {
+/* A task whose mapping was just untracked, n objects with the nodes made under it: take
+ * them off the count (returns n), or leave it (0: the layout is not known to match). */
+static int gc_uncount(int n) {
     if (MS_UNLIKELY(gc_count_ok == 0)) gc_count_check();
     if (gc_count_ok < 0) return 0;
-    gc_count_add(-2);
-    return 1;
+    gc_count_add(-n);
+    return n;
 }
 
-/* The task ends (or its record goes without ending): give the two objects back. */
+/* The task ends (or its record goes without ending): give the objects back. */
 static inline void gc_recount(task_info_t *r) {
     if (r->flags & TF_UNCOUNTED) {
+        gc_count_add((int)((r->flags & TF_UNCOUNTED) >> TF_UNCOUNTED_SHIFT));
         r->flags &= ~(uint32_t)TF_UNCOUNTED;
-        gc_count_add(2);
     }
 }
 

@@ -423,8 +423,35 @@ static int tag_into_passed(PyHamtObject *old, PyObject *var, PyObject *value) {
            !PyObject_GC_IsTracked((PyObject *)old) && !PyObject_GC_IsTracked(old_root);
 }
 
-/* passed: tag_into_passed said so of this insertion. */
-static int hamt_untrack_if_acyclic(PyHamtObject *nv, PyHamtObject *old, int passed) {
+/* The objects an insertion of var made are the new mapping and the nodes on var's way down
+ * from its new root: CPython copies that way, and where var's slot at a level held another
+ * key whose hash agrees there, the two go one level down into a node of their own (a
+ * context holding decimal's variable and ours: ~1 process in 25, by where the variables
+ * happen to be allocated, as a ContextVar's hash comes from its address).  Each such node
+ * is held only by the node above it.  Untrack them, the root first, down through bitmap
+ * nodes to var's own pair; returns how many were untracked. */
+static int hamt_untrack_path(PyObject *root, PyObject *var) {
+    uint32_t h;
+    int n = 0;
+    if (!hamt_hash32(var, &h)) h = 0; /* (cannot fail: a ContextVar's hash) */
+    for (int level = 0; root != NULL && level < 7; level++) {
+        if (Py_REFCNT(root) != 1 || !PyObject_GC_IsTracked(root)) break;
+        PyObject_GC_UnTrack(root);
+        n++;
+        if (HAMT.bitmap_type == NULL || Py_TYPE(root) != HAMT.bitmap_type) break;
+        const ms_hamt_bitmap_t *b = (const ms_hamt_bitmap_t *)root;
+        uint32_t bit = (uint32_t)1 << ((h >> (5 * level)) & 0x1f);
+        if (!(b->b_bitmap & bit)) break;
+        Py_ssize_t i = bitmap_pair_at(b, bit);
+        if (b->b_array[i] != NULL) break; /* var's pair (or another key's: done either way) */
+        root = b->b_array[i + 1];
+    }
+    return n;
+}
+
+/* passed: tag_into_passed said so of this insertion.  Returns how many objects were taken
+ * off the collector's lists (the mapping and the new nodes under it), 0 if none. */
+static int hamt_untrack_if_acyclic(PyHamtObject *nv, PyHamtObject *old, PyObject *var, int passed) {
     PyObject *root = (PyObject *)nv->h_root, *old_root = (PyObject *)old->h_root;
     /* only what this insertion made: a new mapping whose new root no one else holds */
     if (nv == old || root == NULL || old_root == root || Py_REFCNT(nv) != 1 || Py_REFCNT(root) != 1)
@@ -432,9 +459,9 @@ static int hamt_untrack_if_acyclic(PyHamtObject *nv, PyHamtObject *old, int pass
     if (!PyObject_GC_IsTracked((PyObject *)nv) || !PyObject_GC_IsTracked(root)) return 0;
     traverseproc trav = Py_TYPE(root)->tp_traverse;
     if (!passed && (trav == NULL || trav(root, acyclic_item, (void *)(intptr_t)1) != 0)) return 0;
-    PyObject_GC_UnTrack(root);
+    int n = hamt_untrack_path(root, var);
     PyObject_GC_UnTrack((PyObject *)nv);
-    return 1; /* the caller may take them off the collector's count (gc_uncount) */
+    return n + 1; /* the caller may take them off the collector's count (gc_uncount) */
 }
 
 /* vars.set(var, value) through the HAMT type's own method: a new reference, or NULL (with
@@ -460,9 +487,9 @@ static inline PyHamtObject *fresh_context_vars(const PyContext *c) {
     return !c->ctx_entered && vars != NULL && Py_TYPE(vars) == HAMT.type ? vars : NULL;
 }
 
-/* Set var = value in ctx, a context no one has entered or seen.  Returns 0 (2: and its new
- * mapping is untracked), -1 with an exception set, or 1: not possible this way (nothing
- * changed). */
+/* Set var = value in ctx, a context no one has entered or seen.  Returns 0, or 2 or more:
+ * the new mapping and the new nodes under it are untracked, so many objects; -1 with an
+ * exception set, or 1: not possible this way (nothing changed). */
 static int fresh_context_set(PyObject *ctx, PyObject *var, PyObject *value) {
     if (MS_UNLIKELY(HAMT.known == 0)) hamt_learn();
     PyContext *c = (PyContext *)ctx;
@@ -486,10 +513,10 @@ static int fresh_context_set(PyObject *ctx, PyObject *var, PyObject *value) {
         HAMT.known = -1;
         return 1;
     }
-    int untracked = hamt_untrack_if_acyclic((PyHamtObject *)nv, (PyHamtObject *)vars, passes);
+    int untracked = hamt_untrack_if_acyclic((PyHamtObject *)nv, (PyHamtObject *)vars, var, passes);
     c->ctx_vars = (PyHamtObject *)nv;
     Py_DECREF(vars);
-    return untracked ? 2 : 0;
+    return untracked; /* (0, or 2 and more) */
 }
 
 /* ---- reusing a tag mapping whose task is gone --------------------------------------
@@ -754,9 +781,9 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
         S.own_raw_now = S.eager_score <= 0; /* see own_raw */
         rc = fresh_context_set(ctx, S.tag_var, (PyObject *)tag);
         S.own_raw_now = raw_before;
-        if (rc == 2) {
+        if (rc >= 2) {
+            uncounted = gc_uncount(rc);
             rc = 0;
-            uncounted = gc_uncount();
             if (keep) kept_mapping_put((PyHamtObject *)context_vars(ctx), tag);
         }
         if (rc > 0 && PyContext_Enter(ctx) == 0) enter = 1; /* the documented way after all */
@@ -801,7 +828,7 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     uint32_t slot = thread_slot(t);
     uint32_t ti = task_info_for(tid, slot, 1);
     if (ti == 0) { /* no memory for the record: the task runs, its bytes go unattributed */
-        if (uncounted) gc_count_add(2);
+        if (uncounted) gc_count_add(uncounted);
         Py_XDECREF(tag);
         Py_XDECREF(labels);
         Py_XDECREF(qualname);
@@ -818,7 +845,7 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     link_record(ti, parent, parent_up);
     if (tag != NULL) tag->up = r->up ? S.tasks[r->up].tid : 0; /* (the context still holds the tag) */
     r->thread_ident = PyThread_get_thread_ident();
-    r->flags = TF_REGISTERED | flags | (uncounted ? TF_UNCOUNTED : 0);
+    r->flags = TF_REGISTERED | flags | ((uint32_t)uncounted << TF_UNCOUNTED_SHIFT);
     if (pti && S.tasks[pti].thread_ident != r->thread_ident) r->flags |= TF_CROSS_PARENT;
     r->loop_serial = serial;
     r->state = TS_PENDING;

@@ -78,6 +78,70 @@ def test_a_tasks_mapping_is_untracked_only_when_it_cannot_be_in_a_cycle(loop_kin
     }
 
 
+def _slot(var: contextvars.ContextVar) -> int:
+    """Where var goes in the first level of a context's mapping (hamt.c folds the hash to
+    32 bits and takes its low 5 bits)."""
+    h = hash(var) & (2**64 - 1)
+    return (h ^ (h >> 32)) & 31
+
+
+def test_nodes_made_under_a_tasks_mapping_are_untracked_too(loop_kind):
+    """Where another variable holds our variable's slot in the first level of the mapping
+    (a ContextVar's hash comes from its address: with decimal's context, about one process
+    in 25), the two share a node one level down, and tagging a task makes that node anew
+    too.  It leaves the collector's lists and its count with the mapping: left there, every
+    task held one more tracked object, and a task tree ran ~10% more collections in those
+    processes (tests/test_collector.py's count check failed there)."""
+    seen = {}
+
+    def ours_tracked(tag):
+        """Tracked state of every object of the running context's mapping that leads to tag."""
+        (mapping,) = gc.get_referents(contextvars.copy_context())
+
+        def walk(o):
+            below = [walk(r) for r in gc.get_referents(o) if type(r).__name__.startswith("hamt")]
+            leads = tag in gc.get_referents(o) or any(b is not None for b in below)
+            return [gc.is_tracked(o)] + [x for b in below if b for x in b] if leads else None
+
+        return walk(mapping)
+
+    async def probe(key, tag):
+        seen[key] = ours_tracked(tag)
+
+    async def count_per_task():
+        """The collector's count moved by making 200 pending tasks (the collector off)."""
+        gc.disable()
+        try:
+            before = gc.get_count()[0]
+            tasks = [asyncio.create_task(asyncio.sleep(0)) for _ in range(200)]
+            after = gc.get_count()[0]
+        finally:
+            gc.enable()
+        await asyncio.gather(*tasks)
+        return after - before
+
+    async def main():
+        (tag,) = [v for v in contextvars.copy_context() if v.name == "memscope_async.tag"]
+        # a variable of another slot, then one of the same slot as ours
+        others = [contextvars.ContextVar(f"other{i}") for i in range(2_000)]
+        apart = next(v for v in others if _slot(v) != _slot(tag))
+        same = next(v for v in others if _slot(v) == _slot(tag))
+        apart.set("x")
+        counts = [await count_per_task() for _ in range(3)]
+        await asyncio.create_task(probe("apart", tag))
+        same.set("y")
+        counts += [await count_per_task() for _ in range(3)]
+        await asyncio.create_task(probe("same slot", tag))
+        return counts
+
+    counts = contextvars.Context().run(run_profiled, main, loop_kind)[0]
+    assert seen["apart"] == [False, False]  # the mapping and its root
+    assert seen["same slot"] == [False, False, False]  # and the node one level down
+    # the node is off the count too: 200 tasks move it as much as with the slots apart
+    # (within a few: kept mappings let go), not 200 more
+    assert abs(counts[5] - counts[2]) < 50, counts
+
+
 def test_cycles_through_a_tasks_context_are_collected(loop_kind):
     """task -> its context -> mapping -> value (or key's default) -> task: garbage the
     collector must still find."""
@@ -172,19 +236,20 @@ def test_the_collector_runs_as_often_as_without_the_profiler():
     from pathlib import Path
 
     runs = []
-    for _ in range(3):
+    for _ in range(5):
         out = subprocess.run(
             [sys.executable, "-c", _COLLECTIONS_SCRIPT, str(Path(__file__).parent)],
             capture_output=True, text=True, timeout=300,
         )
         assert out.returncode == 0, out.stderr
         runs.append(tuple(json.loads(out.stdout.strip().splitlines()[-1])))
-    plain, profiled = sorted(runs, key=lambda r: r[1] / r[0])[1]  # the median run
+    plain, profiled = sorted(runs, key=lambda r: r[1] / r[0])[2]  # the median run
     assert plain > 20  # the tree does exercise the collector
     # (~8% more on 3.12, e.g. 141 against 130; 19% before the mappings were given their
-    # count back).  The median of three fresh interpreters: one CI run of a full suite
-    # saw 154 against 130 on 3.12 where 50 runs of the same venv alone all gave 141,
-    # a state not found again (session 22's note).
+    # count back).  The median of five fresh interpreters: where the collections fall
+    # depends on everything allocated before (hash seeds, paths), and ~3% of interpreters
+    # see ~10 more, e.g. 152 (found by PYTHONHASHSEED; until session 23 also every
+    # process whose mapping had a node below its root, now untracked too: the test above).
     assert profiled <= plain * 1.10 + 2, runs
 
 
