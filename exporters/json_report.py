@@ -40,7 +40,7 @@ def write_json(report: Report, path: str | os.PathLike[str], *, indent: bool = F
     serialised, or any write, fsync or rename fails.  In every failure case the previous
     file at ``path`` (if any) is left intact and no temporary file remains.
     """
-    named = Path(path)
+    named = _named(path)
     target, stream = _resolve(named)
     if stream:
         data = _serialise(report, named, indent)
@@ -85,7 +85,7 @@ async def export_json_async(report: Report, path: str | os.PathLike[str], *, ind
     import aiofiles
     import aiofiles.os
 
-    named = Path(path)
+    named = _named(path)
     loop = asyncio.get_running_loop()
     target, stream = await loop.run_in_executor(None, _resolve, named)
     if stream:  # (a FIFO's open waits for a reader: off the loop too)
@@ -99,8 +99,15 @@ async def export_json_async(report: Report, path: str | os.PathLike[str], *, ind
     _check_parent(target, await aiofiles.os.path.isdir(target.parent))
     data = _serialise(report, target, indent)
     tmp = _temp_name(target)
+    # Made here, exclusively (one short system call on the loop thread), and opened below
+    # without "create": an open still in flight in a worker thread when the task is
+    # cancelled would otherwise make the file after the cleanup removed it.
     try:
-        async with aiofiles.open(tmp, "xb") as fh:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+    except OSError as exc:
+        raise _error(target, exc) from exc
+    try:
+        async with aiofiles.open(tmp, "r+b") as fh:
             await fh.write(data)
             await fh.flush()
             await loop.run_in_executor(None, os.fsync, fh.fileno())
@@ -113,6 +120,21 @@ async def export_json_async(report: Report, path: str | os.PathLike[str], *, ind
             raise _error(target, exc) from exc
         raise
     await loop.run_in_executor(None, _fsync_dir, target.parent)
+    return named
+
+
+def _named(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path, if it can name a report file: not empty, not a directory (a name
+    ending in a slash means one, which Path would drop)."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not text.strip():
+        raise ExportError("cannot write report to an empty path")
+    named = Path(text)
+    if text.endswith((os.sep, "/")) or named.name in ("", ".", "..") or named.is_dir():
+        reason = "it is a directory" if named.is_dir() else "no such directory"
+        raise ExportError(f"cannot write report to {text}: {reason}")
     return named
 
 

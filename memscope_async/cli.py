@@ -205,6 +205,7 @@ class _Target:
         self.name = name
         self.is_module = is_module
         self.args = list(args)
+        self.origin: str | None = None  # the module's file, once check_module found it
         # Python's absolute path: the working directory joined to the path as given, not
         # normalised (``./app.py`` runs as ``/cwd/./app.py``: __file__, code, sys.path)
         self.path = name if is_module else os.path.join(os.getcwd(), name)
@@ -240,6 +241,15 @@ class _Target:
             raise CommandError(f"cannot run -m {self.name}: {type(exc).__name__}: {exc}", USAGE_ERROR) from None
         if spec is None:
             raise CommandError(f"cannot run -m {self.name}: no module named {self.name!r}", USAGE_ERROR)
+        if spec.submodule_search_locations is not None:
+            spec = importlib.util.find_spec(f"{self.name}.__main__")
+        self.origin = spec.origin if spec is not None and spec.has_location else None
+
+    def files(self) -> list[str]:
+        """The program's own files a report must never replace: the script (or zip) run,
+        or the module's file."""
+        found = self.origin if self.is_module else self.path
+        return [os.path.realpath(found)] if found and os.path.isfile(found) else []
 
     def execute(self, module: types.ModuleType) -> None:
         """Run the program in ``module``, the ``__main__`` in sys.modules, as Python does."""
@@ -320,6 +330,8 @@ def _check_output(name: str) -> Path:
     path = Path(name)
     if path.is_dir():
         raise CommandError(f"cannot write report to {name}: it is a directory", USAGE_ERROR)
+    if name.endswith((os.sep, "/")):  # a directory meant, and there is none (Path drops the slash)
+        raise CommandError(f"cannot write report to {name}: no such directory", USAGE_ERROR)
     if writes_through(path):  # /dev/null, /dev/stdout, a FIFO: written through, by this name
         if not os.access(path, os.W_OK):
             raise CommandError(f"cannot write report to {name}: permission denied", USAGE_ERROR)
@@ -349,6 +361,8 @@ def _profile(target: _Target, args: argparse.Namespace) -> int | None:
     out, err = sys.stdout, sys.stderr  # the program may replace them; the summary goes to ours
     with _program_environment(target) as module:
         target.check_module()
+        if os.path.realpath(output) in target.files():
+            raise CommandError(f"cannot write report to {args.output}: it is the program being run", USAGE_ERROR)
         try:
             profiler = api.install_policy(uvloop=args.uvloop, **options)
         except ProfilerError as exc:

@@ -1,4 +1,4 @@
-"""Sizes in bytes as people write them: ``65536``, ``64K``, ``512KiB``, ``1.5 MiB``.
+"""Sizes in bytes as people write them: ``65536``, ``64K``, ``512KiB``, ``1.5 MiB``, ``1 PiB``.
 
 Shared by every entry point that takes a size (the profiler's intervals, the command
 line's ``--sample-interval``, the pytest marker's limits)."""
@@ -9,8 +9,9 @@ import re
 
 __all__ = ["parse_size"]
 
-_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[kmg]?)(?:i?b)?", re.IGNORECASE)
-_UNIT = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+# a number, then a unit letter with an optional B or iB, or B alone (bytes)
+_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?:(?P<unit>[kmgtp])(?:i?b)?|b)?", re.IGNORECASE)
+_UNIT = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 
 def parse_size(text: str | int, *, allow_zero: bool = False) -> int:
@@ -27,8 +28,8 @@ def parse_size(text: str | int, *, allow_zero: bool = False) -> int:
         if match is None:
             if str(text).strip().startswith("-"):
                 raise ValueError(f"{text!r} is negative; a size must be a positive number of bytes")
-            raise ValueError(f"invalid size {text!r}; use bytes or a binary unit, e.g. 65536, 64K, 512KiB, 1M")
-        number, unit = match["number"], _UNIT[match["unit"].lower()]
+            raise ValueError(f"invalid size {text!r}; use bytes or a binary unit (K, M, G, T, P), e.g. 65536, 64K, 512KiB, 1M")
+        number, unit = match["number"], _UNIT[(match["unit"] or "").lower()]
         whole, _, frac = number.partition(".")
         # exact arithmetic: 1.5K is 1536 bytes, 1.5 (bytes) is not a size
         scaled = int(whole) * unit + (int(frac) * unit // 10 ** len(frac) if frac else 0)

@@ -239,13 +239,14 @@ def test_sampled_mode_with_a_suffixed_interval(tmp_path: Path, script: Path) -> 
 @pytest.mark.parametrize(
     ("text", "size"),
     [("65536", 65536), ("64K", 65536), ("64k", 65536), ("512KiB", 512 * 1024), ("1M", MiB), ("1 MiB", MiB),
-     ("1.5M", 3 * MiB // 2), ("1.25K", 1280), ("2G", 2 << 30), (4096, 4096)],
+     ("1.5M", 3 * MiB // 2), ("1.25K", 1280), ("2G", 2 << 30), (4096, 4096), ("64B", 64), ("1 PiB", 1 << 50),
+     ("2t", 2 << 40)],
 )
 def test_parse_size(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "-1", "0", "12X", "1 MB/s", "K", "1.5", "0.3K", True])
+@pytest.mark.parametrize("text", ["", "-1", "0", "12X", "1 MB/s", "K", "1.5", "0.3K", True, "64iB", "1E"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
@@ -266,6 +267,10 @@ def test_parse_size_rejects(text: str) -> None:
         (["run", "--stack-depth", "999", "script.py"], "out of range"),
         (["run", "-o", "no/such/dir/r.json", "script.py"], "directory no/such/dir does not exist"),
         (["run", "-o", ".", "script.py"], "it is a directory"),
+        (["run", "-o", "outdir/", "script.py"], "cannot write report to outdir/: no such directory"),
+        (["run", "-o", "script.py", "script.py"], "cannot write report to script.py: it is the program being run"),
+        (["run", "-o", "./link.json", "script.py"], "it is the program being run"),  # a link to it
+        (["run", "-o", "prog/__main__.py", "-m", "prog"], "it is the program being run"),
         (["run", "-o", "", "script.py"], "cannot write report to an empty path"),
         (["run", "-o", "/proc/r.json", "script.py"], "cannot write report to /proc/r.json: "),  # even as root
         (["run"], "nothing to run"),
@@ -275,7 +280,13 @@ def test_parse_size_rejects(text: str) -> None:
     ],
 )
 def test_bad_input_is_one_line_with_exit_2(tmp_path: Path, script: Path, args: list[str], expected: str) -> None:
+    (tmp_path / "link.json").symlink_to(script)
+    (tmp_path / "prog").mkdir()
+    (tmp_path / "prog" / "__init__.py").write_text("")
+    (tmp_path / "prog" / "__main__.py").write_text("print('prog')\n")
+    source = script.read_text()
     proc = cli(*args, cwd=tmp_path)
+    assert script.read_text() == source and (tmp_path / "prog" / "__main__.py").read_text() == "print('prog')\n"
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()

@@ -272,6 +272,66 @@ def test_write_json_to_a_directory_fails_without_leftovers(tmp_path):
     assert os.listdir(tmp_path) == ["is_a_dir"]
 
 
+@pytest.mark.parametrize("writer", ["sync", "async"])
+@pytest.mark.parametrize(("name", "reason"), [
+    (".", "it is a directory"), ("..", "it is a directory"), ("/", "it is a directory"), ("", "an empty path"),
+    ("sub/", "no such directory"),  # a directory meant, which Path would quietly drop
+])
+def test_names_that_cannot_be_a_report_file_are_an_export_error(tmp_path, monkeypatch, writer, name, reason):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ExportError, match=reason):
+        if writer == "sync":
+            write_json(make_report(), name)
+        else:
+            asyncio.run(export_json_async(make_report(), name))
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_json_async_cancelled_while_its_file_is_opened_leaves_nothing(tmp_path):
+    """The open runs in a worker thread; cancelled before it ran, it must not make a file
+    after the cleanup (a file stayed behind in ~2% of exports cancelled at random)."""
+    import concurrent.futures
+    import threading
+
+    release, waiting = threading.Event(), threading.Event()
+    submitted = []
+
+    class Gated(concurrent.futures.ThreadPoolExecutor):
+        """Runs the first two jobs (resolving the target, checking its directory); the
+        ones after wait for release."""
+
+        def submit(self, fn, /, *args, **kwargs):
+            submitted.append(fn)
+            if len(submitted) <= 2:
+                return super().submit(fn, *args, **kwargs)
+
+            def gated():
+                waiting.set()
+                release.wait(10)
+                return fn(*args, **kwargs)
+
+            return super().submit(gated)
+
+    target = tmp_path / "report.json"
+    target.write_bytes(b"old contents")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(Gated(max_workers=1))
+        task = asyncio.create_task(export_json_async(make_report(), target))
+        while not waiting.is_set():  # the open is in the worker, waiting (not cancellable now)
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()  # the open runs now, after the cleanup
+        await loop.run_in_executor(None, lambda: None)  # (one worker: this runs after it)
+
+    asyncio.run(main())
+    assert target.read_bytes() == b"old contents"
+    assert os.listdir(tmp_path) == ["report.json"]
+
+
 def test_write_json_unserialisable_report_creates_nothing(tmp_path):
     bad = dataclasses.replace(make_report(), tool={"name": object()})
     with pytest.raises(ExportError, match="not serialisable"):
