@@ -22,6 +22,7 @@ T = TypeVar("T")
 _policy_lock = threading.Lock()
 # (policy instrumented, policy it replaced or None, profiler, undo of instrument_loops_made_any_way)
 _policy_state: tuple[Any, Any, Profiler, Callable[[], None]] | None = None
+_policy_joined = 0  # install_policy() calls that joined the command's profiler, not yet undone
 _unseen_loop_types: set[type] = set()
 
 
@@ -37,11 +38,16 @@ def install_policy(*, uvloop: bool = False, **options: Any) -> Profiler:
     instrumented.  The policy stays the same object, of the same type; ``uvloop=True``
     installs uvloop's policy instead.  Options are those of :class:`Profiler`.  Returns
     the running profiler; :func:`uninstall_policy` undoes it.  Raises
-    :class:`ProfilerError` if a profiler is already running."""
-    global _policy_state
+    :class:`ProfilerError` if a profiler is already running, except in a program run by
+    ``memscope-async run``: there the program's own profiling joins the command's
+    profiler (which already instruments every loop), and this returns it."""
+    global _policy_state, _policy_joined
     if not policies_available():
         raise _no_policies_error()
     with _policy_lock:
+        if _policy_state is not None and _joins_ambient(_policy_state[2], "install_policy()", options):
+            _policy_joined += 1
+            return _policy_state[2]
         if _policy_state is not None:
             raise ProfilerError("install_policy() is already in effect; call uninstall_policy() first")
         current = get_policy()
@@ -64,9 +70,12 @@ def uninstall_policy() -> Profiler | None:
     ``uvloop=True``, the policy it replaced comes back, unless the program has set
     another since), and the profiler stops.  Returns that profiler (its data is still
     there for snapshot/export), or None."""
-    global _policy_state
+    global _policy_state, _policy_joined
     with _policy_lock:
         state = _policy_state
+        if state is not None and _policy_joined:  # the program's own, joined to the command's: kept
+            _policy_joined -= 1
+            return state[2]
         _policy_state = None
     if state is None:
         return None
@@ -234,13 +243,22 @@ def run(main: Awaitable[T], *, report: str | Path | None = None, uvloop: bool = 
         loop_factory: Callable[[], Any] | None = None, **options: Any) -> T:
     """Like ``asyncio.run(main)``, under a profiler; writes the JSON report to ``report``
     when given.  Returns main's result (or raises its exception) exactly as asyncio.run.
-    The profiler is ``memscope_async.current_profiler()`` afterwards."""
+    The profiler is ``memscope_async.current_profiler()`` afterwards.  In a program run by
+    ``memscope-async run``, main runs under the command's profiler (its options are the
+    command's; the report, if asked for, is that profiler's so far)."""
+    from .profiler import current_profiler
+
+    joined = False
     try:
         if asyncio._get_running_loop() is not None:  # as asyncio.run checks, before anything starts
             raise RuntimeError("memscope_async.run() cannot be called from a running event loop")
         profiler = Profiler(**options)
         base = loop_factory or (_uvloop_module().new_event_loop if uvloop else None)
-        profiler.start()
+        running = current_profiler()
+        if running is not None and _joins_ambient(running, "run()", options):
+            profiler, joined = running, True
+        else:
+            profiler.start()
     except BaseException:
         if asyncio.iscoroutine(main):
             main.close()  # it will never run: no "coroutine was never awaited" warning
@@ -249,7 +267,8 @@ def run(main: Awaitable[T], *, report: str | Path | None = None, uvloop: bool = 
         with asyncio.Runner(debug=debug, loop_factory=LoopFactory(base, profiler=profiler)) as runner:
             return runner.run(main)
     finally:
-        profiler.stop()
+        if not joined:
+            profiler.stop()
         if report is not None:
             _export_quietly(profiler, report)
 
@@ -318,9 +337,10 @@ def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path
                     if running is not None and running.active:
                         if (report is not None or options) and not session["warned"]:
                             session["warned"] = True
-                            warnings.warn(
-                                f"memscope-async: {func.__qualname__} runs under a profiler started elsewhere: "
-                                "its own report and options are not used", RuntimeWarning, stacklevel=4)
+                            code = getattr(func, "__code__", None)
+                            _warn(f"memscope-async: {func.__qualname__} runs under a profiler started elsewhere: "
+                                  "its own report and options are not used",
+                                  where=(code.co_filename, code.co_firstlineno) if code is not None else None)
                         return None
                     prof = session["prof"] = Profiler(**options).start()
                 session["calls"] += 1
@@ -373,7 +393,36 @@ def _export_quietly(profiler: Profiler, path: str | Path) -> None:
     try:
         profiler.export(path)
     except Exception as exc:  # noqa: BLE001 - reported, never raised into user code
-        warnings.warn(f"memscope-async: could not write the report to {path}: {exc}", RuntimeWarning, stacklevel=3)
+        _warn(f"memscope-async: could not write the report to {path}: {exc}", stacklevel=4)
+
+
+def _warn(message: str, *, stacklevel: int = 2, where: tuple[str, int] | None = None) -> None:
+    """A RuntimeWarning for the user (at ``where``, a file and line, if given), which never
+    raises into their program: where the warning filters make it an error (``-W error``),
+    it is written to stderr as one line instead."""
+    try:
+        if where is not None:
+            warnings.warn_explicit(message, RuntimeWarning, where[0], where[1])
+        else:
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+    except Warning:
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"{message}\n")
+
+
+def _joins_ambient(running: Profiler, what: str, options: dict[str, Any]) -> bool:
+    """Whether a profiler the program starts with ``what`` joins ``running`` instead: the
+    profiler of ``memscope-async run`` (ambient), still running.  Options it cannot honour
+    are said, once per call, as a warning."""
+    if not (running.active and getattr(running, "ambient", False)):
+        return False
+    wanted, settings = Profiler(**options)._settings(), running._settings()
+    differ = [k for k in options if k in settings and wanted[k] != settings[k]]
+    if differ:
+        _warn(f"memscope-async: {what} joins the profiler of memscope-async run, whose "
+              f"{', '.join(f'{k}={settings[k]!r}' for k in differ)} stay{'s' if len(differ) == 1 else ''}",
+              stacklevel=3)
+    return True
 
 
 def _uvloop_module():

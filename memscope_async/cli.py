@@ -367,6 +367,7 @@ def _profile(target: _Target, args: argparse.Namespace) -> int | None:
             profiler = api.install_policy(uvloop=args.uvloop, **options)
         except ProfilerError as exc:
             raise CommandError(str(exc)) from None
+        profiler.ambient = True  # the program's own ms.run() / install_policy() join it (api)
         started_in = os.getpid()
         status = _run_program(target, module, err)
     if os.getpid() != started_in:

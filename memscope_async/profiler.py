@@ -107,6 +107,9 @@ class Profiler:
         self._tracker.loops = lambda: list(self._tagger.loops)
         self.threads = threads
         self._loop_kinds: set[str] = set()
+        # the profiler of ``memscope-async run``: the program's own memscope_async.run()
+        # and install_policy() join it instead of refusing to start (api)
+        self.ambient = False
 
     def _settings(self) -> dict[str, Any]:
         """The options this profiler runs with, by name, as it took them (e.g.

@@ -217,9 +217,29 @@ def test_profile_decorator_under_another_profiler_says_so(tmp_path):
     async def inner() -> int:
         return 1
 
-    with pytest.warns(RuntimeWarning, match="started elsewhere"):
+    with pytest.warns(RuntimeWarning, match="started elsewhere") as seen:
         assert ms.run(inner()) == 1
     assert not path.exists() and inner.last_report is None
+    # at the decorated function (the caller of a coroutine is the loop, not user code)
+    assert seen[0].filename == __file__ and seen[0].lineno == inner.__wrapped__.__code__.co_firstlineno
+
+
+def test_the_profilers_own_warnings_never_raise_into_the_program(tmp_path, capfd):
+    """Warnings made errors (-W error) must not turn a report that could not be written,
+    or options that cannot be honoured, into the program's failure: one line on stderr."""
+    import warnings
+
+    @ms.profile(report=tmp_path / "never.json")
+    async def inner() -> int:
+        return 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ms.run(inner()) == 1
+        assert ms.run(inner(), report=tmp_path / "no" / "such" / "dir.json") == 1
+    err = capfd.readouterr().err
+    assert "runs under a profiler started elsewhere" in err
+    assert "could not write the report to" in err and "does not exist" in err
 
 
 def test_profile_decorator_calls_from_many_threads(tmp_path):

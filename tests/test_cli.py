@@ -385,3 +385,38 @@ def test_the_script_sees_what_python_would_show_it(tmp_path: Path) -> None:
     assert proc.stdout == plain.stdout == "prog.py True True Point\n"  # ran once, not again elsewhere
     assert proc.returncode == plain.returncode == 1
     assert "OSError: the program's own error" in proc.stderr
+
+
+SELF_PROFILING = """\
+import asyncio, sys, memscope_async as ms
+
+async def main():
+    await asyncio.create_task(asyncio.sleep(0), name="inner")
+    return 42
+
+if sys.argv[1] == "run":
+    print(ms.run(main(), report="own.json", mode="sampled"))
+else:
+    profiler = ms.install_policy()
+    print(asyncio.run(main()))
+    print(ms.uninstall_policy() is profiler)
+    print(asyncio.run(main()))
+"""
+
+
+@pytest.mark.parametrize("how", ["run", "policy"])
+def test_a_program_that_profiles_itself_joins_the_commands_profiler(tmp_path: Path, how: str) -> None:
+    """ms.run() and install_policy() in the program would be a second profiler: they join
+    the command's instead of failing the program (under -W error too: what cannot be
+    honoured, here mode="sampled", is said on stderr)."""
+    (tmp_path / "selfprof.py").write_text(SELF_PROFILING)
+    proc = subprocess.run([sys.executable, "-W", "error", "-m", "memscope_async", "run", "-q", "-o", "r.json",
+                           "selfprof.py", how], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == (["42"] if how == "run" else ["42", "True", "42"])
+    report = Report.load(tmp_path / "r.json")
+    assert len(report.find(name="inner")) == (1 if how == "run" else 2)  # the command still profiles every loop
+    if how == "run":
+        assert "joins the profiler of memscope-async run, whose mode='exact' stays" in proc.stderr
+        own = Report.load(tmp_path / "own.json")  # the report the program asked for: the command's so far
+        assert own.run.mode == "exact" and len(own.find(name="inner")) == 1
