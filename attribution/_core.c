@@ -548,6 +548,7 @@ static MS_HOT uint32_t context_tid(void) {
 static inline void set_handover(tls_t *t, uint32_t tid) {
     t->handover = tid;
     t->fast_ctx = FAST_NONE;
+    if (t->ctx_shared) t->ctx_seen = NULL; /* the answer for a shared context names it (shared_fallback) */
 }
 
 /* Is the cached answer (cache_cell, fast_now) right for thread state ts?  It is while the
@@ -1651,6 +1652,21 @@ static PyObject *core_handover(PyObject *m, PyObject *noargs) {
     return PyLong_FromUnsignedLong(t->handover);
 }
 
+PyDoc_STRVAR(current_tid_doc,
+"current_tid() -> int\n--\n\nThe task the calling thread's work is charged to now (by its context's\n"
+"tag, the running task where tasks share that context, or the hand-over), 0 if none.");
+
+static PyObject *core_current_tid(PyObject *m, PyObject *noargs) {
+    tls_t *t = &tls;
+    if (!S.active || S.tag_var == NULL) return PyLong_FromLong(0);
+    if (t->session != S.session) tls_enter_session(t);
+    int g = t->guard;
+    t->guard = 1;
+    uint32_t tid = current_tid();
+    t->guard = g;
+    return PyLong_FromUnsignedLong(tid);
+}
+
 PyDoc_STRVAR(set_inferred_doc,
 "set_inferred(tid, started_ns)\n--\n\nMark the calling thread as started during task tid's step\n"
 "at monotonic time started_ns: its context-less allocations are inferred to that task.");
@@ -2059,6 +2075,7 @@ static PyMethodDef core_methods[] = {
     {"thread_slot", core_thread_slot, METH_NOARGS, thread_slot_doc},
     {"set_handover", core_set_handover, METH_O, set_handover_doc},
     {"handover", core_handover, METH_NOARGS, "handover() -> int\n--\n\nThe task id handed over to this thread, 0 if none."},
+    {"current_tid", core_current_tid, METH_NOARGS, current_tid_doc},
     {"set_inferred", core_set_inferred, METH_VARARGS, set_inferred_doc},
     {"serves", core_serves, METH_NOARGS, serves_doc},
     {"now_ns", core_now_ns, METH_NOARGS, NULL},

@@ -682,13 +682,21 @@ static inline uint32_t tid_running_in(PyObject *task, PyThreadState *ts) {
     return S.tasks[ti].ctx == (uintptr_t)ts->context ? tid : 0;
 }
 
+/* No task of a shared context runs it here: work handed over to this thread (a copy of
+ * the context, e.g. asyncio.to_thread's) is the handing task's, which the hand-over names
+ * where the Tag cannot (it is the newest sharer's); else the task the Tag names.  (The
+ * answer moves with the hand-over: set_handover drops the cached one.) */
+static inline uint32_t shared_fallback(const tls_t *t, const TagObject *tag) {
+    return t->handover ? t->handover : tag->tid;
+}
+
 __attribute__((noinline)) static uint32_t shared_tid(const TagObject *tag, PyThreadState *ts, int *cacheable) {
     tls_t *t = &tls;
     uint32_t tid = 0;
 #if PY_VERSION_HEX >= 0x030C0000
     if (G.watched != NULL) {
         tid = tid_running_in(t->step_gen == G.watch_gen ? t->step_task : NULL, ts);
-        return tid ? tid : tag->tid;
+        return tid ? tid : shared_fallback(t, tag);
     }
 #endif
     *cacheable = 0;
@@ -697,8 +705,7 @@ __attribute__((noinline)) static uint32_t shared_tid(const TagObject *tag, PyThr
         PyObject *loop, *task;
         while (tid == 0 && PyDict_Next(G.current_tasks, &pos, &loop, &task)) tid = tid_running_in(task, ts);
     }
-    (void)t;
-    return tid ? tid : tag->tid;
+    return tid ? tid : shared_fallback(t, tag);
 }
 
 /* How register_task's ctx came: */

@@ -22,9 +22,8 @@ import queue
 import threading
 import weakref
 
-from ..attribution import _core, handover
+from ..attribution import _core
 from ..attribution import threads as core_threads
-from .tagging import TAG
 
 __all__ = ["install", "uninstall", "installed"]
 
@@ -39,8 +38,8 @@ def _executor_worker(thread: threading.Thread) -> bool:
 
 def _note_start(thread: threading.Thread) -> None:
     try:
-        tag = TAG.get(None)
-        tid = tag.id if tag is not None else handover.current()
+        # (not the Tag alone: where tasks share a context it names the newest of them)
+        tid = _core.current_tid()
         if tid and not _executor_worker(thread):
             _pending[thread] = (tid, core_threads.now_ns())
     except Exception:  # never let bookkeeping break the user's thread

@@ -245,6 +245,45 @@ def test_run_coroutine_threadsafe_from_a_thread_doing_the_tasks_work(loop_kind, 
     KEEP.clear()
 
 
+def test_work_of_tasks_sharing_a_context_goes_to_the_task_that_sent_it(loop_kind):
+    """Two tasks made with one Context: its Tag names the newer (Y), so only the hand-over
+    tells whose copy of it a worker thread runs, and whose thread starts there.  X's
+    to_thread job, its thread and its remote task are X's; Y, which allocates nothing,
+    gets none of them (they went to Y, as inherited or inferred, with Y as the remote
+    task's parent)."""
+    KEEP.clear()
+
+    def program(other):
+        async def x():
+            await asyncio.sleep(0.01)  # Y is made and holds the Tag
+            await asyncio.to_thread(alloc, 5)
+            th = threading.Thread(target=alloc, args=(3,))
+            th.start()
+            th.join()
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(remote_2(), other))
+
+        async def y():
+            await asyncio.sleep(0.3)
+
+        async def main():
+            ctx = contextvars.copy_context()
+            await asyncio.gather(asyncio.create_task(x(), name="X", context=ctx),
+                                 asyncio.create_task(y(), name="Y", context=ctx))
+
+        return main
+
+    _, report = _with_another_loop(loop_kind, program)
+    (x,) = report.find(name="X")
+    (y,) = report.find(name="Y")
+    (r_,) = report.find(coro="remote_2")
+    p = max(share(x, routes.PROPAGATED), key=lambda a: a.bytes)  # (and the remote loop's callbacks: ~1 KB)
+    (i,) = share(x, routes.INFERRED)
+    assert close_to(p.bytes, 5 * MiB) and close_to(i.bytes, 3 * MiB), x.attribution
+    assert y.allocated_bytes < 64 * 1024, y.attribution  # (a little of the other loop's internals)
+    assert r_.parent_id == x.id and close_to(r_.live_bytes, 2 * MiB)
+    KEEP.clear()
+
+
 def test_thread_started_in_task_is_inferred(loop_kind):
     KEEP.clear()
 
