@@ -22,6 +22,7 @@ import io
 import marshal
 import os
 import runpy
+import signal
 import sys
 import tempfile
 import threading
@@ -369,10 +370,16 @@ def _profile(target: _Target, args: argparse.Namespace) -> int | None:
             raise CommandError(str(exc)) from None
         profiler.ambient = True  # the program's own ms.run() / install_policy() join it (api)
         started_in = os.getpid()
-        status = _run_program(target, module, err)
+        ending = _Terminated(profiler, output, args.output, err)
+        try:
+            status = _run_program(target, module, err)
+        except BaseException:
+            ending.uninstall()
+            raise
     if os.getpid() != started_in:
         # a child the program forked, which ran on to the program's end: the report and
         # summary are its parent's (a child writing the same -o would replace the parent's)
+        ending.uninstall()
         return status
     # The program's output first.  If it cannot be written, that is the program's error,
     # left in place for Python to report at exit as it would have.
@@ -384,8 +391,11 @@ def _profile(target: _Target, args: argparse.Namespace) -> int | None:
 
     written = True
     try:
-        report = profiler.snapshot()
-        write_json(report, output)
+        with ending.writing:
+            report = profiler.snapshot()
+            write_json(report, output)
+            ending.written = True
+        ending.end_if_asked()
     except KeyboardInterrupt:  # (a large report takes a while): say so, then end as interrupted
         _emit(err, f"{PROG}: interrupted: the report was not written (what was at {args.output} is unchanged)\n")
         raise
@@ -394,6 +404,8 @@ def _profile(target: _Target, args: argparse.Namespace) -> int | None:
         written = False
         if status == 0:
             status = 1
+    finally:
+        ending.uninstall()
     if not args.quiet:
         _summarise(report, args, out, err, written, stuck)
     return status
@@ -453,6 +465,74 @@ def _discard_pending(stream: TextIO) -> None:
                 os.dup2(saved, fd)
         finally:
             os.close(saved)
+
+
+class _Terminated:
+    """SIGTERM and SIGHUP while the program runs (``timeout``, ``kill``, a closed
+    terminal, a container stopped): Python's default is to die at once, and the report
+    would be lost.  Where the program has not set a handler of its own for them (its own
+    replaces ours, as it would replace the default), the report is written by a thread
+    (the program goes on meanwhile, so locks it holds are let go), one line on stderr says
+    so, and the process then ends by the same signal, as it would have, its status the
+    shell's 128 + signal.  A second signal ends it at once.  Installed from the main
+    thread only (the one that receives signals)."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+    def __init__(self, profiler: Any, output: Path, name: str, err: TextIO) -> None:
+        self.profiler, self.output, self.name, self.err = profiler, output, name, err
+        self.writing = threading.Lock()  # one report written at a time: ours or the end's
+        self.written = False
+        self.signum: int | None = None
+        self.installed: list[int] = []
+        self.pid = os.getpid()
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            with contextlib.suppress(ValueError, OSError):
+                if signal.getsignal(signum) is signal.SIG_DFL:
+                    signal.signal(signum, self._handle)
+                    self.installed.append(signum)
+
+    def uninstall(self) -> None:
+        for signum in self.installed:
+            with contextlib.suppress(ValueError, OSError):
+                if signal.getsignal(signum) == self._handle:  # (not replaced by the program)
+                    signal.signal(signum, signal.SIG_DFL)
+        self.installed = []
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second one: at once
+        if os.getpid() != self.pid:  # a child the program forked: its end is the default one
+            os.kill(os.getpid(), signum)
+            return
+        first, self.signum = self.signum is None, signum
+        # (at the program's end, the report being written: ended after it; end_if_asked)
+        if first and not self.writing.locked():
+            threading.Thread(target=self._write_and_end, name="memscope-async-report", daemon=True).start()
+
+    def _write_and_end(self) -> None:
+        with self.writing:
+            if not self.written:
+                try:
+                    write_json(self.profiler.snapshot(), self.output)
+                    self.written = True
+                    note = f"the report was written to {self.name}"
+                except BaseException as exc:  # noqa: BLE001 - said, and the end goes on
+                    note = f"the report was not written: {exc}"
+                _emit(self.err, f"{PROG}: {signal.Signals(self.signum).name}: {note}\n")
+        self._end()
+
+    def end_if_asked(self) -> None:
+        """After the end's own report: a signal that came meanwhile ends the process now."""
+        if self.signum is not None:
+            _emit(self.err, f"{PROG}: {signal.Signals(self.signum).name}: the report was written to {self.name}\n")
+            self._end()
+
+    def _end(self) -> None:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os.kill(os.getpid(), self.signum or signal.SIGTERM)
 
 
 def _run_program(target: _Target, module: types.ModuleType, err: TextIO) -> int | None:

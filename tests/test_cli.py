@@ -164,6 +164,73 @@ def test_an_interrupt_while_the_report_is_written_says_so(tmp_path: Path, script
     assert (tmp_path / "r.json").read_text() == "old"
 
 
+ENDLESS = """\
+import asyncio, signal, sys
+
+HELD = []
+
+async def grow():
+    while True:
+        HELD.append(bytearray(100_000))
+        await asyncio.sleep(0.001)
+
+async def main():
+    if sys.argv[1:] == ["own-handler"]:
+        signal.signal(signal.SIGTERM, lambda *a: print("the program's own handler", flush=True) or sys.exit(3))
+    task = asyncio.create_task(grow(), name="grower")
+    print("ready", flush=True)
+    await task
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "own-handler", "while-writing"])
+def test_a_program_stopped_by_sigterm_still_has_its_report(tmp_path: Path, how: str) -> None:
+    """timeout, kill, docker stop: the report is written and the process ends by the signal,
+    as it would have; a handler of the program's own is the one that runs.  A signal
+    while the report of a program that ended is written ends the process after it (a
+    partial temporary file was left)."""
+    import signal
+    import time
+
+    (tmp_path / "endless.py").write_text(ENDLESS)
+    if how == "while-writing":
+        driver = textwrap.dedent("""
+            import os, signal, sys
+            from memscope_async import cli
+            write = cli.write_json
+
+            def slow(report, path):
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives while the report is written
+                return write(report, path)
+
+            cli.write_json = slow
+            sys.exit(cli.main(["run", "-q", "-o", "r.json", "script.py"]))
+        """)
+        (tmp_path / "script.py").write_text(SCRIPT)
+        proc = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == -signal.SIGTERM, proc.stderr
+    else:
+        args = ["own-handler"] if how == "own-handler" else []
+        proc = subprocess.Popen([sys.executable, "-m", "memscope_async", "run", "-q", "-o", "r.json", "endless.py",
+                                 *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "ready\n"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGHUP if how == "SIGHUP" else signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        if how == "own-handler":  # the program's own handler runs, and the program ends as it says
+            assert proc.returncode == 3 and out == "the program's own handler\n", err
+        else:
+            assert proc.returncode == -getattr(signal, how), err
+            assert err == f"memscope-async: {how}: the report was written to r.json\n"
+    report = Report.load(tmp_path / "r.json")
+    (task,) = report.find(name="grabber" if how == "while-writing" else "grower")
+    assert task.live_bytes > 100_000
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file
+
+
 def test_program_arguments_are_passed_through(tmp_path: Path, script: Path) -> None:
     proc = cli("run", "-q", "-o", "r.json", script.name, "--top", "3", "-o", "x", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
