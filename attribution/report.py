@@ -332,11 +332,14 @@ class Report:
 
     # -- lookups -------------------------------------------------------------------------
     def task(self, task_or_id: Any) -> TaskReport:
-        """The report of one task, given its report id or the ``asyncio.Task`` itself.
+        """The report of one task, given its report id, the ``asyncio.Task`` itself, or a
+        :class:`TaskReport` of it (e.g. from another snapshot of the same run).
 
         Raises ``KeyError`` if the report does not know that task.
         """
         index = self._index()
+        if isinstance(task_or_id, TaskReport):
+            task_or_id = task_or_id.id
         if isinstance(task_or_id, int) and not isinstance(task_or_id, bool):
             try:
                 return index[task_or_id]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from ..attribution.report import Hotspot, Report, TaskReport, ThreadReport
 
@@ -325,17 +325,40 @@ def _threads(report: Report, fmt: _Numbers, top: int, width: int) -> list[str]:
     shown, more = _ranked(
         report.threads, lambda t: (-(t.attributed_bytes + t.unattributed_bytes), t.id), top, "threads"
     )
+    # what of each thread's attributed bytes was inferred (a thread a task started), with
+    # the confidence of those bytes: a guessed byte always carries "~" and the confidence
+    inferred: dict[int, list[float]] = {}
+    for task in report.tasks:
+        for share in task.attribution:
+            if share.route == "inferred" and share.bytes:
+                got = inferred.setdefault(share.thread_id, [0, 0.0])
+                got[0] += share.bytes
+                got[1] += share.bytes * share.confidence
+    # (only threads of role "other" are ever inferred: a thread id, an ident, may have been
+    # an executor's or a loop's too, one after the other)
+    def inferred_of(t: Any) -> list[float] | None:
+        got = inferred.get(t.id) if t.role == "other" else None
+        return [min(got[0], t.attributed_bytes), got[1] / got[0]] if got and t.attributed_bytes else None
+
+    with_inferred = any(inferred_of(t) for t in shown)
     columns = [
         _Column("id", numeric=True),
         _Column("name", flex=True),
         _Column("role"),
         _Column("attributed", numeric=True),
-        _Column("unattributed", numeric=True),
-        _Column("allocations", numeric=True),
     ]
-    rows = [
-        [str(t.id), t.name or "", t.role, fmt.size(t.attributed_bytes), fmt.size(t.unattributed_bytes),
-         fmt.count(t.allocations)]
-        for t in shown
-    ]
-    return ["Threads", *_table(columns, rows, width), *more]
+    if with_inferred:
+        columns.append(_Column("of it inferred", numeric=True))
+    columns += [_Column("unattributed", numeric=True), _Column("allocations", numeric=True)]
+    rows = []
+    for t in shown:
+        row = [str(t.id), t.name or "", t.role, fmt.size(t.attributed_bytes)]
+        if with_inferred:
+            got = inferred_of(t)
+            row.append(f"~{format_size(int(got[0]))} (c={_confidence(got[1])})" if got else "-")
+        rows.append(row + [fmt.size(t.unattributed_bytes), fmt.count(t.allocations)])
+    lines = ["Threads", *_table(columns, rows, width), *more]
+    if with_inferred:
+        lines.append("of it inferred: attributed bytes guessed without a context link (a thread a task")
+        lines.append("started), c = their confidence.")
+    return lines

@@ -168,7 +168,9 @@ def test_profile_decorator_reports_each_call_and_keeps_results(tmp_path, loop_ki
             (t,) = handler.last_report.find(coro="test_profile_decorator_reports_each_call_and_keeps_results.<locals>.main")
             assert close_to(t.live_bytes, 5 * MiB) and close_to(t.allocated_bytes, 5 * MiB), t
             assert t.name is not None  # (reported after stopping, while it still ran)
-            assert ms.Report.load(path).task(t.id).live_bytes == t.live_bytes
+            loaded = ms.Report.load(path)
+            assert loaded.task(t.id).live_bytes == t.live_bytes
+            assert loaded.task(t) == loaded.task(t.id) and loaded.children(t) == loaded.children(t.id)  # by its report
             with pytest.raises(ValueError, match="no bytes"):
                 runner.run(handler(0))
     finally:

@@ -665,6 +665,22 @@ def test_render_text_unattributed_leaks_and_threads():
     assert rows[1].split()[:4] == [str(POOL_THREAD), "asyncio_0", "/", "late-worker"], rows
 
 
+def test_render_text_marks_inferred_bytes_in_the_threads_table():
+    """A thread a task started holds guessed bytes: shown apart with "~" and their
+    confidence, as in the task tables; an executor thread (never inferred) that had the
+    same id before it shows none."""
+    report = make_report()
+    started = ThreadReport(POOL_THREAD, 9003, "started-by-4", "other", 1258291 + 100, 0, 3)
+    threads = _section(render_text(dataclasses.replace(report, threads=(*report.threads, started))), "Threads")
+    assert "of it inferred" in threads[1]
+    (row,) = [ln for ln in threads if "started-by-4" in ln]
+    assert "~1.2 MiB (c=0.40)" in row
+    (pool,) = [ln for ln in threads if "asyncio_0" in ln]
+    assert " - " in pool and "~" not in pool
+    assert any(ln.startswith("of it inferred: attributed bytes guessed") for ln in threads)
+    assert "of it inferred" not in "\n".join(_section(render_text(report), "Threads"))  # none shown: no column
+
+
 def test_render_text_sizes():
     tasks = (
         _task(1, (1,), allocated=512, live=0, peak=0),
