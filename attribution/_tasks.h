@@ -2517,7 +2517,9 @@ static PyObject *handover_vectorcall(PyObject *self, PyObject *const *args, size
             pos = 1;
         }
     }
-    if (tid == 0 || pos < 0) return PyObject_Vectorcall(ho->orig, args, nargsf, kwnames);
+    /* (what is not callable goes as it came, for the loop's own error: in debug mode
+     * run_in_executor refuses it at the call, not when the job runs) */
+    if (tid == 0 || pos < 0 || !PyCallable_Check(args[pos])) return PyObject_Vectorcall(ho->orig, args, nargsf, kwnames);
     PyObject *wrapped = wrap_handed(tid, args[pos]);
     if (wrapped == NULL) return NULL;
     PyObject *r = call_replacing(ho->orig, args, n, kwnames, pos, wrapped);

@@ -329,7 +329,30 @@ async def prog_work_handed_to_threads_reads_as_the_user_s():
     return messages, submitted
 
 
+async def prog_debug_mode_refuses_what_is_not_callable():
+    """In debug mode the loop refuses a job or callback that is not callable at the call
+    (the wrapper that carries the task's work across must not hide it from that check)."""
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    out = []
+    for send in (lambda: loop.run_in_executor(None, None), lambda: loop.run_in_executor(None, 42),
+                 lambda: loop.call_soon_threadsafe(None)):
+        try:
+            fut = send()
+            out.append("accepted")
+            if isinstance(fut, asyncio.Future):
+                try:
+                    await fut
+                except TypeError as exc:
+                    out.append(f"failed later: {exc}")
+        except TypeError as exc:
+            out.append(f"refused: {exc}")
+    loop.set_debug(False)
+    return out
+
+
 PROGRAMS = [
+    prog_debug_mode_refuses_what_is_not_callable,
     prog_kept_tag_mappings,
     prog_contextvars,
     prog_many_contextvars,
