@@ -7,8 +7,9 @@ target, tells the C core "context-less work here is probably that task's".  The 
 then decays that guess with the thread's age, drops it once the starting task has
 finished for long enough, and drops it for good as soon as the thread runs another
 task's work, or takes work from a ``queue.Queue`` (a thread that serves a queue serves
-whoever fills it, not the task that started it).  Thread-pool workers are never
-inferred: they serve everyone by design.
+whoever fills it, not the task that started it).  Thread-pool workers
+(concurrent.futures', multiprocessing.pool.ThreadPool's) are never inferred: they serve
+everyone by design.
 
 Names of threads started while profiling are remembered so the report can show them
 after the threads are gone.
@@ -33,7 +34,11 @@ _session: object | None = None  # the running install's token (see install)
 
 
 def _executor_worker(thread: threading.Thread) -> bool:
-    return getattr(thread, "_target", None) is _cf_thread._worker
+    """A pool's thread: concurrent.futures' workers, and multiprocessing.pool.ThreadPool's
+    workers and the threads that feed them (by their functions' module: nothing imported
+    for it).  Pools serve whoever submits work, so no task's bytes are inferred there."""
+    target = getattr(thread, "_target", None)
+    return target is _cf_thread._worker or getattr(target, "__module__", None) == "multiprocessing.pool"
 
 
 def _note_start(thread: threading.Thread) -> None:

@@ -366,6 +366,40 @@ def test_long_lived_worker_not_charged_to_its_starter(loop_kind):
     KEEP.clear()
 
 
+def test_a_thread_pool_of_multiprocessing_is_not_charged_to_the_task_that_made_it(loop_kind):
+    """multiprocessing.pool.ThreadPool's workers take jobs from a SimpleQueue (not
+    wrapped): made by a long-lived task and fed by others, they were inferred to the
+    maker, 4 x 5 MiB at c=0.5.  Pool threads serve whoever submits: unattributed."""
+    from multiprocessing.pool import ThreadPool
+
+    KEEP.clear()
+
+    async def owner(box):
+        box["pool"] = ThreadPool(2)
+        await asyncio.sleep(0.3)
+        box["pool"].close()
+
+    async def client(pool):
+        done = pool.apply_async(alloc, (5,))
+        while not done.ready():
+            await asyncio.sleep(0.005)
+
+    async def main():
+        box = {}
+        made = asyncio.create_task(owner(box), name="owner")
+        await asyncio.sleep(0.01)
+        await asyncio.gather(*(asyncio.create_task(client(box["pool"])) for _ in range(4)))
+        await made
+        box["pool"].join()
+
+    _, report = run_profiled(main, loop_kind)
+    (o,) = report.find(name="owner")
+    assert o.allocated_bytes < 2 * MiB and not share(o, routes.INFERRED), o.attribution  # (its pool: ~0.4 MB)
+    assert report.unattributed.allocated_bytes > 19 * MiB  # there, visibly
+    assert {th.role for th in report.threads if "worker" in (th.name or "")} == {"executor"}
+    KEEP.clear()
+
+
 def test_queue_worker_is_not_charged_to_its_starter_while_it_runs(loop_kind):
     """As above, but the task that started the worker is still running while three other
     tasks send it jobs without their contexts: the worker takes them from a queue.Queue,
