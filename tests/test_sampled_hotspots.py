@@ -234,8 +234,11 @@ def test_hotspots_split_a_block_by_the_lines_that_made_it(mode, loop_kind):
     # seeds the made line's estimate spread 1.2% (worst 4.6%), the grown line's 0.5%
     assert close_to(lines["MADE-SITE"].live_bytes, made, rel=0.08), (lines, made)
     assert close_to(lines["GROWN-SITE"].live_bytes, grown, rel=0.05), (lines, grown)
+    # (sampled mode: past 16 stretches of a block the oldest two merge into the line of
+    # either, drawn by their bytes, so a line's live estimate may pass its allocated one
+    # by a merged stretch; in one full 3.13 run, 42.97 MB live against 42.47 MB)
     for h in t.hotspots:
-        assert h.live_bytes <= h.bytes * 1.01, h
+        assert h.live_bytes <= h.bytes * (1.01 if mode == "exact" else 1.05), h
     del held
 
 
