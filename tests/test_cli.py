@@ -214,12 +214,22 @@ def test_a_program_stopped_by_sigterm_still_has_its_report(tmp_path: Path, how: 
         assert proc.returncode == -signal.SIGTERM, proc.stderr
     else:
         args = ["own-handler"] if how == "own-handler" else []
+        def default_signals() -> None:  # (a runner under nohup would pass SIGHUP on ignored)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
         proc = subprocess.Popen([sys.executable, "-m", "memscope_async", "run", "-q", "-o", "r.json", "endless.py",
-                                 *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stdout.readline() == "ready\n"
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGHUP if how == "SIGHUP" else signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+                                 *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=default_signals)
+        try:
+            assert proc.stdout.readline() == "ready\n"
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGHUP if how == "SIGHUP" else signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         if how == "own-handler":  # the program's own handler runs, and the program ends as it says
             assert proc.returncode == 3 and out == "the program's own handler\n", err
         else:
