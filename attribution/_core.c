@@ -174,7 +174,7 @@ enum { TF_REGISTERED = 1, TF_VIA_FACTORY = 2, TF_CROSS_PARENT = 4, TF_FINISHED =
        TF_SITES = 32, TF_UNCOUNTED_SHIFT = 8, TF_UNCOUNTED = 15 << TF_UNCOUNTED_SHIFT };
 /* task_info_t.flags.  TF_SITES: a stack sample named it, so it owns sites that go to its
  * group when it folds.  TF_UNCOUNTED: how many of its tag mapping's objects were taken off
- * the collector's count (gc_uncount), 0 to 9. */
+ * the collector's count (gc_uncount), 0 to 8. */
 enum { TS_PENDING = 0, TS_DONE = 1, TS_CANCELLED = 2, TS_FAILED = 3 };                /* task_info_t.state */
 
 typedef struct {
@@ -1646,12 +1646,6 @@ static PyObject *core_set_handover(PyObject *m, PyObject *arg) {
     return PyLong_FromUnsignedLong(prev);
 }
 
-static PyObject *core_handover(PyObject *m, PyObject *noargs) {
-    tls_t *t = &tls;
-    if (!S.has_data || t->session != S.session) return PyLong_FromLong(0);
-    return PyLong_FromUnsignedLong(t->handover);
-}
-
 PyDoc_STRVAR(current_tid_doc,
 "current_tid() -> int\n--\n\nThe task the calling thread's work is charged to now (by its context's\n"
 "tag, the running task where tasks share that context, or the hand-over), 0 if none.");
@@ -2074,7 +2068,6 @@ static PyMethodDef core_methods[] = {
     {"is_active", core_is_active, METH_NOARGS, NULL},
     {"thread_slot", core_thread_slot, METH_NOARGS, thread_slot_doc},
     {"set_handover", core_set_handover, METH_O, set_handover_doc},
-    {"handover", core_handover, METH_NOARGS, "handover() -> int\n--\n\nThe task id handed over to this thread, 0 if none."},
     {"current_tid", core_current_tid, METH_NOARGS, current_tid_doc},
     {"set_inferred", core_set_inferred, METH_VARARGS, set_inferred_doc},
     {"serves", core_serves, METH_NOARGS, serves_doc},
