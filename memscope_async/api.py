@@ -288,15 +288,10 @@ def instrument(loop: asyncio.AbstractEventLoop | None = None, **options: Any) ->
         prof = Profiler(**options).start()
         prof._tagger.on_loop_close = lambda _loop: prof.stop()
     else:
-        # the same errors for bad names or values as when it starts one; then the options
-        # given, as a profiler would take them, against the running one's
-        wanted, running = Profiler(**options)._settings(), prof._settings()
-        asked = list(options) + (["mode"] if "sample_interval" in options and "mode" not in options else [])
-        differ = [k for k in asked if wanted[k] != running[k] and
-                  not (k == "sample_interval" and running["mode"] == "exact")]
+        differ = _differing(prof, options)
         if differ:
             raise ProfilerError(
-                f"a profiler is already running ({', '.join(f'{k}={running[k]!r}' for k in differ)}); "
+                f"a profiler is already running ({', '.join(f'{k}={v!r}' for k, v in differ.items())}); "
                 f"instrument() uses it and cannot change {', '.join(differ)}"
             )
     prof.instrument_loop(loop)
@@ -414,15 +409,25 @@ def _joins_ambient(running: Profiler, what: str, options: dict[str, Any]) -> boo
     """Whether a profiler the program starts with ``what`` joins ``running`` instead: the
     profiler of ``memscope-async run`` (ambient), still running.  Options it cannot honour
     are said, once per call, as a warning."""
-    if not (running.active and getattr(running, "ambient", False)):
+    if not (running.active and running.ambient):
         return False
-    wanted, settings = Profiler(**options)._settings(), running._settings()
-    differ = [k for k in options if k in settings and wanted[k] != settings[k]]
+    differ = _differing(running, options)
     if differ:
         _warn(f"memscope-async: {what} joins the profiler of memscope-async run, whose "
-              f"{', '.join(f'{k}={settings[k]!r}' for k in differ)} stay{'s' if len(differ) == 1 else ''}",
+              f"{', '.join(f'{k}={v!r}' for k, v in differ.items())} stay{'s' if len(differ) == 1 else ''}",
               stacklevel=3)
     return True
+
+
+def _differing(running: Profiler, options: dict[str, Any]) -> dict[str, Any]:
+    """The options given, as a profiler would take them (the same errors for bad names or
+    values as when one starts), that ``running`` has otherwise: name -> its value.  A
+    sample interval alone asks for sampled mode, and means nothing to a profiler in exact
+    mode."""
+    wanted, settings = Profiler(**options)._settings(), running._settings()
+    asked = list(options) + (["mode"] if "sample_interval" in options and "mode" not in options else [])
+    return {k: settings[k] for k in asked if wanted[k] != settings[k] and
+            not (k == "sample_interval" and settings["mode"] == "exact")}
 
 
 def _uvloop_module():
