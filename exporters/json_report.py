@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..attribution.report import Report
 
-__all__ = ["ExportError", "export_json_async", "write_json", "writes_through"]
+__all__ = ["ExportError", "export_json_async", "report_path", "write_json", "writes_through"]
 
 
 class ExportError(Exception):
@@ -40,7 +40,7 @@ def write_json(report: Report, path: str | os.PathLike[str], *, indent: bool = F
     serialised, or any write, fsync or rename fails.  In every failure case the previous
     file at ``path`` (if any) is left intact and no temporary file remains.
     """
-    named = _named(path)
+    named = report_path(path)
     target, stream = _resolve(named)
     if stream:
         data = _serialise(report, named, indent)
@@ -85,7 +85,7 @@ async def export_json_async(report: Report, path: str | os.PathLike[str], *, ind
     import aiofiles
     import aiofiles.os
 
-    named = _named(path)
+    named = report_path(path)
     loop = asyncio.get_running_loop()
     target, stream = await loop.run_in_executor(None, _resolve, named)
     if stream:  # (a FIFO's open waits for a reader: off the loop too)
@@ -123,9 +123,9 @@ async def export_json_async(report: Report, path: str | os.PathLike[str], *, ind
     return named
 
 
-def _named(path: str | os.PathLike[str]) -> Path:
+def report_path(path: str | os.PathLike[str]) -> Path:
     """``path`` as a Path, if it can name a report file: not empty, not a directory (a name
-    ending in a slash means one, which Path would drop)."""
+    ending in a slash means one, which Path would drop).  Raises :class:`ExportError`."""
     text = os.fspath(path)
     if isinstance(text, bytes):
         text = os.fsdecode(text)

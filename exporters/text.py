@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from ..attribution.report import Hotspot, Report, TaskReport, ThreadReport
 
@@ -336,7 +336,7 @@ def _threads(report: Report, fmt: _Numbers, top: int, width: int) -> list[str]:
                 got[1] += share.bytes * share.confidence
     # (only threads of role "other" are ever inferred: a thread id, an ident, may have been
     # an executor's or a loop's too, one after the other)
-    def inferred_of(t: Any) -> list[float] | None:
+    def inferred_of(t: ThreadReport) -> list[float] | None:
         got = inferred.get(t.id) if t.role == "other" else None
         return [min(got[0], t.attributed_bytes), got[1] / got[0]] if got and t.attributed_bytes else None
 

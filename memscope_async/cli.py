@@ -36,7 +36,7 @@ from . import api
 from .attribution.report import Report, ReportError
 from .attribution.tracker import MAX_INTERVAL
 from .sizes import parse_size
-from .exporters.json_report import writes_through
+from .exporters.json_report import report_path, writes_through
 from .exporters import ExportError, render_text, write_json
 from .profiler import ProfilerError
 
@@ -246,11 +246,11 @@ class _Target:
             spec = importlib.util.find_spec(f"{self.name}.__main__")
         self.origin = spec.origin if spec is not None and spec.has_location else None
 
-    def files(self) -> list[str]:
-        """The program's own files a report must never replace: the script (or zip) run,
-        or the module's file."""
+    def file(self) -> str | None:
+        """The program's own file, which a report must never replace: the script (or zip)
+        run, or the module's file (its real path; None: none, e.g. a directory)."""
         found = self.origin if self.is_module else self.path
-        return [os.path.realpath(found)] if found and os.path.isfile(found) else []
+        return os.path.realpath(found) if found and os.path.isfile(found) else None
 
     def execute(self, module: types.ModuleType) -> None:
         """Run the program in ``module``, the ``__main__`` in sys.modules, as Python does."""
@@ -326,13 +326,10 @@ def _profiler_options(args: argparse.Namespace) -> dict[str, Any]:
 def _check_output(name: str) -> Path:
     """Fail before running the program, not after, if the report cannot be written.
     Returns the path made absolute now: the program may change directory."""
-    if not name.strip():
-        raise CommandError("cannot write report to an empty path", USAGE_ERROR)
-    path = Path(name)
-    if path.is_dir():
-        raise CommandError(f"cannot write report to {name}: it is a directory", USAGE_ERROR)
-    if name.endswith((os.sep, "/")):  # a directory meant, and there is none (Path drops the slash)
-        raise CommandError(f"cannot write report to {name}: no such directory", USAGE_ERROR)
+    try:
+        path = report_path(name)  # not empty, not a directory
+    except ExportError as exc:
+        raise CommandError(str(exc), USAGE_ERROR) from None
     if writes_through(path):  # /dev/null, /dev/stdout, a FIFO: written through, by this name
         if not os.access(path, os.W_OK):
             raise CommandError(f"cannot write report to {name}: permission denied", USAGE_ERROR)
@@ -362,7 +359,7 @@ def _profile(target: _Target, args: argparse.Namespace) -> int | None:
     out, err = sys.stdout, sys.stderr  # the program may replace them; the summary goes to ours
     with _program_environment(target) as module:
         target.check_module()
-        if os.path.realpath(output) in target.files():
+        if os.path.realpath(output) == target.file():
             raise CommandError(f"cannot write report to {args.output}: it is the program being run", USAGE_ERROR)
         try:
             profiler = api.install_policy(uvloop=args.uvloop, **options)
