@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -468,8 +469,14 @@ class Report:
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":
-        """Read a report written by ``Profiler.export``.  Raises ``OSError`` or :class:`ReportError`."""
-        return cls.from_json(Path(path).read_bytes())
+        """Read a report written by ``Profiler.export``.  Raises ``OSError`` (a file that
+        cannot be read) or :class:`ReportError` (one that is not a report; the message
+        starts with the path)."""
+        data = Path(path).read_bytes()
+        try:
+            return cls.from_json(data)
+        except ReportError as exc:
+            raise ReportError(f"{os.fspath(path)}: {exc}") from None
 
 
 _STATES = frozenset({"pending", "done", "cancelled", "failed"})

@@ -11,10 +11,12 @@ Entry points::
 
 from .api import LoopFactory, install_policy, instrument, loop_factory, profile, run, uninstall_policy
 from .attribution.report import Report, ReportError, TaskReport
+from .exporters.json_report import ExportError
 from .loop_hooks.tagging import current_labels, labels
 from .profiler import Profiler, ProfilerError, current_profiler
 
 __all__ = [
+    "ExportError",
     "LoopFactory",
     "Profiler",
     "ProfilerError",

@@ -168,8 +168,8 @@ class ReportCommand(Command):
             report = Report.load(args.report)
         except OSError as exc:
             raise CommandError(f"cannot read {args.report}: {exc.strerror or exc}") from None
-        except ReportError as exc:
-            raise CommandError(f"{args.report}: {exc}") from None
+        except ReportError as exc:  # (its message starts with the path)
+            raise CommandError(str(exc)) from None
         if args.json:
             error = _emit(sys.stdout, report.to_json_bytes(indent=True) + b"\n")
         else:

@@ -222,11 +222,15 @@ class Profiler:
             raise ProfilerError(str(exc)) from None
 
     def export(self, path: str | Path, *, indent: bool = False) -> Path:
-        """Write the JSON report atomically to ``path`` and return the path."""
+        """Write the JSON report atomically to ``path`` and return the path.
+
+        Raises :class:`memscope_async.ExportError` (one line naming the file and the
+        reason) if it cannot be written; a file already at ``path`` is then left as it was."""
         return _core.unrecorded(functools.partial(write_json, self.snapshot(), path, indent=indent))
 
     async def export_async(self, path: str | Path, *, indent: bool = False) -> Path:
-        """Like :meth:`export`, writing with aiofiles so the loop is not blocked."""
+        """Like :meth:`export`, writing with aiofiles so the loop is not blocked (and
+        raising :class:`memscope_async.ExportError` the same way)."""
         return await export_json_async(self.snapshot(), path, indent=indent)
 
     def stats(self) -> dict[str, Any]:

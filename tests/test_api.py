@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import re
 import warnings
 
 import pytest
@@ -565,3 +566,18 @@ def test_a_stopped_profiler_still_answers_after_another_one_ran(loop_kind):
     with pytest.raises(ms.ProfilerError, match="holds no data"):
         first.snapshot()
     kept.clear()
+
+
+def test_export_and_load_errors_are_the_packages_own_and_name_the_file(tmp_path):
+    profiler = ms.Profiler()
+    profiler.start()
+    profiler.stop()
+    with pytest.raises(ms.ExportError, match=r"^cannot write report to .*missing.*does not exist$"):
+        profiler.export(tmp_path / "missing" / "r.json")
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b"{not json")
+    with pytest.raises(ms.ReportError, match=r"^" + re.escape(str(bad)) + r": not valid JSON"):
+        ms.Report.load(bad)
+    with pytest.raises(FileNotFoundError):
+        ms.Report.load(tmp_path / "none.json")
+    profiler.close()
