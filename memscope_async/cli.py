@@ -141,8 +141,9 @@ class RunCommand(Command):
                             help="run a library module as a script, like python -m")
         # One positional that takes the rest verbatim: the program's arguments are its own
         # ("--" included), never parsed by us
-        parser.add_argument("program", metavar="script.py | -m module [args]", nargs=argparse.REMAINDER,
-                            help="the program to run and its arguments")
+        parser.add_argument("program", metavar="script.py | -m module | - [args]", nargs=argparse.REMAINDER,
+                            help="the program to run (a script, a directory or zip with a __main__.py, "
+                                 "-m module, or - to read it from stdin) and its arguments")
 
     def run(self, args: argparse.Namespace) -> int | None:
         program = args.program[1:] if args.program[:1] == ["--"] else args.program  # "--" ends our options
@@ -210,18 +211,24 @@ class _Target:
         # Python's absolute path: the working directory joined to the path as given, not
         # normalised (``./app.py`` runs as ``/cwd/./app.py``: __file__, code, sys.path)
         self.path = name if is_module else os.path.join(os.getcwd(), name)
-        if not is_module:
+        self.stdin = not is_module and name == "-"  # ``python -``: the program comes on stdin
+        if self.stdin:
+            self.path = "<stdin>"
+        elif not is_module:
             if not os.path.exists(self.path):
                 raise CommandError(f"cannot run {name}: no such file", USAGE_ERROR)
             if os.path.isdir(self.path) and not os.path.isfile(os.path.join(self.path, "__main__.py")):
                 raise CommandError(f"cannot run {name}: a directory needs a __main__.py", USAGE_ERROR)
         # a directory or a zip file runs its __main__ module, found through sys.path[0]
-        self.importable = not is_module and (os.path.isdir(self.path) or zipfile.is_zipfile(self.path))
+        self.importable = not is_module and not self.stdin and (os.path.isdir(self.path) or
+                                                                zipfile.is_zipfile(self.path))
 
     def path0(self) -> str:
         """What Python puts in ``sys.path[0]`` for this program."""
         if self.is_module:
             return os.getcwd()
+        if self.stdin:
+            return ""  # as for ``python -``: the working directory, whatever it becomes
         if self.importable:
             return self.path
         return os.path.dirname(os.path.realpath(self.path))
@@ -249,6 +256,8 @@ class _Target:
     def file(self) -> str | None:
         """The program's own file, which a report must never replace: the script (or zip)
         run, or the module's file (its real path; None: none, e.g. a directory)."""
+        if self.stdin:
+            return None
         found = self.origin if self.is_module else self.path
         return os.path.realpath(found) if found and os.path.isfile(found) else None
 
@@ -259,6 +268,10 @@ class _Target:
             runpy._run_module_as_main(self.name)
         elif self.importable:
             runpy._run_module_as_main("__main__", alter_argv=False)  # ``python app.zip``: argv[0] as given
+        elif self.stdin:
+            source = sys.stdin.buffer.read()  # (its encoding, as for a file: a coding line or UTF-8)
+            vars(module).update(__file__=self.path, __cached__=None, __loader__=importlib.machinery.BuiltinImporter)
+            exec(compile(source, self.path, "exec", dont_inherit=True), vars(module))
         else:
             code, loader = self._compile()
             vars(module).update(__file__=self.path, __cached__=None, __loader__=loader("__main__", self.path))
@@ -648,13 +661,38 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# run's options that take a value as the next argument (``-o x``; ``--output=x`` takes none)
+_RUN_VALUE_OPTIONS = frozenset({"-o", "--output", "--mode", "--sample-interval", "--stack-depth", "--top"})
+
+
+def _split_module_option(argv: Sequence[str]) -> list[str]:
+    """``run -mpkg.mod`` as ``run -m pkg.mod``, as Python takes ``-mpkg.mod`` (argparse
+    would read the rest as more one-letter flags).  Only before the program: what follows
+    it is the program's own."""
+    argv = list(argv)
+    if not argv or argv[0] != "run":
+        return argv
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-m") and len(arg) > 2:
+            return [*argv[:i], "-m", arg[2:], *argv[i + 1:]]
+        if arg in _RUN_VALUE_OPTIONS:
+            i += 2
+        elif arg.startswith("-") and arg not in ("-", "--", "-m"):
+            i += 1
+        else:
+            break  # the program (a script, "-", "--", or -m's module): the rest is its own
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status.
     Raises KeyboardInterrupt if the program it ran was ended by one (see _end_interrupted)."""
     parser = _build_parser()
     try:
         try:
-            args, unknown = parser.parse_known_args(argv)
+            args, unknown = parser.parse_known_args(_split_module_option(sys.argv[1:] if argv is None else argv))
         except SystemExit as exc:  # --help, --version
             return exc.code if isinstance(exc.code, int) else 0
         command = getattr(args, "command", None)

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from memscope_async.attribution.report import Report
-from memscope_async.cli import parse_size
+from memscope_async.cli import _split_module_option, parse_size
 
 MiB = 1024 * 1024
 
@@ -303,6 +303,21 @@ def test_run_module_finds_modules_in_the_working_directory(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "argv: ['a']\n"
     assert grabber(Report.load(tmp_path / "r.json")).live_bytes >= 4 * MiB
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["run", "-mpkg.mod", "a"], ["run", "-m", "pkg.mod", "a"]),
+    (["run", "-q", "--mode=sampled", "-o", "-mr.json", "-mx", "-my"], ["run", "-q", "--mode=sampled", "-o", "-mr.json",
+                                                                      "-m", "x", "-my"]),
+    (["run", "prog.py", "-mx"], ["run", "prog.py", "-mx"]),  # the program's own
+    (["run", "--", "-mx"], ["run", "--", "-mx"]),
+    (["run", "-m", "mod", "-mx"], ["run", "-m", "mod", "-mx"]),
+    (["report", "-mx"], ["report", "-mx"]),
+])
+def test_an_attached_module_name_is_split_only_before_the_program(argv: list[str], expected: list[str]) -> None:
+    """``-mpkg.mod`` means ``-m pkg.mod`` as in ``python -mpkg.mod``; from the program on,
+    arguments are the program's."""
+    assert _split_module_option(argv) == expected
 
 
 def test_sampled_mode_with_a_suffixed_interval(tmp_path: Path, script: Path) -> None:

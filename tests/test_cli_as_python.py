@@ -63,6 +63,7 @@ print(sys.argv, sys.path[0])
     ["app.zip", "z"],
     ["-m", "prog", "--", "-o"],
     ["-m", "pkg", "w"],
+    ["-mprog", "-mx"],
 ], ids=lambda c: " ".join(c))
 def test_the_program_sees_what_python_shows_it(tmp_path: Path, command: list[str]) -> None:
     """Globals as Python's own __main__ has them (the builtins module, not its dict;
@@ -82,6 +83,20 @@ def test_the_program_sees_what_python_shows_it(tmp_path: Path, command: list[str
     assert (got.returncode, got.stderr) == (0, "")
     assert got.stdout == expected.stdout
     assert "'__builtins__', 'module(None, None)'" in got.stdout
+
+
+def test_a_program_read_from_stdin_sees_what_python_shows_it(tmp_path: Path) -> None:
+    """``run - args`` as ``python - args``: the program is read from stdin and runs with
+    __file__ "<stdin>", the default loader, sys.argv[0] "-" and sys.path[0] ""."""
+    def go(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, *args], cwd=tmp_path, input=DUMP + "print(__file__)\n",
+                              capture_output=True, text=True, timeout=60)
+    expected = go("-", "a", "--")
+    assert expected.returncode == 0, expected.stderr
+    got = go("-m", "memscope_async", "run", "-q", "-o", "r.json", "-", "a", "--")
+    assert (got.returncode, got.stdout, got.stderr) == (0, expected.stdout, "")
+    assert got.stdout.endswith("['-', 'a', '--'] \n<stdin>\n")
+    assert Report.load(tmp_path / "r.json").run is not None
 
 
 @pytest.mark.parametrize("command", [
