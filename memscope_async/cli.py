@@ -370,52 +370,51 @@ def _profile(target: _Target, args: argparse.Namespace) -> int | None:
     options = _profiler_options(args)
     output = _check_output(args.output)
     out, err = sys.stdout, sys.stderr  # the program may replace them; the summary goes to ours
-    with _program_environment(target) as module:
-        target.check_module()
-        if os.path.realpath(output) == target.file():
-            raise CommandError(f"cannot write report to {args.output}: it is the program being run", USAGE_ERROR)
-        try:
-            profiler = api.install_policy(uvloop=args.uvloop, **options)
-        except ProfilerError as exc:
-            raise CommandError(str(exc)) from None
-        profiler.ambient = True  # the program's own ms.run() / install_policy() join it (api)
-        started_in = os.getpid()
-        ending = _Terminated(profiler, output, args.output, err)
-        try:
+    ending: _Terminated | None = None  # its signal handlers go when this ends, however it ends
+    try:
+        with _program_environment(target) as module:
+            target.check_module()
+            if os.path.realpath(output) == target.file():
+                raise CommandError(f"cannot write report to {args.output}: it is the program being run",
+                                   USAGE_ERROR)
+            try:
+                profiler = api.install_policy(uvloop=args.uvloop, **options)
+            except ProfilerError as exc:
+                raise CommandError(str(exc)) from None
+            profiler.ambient = True  # the program's own ms.run() / install_policy() join it (api)
+            started_in = os.getpid()
+            ending = _Terminated(profiler, output, args.output, err)
             status = _run_program(target, module, err)
-        except BaseException:
-            ending.uninstall()
-            raise
-    if os.getpid() != started_in:
-        # a child the program forked, which ran on to the program's end: the report and
-        # summary are its parent's (a child writing the same -o would replace the parent's)
-        ending.uninstall()
-        return status
-    # The program's output first.  If it cannot be written, that is the program's error,
-    # left in place for Python to report at exit as it would have.
-    stuck: Exception | None = None
-    try:
-        sys.stdout.flush()
-    except (OSError, ValueError, AttributeError) as exc:  # (AttributeError: no stdout at all)
-        stuck = exc
+        if os.getpid() != started_in:
+            # a child the program forked, which ran on to the program's end: the report and
+            # summary are its parent's (a child writing the same -o would replace the parent's)
+            return status
+        # The program's output first.  If it cannot be written, that is the program's error,
+        # left in place for Python to report at exit as it would have.
+        stuck: Exception | None = None
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError, AttributeError) as exc:  # (AttributeError: no stdout at all)
+            stuck = exc
 
-    written = True
-    try:
-        with ending.writing:
-            report = profiler.snapshot()
-            write_json(report, output)
-            ending.written = True
-        ending.end_if_asked()
-    except KeyboardInterrupt:  # (a large report takes a while): say so, then end as interrupted
-        _emit(err, f"{PROG}: interrupted: the report was not written (what was at {args.output} is unchanged)\n")
-        raise
-    except ExportError as exc:
-        _emit(err, f"{PROG}: error: {exc}\n")
-        written = False
-        if status == 0:
-            status = 1
+        written = True
+        try:
+            with ending.writing:
+                report = profiler.snapshot()
+                write_json(report, output)
+                ending.written = True
+            ending.end_if_asked()
+        except KeyboardInterrupt:  # (a large report takes a while): say so, then end as interrupted
+            _emit(err, f"{PROG}: interrupted: the report was not written (what was at {args.output} is unchanged)\n")
+            raise
+        except ExportError as exc:
+            _emit(err, f"{PROG}: error: {exc}\n")
+            written = False
+            if status == 0:
+                status = 1
     finally:
-        ending.uninstall()
+        if ending is not None:
+            ending.uninstall()
     if not args.quiet:
         _summarise(report, args, out, err, written, stuck)
     return status
