@@ -948,7 +948,7 @@ static void note_object(uint32_t tid, uint32_t ti, PyObject *task, int index) {
     if (index) (void)u64map_put(&S.obj_index, key, tid);
 }
 
-#if PY_VERSION_HEX >= 0x030C0000 && PY_VERSION_HEX < 0x030D0000
+#if PY_VERSION_HEX >= 0x030C0000 /* (eager tasks: 3.12+) */
 #define MS_LATE_NAMES 1 /* see late_name_watch */
 static void late_name_watch(uint32_t tid, PyObject *task);
 static int late_name_known(uint32_t tid, PyObject *task);
@@ -1159,6 +1159,13 @@ static void attach_task(uint32_t tid, PyObject *task, int named) {
         Py_XDECREF(r);
     }
     PyErr_Clear(); /* an object without add_done_callback: its record stays pending */
+#ifdef MS_LATE_NAMES
+    /* a Task subclass whose eager first step finished it: our callback ran at once (see
+     * call_soon's), reading a name its maker may set only when we return, as above */
+    if (!named && task_registered(tid, &ti) && (S.tasks[ti].flags & TF_FINISHED) && !late_name_known(tid, task))
+        late_name_watch(tid, task);
+    PyErr_Clear();
+#endif
     tls.guard = g;
 }
 
@@ -2065,7 +2072,11 @@ static PyObject *factory_create(FactoryObject *f, PyObject *loop, PyObject *coro
             if (stepped != NULL && stepped != task && task_registered(tid, &ti) &&
                 !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)stepped, &known))
                 note_object(tid, ti, stepped, 1);
-            attach_task(tid, task, name != NULL && name != Py_None);
+            /* A name our create_task was given is the task's (make_task set it); from 3.13
+             * asyncio passes its callers' names to it, so None means none will be set.
+             * Without it (name NULL), the loop's create_task is another's (uvloop's), which
+             * names the task when the factory returns, or 3.12's asyncio names it after. */
+            attach_task(tid, task, name != NULL && (name != Py_None || PY_VERSION_HEX >= 0x030D0000));
         } else if (task_registered(tid, &ti)) {
             /* The task was never made: drop its record (keeping the error in flight), or,
              * if something it allocated is still live, end it to be folded later. */

@@ -16,6 +16,7 @@ from collections import Counter
 
 import pytest
 
+import memscope_async as ms
 from conftest import base_loop, run_profiled
 from memscope_async.attribution import _core
 
@@ -181,6 +182,40 @@ def test_eager_tasks_finished_at_once_get_the_names_their_makers_give(loop_kind)
         assert not Counter(names) - Counter(reported), (reported, names)
     else:
         assert reported == sorted(names), names
+
+
+@needs_eager
+def test_eager_tasks_named_when_the_factory_has_returned_keep_those_names(loop_kind):
+    # uvloop's create_task names a task only once the task factory has returned it, and
+    # the end of a Task subclass is seen through a done callback: a task that ended inside
+    # the factory must still be reported (and found) under the name its maker gives it.
+    class MyTask(asyncio.Task):
+        pass
+
+    def factory(loop, coro, **kwargs):
+        kwargs["eager_start"] = True
+        return MyTask(coro, loop=loop, **kwargs)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        made = []
+        loop.set_task_factory(factory)
+        made.append(loop.create_task(at_once(), name="sub-loop"))
+        made.append(asyncio.create_task(at_once(), name="sub-asyncio"))
+        async with asyncio.TaskGroup() as tg:
+            made.append(tg.create_task(at_once(), name="sub-group"))
+        loop.set_task_factory(None)
+        if loop_kind == "uvloop" and sys.version_info >= (3, 13):
+            made.append(loop.create_task(at_once(), name="uv-eager", eager_start=True))
+        assert all(t.done() for t in made)
+        snapshot = ms.current_profiler().snapshot()  # found by the task object, as named now
+        return [(t.get_name(), snapshot.task(t).name) for t in made]
+
+    pairs, report = run_profiled(main, loop_kind)
+    assert all(given == reported for given, reported in pairs), pairs
+    assert len(pairs) == (4 if loop_kind == "uvloop" and sys.version_info >= (3, 13) else 3)
+    for given, _ in pairs:
+        assert [t.state for t in report.find(name=given)] == ["done"], given
 
 
 async def hang():
