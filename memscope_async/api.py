@@ -22,7 +22,9 @@ T = TypeVar("T")
 _policy_lock = threading.Lock()
 # (policy instrumented, policy it replaced or None, profiler, undo of instrument_loops_made_any_way)
 _policy_state: tuple[Any, Any, Profiler, Callable[[], None]] | None = None
-_policy_joined = 0  # install_policy() calls that joined the command's profiler, not yet undone
+# install_policy() calls that joined the command's profiler, not yet undone: for each, the
+# uvloop policy it set and the one that policy replaced (None, None: it set none)
+_policy_joined: list[tuple[Any, Any]] = []
 _unseen_loop_types: set[type] = set()
 
 
@@ -41,12 +43,18 @@ def install_policy(*, uvloop: bool = False, **options: Any) -> Profiler:
     :class:`ProfilerError` if a profiler is already running, except in a program run by
     ``memscope-async run``: there the program's own profiling joins the command's
     profiler (which already instruments every loop), and this returns it."""
-    global _policy_state, _policy_joined
+    global _policy_state
     if not policies_available():
         raise _no_policies_error()
     with _policy_lock:
         if _policy_state is not None and _joins_ambient(_policy_state[2], "install_policy()", options):
-            _policy_joined += 1
+            joined: tuple[Any, Any] = (None, None)
+            if uvloop:  # the program's loops are to be uvloop's, as they would be without the command
+                policy, current = _uvloop_module().EventLoopPolicy(), get_policy()
+                instrument_policy(policy, instrument_or_skip(_policy_state[2]))
+                set_policy(policy)
+                joined = (policy, current)
+            _policy_joined.append(joined)
             return _policy_state[2]
         if _policy_state is not None:
             raise ProfilerError("install_policy() is already in effect; call uninstall_policy() first")
@@ -70,11 +78,11 @@ def uninstall_policy() -> Profiler | None:
     ``uvloop=True``, the policy it replaced comes back, unless the program has set
     another since), and the profiler stops.  Returns that profiler (its data is still
     there for snapshot/export), or None."""
-    global _policy_state, _policy_joined
+    global _policy_state
     with _policy_lock:
         state = _policy_state
         if state is not None and _policy_joined:  # the program's own, joined to the command's: kept
-            _policy_joined -= 1
+            _undo_joined(*_policy_joined.pop())
             return state[2]
         _policy_state = None
     if state is None:
@@ -86,6 +94,27 @@ def uninstall_policy() -> Profiler | None:
         set_policy(replaced)
     profiler.stop()
     return profiler
+
+
+def _undo_joined(policy: Any, replaced: Any) -> None:
+    """Undo a joined install_policy(): the uvloop policy it set (if any) goes, as
+    uninstall_policy() undoes ``uvloop=True``."""
+    if policy is not None:
+        uninstrument_policy(policy)
+        if get_policy() is policy:
+            set_policy(replaced)
+
+
+def end_command_policy() -> Profiler | None:
+    """The end of ``memscope-async run``'s profiling: what the program's own joined
+    install_policy() calls left in place is undone (their uninstall_policy() may never
+    come), then the command's own install_policy(); returns its profiler."""
+    with _policy_lock:
+        joined = _policy_joined[::-1]
+        _policy_joined.clear()
+    for entry in joined:
+        _undo_joined(*entry)
+    return uninstall_policy()
 
 
 def instrument_loops_made_any_way(instrument: Callable[[Any], Any]) -> Callable[[], None]:

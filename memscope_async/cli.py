@@ -564,7 +564,7 @@ def _run_program(target: _Target, module: types.ModuleType, err: TextIO) -> int 
             status = None if type(exc) is KeyboardInterrupt else 1
         _wait_for_threads()
     finally:
-        api.uninstall_policy()
+        api.end_command_policy()
     return status
 
 

@@ -496,6 +496,36 @@ else:
 """
 
 
+UVLOOP_POLICY = """\
+import asyncio, atexit, memscope_async as ms
+
+async def main():
+    await asyncio.create_task(asyncio.sleep(0), name="inner")
+    return type(asyncio.get_running_loop()).__module__
+
+profiler = ms.install_policy(uvloop=True)  # and never uninstalled
+print(asyncio.run(main()))
+# (atexit: after memscope-async run has ended its profiling)
+atexit.register(lambda: print(profiler.active, type(asyncio.get_event_loop_policy()).__module__))
+"""
+
+
+def test_a_program_asking_for_uvloop_when_it_joins_gets_uvloop(tmp_path: Path) -> None:
+    """install_policy(uvloop=True) in a program run by the command joins its profiler and
+    still runs the program's loops on uvloop; what it set is undone when the command
+    ends, even if the program never calls uninstall_policy() (the command's own profiling
+    then ends too)."""
+    pytest.importorskip("uvloop")
+    (tmp_path / "uv.py").write_text(UVLOOP_POLICY)
+    plain = subprocess.run([sys.executable, "uv.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert plain.stdout.split()[0] == "uvloop", plain.stderr
+    proc = cli("run", "-q", "-o", "r.json", "uv.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["uvloop", "False", "asyncio.unix_events"], proc.stderr
+    report = Report.load(tmp_path / "r.json")
+    assert "uvloop" in report.run.loop and len(report.find(name="inner")) == 1
+
+
 @pytest.mark.parametrize("how", ["run", "policy"])
 def test_a_program_that_profiles_itself_joins_the_commands_profiler(tmp_path: Path, how: str) -> None:
     """ms.run() and install_policy() in the program would be a second profiler: they join
