@@ -1305,10 +1305,13 @@ static PyObject *task_name_of(PyObject *task) {
     return name;
 }
 
-/* Task `task` has ended in `state` (TS_UNREAD: read it now): end its record, if we hold one. */
+/* Task `task` has ended in `state` (TS_UNREAD: read it now): end its record, if we hold one
+ * and the profiler still runs (a done callback of ours outlives it: a task still running
+ * when it stopped stays pending in its report, as the watcher, which stops with it, leaves
+ * it on 3.12+). */
 static void end_task(PyObject *task, uint32_t state) {
     uint32_t tid;
-    if (!S.has_data || !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) return;
+    if (!S.active || !S.has_data || !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid)) return;
     u64map_del(&S.obj_index, (uint64_t)(uintptr_t)task);
     end_record(tid, 0, task, state);
 }

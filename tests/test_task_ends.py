@@ -445,3 +445,32 @@ def test_tasks_running_when_the_profiler_stops_keep_their_names(loop_kind):
         prof.close()
     assert seen["names"]["sleep"] == ("sleeper", "pending")
     assert seen["me"].state == "pending" and re.fullmatch(r"Task-\d+", seen["me"].name or ""), seen["me"]
+
+
+def test_tasks_that_end_after_the_profiler_stopped_stay_pending_in_its_report(loop_kind):
+    """Its report is of the run it profiled: a task still running at stop() stays pending
+    there, with no finish time, whenever the report is made (on 3.11 and for subclasses,
+    our done callback outlives the profiler and ran its end into the report)."""
+    import memscope_async as ms
+
+    class Sub(asyncio.Task):
+        pass
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        plain = asyncio.create_task(asyncio.sleep(0.01), name="plain")
+        sub = Sub(asyncio.sleep(0.01), loop=loop, name="sub")
+        await asyncio.sleep(0)
+        prof.stop()
+        await asyncio.gather(plain, sub)
+
+    prof = ms.Profiler().start()
+    try:
+        with asyncio.Runner(loop_factory=prof.loop_factory(base_loop(loop_kind))) as runner:
+            runner.run(main())
+        report = prof.snapshot()
+    finally:
+        prof.close()
+    for name in ("plain", "sub"):
+        (task,) = report.find(name=name)
+        assert (task.state, task.finished_at) == ("pending", None), task
