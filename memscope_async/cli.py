@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Iterator, NoReturn, Sequence, TextIO
 
 from . import api
 from .attribution.report import Report, ReportError
-from .attribution.tracker import MAX_INTERVAL
+from .attribution.tracker import MAX_FINISHED_TASKS, MAX_INTERVAL
 from .sizes import parse_size
 from .exporters.json_report import report_path, writes_through
 from .exporters import ExportError, render_text, write_json
@@ -59,9 +59,9 @@ class CommandError(Exception):
 
 # -- argument types ----------------------------------------------------------------------
 
-def _size_arg(text: str) -> int:
+def _size_arg(text: str, *, allow_zero: bool = False) -> int:
     try:
-        value = parse_size(text)
+        value = parse_size(text, allow_zero=allow_zero)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if value > MAX_INTERVAL:
@@ -116,7 +116,15 @@ def _add_profiling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-interval", metavar="BYTES", type=_size_arg, default=None,
                         help="mean bytes between samples, e.g. 64K, 512KiB, 1M (implies --mode sampled)")
     parser.add_argument("--stack-depth", metavar="N", type=_int_arg(0, 256), default=None,
-                        help="frames kept per allocation stack, 0-256 (0: no hotspots)")
+                        help="frames kept per allocation stack, 0-256 (0: no hotspots; default 32)")
+    parser.add_argument("--stack-interval", metavar="BYTES", type=lambda text: _size_arg(text, allow_zero=True),
+                        default=None, help="exact mode: mean bytes between stack samples (0: no stacks; "
+                                           "default 64K)")
+    parser.add_argument("--max-finished-tasks", metavar="N", type=_int_arg(0, MAX_FINISHED_TASKS), default=None,
+                        help="finished tasks kept one by one in the report; more are folded into their "
+                             "groups (default 10000)")
+    parser.add_argument("--no-threads", dest="threads", action="store_false", default=None,
+                        help="do not follow tasks' work into other threads")
     parser.add_argument("--uvloop", action="store_true", help="run the program's loops on uvloop")
     parser.add_argument("--top", metavar="N", type=_int_arg(1), default=15,
                         help="rows per table in the summary (default: 15)")
@@ -331,8 +339,9 @@ def _profiler_options(args: argparse.Namespace) -> dict[str, Any]:
         options["mode"] = args.mode
     if args.sample_interval is not None:
         options["sample_interval"] = args.sample_interval
-    if args.stack_depth is not None:
-        options["stack_depth"] = args.stack_depth
+    for name in ("stack_depth", "stack_interval", "max_finished_tasks", "threads"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     return options
 
 
@@ -661,7 +670,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 # run's options that take a value as the next argument (``-o x``; ``--output=x`` takes none)
-_RUN_VALUE_OPTIONS = frozenset({"-o", "--output", "--mode", "--sample-interval", "--stack-depth", "--top"})
+_RUN_VALUE_OPTIONS = frozenset({"-o", "--output", "--mode", "--sample-interval", "--stack-depth", "--stack-interval",
+                                "--max-finished-tasks", "--top"})
 
 
 def _split_module_option(argv: Sequence[str]) -> list[str]:

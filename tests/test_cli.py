@@ -320,6 +320,38 @@ def test_an_attached_module_name_is_split_only_before_the_program(argv: list[str
     assert _split_module_option(argv) == expected
 
 
+OPTIONS_SCRIPT = """\
+import asyncio
+
+async def small():
+    return bytearray(1000)
+
+async def main():
+    await asyncio.gather(*[small() for _ in range(50)])
+    await asyncio.get_running_loop().run_in_executor(None, bytearray, 4 << 20)  # (to_thread carries the context)
+
+asyncio.run(main())
+"""
+
+
+def test_every_profiler_option_has_its_command_line_option(tmp_path: Path) -> None:
+    """stack_interval, max_finished_tasks and threads as --stack-interval,
+    --max-finished-tasks and --no-threads (the Profiler's options, on every entry point)."""
+    (tmp_path / "prog.py").write_text(OPTIONS_SCRIPT)
+    proc = cli("run", "-q", "-o", "default.json", "prog.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    default = Report.load(tmp_path / "default.json")
+    proc = cli("run", "-q", "-o", "set.json", "--stack-interval", "0", "--max-finished-tasks", "5", "--no-threads",
+               "prog.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    changed = Report.load(tmp_path / "set.json")
+    assert default.run.stacks_sampled and not changed.run.stacks_sampled
+    assert default.totals.folded_tasks == 0 and changed.totals.folded_tasks >= 40
+    assert default.unattributed.allocated_bytes < 4 << 20 <= changed.unattributed.allocated_bytes
+    proc = cli("run", "--max-finished-tasks", "-1", "prog.py", cwd=tmp_path)
+    assert proc.returncode == 2 and "--max-finished-tasks: -1 is out of range" in proc.stderr
+
+
 def test_sampled_mode_with_a_suffixed_interval(tmp_path: Path, script: Path) -> None:
     proc = cli("run", "-q", "--sample-interval", "64K", "--stack-depth", "4", "-o", "r.json", script.name,
                cwd=tmp_path)
