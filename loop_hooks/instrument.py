@@ -66,11 +66,14 @@ class Tagger:
 class LoopState:
     """Per-loop instrumentation state (kept on the loop as ``_ms_state``)."""
 
-    __slots__ = ("tagger", "factory", "original_class", "serial", "default_pool", "__weakref__")
+    __slots__ = ("tagger", "factory", "original_class", "serial", "default_pool", "on_close", "__weakref__")
 
     def __init__(self, tagger: Tagger, user_factory: Any, original_class: type, default_executor: Any = None):
         self.serial = next(_loop_serials)  # a loop id that is never reused, unlike id(loop)
         self.tagger = tagger
+        # called with the loop once it has closed (after the tagger's on_loop_close): who
+        # made this loop and waits for its end (a LoopFactory)
+        self.on_close: Callable[[Any], None] | None = None
         self.original_class = original_class
         self.factory = _core.TaskFactory(self.serial)
         self.set_user_factory(user_factory)
@@ -169,8 +172,12 @@ def _close(self, _original):
     try:
         _original(self)
     finally:
-        if st.tagger.on_loop_close is not None:
-            st.tagger.on_loop_close(self)
+        try:
+            if st.tagger.on_loop_close is not None:
+                st.tagger.on_loop_close(self)
+        finally:
+            if st.on_close is not None:
+                st.on_close(self)
 
 
 # Python-level replacements: (self, *args, _original) for instrumented loops.

@@ -210,6 +210,12 @@ class LoopFactory:
     ``report``, if given) when the last of its loops closes.  A ``profiler`` given that is
     not running when a loop is made is run that way too.  ``.profiler`` is that profiler
     once a loop has been made.
+
+    Joining the profiler already running: its report so far is exported to ``report``
+    when the last of the factory's loops closes; options it does not have raise
+    :class:`ProfilerError` at the first loop (in a program run by ``memscope-async run``,
+    the command's profiler is joined all the same, and what it cannot honour is said on
+    stderr).
     """
 
     def __init__(self, base: Callable[[], Any] | None = None, *, profiler: Profiler | None = None,
@@ -233,30 +239,47 @@ class LoopFactory:
                 # factory's own (a profiler that records nothing would be a silent loss)
                 prof.start()
                 self._owned = True
-                prof._tagger.on_loop_close = self._loop_closed
             elif prof is None or (self._owned and not prof.active):
                 from .profiler import current_profiler
 
                 running = current_profiler()
-                if running is not None and running.active and not self._options:
+                if running is not None and running.active and self._joins(running):
                     prof = running
+                    self._owned = False
                 else:
                     prof = Profiler(**self._options).start()
                     self._owned = True
-                    prof._tagger.on_loop_close = self._loop_closed
                 self.profiler = prof
         loop = (self.base or _default_loop)()
         prof.instrument_loop(loop)
-        if self._owned:
-            self._open.add(id(loop))
+        if self._owned or self.report is not None:
+            with self._lock:
+                self._open.add(id(loop))
+            loop._ms_state.on_close = self._loop_closed
         return loop
+
+    def _joins(self, running: Profiler) -> bool:
+        """Whether this factory's loops report to ``running`` (else: a profiler of its own,
+        which is refused while ``running`` runs)."""
+        if _joins_ambient(running, "loop_factory()", self._options):
+            return True
+        differ = _differing(running, self._options)
+        if differ:
+            raise ProfilerError(
+                "loop_factory(): a memscope-async profiler is already running, whose "
+                f"{', '.join(f'{k}={v!r}' for k, v in differ.items())} differ{'s' if len(differ) == 1 else ''} "
+                "from the options given; stop it first, or give none to report to it")
+        return True
 
     def _loop_closed(self, loop: Any) -> None:
         with self._lock:
+            if id(loop) not in self._open:
+                return
             self._open.discard(id(loop))
             last = not self._open
-        if last and self._owned and self.profiler is not None and self.profiler.active:
-            self.profiler.stop()
+        if last and self.profiler is not None and self.profiler.active:
+            if self._owned:
+                self.profiler.stop()
             if self.report is not None:
                 _export_quietly(self.profiler, self.report)
 

@@ -581,3 +581,31 @@ def test_export_and_load_errors_are_the_packages_own_and_name_the_file(tmp_path)
     with pytest.raises(FileNotFoundError):
         ms.Report.load(tmp_path / "none.json")
     profiler.close()
+
+
+def test_loop_factory_joins_a_running_profiler_and_exports_its_report(tmp_path, loop_kind):
+    """A loop_factory() made while a profiler runs reports to it: report= gets that
+    profiler's report when the factory's last loop closes; options it agrees with are
+    fine, others are refused with a message naming them (not a second profiler's error)."""
+    async def main():
+        await asyncio.create_task(asyncio.sleep(0), name="inner")
+        return 7
+
+    running = ms.Profiler().start()
+    try:
+        factory = ms.loop_factory(base_loop(loop_kind), report=tmp_path / "lf.json", mode="exact")
+        with asyncio.Runner(loop_factory=factory) as runner:
+            assert runner.run(main()) == 7
+            assert not (tmp_path / "lf.json").exists()  # the loop is still open
+        assert factory.profiler is running and running.active
+        assert len(ms.Report.load(tmp_path / "lf.json").find(name="inner")) == 1
+        refused = ms.loop_factory(base_loop(loop_kind), mode="sampled")
+        coro = main()
+        with pytest.raises(ms.ProfilerError, match=r"^loop_factory\(\): a memscope-async profiler is already "
+                                                   r"running, whose mode='exact' differs"):
+            with asyncio.Runner(loop_factory=refused) as runner:
+                runner.run(coro)
+        coro.close()
+    finally:
+        running.stop()
+        running.close()

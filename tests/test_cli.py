@@ -520,6 +520,9 @@ async def main():
 
 if sys.argv[1] == "run":
     print(ms.run(main(), report="own.json", mode="sampled"))
+elif sys.argv[1] == "factory":
+    with asyncio.Runner(loop_factory=ms.loop_factory(report="own.json", mode="sampled")) as runner:
+        print(runner.run(main()))
 else:
     profiler = ms.install_policy()
     print(asyncio.run(main()))
@@ -558,19 +561,20 @@ def test_a_program_asking_for_uvloop_when_it_joins_gets_uvloop(tmp_path: Path) -
     assert "uvloop" in report.run.loop and len(report.find(name="inner")) == 1
 
 
-@pytest.mark.parametrize("how", ["run", "policy"])
+@pytest.mark.parametrize("how", ["run", "factory", "policy"])
 def test_a_program_that_profiles_itself_joins_the_commands_profiler(tmp_path: Path, how: str) -> None:
-    """ms.run() and install_policy() in the program would be a second profiler: they join
+    """ms.run(), loop_factory() and install_policy() in the program would be a second profiler: they join
     the command's instead of failing the program (under -W error too: what cannot be
     honoured, here mode="sampled", is said on stderr)."""
     (tmp_path / "selfprof.py").write_text(SELF_PROFILING)
     proc = subprocess.run([sys.executable, "-W", "error", "-m", "memscope_async", "run", "-q", "-o", "r.json",
                            "selfprof.py", how], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == (["42"] if how == "run" else ["42", "True", "42"])
+    assert proc.stdout.split() == (["42", "True", "42"] if how == "policy" else ["42"])
     report = Report.load(tmp_path / "r.json")
-    assert len(report.find(name="inner")) == (1 if how == "run" else 2)  # the command still profiles every loop
-    if how == "run":
-        assert "joins the profiler of memscope-async run, whose mode='exact' stays" in proc.stderr
+    assert len(report.find(name="inner")) == (2 if how == "policy" else 1)  # the command still profiles every loop
+    if how != "policy":
+        what = "run()" if how == "run" else "loop_factory()"
+        assert f"{what} joins the profiler of memscope-async run, whose mode='exact' stays" in proc.stderr
         own = Report.load(tmp_path / "own.json")  # the report the program asked for: the command's so far
         assert own.run.mode == "exact" and len(own.find(name="inner")) == 1
