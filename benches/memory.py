@@ -61,17 +61,20 @@ class MemoryWorkload:
     def params(self, quick: bool) -> dict[str, Any]:
         return dict(self.quick if quick else self.full)
 
+    def describe(self, quick: bool) -> str:
+        return self.description.format(**self.params(quick))
+
 
 MEMORY_WORKLOADS: dict[str, MemoryWorkload] = {
     w.name: w
     for w in [
         MemoryWorkload(
             "mem-objects", live_objects, {"count": 1_000_000}, {"count": 100_000},
-            "1,000,000 small live strings held by one task", per="live object",
+            "{count:,} small live strings held by one task", per="live object",
         ),
         MemoryWorkload(
             "mem-tasks", live_tasks, {"count": 100_000}, {"count": 10_000},
-            "100,000 pending tasks blocked on one asyncio.Event", per="live task",
+            "{count:,} pending tasks blocked on one asyncio.Event", per="live task",
         ),
     ]
 }

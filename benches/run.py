@@ -288,16 +288,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report_again(path: Path) -> int:
-    doc = json.loads(path.read_text())
-    plans = [Plan(**p) for p in doc["plans"]]
-    measurements = [Measurement(**m) for m in doc["measurements"]]
-    args = argparse.Namespace(
-        quick=doc["quick"],
-        repeat=doc["repeat"],
-        quiet_threshold=doc.get("quiet_threshold", 0.15),
-        retries=doc.get("retries", 3),
-    )
-    print_report(plans, measurements, doc["env"], args, doc["elapsed_s"])
+    try:
+        doc = json.loads(path.read_text())
+        plans = [Plan(**p) for p in doc["plans"]]
+        measurements = [Measurement(**m) for m in doc["measurements"]]
+        args = argparse.Namespace(
+            quick=doc["quick"],
+            repeat=doc["repeat"],
+            quiet_threshold=doc.get("quiet_threshold", 0.15),
+            retries=doc.get("retries", 3),
+        )
+        env, elapsed = doc["env"], doc["elapsed_s"]
+    except OSError as exc:
+        print(f"python -m benches.run: error: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, KeyError) as exc:  # (json's errors are ValueErrors)
+        print(f"python -m benches.run: error: {path} is not a --json file of this suite "
+              f"({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
+    print_report(plans, measurements, env, args, elapsed)
     return 0 if all(m.ok for m in measurements) else 1
 
 

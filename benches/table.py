@@ -305,7 +305,8 @@ def print_report(
         state = f"{info['version']} ({info['file']})" if info["ok"] else f"not available: {info['error']}"
         print(f"  {name}: {state}")
     for plan in plans:
-        desc = WORKLOADS[plan.workload].description if plan.workload in WORKLOADS else MEMORY_WORKLOADS[plan.workload].description
+        desc = (WORKLOADS[plan.workload] if plan.workload in WORKLOADS else MEMORY_WORKLOADS[plan.workload]).describe(
+            args.quick)
         print(f"  {plan.workload}: {desc}")
         for note in plan.skipped:
             print(f"    note: {note}")

@@ -209,6 +209,14 @@ class Workload:
     def params(self, quick: bool) -> dict[str, Any]:
         return dict(self.quick if quick else self.full)
 
+    def describe(self, quick: bool) -> str:
+        """The description at the size run (its fields are the parameters, and for a
+        tree ``tasks``: every node but the root, which is awaited directly)."""
+        params = self.params(quick)
+        if "depth" in params:
+            params["tasks"] = sum(params["branches"] ** d for d in range(1, params["depth"] + 1))
+        return self.description.format(**params)
+
 
 tree = _tree(_node_gather, eager=False)
 
@@ -220,28 +228,28 @@ WORKLOADS: dict[str, Workload] = {
             full={"tasks": 2000, "steps": 30, "per_step": 40},
             quick={"tasks": 200, "steps": 30, "per_step": 40},
             expected=lambda tasks, steps, per_step: tasks * steps * (3 * per_step + 1),
-            description="2,000 tasks x 30 awaits; each step builds, holds across the await, and drops 121 objects",
+            description="{tasks:,} tasks x {steps} awaits; each step builds, holds across the await, and drops 3 x {per_step} + 1 objects",
         ),
         Workload(
             "server", "server", server,
             full={"requests": 40_000, "clients": 50},
             quick={"requests": 4_000, "clients": 50},
             expected=lambda requests, clients, time_limit_s=0: (requests // clients) * clients,
-            description="HTTP-ish JSON server on 127.0.0.1 + 50 keep-alive clients, 40,000 round trips",
+            description="HTTP-ish JSON server on 127.0.0.1 + {clients} keep-alive clients, {requests:,} round trips",
         ),
         Workload(
             "to_thread", "threads", to_thread,
             full={"jobs": 100_000, "tasks": 200},
             quick={"jobs": 10_000, "tasks": 200},
             expected=_to_thread_expected,
-            description="100,000 small asyncio.to_thread jobs over 200 tasks",
+            description="{jobs:,} small asyncio.to_thread jobs over {tasks} tasks",
         ),
         Workload(
             "tree-gather", "tree", tree,
             full={"depth": 6, "branches": 6, "rounds": 3},
             quick={"depth": 6, "branches": 4, "rounds": 3},
             expected=_tree_expected,
-            description="task tree 6 levels x 6 branches (55,987 tasks) built 3 times, asyncio.gather",
+            description="task tree {depth} levels x {branches} branches ({tasks:,} tasks) built {rounds} times, asyncio.gather",
         ),
         Workload(
             "tree-taskgroup", "tree", _tree(_node_taskgroup, eager=False),
