@@ -171,6 +171,7 @@ def _header(report: Report, fmt: _Numbers) -> list[str]:
         f"unattributed: {fmt.size(totals.unattributed_bytes)}"
     )
     lines.append(f"tasks: {totals.tasks} ({totals.folded_tasks} folded into groups)")
+    lines.append("(id: the report's task id, not asyncio's Task-N; a task is indented by its depth in its lineage)")
     return lines
 
 
