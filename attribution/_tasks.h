@@ -1975,13 +1975,31 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
             Py_XDECREF(a);
         }
     } else {
-        /* Run it inside the tagged context, so the task it makes copies that context
-         * (what ctx.run(factory, loop, coro) does). */
-        if (PyContext_Enter(ctx) < 0) return NULL;
+        /* Run it in the caller's context with our variable set to the new task's Tag for
+         * the call, so the task it makes copies the Tag, and set back after: a context
+         * variable the factory sets stays the caller's, as without us (running it inside
+         * the tagged copy, as ctx.run would, left such a change in that copy). */
+        tls_t *t = &tls;
+        PyObject *token = NULL;
+        if (t->pending_ctx == ctx && t->pending_tag != NULL) {
+            int g = t->guard;
+            t->guard = 1;
+            token = PyContextVar_Set(S.tag_var, (PyObject *)t->pending_tag);
+            t->guard = g;
+            if (token == NULL) return NULL;
+        }
         PyObject *a = PyTuple_Pack(2, loop, coro);
         if (a != NULL) task = PyObject_Call(f->user_factory, a, kwargs);
         Py_XDECREF(a);
-        if (PyContext_Exit(ctx) < 0) Py_CLEAR(task);
+        if (token != NULL) {
+            PyObject *exc = PyErr_GetRaisedException_compat();
+            int g = t->guard;
+            t->guard = 1;
+            if (PyContextVar_Reset(S.tag_var, token) < 0) PyErr_Clear(); /* (the factory left another context entered) */
+            t->guard = g;
+            Py_DECREF(token);
+            PyErr_SetRaisedException_compat(exc);
+        }
     }
     /* CPython 3.13.0-3.13.2's create_task calls task.set_name(name) after the user's
      * factory whatever name is, so an unnamed task is named "None" (CPython issue 130033;

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import re
 import contextvars
+import re
 import sys
 import types
 
@@ -102,6 +102,35 @@ async def prog_legacy_factory():
     r = await asyncio.create_task(_sleeper(0))
     loop.set_task_factory(None)
     return r
+
+
+_MADE = contextvars.ContextVar("made", default=0)
+
+
+async def _made():
+    return _MADE.get()
+
+
+async def prog_factory_sets_a_context_variable():
+    """A task factory runs in its caller's context: what it sets there stays there, and
+    each task it makes sees it (the legacy two-argument form and the **kwargs form)."""
+    loop = asyncio.get_running_loop()
+
+    def counting(loop, coro, **kw):
+        _MADE.set(_MADE.get() + 1)
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    def legacy(loop, coro, context=None, **kw):  # (uvloop passes context=None, and eager_start= on 3.13)
+        _MADE.set(_MADE.get() + 10)
+        return asyncio.Task(coro, loop=loop, context=context, **kw)
+
+    seen = []
+    for factory in (counting, legacy):
+        loop.set_task_factory(factory)
+        seen += [await asyncio.create_task(_made()) for _ in range(3)]
+        seen.append(await asyncio.gather(_made(), _made()))
+        loop.set_task_factory(None)
+    return seen, _MADE.get()
 
 
 async def prog_get_stack():
@@ -364,6 +393,7 @@ PROGRAMS = [
     prog_gather_exceptions,
     prog_user_factory,
     prog_legacy_factory,
+    prog_factory_sets_a_context_variable,
     prog_get_stack,
     prog_shield_and_direct_task,
     prog_eager,
