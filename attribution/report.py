@@ -336,7 +336,9 @@ class Report:
         """The report of one task, given its report id, the ``asyncio.Task`` itself, or a
         :class:`TaskReport` of it (e.g. from another snapshot of the same run).
 
-        Raises ``KeyError`` if the report does not know that task.
+        Raises ``KeyError`` if the report does not know that task.  A task object is
+        matched by its address, its coroutine and its name when it finished (an address
+        can be a later task's), so one renamed after it finished is found by its id.
         """
         index = self._index()
         if isinstance(task_or_id, TaskReport):
