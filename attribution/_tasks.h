@@ -1987,11 +1987,17 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
             token = PyContextVar_Set(S.tag_var, (PyObject *)t->pending_tag);
             t->guard = g;
             if (token == NULL) return NULL;
+            /* The tasks the factory makes copy the caller's context now: it is where they
+             * are made (pending_made_here).  Its mapping is not the one we made, so the
+             * hooks look the Tag up there (context_tid's shortcut does not apply). */
+            PyThreadState *ts = tstate_unchecked();
+            if (ts != NULL && ts->context != NULL) t->pending_ctx = ts->context;
         }
         PyObject *a = PyTuple_Pack(2, loop, coro);
         if (a != NULL) task = PyObject_Call(f->user_factory, a, kwargs);
         Py_XDECREF(a);
         if (token != NULL) {
+            t->pending_ctx = ctx;
             PyObject *exc = PyErr_GetRaisedException_compat();
             int g = t->guard;
             t->guard = 1;
