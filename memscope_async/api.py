@@ -60,7 +60,7 @@ def install_policy(*, uvloop: bool = False, **options: Any) -> Profiler:
             raise ProfilerError("install_policy() is already in effect; call uninstall_policy() first")
         current = get_policy()
         policy = _uvloop_module().EventLoopPolicy() if uvloop else current
-        profiler = Profiler(**options).start()
+        profiler = Profiler(**options)._start()
         try:
             instrument_policy(policy, instrument_or_skip(profiler))
         except TypeError as exc:
@@ -170,6 +170,30 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any]) -> Callable[
     return undo
 
 
+def instrument_new_loops(profiler: Profiler) -> Callable[[], None]:
+    """What a :class:`Profiler` started on its own does (``Profiler.start``): every loop
+    made from now on is instrumented for ``profiler``, those the current policy makes or
+    is given, those of a policy set later and those a Runner makes with its own factory
+    (install_policy() without its uvloop choice).  Returns the function that undoes it."""
+    instrument = instrument_or_skip(profiler)
+    policy = get_policy() if policies_available() else None
+    ours = False
+    if policy is not None:
+        try:
+            ours = instrument_policy(policy, instrument)
+        except TypeError as exc:  # a policy class defined in C: its loops go unseen
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"memscope-async: warning: {exc}; the loops it makes are not profiled\n")
+    undo_made = instrument_loops_made_any_way(instrument)
+
+    def undo() -> None:
+        undo_made()
+        if ours:
+            uninstrument_policy(policy)
+
+    return undo
+
+
 def _instrumenting(factory: Callable[[], Any], instrument: Callable[[Any], Any]) -> Callable[[], Any]:
     """``factory``, its loops instrumented."""
 
@@ -237,7 +261,7 @@ class LoopFactory:
             if prof is not None and self._given and not prof.active:
                 # the profiler it was given is not running: run it for these loops, as the
                 # factory's own (a profiler that records nothing would be a silent loss)
-                prof.start()
+                prof._start()
                 self._owned = True
             elif prof is None or (self._owned and not prof.active):
                 from .profiler import current_profiler
@@ -247,7 +271,7 @@ class LoopFactory:
                     prof = running
                     self._owned = False
                 else:
-                    prof = Profiler(**self._options).start()
+                    prof = Profiler(**self._options)._start()
                     self._owned = True
                 self.profiler = prof
         loop = (self.base or _default_loop)()
@@ -310,7 +334,7 @@ def run(main: Awaitable[T], *, report: str | Path | None = None, uvloop: bool = 
         if running is not None and _joins_ambient(running, "run()", options):
             profiler, joined = running, True
         else:
-            profiler.start()
+            profiler._start()
     except BaseException:
         if asyncio.iscoroutine(main):
             main.close()  # it will never run: no "coroutine was never awaited" warning
@@ -337,7 +361,7 @@ def instrument(loop: asyncio.AbstractEventLoop | None = None, **options: Any) ->
 
     prof = current_profiler()
     if prof is None or not prof.active:
-        prof = Profiler(**options).start()
+        prof = Profiler(**options)._start()
         prof._tagger.on_loop_close = lambda _loop: prof.stop()
     else:
         differ = _differing(prof, options)
@@ -389,7 +413,7 @@ def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path
                                   "its own report and options are not used",
                                   where=(code.co_filename, code.co_firstlineno) if code is not None else None)
                         return None
-                    prof = session["prof"] = Profiler(**options).start()
+                    prof = session["prof"] = Profiler(**options)._start()
                 session["calls"] += 1
             try:
                 loop = asyncio.get_running_loop()

@@ -110,6 +110,7 @@ class Profiler:
         # the profiler of ``memscope-async run``: the program's own memscope_async.run()
         # and install_policy() join it instead of refusing to start (api)
         self.ambient = False
+        self._undo_loops: Callable[[], None] | None = None  # start(): what instrumenting new loops did
 
     def _settings(self) -> dict[str, Any]:
         """The options this profiler runs with, by name, as it took them (e.g.
@@ -129,8 +130,25 @@ class Profiler:
         return self._tracker.active
 
     def start(self) -> "Profiler":
-        """Start counting.  Raises :class:`ProfilerError` if a profiler is already running
-        in this process (the allocator hooks are process-wide)."""
+        """Start counting, and instrument every event loop made from now on until
+        :meth:`stop` (those the current event-loop policy makes or is given, those of a
+        policy set later, those an ``asyncio.Runner`` makes with its own ``loop_factory``:
+        ``with Profiler(): asyncio.run(main())`` attributes main's tasks).  A loop
+        already running is instrumented from inside it with :func:`memscope_async.instrument`.
+        Raises :class:`ProfilerError` if a profiler is already running in this process
+        (the allocator hooks are process-wide)."""
+        self._start()
+        from .api import instrument_new_loops  # (the facade's helpers; it imports this module)
+
+        try:
+            self._undo_loops = instrument_new_loops(self)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> "Profiler":
+        """Start counting; loops are instrumented by the caller (the entry points)."""
         global _last
         try:
             self._tracker.start()
@@ -154,6 +172,12 @@ class Profiler:
         groups that do not leak look like leak suspects."""
         if not self._tracker.active:
             return self
+        undo, self._undo_loops = self._undo_loops, None
+        if undo is not None:
+            try:
+                undo()
+            except Exception:
+                pass
         if gc.isenabled():
             gc.collect()  # a finalizer's exception is reported as unraisable, never raised here
         try:

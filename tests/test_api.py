@@ -609,3 +609,34 @@ def test_loop_factory_joins_a_running_profiler_and_exports_its_report(tmp_path, 
     finally:
         running.stop()
         running.close()
+
+
+def test_a_profiler_started_on_its_own_instruments_the_loops_made_while_it_runs(loop_kind):
+    """``with ms.Profiler(...): asyncio.run(main())`` (or uvloop.run) attributes main's
+    tasks with the profiler's options, and stopping it takes every hook of that back out."""
+    KEEP = []
+
+    async def worker():
+        KEEP.append(bytearray(5 * MiB))
+
+    async def main():
+        await asyncio.create_task(worker(), name="worker")
+
+    runner_init = asyncio.runners.Runner.__init__
+    with ms.Profiler(mode="sampled", sample_interval="64 KiB") as prof:
+        if loop_kind == "uvloop":
+            import uvloop
+            uvloop.run(main())
+        else:
+            asyncio.run(main())
+    report = prof.snapshot()
+    (worker_report,) = report.find(name="worker")
+    assert report.run.mode == "sampled" and report.run.sample_interval == 64 * 1024
+    assert abs(worker_report.live_bytes - 5 * MiB) <= 0.2 * 5 * MiB, worker_report
+    assert asyncio.runners.Runner.__init__ is runner_init
+    loop = asyncio.new_event_loop()
+    try:
+        assert not hasattr(loop, "_ms_state")  # the policy is no longer instrumented
+    finally:
+        loop.close()
+    prof.close()
