@@ -254,6 +254,7 @@ static struct {
     int has_data;
     int mode;
     uint32_t session;
+    uint32_t first_tid;         /* the first task id this session hands out (tid_this_session) */
     uint32_t cell_gen;
     double sample_interval;     /* R, bytes (sampled mode) */
     double stack_interval;      /* mean bytes between stack samples; 0 = no stacks */
@@ -1348,6 +1349,7 @@ static void clear_task_refs(task_info_t *r) {
 }
 
 static void tasks_watch(int on);
+static uint32_t tasks_next_tid(void);
 static void kept_mappings_clear(void);
 
 /* The sampled free hooks' filter while passing through, or between sessions: all clear. */
@@ -1554,6 +1556,7 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
     S.half_life_ns = half_life > 0 ? (uint64_t)(half_life * 1e9) : 0;
     S.seed = seed ? (uint64_t)seed : (uint64_t)now_ns();
     S.session++;
+    S.first_tid = tasks_next_tid();
     S.cell_gen++;
     S.start_ns = now_ns();
     S.has_data = 1;

@@ -720,6 +720,22 @@ enum {
  * *out is the new task id, or 0 when the context cannot be tagged (it is running: the
  * caller passed its own) or nothing is being recorded.  Returns -1 with an exception set
  * on failure.  Our own allocations here are not recorded. */
+/* The id the next task will get (ids are 31-bit, never 0: after the last comes 1). */
+static uint32_t tasks_next_tid(void) {
+    uint32_t next = G.next_tid + 1;
+    return (next & GROUP_SITE_BIT) || next == 0 ? 1 : next;
+}
+
+/* Whether task id tid was handed out in this session: a Tag left in a context by an earlier
+ * session (a task that outlived its profiler, and is profiled again) names a task this
+ * session has no record of, and is no parent of its tasks. */
+static inline int tid_this_session(uint32_t tid) {
+    if (tid == 0 || S.first_tid == 0) return 0;
+    if (G.next_tid + 1 == S.first_tid) return 0; /* none handed out yet */
+    if (G.next_tid >= S.first_tid) return tid >= S.first_tid && tid <= G.next_tid;
+    return tid >= S.first_tid || tid <= G.next_tid; /* the ids wrapped meanwhile */
+}
+
 static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial, PyObject *coro,
                          uint32_t *out, TagObject **tag_out) {
     *out = 0;
@@ -770,6 +786,7 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
      * (their only setter) has been used */
     uint32_t parent = context_tid();
     if (parent == 0) parent = t->handover;
+    if (!tid_this_session(parent)) parent = 0; /* an earlier session's Tag: no parent here */
     uint32_t parent_up = parent != 0 && t->ctx_tag != NULL && t->ctx_tag->tid == parent ? t->ctx_tag->up : 0;
     int was_shared = parent != 0 && t->ctx_tag != NULL && t->ctx_tag->tid == parent && t->ctx_tag->shared;
     PyObject *labels = NULL;
@@ -1747,7 +1764,9 @@ static PyObject *core_tag_running_task(PyObject *m, PyObject *args) {
     unsigned long serial;
     if (!PyArg_ParseTuple(args, "Ok", &task, &serial)) return NULL;
     uint32_t tid = 0;
-    if (S.active && !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid) &&
+    /* A running context tagged in this session is left as it is; one whose Tag an earlier
+     * session left (the same task profiled again: @profile's next call) is tagged anew. */
+    if (S.active && !tid_this_session(context_tid()) && !u64map_get(&S.obj_index, (uint64_t)(uintptr_t)task, &tid) &&
         record_existing_task(task, NULL, (uint32_t)serial, &tid) < 0)
         return NULL;
     return PyLong_FromUnsignedLong(tid);

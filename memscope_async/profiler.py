@@ -218,8 +218,10 @@ class Profiler:
     def tag_current_task(self) -> None:
         """Attribute the running task (created before instrumentation) from now on."""
         task = asyncio.current_task()
-        if task is None or TAG.get(None) is not None:
+        if task is None:
             return
+        # (a context tagged in this session is left as it is; one tagged by an earlier
+        # profiler, for the same task profiled again, is tagged anew: the core tells them apart)
         state = getattr(task.get_loop(), "_ms_state", None)
         _core.tag_running_task(task, getattr(state, "serial", 0))
 

@@ -640,3 +640,35 @@ def test_a_profiler_started_on_its_own_instruments_the_loops_made_while_it_runs(
     finally:
         loop.close()
     prof.close()
+
+
+def test_profile_decorator_called_again_by_the_same_task_charges_it_each_time(loop_kind):
+    """A long-lived task calling a decorated function again: each call is a new profiler,
+    and the caller's context still holds the Tag the last one gave it.  Each report must
+    charge the caller (its bytes, its child as its child), not leave it unattributed under
+    an id from an earlier report."""
+    kept = []
+
+    async def child(n):
+        kept.append(bytearray(n))
+
+    @ms.profile
+    async def handle(n):
+        kept.append(bytearray(n))
+        await asyncio.create_task(child(n), name="child")
+
+    async def main():
+        reports = []
+        for n in (1 * MiB, 2 * MiB, 3 * MiB):
+            await handle(n)
+            reports.append(handle.last_report)
+        return reports
+
+    with asyncio.Runner(loop_factory=base_loop(loop_kind)) as runner:
+        reports = runner.run(main())
+    for n, report in zip((1 * MiB, 2 * MiB, 3 * MiB), reports):
+        (caller,) = report.find(coro="main")
+        (kid,) = report.find(name="child")
+        assert caller.parent_id is None and kid.parent_id == caller.id, report.tasks
+        assert close_to(caller.allocated_bytes, n) and close_to(kid.allocated_bytes, n), report.tasks
+        assert report.unattributed.allocated_bytes < 256 * 1024, report.unattributed
