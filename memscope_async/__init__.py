@@ -1,6 +1,10 @@
 """memscope-async: which asyncio task holds or churns memory, who started it, where in
 its code, and how sure we are.
 
+(PYTEST_DONT_REWRITE: pytest's assertion rewriting leaves this package alone; it may be
+imported before pytest starts, under ``memscope-async run -m pytest``, where pytest would
+warn that it cannot rewrite it, which ``filterwarnings = error`` makes fatal.)
+
 Entry points::
 
     profiler = memscope_async.install_policy()      # every new loop is instrumented

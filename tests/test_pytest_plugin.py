@@ -290,3 +290,14 @@ def test_marker_takes_the_profilers_options(inner: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*memscope*mode must be one of exact, sampled, not 'fast'*",
                                  "*memscope: limited to 1.0 MiB live per task, task 'session_cache'*"])
     assert "Traceback" not in result.stdout.str()
+
+
+def test_pytest_leaves_the_package_unrewritten():
+    """Under ``memscope-async run -m pytest`` the package is imported before pytest, which
+    then warns (an error under ``filterwarnings = error``) that it cannot rewrite a plugin
+    module, unless the module's docstring opts out."""
+    from _pytest.assertion.rewrite import AssertionRewriter
+
+    import memscope_async
+
+    assert AssertionRewriter.is_rewrite_disabled(memscope_async.__doc__)
