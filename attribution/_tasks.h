@@ -1959,6 +1959,8 @@ static inline int passes_context(FactoryObject *f, int explicit) {
     return f->user_factory == NULL || f->forwards_context || explicit;
 }
 
+static PyObject *name_made_task(PyObject *task, PyObject *name, int has_name);
+
 static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyObject *ctx, PyObject *name,
                            PyObject *kwargs, int explicit) {
     int has_name = name != NULL && name != Py_None;
@@ -1994,38 +1996,73 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
             Py_XDECREF(a);
         }
     } else {
-        /* Run it in the caller's context with our variable set to the new task's Tag for
-         * the call, so the task it makes copies the Tag, and set back after: a context
-         * variable the factory sets stays the caller's, as without us (running it inside
-         * the tagged copy, as ctx.run would, left such a change in that copy). */
+        /* Run it in the caller's context, its mapping for the call the one we made (the
+         * caller's with our variable set to the new task's Tag), so the task it makes
+         * copies the Tag, and a context variable the factory sets stays the caller's, as
+         * without us (running it inside our copy, as ctx.run would, kept such a change
+         * there).  The task's context shares that mapping, as it did when made inside our
+         * copy: untracked by the collector and off its count (register_task).  Without a
+         * running context (or our own, if it is running), inside our copy after all. */
         tls_t *t = &tls;
-        PyObject *token = NULL;
-        if (t->pending_ctx == ctx && t->pending_tag != NULL) {
-            int g = t->guard;
-            t->guard = 1;
-            token = PyContextVar_Set(S.tag_var, (PyObject *)t->pending_tag);
-            t->guard = g;
-            if (token == NULL) return NULL;
-            /* The tasks the factory makes copy the caller's context now: it is where they
-             * are made (pending_made_here).  Its mapping is not the one we made, so the
-             * hooks look the Tag up there (context_tid's shortcut does not apply). */
-            PyThreadState *ts = tstate_unchecked();
-            if (ts != NULL && ts->context != NULL) t->pending_ctx = ts->context;
+        PyThreadState *ts = tstate_unchecked();
+        PyContext *cur = ts != NULL ? (PyContext *)ts->context : NULL;
+        PyObject *tagged = t->pending_ctx == ctx && t->pending_tag != NULL ? context_vars(ctx) : NULL;
+        if (tagged == NULL || cur == NULL || (PyObject *)cur == ctx) {
+            if (PyContext_Enter(ctx) < 0) return NULL;
+            PyObject *a = PyTuple_Pack(2, loop, coro);
+            if (a != NULL) task = PyObject_Call(f->user_factory, a, kwargs);
+            Py_XDECREF(a);
+            if (PyContext_Exit(ctx) < 0) Py_CLEAR(task);
+            return name_made_task(task, name, has_name);
         }
+        Py_INCREF(cur);
+        PyObject *orig = (PyObject *)cur->ctx_vars; /* owned by us while swapped out */
+        cur->ctx_vars = (PyHamtObject *)Py_NewRef(tagged);
+        ts->context_ver++; /* values cached for the old mapping (ContextVar.get's, ours) go */
+        t->pending_ctx = (PyObject *)cur; /* where the factory makes the task (pending_made_here) */
         PyObject *a = PyTuple_Pack(2, loop, coro);
         if (a != NULL) task = PyObject_Call(f->user_factory, a, kwargs);
         Py_XDECREF(a);
-        if (token != NULL) {
-            t->pending_ctx = ctx;
-            PyObject *exc = PyErr_GetRaisedException_compat();
+        t->pending_ctx = ctx;
+        PyObject *exc = PyErr_GetRaisedException_compat();
+        PyObject *now = (PyObject *)cur->ctx_vars;
+        if (now == tagged) {
+            cur->ctx_vars = (PyHamtObject *)orig; /* the caller's own mapping back, as it was */
+            Py_DECREF(now);
+        } else {
+            /* The factory set variables: they stay; ours goes back to what the caller had. */
+            PyObject *old = NULL, *fixed = NULL;
             int g = t->guard;
             t->guard = 1;
-            if (PyContextVar_Reset(S.tag_var, token) < 0) PyErr_Clear(); /* (the factory left another context entered) */
+            old = PyObject_GetItem(orig, S.tag_var); /* (a mapping: KeyError if it had none) */
+            if (old == NULL && PyErr_ExceptionMatches(PyExc_KeyError)) PyErr_Clear();
+            if (!PyErr_Occurred())
+                fixed = old != NULL ? PyObject_CallMethod(now, "set", "OO", S.tag_var, old)
+                                    : PyObject_CallMethod(now, "delete", "O", S.tag_var);
             t->guard = g;
-            Py_DECREF(token);
-            PyErr_SetRaisedException_compat(exc);
+            Py_XDECREF(old);
+            if (fixed != NULL && Py_TYPE(fixed) == Py_TYPE(now)) {
+                cur->ctx_vars = (PyHamtObject *)fixed;
+                Py_DECREF(now);
+                Py_DECREF(orig);
+            } else { /* (cannot happen) the caller's mapping back without the factory's change */
+                PyErr_Clear();
+                Py_XDECREF(fixed);
+                cur->ctx_vars = (PyHamtObject *)orig;
+                Py_DECREF(now);
+            }
         }
+        ts->context_ver++;
+        t->ctx_seen = NULL; /* (our cached answers for this context were for the swapped mapping) */
+        t->fast_ctx = FAST_NONE;
+        Py_DECREF(cur);
+        PyErr_SetRaisedException_compat(exc);
     }
+    return name_made_task(task, name, has_name);
+}
+
+/* The name create_task was given, set on the task the user's factory made as asyncio sets it. */
+static PyObject *name_made_task(PyObject *task, PyObject *name, int has_name) {
     /* CPython 3.13.0-3.13.2's create_task calls task.set_name(name) after the user's
      * factory whatever name is, so an unnamed task is named "None" (CPython issue 130033;
      * 3.13.3 passes the name to the factory instead).  Our create_task does the same there

@@ -508,3 +508,44 @@ def test_a_task_given_a_shared_context_after_a_sibling_ended_keeps_its_own_bytes
     assert close_to(first.allocated_bytes, 4 * MiB) and close_to(first.live_bytes, 4 * MiB), first
     assert close_to(third.allocated_bytes, 2 * MiB) and close_to(third.live_bytes, 2 * MiB), third
     KEEP.clear()
+
+
+@pytest.mark.parametrize("how", ["plain", "ctx-run", "eager"])
+def test_what_a_user_factory_allocates_is_the_new_tasks_and_the_caller_keeps_its_own(loop_kind, how):
+    """A legacy (loop, coro) factory runs in its caller's context with the new task's Tag
+    in it for the call: what it allocates for the task is the task's; what the caller
+    allocates after create_task is the caller's, even when the factory switched context
+    (ctx.run, an eager first step) and the hooks' cached answers went with it."""
+    if how == "eager" and sys.version_info < (3, 12):
+        pytest.skip("eager tasks are 3.12+")
+    KEEP.clear()
+    state = {}
+
+    def factory(loop, coro, context=None, **kw):  # (uvloop passes context=None and, on 3.13, eager_start)
+        if how == "eager":
+            kw["eager_start"] = True
+        task = asyncio.Task(coro, loop=loop, context=context, **kw)
+        if how == "ctx-run":
+            contextvars.copy_context().run(lambda: None)
+        task.add_done_callback(lambda _t: None)
+        state[id(task)] = bytearray(2 * MiB)  # the factory's, for the new task
+        return task
+
+    async def child():
+        await asyncio.sleep(0)
+
+    async def parent():
+        asyncio.get_running_loop().set_task_factory(factory)
+        t = asyncio.create_task(child(), name="child")
+        KEEP.append(bytearray(3 * MiB))  # the parent's own
+        await t
+        asyncio.get_running_loop().set_task_factory(None)
+
+    async def main():
+        await asyncio.create_task(parent(), name="parent")
+
+    _, report = run_profiled(main, loop_kind)
+    (p,) = report.find(name="parent")
+    (c,) = report.find(name="child")
+    assert close_to(p.live_bytes, 3 * MiB) and close_to(c.live_bytes, 2 * MiB), (p, c)
+    KEEP.clear()

@@ -50,8 +50,15 @@ def test_a_tasks_mapping_is_untracked_only_when_it_cannot_be_in_a_cycle(loop_kin
     async def probe(key):
         seen[key] = own_mapping_tracked()
 
+    def legacy_factory(loop, coro, context=None, **kw):  # (uvloop passes context=None; 3.13 eager_start)
+        return asyncio.Task(coro, loop=loop, context=context, **kw)
+
     async def main():
         await asyncio.create_task(probe("tag only"))
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(legacy_factory)  # its task copies the mapping made for it
+        await asyncio.create_task(probe("a user's task factory"))
+        loop.set_task_factory(None)
         TEXT.set("a string")
         await asyncio.create_task(probe("tag and a string"))
         decimal.setcontext(decimal.Context(prec=50))  # as Decimal arithmetic does in a fresh context
@@ -70,6 +77,7 @@ def test_a_tasks_mapping_is_untracked_only_when_it_cannot_be_in_a_cycle(loop_kin
     contextvars.Context().run(run_profiled, main_default, loop_kind)
     assert seen == {
         "tag only": False,
+        "a user's task factory": False,
         "tag and a string": False,
         "a decimal context": False,
         "a list": True,
