@@ -277,7 +277,8 @@ class _Target:
         elif self.importable:
             runpy._run_module_as_main("__main__", alter_argv=False)  # ``python app.zip``: argv[0] as given
         elif self.stdin:
-            source = sys.stdin.buffer.read()  # (its encoding, as for a file: a coding line or UTF-8)
+            # (its encoding, as for a file: a coding line or UTF-8; no stdin at all: an empty program)
+            source = sys.stdin.buffer.read() if sys.stdin is not None else b""
             vars(module).update(__file__=self.path, __cached__=None, __loader__=importlib.machinery.BuiltinImporter)
             exec(compile(source, self.path, "exec", dont_inherit=True), vars(module))
         else:
@@ -669,29 +670,43 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# run's options that take a value as the next argument (``-o x``; ``--output=x`` takes none)
-_RUN_VALUE_OPTIONS = frozenset({"-o", "--output", "--mode", "--sample-interval", "--stack-depth", "--stack-interval",
-                                "--max-finished-tasks", "--top"})
+# run's long options, and whether each takes a value as the next argument (``--output x``;
+# ``--output=x`` takes none); argparse also takes any unambiguous prefix of one
+_RUN_LONG_OPTIONS = {"--output": True, "--mode": True, "--sample-interval": True, "--stack-depth": True,
+                     "--stack-interval": True, "--max-finished-tasks": True, "--top": True, "--uvloop": False,
+                     "--no-threads": False, "--quiet": False, "--help": False}
+
+
+def _takes_value(arg: str) -> bool:
+    """Whether option ``arg`` (before the program) takes the next argument as its value."""
+    if arg.startswith("--"):
+        if "=" in arg:
+            return False
+        found = [takes for name, takes in _RUN_LONG_OPTIONS.items() if name.startswith(arg)]
+        return len(found) == 1 and found[0]
+    # one dash: one-letter flags run together (-qm...: see the caller); -o takes the rest or the next
+    flags = arg[1:].lstrip("qh")
+    return flags == "o"
 
 
 def _split_module_option(argv: Sequence[str]) -> list[str]:
-    """``run -mpkg.mod`` as ``run -m pkg.mod``, as Python takes ``-mpkg.mod`` (argparse
-    would read the rest as more one-letter flags).  Only before the program: what follows
-    it is the program's own."""
+    """``run -mpkg.mod`` (and ``-qmpkg.mod``) as ``run -m pkg.mod``, as Python takes
+    ``-mpkg.mod`` (argparse would read the rest as more one-letter flags).  Only before
+    the program: what follows it is the program's own."""
     argv = list(argv)
     if not argv or argv[0] != "run":
         return argv
     i = 1
     while i < len(argv):
         arg = argv[i]
-        if arg.startswith("-m") and len(arg) > 2:
-            return [*argv[:i], "-m", arg[2:], *argv[i + 1:]]
-        if arg in _RUN_VALUE_OPTIONS:
-            i += 2
-        elif arg.startswith("-") and arg not in ("-", "--", "-m"):
-            i += 1
-        else:
+        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
+            flags = arg[1:]
+            lead = len(flags) - len(flags.lstrip("qh"))  # one-letter flags that take no value
+            if flags[lead:lead + 1] == "m" and len(flags) > lead + 1:
+                return [*argv[:i], *(f"-{c}" for c in flags[:lead]), "-m", flags[lead + 1:], *argv[i + 1:]]
+        if arg in ("-", "--", "-m") or not arg.startswith("-"):
             break  # the program (a script, "-", "--", or -m's module): the rest is its own
+        i += 2 if _takes_value(arg) else 1
     return argv
 
 

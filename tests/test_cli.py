@@ -313,6 +313,10 @@ def test_run_module_finds_modules_in_the_working_directory(tmp_path: Path) -> No
     (["run", "--", "-mx"], ["run", "--", "-mx"]),
     (["run", "-m", "mod", "-mx"], ["run", "-m", "mod", "-mx"]),
     (["report", "-mx"], ["report", "-mx"]),
+    (["run", "-qmpkg.mod"], ["run", "-q", "-m", "pkg.mod"]),  # one-letter flags run together, as python -qm
+    (["run", "--out", "r.json", "--max", "5", "--uv", "-mx"],  # argparse's prefixes of long options
+     ["run", "--out", "r.json", "--max", "5", "--uv", "-m", "x"]),
+    (["run", "-or.json", "-mx"], ["run", "-or.json", "-m", "x"]),
 ])
 def test_an_attached_module_name_is_split_only_before_the_program(argv: list[str], expected: list[str]) -> None:
     """``-mpkg.mod`` means ``-m pkg.mod`` as in ``python -mpkg.mod``; from the program on,

@@ -99,6 +99,17 @@ def test_a_program_read_from_stdin_sees_what_python_shows_it(tmp_path: Path) -> 
     assert Report.load(tmp_path / "r.json").run is not None
 
 
+def test_a_program_read_from_a_closed_stdin_is_empty(tmp_path: Path) -> None:
+    """``python -`` with no stdin at all (file descriptor 0 closed) runs nothing and
+    exits 0; so does ``run -``."""
+    def go(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                              preexec_fn=lambda: os.close(0))
+    expected = go("-")
+    got = go("-m", "memscope_async", "run", "-q", "-o", "r.json", "-")
+    assert (got.returncode, got.stdout, got.stderr) == (expected.returncode, expected.stdout, expected.stderr) == (0, "", "")
+
+
 @pytest.mark.parametrize("command", [
     ["prog.py", "--", "x"], ["prog.py", "a", "--"], ["--", "prog.py", "--"], ["app", "y"], ["./app"], ["app.zip"],
 ], ids=lambda c: " ".join(c))
