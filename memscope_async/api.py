@@ -77,13 +77,25 @@ def uninstall_policy() -> Profiler | None:
     """Undo :func:`install_policy`: the policy's class gets its own method back (with
     ``uvloop=True``, the policy it replaced comes back, unless the program has set
     another since), and the profiler stops.  Returns that profiler (its data is still
-    there for snapshot/export), or None."""
-    global _policy_state
+    there for snapshot/export), or None.  In a program run by ``memscope-async run``, only
+    what the program's own install_policy() did is undone: the command's profiling goes
+    on (with nothing of the program's to undo, this returns None, as it would without
+    the command)."""
     with _policy_lock:
         state = _policy_state
         if state is not None and _policy_joined:  # the program's own, joined to the command's: kept
             _undo_joined(*_policy_joined.pop())
             return state[2]
+        if state is not None and state[2].ambient:  # the command's own: not the program's to undo
+            return None
+    return _uninstall()
+
+
+def _uninstall() -> Profiler | None:
+    """uninstall_policy() itself: whatever install_policy() is in effect is undone."""
+    global _policy_state
+    with _policy_lock:
+        state = _policy_state
         _policy_state = None
     if state is None:
         return None
@@ -114,7 +126,7 @@ def end_command_policy() -> Profiler | None:
         _policy_joined.clear()
     for entry in joined:
         _undo_joined(*entry)
-    return uninstall_policy()
+    return _uninstall()
 
 
 def instrument_loops_made_any_way(instrument: Callable[[Any], Any]) -> Callable[[], None]:
@@ -236,7 +248,8 @@ class LoopFactory:
     once a loop has been made.
 
     Joining the profiler already running: its report so far is exported to ``report``
-    when the last of the factory's loops closes; options it does not have raise
+    when the last of the factory's loops closes (if that profiler still runs then: one
+    that stops first takes its hooks out of the loops); options it does not have raise
     :class:`ProfilerError` at the first loop (in a program run by ``memscope-async run``,
     the command's profiler is joined all the same, and what it cannot honour is said on
     stderr).
@@ -263,7 +276,7 @@ class LoopFactory:
                 # factory's own (a profiler that records nothing would be a silent loss)
                 prof._start()
                 self._owned = True
-            elif prof is None or (self._owned and not prof.active):
+            elif prof is None or not prof.active:  # (its own, or the one it joined, has stopped)
                 from .profiler import current_profiler
 
                 running = current_profiler()

@@ -672,3 +672,23 @@ def test_profile_decorator_called_again_by_the_same_task_charges_it_each_time(lo
         assert caller.parent_id is None and kid.parent_id == caller.id, report.tasks
         assert close_to(caller.allocated_bytes, n) and close_to(kid.allocated_bytes, n), report.tasks
         assert report.unattributed.allocated_bytes < 256 * 1024, report.unattributed
+
+
+def test_a_loop_factory_that_joined_a_profiler_since_stopped_runs_one_of_its_own(tmp_path):
+    """Used again once the profiler it joined has stopped, a loop_factory() profiles its
+    loops itself (and writes report=), instead of instrumenting them for a stopped one."""
+    async def work(name):
+        await asyncio.create_task(asyncio.sleep(0), name=name)
+
+    factory = ms.loop_factory(report=tmp_path / "r.json")
+    with ms.Profiler() as joined:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(work("first"))
+    (tmp_path / "r.json").unlink()
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(work("second"))
+    assert factory.profiler is not joined and not factory.profiler.active
+    assert [t.name for t in ms.Report.load(tmp_path / "r.json").find(name="second")] == ["second"]
+    assert joined.snapshot().find(name="second") == []
+    joined.close()
+    factory.profiler.close()

@@ -535,6 +535,26 @@ else:
 """
 
 
+STRAY_UNINSTALL = """\
+import asyncio, memscope_async as ms
+
+async def job(name):
+    await asyncio.create_task(asyncio.sleep(0), name=name)
+
+asyncio.run(job("before"))
+print(ms.uninstall_policy())  # the program never installed one
+asyncio.run(job("after"))
+"""
+
+
+def test_a_programs_uninstall_policy_does_not_end_the_commands_profiling(tmp_path: Path) -> None:
+    (tmp_path / "stray.py").write_text(STRAY_UNINSTALL)
+    proc = cli("run", "-q", "-o", "r.json", "stray.py", cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (0, "None\n"), proc.stderr
+    report = Report.load(tmp_path / "r.json")
+    assert len(report.find(name="before")) == len(report.find(name="after")) == 1
+
+
 UVLOOP_POLICY = """\
 import asyncio, atexit, memscope_async as ms
 
