@@ -397,8 +397,11 @@ def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path
     join it, and when the last of them ends it stops, its report is kept as
     ``wrapper.last_report`` and written to ``report`` (if given).  A call made while
     another profiler runs just runs, attributed by that one (with a RuntimeWarning, once,
-    if this decorator was given a report or options it cannot honour).  Bad options are
-    refused when decorating."""
+    if this decorator was given a report or options it cannot honour); in a program run
+    by ``memscope-async run``, that profiler is the command's, and as ``run()`` does there,
+    each call's end keeps its report so far as ``last_report`` and writes it to ``report``.
+    A call whose profiler cannot start (another allocator hook in the way) just runs,
+    with a RuntimeWarning.  Bad options are refused when decorating."""
     Profiler(**options)  # checks them now (ProfilerError, or TypeError for an unknown one)
 
     def decorate(func: Callable[..., Awaitable[T]]):
@@ -411,6 +414,8 @@ def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path
             """The profiler this call runs under, if it is ours (counted in); None if another one runs."""
             from .profiler import current_profiler
 
+            code = getattr(func, "__code__", None)
+            where = (code.co_filename, code.co_firstlineno) if code is not None else None
             with done:
                 # a session being closed (its last call ended in another thread) is ours
                 # until its report is taken: a call now waits for that, then starts anew
@@ -419,14 +424,21 @@ def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path
                 if prof is None:
                     running = current_profiler()
                     if running is not None and running.active:
+                        if running.ambient:  # memscope-async run's: its report comes at the call's end
+                            if options and not session["warned"]:
+                                session["warned"] = True
+                                _joins_ambient(running, f"@profile ({func.__qualname__})", options)
+                            return None
                         if (report is not None or options) and not session["warned"]:
                             session["warned"] = True
-                            code = getattr(func, "__code__", None)
                             _warn(f"memscope-async: {func.__qualname__} runs under a profiler started elsewhere: "
-                                  "its own report and options are not used",
-                                  where=(code.co_filename, code.co_firstlineno) if code is not None else None)
+                                  "its own report and options are not used", where=where)
                         return None
-                    prof = session["prof"] = Profiler(**options)._start()
+                    try:
+                        prof = session["prof"] = Profiler(**options)._start()
+                    except ProfilerError as exc:  # (tracemalloc's hooks in the way of a new session)
+                        _warn(f"memscope-async: {func.__qualname__} runs unprofiled: {exc}", where=where)
+                        return None
                 session["calls"] += 1
             try:
                 loop = asyncio.get_running_loop()
@@ -454,11 +466,27 @@ def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path
                     session["closing"] = False
                     done.notify_all()
 
+        def leave_ambient() -> None:
+            from .profiler import current_profiler
+
+            running = current_profiler()
+            if running is None or not running.ambient:
+                return
+            try:
+                wrapper.last_report = running.snapshot()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - never raised into the program
+                return
+            if report is not None:
+                _export_quietly(running, report)
+
         @functools.wraps(func)
         async def wrapper(*args: Any, **kwargs: Any) -> T:
             prof = enter()
             if prof is None:
-                return await func(*args, **kwargs)
+                try:
+                    return await func(*args, **kwargs)
+                finally:
+                    leave_ambient()
             try:
                 return await func(*args, **kwargs)
             finally:

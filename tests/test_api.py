@@ -692,3 +692,27 @@ def test_a_loop_factory_that_joined_a_profiler_since_stopped_runs_one_of_its_own
     assert joined.snapshot().find(name="second") == []
     joined.close()
     factory.profiler.close()
+
+
+def test_a_decorated_call_whose_profiler_cannot_start_just_runs(recwarn):
+    """tracemalloc started during a sampled session stays over its hooks, so an exact
+    session cannot start until it stops: the decorated call runs all the same, unprofiled,
+    and a RuntimeWarning says why."""
+    import tracemalloc
+
+    @ms.profile(mode="sampled")
+    async def sampled_job():
+        tracemalloc.start()
+        await asyncio.sleep(0)
+
+    @ms.profile
+    async def exact_job():
+        return "ran"
+
+    try:
+        asyncio.run(sampled_job())
+        assert asyncio.run(exact_job()) == "ran"
+    finally:
+        tracemalloc.stop()
+    assert exact_job.last_report is None
+    assert any("exact_job runs unprofiled" in str(w.message) for w in recwarn.list), recwarn.list

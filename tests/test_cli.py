@@ -535,6 +535,31 @@ else:
 """
 
 
+DECORATED = """\
+import asyncio, memscope_async as ms
+
+KEEP = []
+
+@ms.profile(report="job.json")
+async def job():
+    KEEP.append(bytearray(2 << 20))
+    await asyncio.sleep(0)
+
+asyncio.run(job())
+print(max(job.last_report.tasks, key=lambda t: t.live_bytes).coro)
+"""
+
+
+def test_a_decorated_function_under_the_command_gets_its_report(tmp_path: Path) -> None:
+    """@profile(report=) in a program run by the command: the call runs under the
+    command's profiler, and its end still gives last_report and the file (that profiler's
+    report so far), as ms.run(report=) does there."""
+    (tmp_path / "deco.py").write_text(DECORATED)
+    proc = cli("run", "-q", "-o", "r.json", "deco.py", cwd=tmp_path)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "job\n", "")
+    assert len(Report.load(tmp_path / "job.json").find(coro="job")) == 1
+
+
 STRAY_UNINSTALL = """\
 import asyncio, memscope_async as ms
 
