@@ -2095,6 +2095,7 @@ static PyMethodDef core_methods[] = {
     {"tid_of", core_tid_of, METH_O, tid_of_doc},
     {"task_layout", core_task_layout, METH_NOARGS, task_layout_doc},
     {"tag_running_task", core_tag_running_task, METH_VARARGS, tag_running_task_doc},
+    {"next_task_id", core_next_task_id, METH_NOARGS, next_task_id_doc},
     {"task_destroyed", core_task_destroyed, METH_O, task_destroyed_doc},
     {"task_labels", core_task_labels, METH_O, task_labels_doc},
     {"own_labels", core_own_labels, METH_O, own_labels_doc},

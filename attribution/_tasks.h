@@ -1755,6 +1755,12 @@ static int is_step_wrapper_name(const char *name) {
     return strcmp(dot ? dot + 1 : name, "TaskStepMethWrapper") == 0;
 }
 
+PyDoc_STRVAR(next_task_id_doc,
+"next_task_id() -> int\n--\n\nThe id the next task recorded will get (ids grow, and tasks made from now on\n"
+"have this one or more, until 2**31 ids have been handed out).");
+
+static PyObject *core_next_task_id(PyObject *m, PyObject *noargs) { return PyLong_FromUnsignedLong(tasks_next_tid()); }
+
 PyDoc_STRVAR(tag_running_task_doc,
 "tag_running_task(task, loop_serial) -> int\n--\n\nRecord the running task (made before its loop was instrumented) from\n"
 "inside its own step, tagging the running context.  Returns its id, 0 if not recorded.");

@@ -16,9 +16,16 @@ when a task holds or allocates more than allowed.
   ``stack_interval``, ``stack_depth``, ``max_finished_tasks``, ``threads``), as every other
   entry point does; the intervals may be strings like the limits.
 
+The limits apply to the tasks the test body makes (with ``per_task=False``, to what the
+body allocates and holds): what a fixture's setup made, in a task of its own or not, is
+not the test's, whichever order the fixtures come in.  In sampled mode the numbers
+checked are estimates (the failure says so): a limit well under the sample interval
+fails by chance.
+
 Tests that use neither do not touch the profiler: no hook, no policy, no import of the
 C core from here.  Only one profiler can run in a process; a test that cannot get it
-errors at setup and says why.
+errors at setup and says why (under ``memscope-async run``, whose profiler runs for the
+whole session, every such test does).
 """
 
 from __future__ import annotations
@@ -69,8 +76,15 @@ def memscope(request: pytest.FixtureRequest) -> Iterator["Profiler"]:
     from . import api
     from .profiler import ProfilerError
 
+    from .profiler import current_profiler
+
     problem = None
+    running = current_profiler()
     try:
+        if running is not None and running.active and running.ambient:
+            # (install_policy() would join it: a profile of the whole session, not of this test)
+            raise ProfilerError("memscope-async run's profiler runs for the whole session, and one profiler "
+                                "runs per process; run pytest on its own to profile single tests")
         profiler = api.install_policy(**limits.options)
     except ProfilerError as exc:
         problem = f"memscope: cannot profile this test: {exc}"
@@ -183,6 +197,8 @@ class _Run:
         self.limits = limits
         self.baseline: "Totals | None" = None
         self.report: "Report | None" = None
+        self.first_task_id = 0  # the body's tasks have this id or more
+        self.problem: str | None = None  # why the limits could not be checked
         self.checked = False  # the limits were checked in the call itself
 
     def before_body(self, item: pytest.Item) -> None:
@@ -193,19 +209,27 @@ class _Run:
             loop = _loop_of(value)
             if loop is not None and not loop.is_closed():
                 self.profiler.instrument_loop(loop)
+        from .attribution import _core
+
+        self.first_task_id = _core.next_task_id()
         if self.limits.any and not self.limits.per_task:
             self.baseline = self.profiler.snapshot().totals
 
     def after_body(self) -> None:
         if self.limits.any:
-            self.report = self.profiler.snapshot()
+            try:
+                self.report = self.profiler.snapshot()
+            except Exception as exc:  # (the test closed its profiler: memscope.close())
+                self.problem = f"memscope: cannot check this test's limits: {exc}"
 
     def check(self) -> str | None:
         """The failure message if a limit is exceeded, else None."""
+        if self.problem is not None:
+            return self.problem
         if self.report is None:
             return None
         if self.limits.per_task:
-            return _check_tasks(self.report, self.limits)
+            return _check_tasks(self.report, self.limits, self.first_task_id)
         return _check_total(self.report, self.baseline, self.limits)
 
 
@@ -223,8 +247,10 @@ def _loop_of(value: Any) -> Any:
     return None
 
 
-def _check_tasks(report: "Report", limits: _Limits) -> str | None:
+def _check_tasks(report: "Report", limits: _Limits, first_id: int = 0) -> str | None:
     lines: list[str] = []
+    body = [t for t in report.tasks if t.id >= first_id]  # the test body's tasks, not its fixtures'
+    estimated = " (estimated: sampled mode)" if report.run.estimated else ""
     checks = (
         (limits.max_live_bytes, "live", "holds", lambda t: t.live_bytes),
         (limits.max_allocated_bytes, "allocated", "allocated", lambda t: t.allocated_bytes),
@@ -233,13 +259,13 @@ def _check_tasks(report: "Report", limits: _Limits) -> str | None:
     for limit, what, verb, metric in checks:
         if limit is None:
             continue
-        over = sorted((t for t in report.tasks if metric(t) > limit), key=lambda t: (-metric(t), t.id))
+        over = sorted((t for t in body if metric(t) > limit), key=lambda t: (-metric(t), t.id))
         if not over:
             continue
         worst = over[0]
         more = f" (and {len(over) - 1} more task{'s' if len(over) > 2 else ''} over the limit)" if len(over) > 1 else ""
         lines.append(f"memscope: limited to {_format_size(limit)} {what} per task, task {_task_name(worst)!r} "
-                     f"(id {worst.id}) {verb} {_format_size(metric(worst))}{more}")
+                     f"(id {worst.id}) {verb} {_format_size(metric(worst))}{estimated}{more}")
         worst_metric = worst_metric or metric
     if not lines:
         return None
@@ -254,8 +280,9 @@ def _check_total(report: "Report", baseline: "Totals | None", limits: _Limits) -
         (limits.max_live_bytes, "live", "holds", totals.live_bytes - base_live),
         (limits.max_allocated_bytes, "allocated", "allocated", totals.allocated_bytes - base_allocated),
     )
+    estimated = " (estimated: sampled mode)" if report.run.estimated else ""
     lines = [
-        f"memscope: limited to {_format_size(limit)} {what} in total, the test {verb} {_format_size(value)}"
+        f"memscope: limited to {_format_size(limit)} {what} in total, the test {verb} {_format_size(value)}{estimated}"
         for limit, what, verb, value in measured
         if limit is not None and value > limit
     ]

@@ -560,6 +560,27 @@ def test_a_decorated_function_under_the_command_gets_its_report(tmp_path: Path) 
     assert len(Report.load(tmp_path / "job.json").find(coro="job")) == 1
 
 
+def test_pytest_under_the_command_refuses_the_per_test_profiler_clearly(tmp_path: Path) -> None:
+    """memscope-async run -m pytest: the command profiles the whole session; a test that
+    asks for its own profile (the memscope fixture or marker) errors at setup saying so,
+    the others run, and pytest's exit status is the command's."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\nfilterwarnings = error\nasyncio_default_fixture_loop_scope = function\n")
+    (tmp_path / "test_x.py").write_text(textwrap.dedent("""\
+        import pytest
+
+        def test_plain():
+            pass
+
+        @pytest.mark.memscope(max_live_bytes="1 MiB")
+        def test_marked():
+            pass
+        """))
+    proc = cli("run", "-q", "-o", "r.json", "-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 passed, 1 error" in proc.stdout, proc.stdout
+    assert "memscope: cannot profile this test: memscope-async run's profiler runs for the whole session" in proc.stdout
+
+
 STRAY_UNINSTALL = """\
 import asyncio, memscope_async as ms
 

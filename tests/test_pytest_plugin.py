@@ -230,6 +230,82 @@ def test_a_second_profiler_is_a_clear_setup_error(inner: pytest.Pytester) -> Non
     result.stdout.fnmatch_lines(["*memscope: cannot profile this test: *already running*"])
 
 
+def test_what_a_fixture_set_up_is_not_the_tests_whatever_the_order(inner: pytest.Pytester) -> None:
+    """An async fixture set up after the profiler started runs in a task of its own: its
+    data is the test's input, not what the test's tasks hold, in either order."""
+    inner.makepyfile(
+        """
+        import asyncio
+        import pytest
+        import pytest_asyncio
+
+        @pytest_asyncio.fixture
+        async def dataset():
+            await asyncio.sleep(0)
+            return bytearray(5 * 1024 * 1024)
+
+        @pytest.mark.asyncio
+        @pytest.mark.memscope(max_live_bytes="1 MiB")
+        async def test_dataset_first(dataset, memscope):
+            await asyncio.sleep(0)
+
+        @pytest.mark.asyncio
+        @pytest.mark.memscope(max_live_bytes="1 MiB")
+        async def test_memscope_first(memscope, dataset):
+            await asyncio.sleep(0)
+
+        @pytest.mark.asyncio
+        @pytest.mark.memscope(max_live_bytes="1 MiB")
+        async def test_the_body_still_counts(memscope, dataset):
+            kept.append(await asyncio.create_task(make()))
+
+        kept = []
+
+        async def make():
+            return bytearray(3 * 1024 * 1024)
+        """
+    )
+    result = inner.runpytest()
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*test_the_body_still_counts*", "memscope: limited to 1.0 MiB live per task, task 'make' *"])
+
+
+def test_a_test_that_closes_its_profiler_fails_with_one_line(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.memscope(max_live_bytes="1 MiB")
+        def test_closes(memscope):
+            memscope.close()
+        """
+    )
+    result = inner.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["memscope: cannot check this test's limits: this profiler holds no data*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_sampled_limits_say_they_are_estimates(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        import asyncio
+        import pytest
+        from helpers import hog
+
+        @pytest.mark.memscope(max_live_bytes="1 MiB", mode="sampled", sample_interval="64 KiB")
+        def test_leaks():
+            async def main():
+                await asyncio.create_task(hog(), name="cache")
+            asyncio.run(main())
+        """
+    )
+    result = inner.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["memscope: limited to 1.0 MiB live per task, task 'cache' (id *) holds * "
+                                 "(estimated: sampled mode)"])
+
+
 def test_malformed_marker_is_a_clear_setup_error(inner: pytest.Pytester) -> None:
     inner.makepyfile(
         """
