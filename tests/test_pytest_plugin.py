@@ -377,16 +377,3 @@ def test_pytest_leaves_the_package_unrewritten():
     import memscope_async
 
     assert AssertionRewriter.is_rewrite_disabled(memscope_async.__doc__)
-
-
-def test_loading_the_plugin_imports_neither_the_core_nor_asyncio():
-    """pytest loads the plugin in every session (its entry point): that alone must stay
-    cheap, the package's names being imported on first use."""
-    import subprocess
-    import sys
-
-    code = ("import sys, memscope_async, memscope_async.pytest_plugin\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('asyncio', 'memscope_async.attribution', 'orjson'))))\n"
-            "print(memscope_async.Report.__name__, 'run' in dir(memscope_async))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
-    assert out == "[]\nReport True\n", out
