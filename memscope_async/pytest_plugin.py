@@ -22,8 +22,9 @@ not the test's, whichever order the fixtures come in.  In sampled mode the numbe
 checked are estimates (the failure says so): a limit well under the sample interval
 fails by chance.
 
-Tests that use neither do not touch the profiler: no hook, no policy, no import of the
-C core from here.  Only one profiler can run in a process; a test that cannot get it
+Tests that use neither do not touch the profiler: no hook, no policy.  (Loading the
+plugin imports the package, as pytest does for every session through its entry point:
+~30 ms.)  Only one profiler can run in a process; a test that cannot get it
 errors at setup and says why (under ``memscope-async run``, whose profiler runs for the
 whole session, every such test does).
 """
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
-if TYPE_CHECKING:  # the profiler is imported on first use, never by merely loading the plugin
+if TYPE_CHECKING:  # (for annotations only)
     from .attribution.report import Report, TaskReport, Totals
     from .profiler import Profiler
 
