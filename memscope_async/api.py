@@ -399,9 +399,11 @@ def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path
     another profiler runs just runs, attributed by that one (with a RuntimeWarning, once,
     if this decorator was given a report or options it cannot honour); in a program run
     by ``memscope-async run``, that profiler is the command's, and as ``run()`` does there,
-    each call's end keeps its report so far as ``last_report`` and writes it to ``report``.
-    A call whose profiler cannot start (another allocator hook in the way) just runs,
-    with a RuntimeWarning.  Bad options are refused when decorating."""
+    with ``report`` given each call's end writes its report so far there and keeps it as
+    ``last_report`` (the whole session's: a cost that grows with it); without, the calls'
+    tasks are in the command's report only.  A call whose profiler cannot start (another
+    allocator hook in the way) just runs, with a RuntimeWarning (once).  Bad options are
+    refused when decorating."""
     Profiler(**options)  # checks them now (ProfilerError, or TypeError for an unknown one)
 
     def decorate(func: Callable[..., Awaitable[T]]):
@@ -424,10 +426,15 @@ def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path
                 if prof is None:
                     running = current_profiler()
                     if running is not None and running.active:
-                        if running.ambient:  # memscope-async run's: its report comes at the call's end
-                            if options and not session["warned"]:
+                        if running.ambient:  # memscope-async run's: with report=, its report at the call's end
+                            if not session["warned"]:
                                 session["warned"] = True
-                                _joins_ambient(running, f"@profile ({func.__qualname__})", options)
+                                if options:
+                                    _joins_ambient(running, f"@profile ({func.__qualname__})", options)
+                                if report is None:
+                                    _warn(f"memscope-async: {func.__qualname__} runs under memscope-async run's "
+                                          "profiler: its tasks are in the command's report, and last_report "
+                                          "stays None", where=where)
                             return None
                         if (report is not None or options) and not session["warned"]:
                             session["warned"] = True
@@ -437,7 +444,9 @@ def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path
                     try:
                         prof = session["prof"] = Profiler(**options)._start()
                     except ProfilerError as exc:  # (tracemalloc's hooks in the way of a new session)
-                        _warn(f"memscope-async: {func.__qualname__} runs unprofiled: {exc}", where=where)
+                        if not session["warned"]:
+                            session["warned"] = True
+                            _warn(f"memscope-async: {func.__qualname__} runs unprofiled: {exc}", where=where)
                         return None
                 session["calls"] += 1
             try:
@@ -470,14 +479,13 @@ def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path
             from .profiler import current_profiler
 
             running = current_profiler()
-            if running is None or not running.ambient:
-                return
+            if report is None or running is None or not running.ambient:
+                return  # (a snapshot of the whole session at every call would stall the loop)
             try:
                 wrapper.last_report = running.snapshot()  # type: ignore[attr-defined]
             except Exception:  # noqa: BLE001 - never raised into the program
                 return
-            if report is not None:
-                _export_quietly(running, report)
+            _export_quietly(running, report)
 
         @functools.wraps(func)
         async def wrapper(*args: Any, **kwargs: Any) -> T:
