@@ -279,6 +279,9 @@ class LoopFactory:
             elif prof is None or not prof.active:  # (its own, or the one it joined, has stopped)
                 from .profiler import current_profiler
 
+                # loops made for a profiler that stopped before they closed: theirs, not the next one's
+                self._open.clear()
+
                 running = current_profiler()
                 if running is not None and running.active and self._joins(running):
                     prof = running

@@ -17,8 +17,9 @@ when a task holds or allocates more than allowed.
   entry point does; the intervals may be strings like the limits.
 
 The limits apply to the tasks the test body makes (with ``per_task=False``, to what the
-body allocates and holds): what a fixture's setup made, in a task of its own or not, is
-not the test's, whichever order the fixtures come in.  In sampled mode the numbers
+body allocates and holds): what a fixture's setup made after the profiler started, in a
+task of its own or not, is not the test's.  (A task a fixture started before it, which
+the profiler first sees when that task next runs, in the body, counts as the body's.)  In sampled mode the numbers
 checked are estimates (the failure says so): a limit well under the sample interval
 fails by chance.
 

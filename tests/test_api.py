@@ -716,3 +716,24 @@ def test_a_decorated_call_whose_profiler_cannot_start_just_runs(recwarn):
         tracemalloc.stop()
     assert exact_job.last_report is None
     assert any("exact_job runs unprofiled" in str(w.message) for w in recwarn.list), recwarn.list
+
+
+def test_a_loop_factory_whose_joined_profiler_stopped_before_its_loop_closed_still_ends_its_own(tmp_path):
+    """The joined profiler stops first (its hooks leave the loop, so the factory never
+    hears that loop close): the factory's next profiler, its own, still stops and writes
+    report= when its own loop closes, instead of running on for good."""
+    async def work():
+        return bytearray(1000)
+
+    factory = ms.loop_factory(report=tmp_path / "r.json")
+    joined = ms.Profiler().start()
+    runner = asyncio.Runner(loop_factory=factory)
+    runner.run(work())
+    joined.stop()
+    runner.close()
+    with asyncio.Runner(loop_factory=factory) as again:
+        again.run(work())
+    assert factory.profiler is not joined and not factory.profiler.active
+    assert (tmp_path / "r.json").exists()
+    joined.close()
+    factory.profiler.close()
