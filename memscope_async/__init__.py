@@ -13,6 +13,12 @@ Entry points::
     memscope_async.instrument()                      # from inside a running loop
 """
 
+# Eager on purpose: pytest loads our plugin (and so this package) at every session start,
+# before pytester takes its sys.modules snapshots.  Imported lazily, these modules and
+# orjson were first imported inside pytester's inner runs, which drop them afterwards, and
+# orjson (3.11-3.13) loses a reference to its JSONDecodeError type each time its module is
+# executed again: after a few runs the type was freed while still in use and the next full
+# collection crashed (seen on 3.13; not our C core).
 from .api import LoopFactory, install_policy, instrument, loop_factory, profile, run, uninstall_policy
 from .attribution.report import Report, ReportError, TaskReport
 from .exporters.json_report import ExportError
