@@ -715,12 +715,8 @@ enum {
     CTX_ADOPTED, /* the context of a task we did not see being made */
 };
 
-/* Make a record for a task about to run in `ctx` (a context not entered right now; NULL:
- * the running context, for a task tagging itself) and put its Tag into that context.
- * *out is the new task id, or 0 when the context cannot be tagged (it is running: the
- * caller passed its own) or nothing is being recorded.  Returns -1 with an exception set
- * on failure.  Our own allocations here are not recorded. */
-/* The id the next task will get (ids are 31-bit, never 0: after the last comes 1). */
+/* The id the next task will get (ids are 31-bit, the top bit naming groups' sites, and
+ * never 0: after the last comes 1). */
 static uint32_t tasks_next_tid(void) {
     uint32_t next = G.next_tid + 1;
     return (next & GROUP_SITE_BIT) || next == 0 ? 1 : next;
@@ -731,11 +727,16 @@ static uint32_t tasks_next_tid(void) {
  * session has no record of, and is no parent of its tasks. */
 static inline int tid_this_session(uint32_t tid) {
     if (tid == 0 || S.first_tid == 0) return 0;
-    if (G.next_tid + 1 == S.first_tid) return 0; /* none handed out yet */
+    if (tasks_next_tid() == S.first_tid) return 0; /* none handed out yet */
     if (G.next_tid >= S.first_tid) return tid >= S.first_tid && tid <= G.next_tid;
     return tid >= S.first_tid || tid <= G.next_tid; /* the ids wrapped meanwhile */
 }
 
+/* Make a record for a task about to run in `ctx` (a context not entered right now; NULL:
+ * the running context, for a task tagging itself) and put its Tag into that context.
+ * *out is the new task id, or 0 when the context cannot be tagged (it is running: the
+ * caller passed its own) or nothing is being recorded.  Returns -1 with an exception set
+ * on failure.  Our own allocations here are not recorded. */
 static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial, PyObject *coro,
                          uint32_t *out, TagObject **tag_out) {
     *out = 0;
@@ -746,12 +747,10 @@ static int register_task(PyObject *ctx, int how, uint32_t flags, uint32_t serial
     int g = t->guard;
     t->guard = 1;
     uint32_t tid, unused;
-    do { /* ids are 31-bit (the top bit names groups' sites): after a wrap, skip those still in use */
-        tid = ++G.next_tid;
-        if (tid & GROUP_SITE_BIT) {
-            tid = G.next_tid = 1;
-            G.tids_wrapped = 1;
-        }
+    do { /* after a wrap, skip the ids still in use */
+        tid = tasks_next_tid();
+        if (tid <= G.next_tid) G.tids_wrapped = 1;
+        G.next_tid = tid;
     } while (G.tids_wrapped && task_registered(tid, &unused));
     int keep = 0;
     TagObject *tag = ctx != NULL && how == CTX_COPIED ? kept_mapping_take(ctx, &keep) : NULL;
@@ -1965,7 +1964,44 @@ static inline int passes_context(FactoryObject *f, int explicit) {
     return f->user_factory == NULL || f->forwards_context || explicit;
 }
 
-static PyObject *name_made_task(PyObject *task, PyObject *name, int has_name);
+/* After the user's factory ran in the caller's context `cur` with its mapping swapped for
+ * `tagged` (make_task): the caller's own mapping `orig` (a reference of ours) goes back,
+ * or, if the factory set variables meanwhile, those stay and ours is set back to what the
+ * caller had.  Keeps any exception in flight; drops our reference to cur. */
+static void caller_vars_back(tls_t *t, PyThreadState *ts, PyContext *cur, PyObject *orig, PyObject *tagged) {
+    PyObject *exc = PyErr_GetRaisedException_compat();
+    PyObject *now = (PyObject *)cur->ctx_vars;
+    if (now == tagged) {
+        cur->ctx_vars = (PyHamtObject *)orig; /* the caller's own mapping back, as it was */
+        Py_DECREF(now);
+    } else {
+        PyObject *fixed = NULL;
+        int g = t->guard;
+        t->guard = 1;
+        PyObject *old = PyObject_GetItem(orig, S.tag_var); /* (a mapping: KeyError if it had none) */
+        if (old == NULL && PyErr_ExceptionMatches(PyExc_KeyError)) PyErr_Clear();
+        if (!PyErr_Occurred())
+            fixed = old != NULL ? PyObject_CallMethod(now, "set", "OO", S.tag_var, old)
+                                : PyObject_CallMethod(now, "delete", "O", S.tag_var);
+        t->guard = g;
+        Py_XDECREF(old);
+        if (fixed != NULL && Py_TYPE(fixed) == Py_TYPE(now)) {
+            cur->ctx_vars = (PyHamtObject *)fixed;
+            Py_DECREF(now);
+            Py_DECREF(orig);
+        } else { /* (cannot happen) the caller's mapping back without the factory's change */
+            PyErr_Clear();
+            Py_XDECREF(fixed);
+            cur->ctx_vars = (PyHamtObject *)orig;
+            Py_DECREF(now);
+        }
+    }
+    ts->context_ver++;
+    t->ctx_seen = NULL; /* (our cached answers for this context were for the swapped mapping) */
+    t->fast_ctx = FAST_NONE;
+    Py_DECREF(cur);
+    PyErr_SetRaisedException_compat(exc);
+}
 
 static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyObject *ctx, PyObject *name,
                            PyObject *kwargs, int explicit) {
@@ -2013,62 +2049,26 @@ static PyObject *make_task(FactoryObject *f, PyObject *loop, PyObject *coro, PyO
         PyThreadState *ts = tstate_unchecked();
         PyContext *cur = ts != NULL ? (PyContext *)ts->context : NULL;
         PyObject *tagged = t->pending_ctx == ctx && t->pending_tag != NULL ? context_vars(ctx) : NULL;
-        if (tagged == NULL || cur == NULL || (PyObject *)cur == ctx) {
-            if (PyContext_Enter(ctx) < 0) return NULL;
-            PyObject *a = PyTuple_Pack(2, loop, coro);
-            if (a != NULL) task = PyObject_Call(f->user_factory, a, kwargs);
-            Py_XDECREF(a);
-            if (PyContext_Exit(ctx) < 0) Py_CLEAR(task);
-            return name_made_task(task, name, has_name);
+        PyObject *orig = NULL; /* the caller's mapping, ours while swapped out */
+        if (tagged != NULL && cur != NULL && (PyObject *)cur != ctx) {
+            Py_INCREF(cur);
+            orig = (PyObject *)cur->ctx_vars;
+            cur->ctx_vars = (PyHamtObject *)Py_NewRef(tagged);
+            ts->context_ver++; /* values cached for the old mapping (ContextVar.get's, ours) go */
+            t->pending_ctx = (PyObject *)cur; /* where the factory makes the task (pending_made_here) */
+        } else if (PyContext_Enter(ctx) < 0) {
+            return NULL;
         }
-        Py_INCREF(cur);
-        PyObject *orig = (PyObject *)cur->ctx_vars; /* owned by us while swapped out */
-        cur->ctx_vars = (PyHamtObject *)Py_NewRef(tagged);
-        ts->context_ver++; /* values cached for the old mapping (ContextVar.get's, ours) go */
-        t->pending_ctx = (PyObject *)cur; /* where the factory makes the task (pending_made_here) */
         PyObject *a = PyTuple_Pack(2, loop, coro);
         if (a != NULL) task = PyObject_Call(f->user_factory, a, kwargs);
         Py_XDECREF(a);
-        t->pending_ctx = ctx;
-        PyObject *exc = PyErr_GetRaisedException_compat();
-        PyObject *now = (PyObject *)cur->ctx_vars;
-        if (now == tagged) {
-            cur->ctx_vars = (PyHamtObject *)orig; /* the caller's own mapping back, as it was */
-            Py_DECREF(now);
+        if (orig == NULL) {
+            if (PyContext_Exit(ctx) < 0) Py_CLEAR(task);
         } else {
-            /* The factory set variables: they stay; ours goes back to what the caller had. */
-            PyObject *old = NULL, *fixed = NULL;
-            int g = t->guard;
-            t->guard = 1;
-            old = PyObject_GetItem(orig, S.tag_var); /* (a mapping: KeyError if it had none) */
-            if (old == NULL && PyErr_ExceptionMatches(PyExc_KeyError)) PyErr_Clear();
-            if (!PyErr_Occurred())
-                fixed = old != NULL ? PyObject_CallMethod(now, "set", "OO", S.tag_var, old)
-                                    : PyObject_CallMethod(now, "delete", "O", S.tag_var);
-            t->guard = g;
-            Py_XDECREF(old);
-            if (fixed != NULL && Py_TYPE(fixed) == Py_TYPE(now)) {
-                cur->ctx_vars = (PyHamtObject *)fixed;
-                Py_DECREF(now);
-                Py_DECREF(orig);
-            } else { /* (cannot happen) the caller's mapping back without the factory's change */
-                PyErr_Clear();
-                Py_XDECREF(fixed);
-                cur->ctx_vars = (PyHamtObject *)orig;
-                Py_DECREF(now);
-            }
+            t->pending_ctx = ctx;
+            caller_vars_back(t, ts, cur, orig, tagged);
         }
-        ts->context_ver++;
-        t->ctx_seen = NULL; /* (our cached answers for this context were for the swapped mapping) */
-        t->fast_ctx = FAST_NONE;
-        Py_DECREF(cur);
-        PyErr_SetRaisedException_compat(exc);
     }
-    return name_made_task(task, name, has_name);
-}
-
-/* The name create_task was given, set on the task the user's factory made as asyncio sets it. */
-static PyObject *name_made_task(PyObject *task, PyObject *name, int has_name) {
     /* CPython 3.13.0-3.13.2's create_task calls task.set_name(name) after the user's
      * factory whatever name is, so an unnamed task is named "None" (CPython issue 130033;
      * 3.13.3 passes the name to the factory instead).  Our create_task does the same there
