@@ -129,12 +129,14 @@ def end_command_policy() -> Profiler | None:
     return _uninstall()
 
 
-def instrument_loops_made_any_way(instrument: Callable[[Any], Any]) -> Callable[[], None]:
+def instrument_loops_made_any_way(instrument: Callable[[Any], Any], *, current_policy: bool = False
+                                  ) -> Callable[[], None]:
     """Have ``instrument(loop)`` called on the loops that bypass an instrumented policy:
     those an ``asyncio.Runner`` makes with a ``loop_factory`` (``asyncio.run(...,
     loop_factory=)``, ``uvloop.run``; not our own :class:`LoopFactory`), and those of a
     policy the program sets (``uvloop.install()``, ``asyncio.set_event_loop_policy(...)``),
-    which is instrumented in place and stays the program's own object.  Returns the
+    which is instrumented in place and stays the program's own object; with
+    ``current_policy``, the policy in effect now is instrumented so too.  Returns the
     function that undoes all of it."""
     runner_init = asyncio.runners.Runner.__init__
     events = asyncio.events
@@ -152,9 +154,7 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any]) -> Callable[
             loop_factory = _instrumenting(loop_factory, instrument)
         runner_init(self, *args, loop_factory=loop_factory, **kwargs)
 
-    def set_event_loop_policy(policy: Any) -> None:
-        setter(policy)  # asyncio's own checks and errors first
-        policy = get_policy()  # (for None, the default policy, made now)
+    def instrument_set(policy: Any) -> None:
         try:
             if instrument_policy(policy, instrument):
                 ours.append(policy)
@@ -163,6 +163,13 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any]) -> Callable[
                 unseen.add(type(policy))
                 with contextlib.suppress(Exception):
                     sys.stderr.write(f"memscope-async: warning: {exc}; the loops it makes are not profiled\n")
+
+    def set_event_loop_policy(policy: Any) -> None:
+        setter(policy)  # asyncio's own checks and errors first
+        instrument_set(get_policy())  # (for None, the default policy, made now)
+
+    if current_policy and policies_available():
+        instrument_set(get_policy())
 
     asyncio.runners.Runner.__init__ = init  # type: ignore[method-assign]
     if setter is not None:
@@ -177,30 +184,6 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any]) -> Callable[
             if getattr(holder, name, None) is set_event_loop_policy:
                 setattr(holder, name, setter)
         for policy in ours:
-            uninstrument_policy(policy)
-
-    return undo
-
-
-def instrument_new_loops(profiler: Profiler) -> Callable[[], None]:
-    """What a :class:`Profiler` started on its own does (``Profiler.start``): every loop
-    made from now on is instrumented for ``profiler``, those the current policy makes or
-    is given, those of a policy set later and those a Runner makes with its own factory
-    (install_policy() without its uvloop choice).  Returns the function that undoes it."""
-    instrument = instrument_or_skip(profiler)
-    policy = get_policy() if policies_available() else None
-    ours = False
-    if policy is not None:
-        try:
-            ours = instrument_policy(policy, instrument)
-        except TypeError as exc:  # a policy class defined in C: its loops go unseen
-            with contextlib.suppress(Exception):
-                sys.stderr.write(f"memscope-async: warning: {exc}; the loops it makes are not profiled\n")
-    undo_made = instrument_loops_made_any_way(instrument)
-
-    def undo() -> None:
-        undo_made()
-        if ours:
             uninstrument_policy(policy)
 
     return undo
@@ -307,7 +290,7 @@ class LoopFactory:
         if differ:
             raise ProfilerError(
                 "loop_factory(): a memscope-async profiler is already running, whose "
-                f"{', '.join(f'{k}={v!r}' for k, v in differ.items())} differ{'s' if len(differ) == 1 else ''} "
+                f"{_listed(differ)} differ{'s' if len(differ) == 1 else ''} "
                 "from the options given; stop it first, or give none to report to it")
         return True
 
@@ -383,7 +366,7 @@ def instrument(loop: asyncio.AbstractEventLoop | None = None, **options: Any) ->
         differ = _differing(prof, options)
         if differ:
             raise ProfilerError(
-                f"a profiler is already running ({', '.join(f'{k}={v!r}' for k, v in differ.items())}); "
+                f"a profiler is already running ({_listed(differ)}); "
                 f"instrument() uses it and cannot change {', '.join(differ)}"
             )
     prof.instrument_loop(loop)
@@ -542,9 +525,14 @@ def _joins_ambient(running: Profiler, what: str, options: dict[str, Any]) -> boo
     differ = _differing(running, options)
     if differ:
         _warn(f"memscope-async: {what} joins the profiler of memscope-async run, whose "
-              f"{', '.join(f'{k}={v!r}' for k, v in differ.items())} stay{'s' if len(differ) == 1 else ''}",
+              f"{_listed(differ)} stay{'s' if len(differ) == 1 else ''}",
               stacklevel=3)
     return True
+
+
+def _listed(options: dict[str, Any]) -> str:
+    """``name=value, ...`` for a message."""
+    return ", ".join(f"{k}={v!r}" for k, v in options.items())
 
 
 def _differing(running: Profiler, options: dict[str, Any]) -> dict[str, Any]:

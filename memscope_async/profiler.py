@@ -138,10 +138,10 @@ class Profiler:
         Raises :class:`ProfilerError` if a profiler is already running in this process
         (the allocator hooks are process-wide)."""
         self._start()
-        from .api import instrument_new_loops  # (the facade's helpers; it imports this module)
+        from .api import instrument_loops_made_any_way, instrument_or_skip  # (the facade's; it imports us)
 
         try:
-            self._undo_loops = instrument_new_loops(self)
+            self._undo_loops = instrument_loops_made_any_way(instrument_or_skip(self), current_policy=True)
         except BaseException:
             self.stop()
             raise
