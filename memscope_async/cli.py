@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import contextlib
+import functools
 import importlib.machinery
 import importlib.util
 import io
@@ -670,23 +671,35 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# run's long options, and whether each takes a value as the next argument (``--output x``;
-# ``--output=x`` takes none); argparse also takes any unambiguous prefix of one
-_RUN_LONG_OPTIONS = {"--output": True, "--mode": True, "--sample-interval": True, "--stack-depth": True,
-                     "--stack-interval": True, "--max-finished-tasks": True, "--top": True, "--uvloop": False,
-                     "--no-threads": False, "--quiet": False, "--help": False}
+@functools.cache
+def _run_options() -> dict[str, bool]:
+    """run's options as its parser has them (``--output``, ``-o``, ...), and whether each
+    takes a value as the next argument."""
+    parser = argparse.ArgumentParser()
+    RunCommand().prepare(parser)
+    return {name: action.nargs != 0 for action in parser._actions for name in action.option_strings}
+
+
+def _plain_flags() -> str:
+    """run's one-letter options that take no value, which may run together (``-qm...``);
+    -m not among them: what follows it is the program."""
+    return "".join(name[1] for name, takes in _run_options().items()
+                   if len(name) == 2 and name != "-m" and not takes)
 
 
 def _takes_value(arg: str) -> bool:
-    """Whether option ``arg`` (before the program) takes the next argument as its value."""
+    """Whether option ``arg`` (before the program) takes the next argument as its value
+    (``--output x``; ``--output=x`` takes none; argparse also takes any unambiguous prefix
+    of a long option)."""
     if arg.startswith("--"):
         if "=" in arg:
             return False
-        found = [takes for name, takes in _RUN_LONG_OPTIONS.items() if name.startswith(arg)]
+        found = [takes for name, takes in _run_options().items() if name.startswith(arg)]
         return len(found) == 1 and found[0]
-    # one dash: one-letter flags run together (-qm...: see the caller); -o takes the rest or the next
-    flags = arg[1:].lstrip("qh")
-    return flags == "o"
+    # one dash: one-letter flags run together, then one that takes a value: it takes the
+    # rest of the argument, or with none left, the next one
+    rest = arg[1:].lstrip(_plain_flags())
+    return len(rest) == 1 and _run_options().get(f"-{rest}", False)
 
 
 def _split_module_option(argv: Sequence[str]) -> list[str]:
@@ -701,7 +714,7 @@ def _split_module_option(argv: Sequence[str]) -> list[str]:
         arg = argv[i]
         if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
             flags = arg[1:]
-            lead = len(flags) - len(flags.lstrip("qh"))  # one-letter flags that take no value
+            lead = len(flags) - len(flags.lstrip(_plain_flags()))
             if flags[lead:lead + 1] == "m" and len(flags) > lead + 1:
                 return [*argv[:i], *(f"-{c}" for c in flags[:lead]), "-m", flags[lead + 1:], *argv[i + 1:]]
         if arg in ("-", "--", "-m") or not arg.startswith("-"):
