@@ -19,9 +19,9 @@ when a task holds or allocates more than allowed.
 The limits apply to the tasks the test body makes (with ``per_task=False``, to what the
 body allocates and holds): what a fixture's setup made after the profiler started, in a
 task of its own or not, is not the test's.  (A task a fixture started before it, which
-the profiler first sees when that task next runs, in the body, counts as the body's.)  In sampled mode the numbers
-checked are estimates (the failure says so): a limit well under the sample interval
-fails by chance.
+the profiler first sees when that task next runs, in the body, counts as the body's.)
+In sampled mode the numbers checked are estimates (the failure says so): a limit well
+under the sample interval fails by chance.
 
 Tests that use neither do not touch the profiler: no hook, no policy.  (Loading the
 plugin imports the package, as pytest does for every session through its entry point:
@@ -252,7 +252,7 @@ def _loop_of(value: Any) -> Any:
 def _check_tasks(report: "Report", limits: _Limits, first_id: int = 0) -> str | None:
     lines: list[str] = []
     body = [t for t in report.tasks if t.id >= first_id]  # the test body's tasks, not its fixtures'
-    estimated = " (estimated: sampled mode)" if report.run.estimated else ""
+    estimated = _estimated(report)
     checks = (
         (limits.max_live_bytes, "live", "holds", lambda t: t.live_bytes),
         (limits.max_allocated_bytes, "allocated", "allocated", lambda t: t.allocated_bytes),
@@ -282,7 +282,7 @@ def _check_total(report: "Report", baseline: "Totals | None", limits: _Limits) -
         (limits.max_live_bytes, "live", "holds", totals.live_bytes - base_live),
         (limits.max_allocated_bytes, "allocated", "allocated", totals.allocated_bytes - base_allocated),
     )
-    estimated = " (estimated: sampled mode)" if report.run.estimated else ""
+    estimated = _estimated(report)
     lines = [
         f"memscope: limited to {_format_size(limit)} {what} in total, the test {verb} {_format_size(value)}{estimated}"
         for limit, what, verb, value in measured
@@ -292,6 +292,11 @@ def _check_total(report: "Report", baseline: "Totals | None", limits: _Limits) -
         return None
     metric = (lambda t: t.live_bytes) if "live" in lines[0] else (lambda t: t.allocated_bytes)
     return "\n".join([*lines, "", *_task_table(report, metric)])
+
+
+def _estimated(report: "Report") -> str:
+    """What a failure adds to its numbers when they are sampled mode's estimates."""
+    return " (estimated: sampled mode)" if report.run.estimated else ""
 
 
 def _task_name(task: "TaskReport") -> str:
