@@ -1590,6 +1590,9 @@ PyDoc_STRVAR(stop_doc, "stop() -> bool\n--\n\nRestore the original allocators.  
 static PyObject *core_stop(PyObject *m, PyObject *noargs) {
     int cut = 0;
     if (S.active) {
+        /* code objects only our stack samples hold go while their frees are still seen
+         * (_stacks.h); if that fails for want of memory, they stay, as before */
+        if (stacks_settle() < 0) PyErr_Clear();
         int left = take_hooks_off(3);
         if (left) {
             S.passthrough = 1;
@@ -2083,6 +2086,7 @@ static PyMethodDef core_methods[] = {
     {"threads", core_threads, METH_NOARGS, threads_doc},
     {"stats", core_stats, METH_NOARGS, stats_doc},
     {"stack_samples", core_stack_samples, METH_NOARGS, stack_samples_doc},
+    {"settle_stacks", core_settle_stacks, METH_NOARGS, settle_stacks_doc},
     {"fold_sites", core_fold_sites, METH_VARARGS, fold_sites_doc},
     {"configure", core_configure, METH_VARARGS, configure_doc},
     {"labels_in_use", core_labels_in_use, METH_NOARGS, labels_in_use_doc},

@@ -7,6 +7,12 @@
  * computed when a report is built.  Frames, stacks and (task, stack) sites are interned,
  * so a repeated stack costs one hash lookup.
  *
+ * A code object that only our frames still hold (code a task compiled at run time, with
+ * exec, eval or a template engine, and then dropped) is let go at the next fold pass
+ * (stacks_settle): its frames keep copies of its file name, qualified name and line, and
+ * its memory is freed as it would have been without us (else it stays charged to the task
+ * that compiled it: retained bytes that are ours, and a task that never folds).
+ *
  * Weights: a sample of `size` bytes taken by a Poisson process of mean R bytes stands for
  * size / (1 - exp(-size / R)) bytes (Go's scaleHeapSample).  Live bytes per site come from
  * remembering which sampled pointers are still alive.
@@ -24,8 +30,10 @@
 #define STACK_MAX_DEPTH 256
 
 typedef struct {
-    PyObject *code; /* strong */
+    PyObject *code; /* strong; NULL once settled (stacks_settle) */
     uint32_t lasti;
+    int line;              /* settled: the line, and copies of the code's names */
+    PyObject *file, *func; /* (ours, made with recording off: see settled_name) */
 } frame_rec_t;
 
 typedef struct {
@@ -77,6 +85,8 @@ static struct {
     uint32_t nlive, caplive, free_live;
     uint64_t samples;
     u64map_t folded; /* stacks_fold_sites' site owners: tid + 1 -> gid, kept empty between calls */
+    PyObject *names; /* settled frames' names: a dict of our copies, each its own key */
+    int settling;
 } K;
 
 static int stacks_init(int depth) {
@@ -91,7 +101,12 @@ static int stacks_init(int depth) {
 }
 
 static void stacks_clear(void) {
-    for (uint32_t i = 0; i < K.nframes; i++) Py_XDECREF(K.frames[i].code);
+    for (uint32_t i = 0; i < K.nframes; i++) {
+        Py_XDECREF(K.frames[i].code);
+        Py_XDECREF(K.frames[i].file);
+        Py_XDECREF(K.frames[i].func);
+    }
+    Py_XDECREF(K.names);
     u64map_free(&K.frame_index);
     u64map_free(&K.stack_index);
     u64map_free(&K.site_index);
@@ -155,7 +170,8 @@ static uint32_t intern_frame(PyCodeObject *code, uint32_t lasti, int *ok) {
     uint64_t key = (((uint64_t)(uintptr_t)code >> 3) << 19) ^ (uint64_t)(lasti & 0x7FFFF);
     key |= UINT64_C(1) << 63;
     uint32_t idx;
-    /* code pointers are unique while we hold a reference, but the xor folds bits: verify */
+    /* code pointers are unique while we hold a reference, but the xor folds bits: verify
+     * (a settled frame, whose code is gone, matches nothing: its key stays, passed over) */
     while (u64map_get(&K.frame_index, key, &idx)) {
         if (K.frames[idx].code == (PyObject *)code && K.frames[idx].lasti == lasti) return idx;
         key = (key * UINT64_C(0x9E3779B97F4A7C15)) | (UINT64_C(1) << 63);
@@ -172,8 +188,91 @@ static uint32_t intern_frame(PyCodeObject *code, uint32_t lasti, int *ok) {
     Py_INCREF(code);
     K.frames[idx].code = (PyObject *)code;
     K.frames[idx].lasti = lasti;
+    K.frames[idx].line = 0;
+    K.frames[idx].file = K.frames[idx].func = NULL;
     K.nframes++;
     return idx;
+}
+
+/* Our copy of a code object's name (its file or qualified name), one per distinct string:
+ * the code's own string may be the task's (compile(src, f"<job {n}>", "exec")), which
+ * would stay charged to it.  Called with recording off.  A new reference, NULL on error. */
+static PyObject *settled_name(PyObject *s) {
+    if (K.names == NULL && (K.names = PyDict_New()) == NULL) return NULL;
+    PyObject *c = PyDict_GetItemWithError(K.names, s);
+    if (c != NULL) return Py_NewRef(c);
+    if (PyErr_Occurred()) return NULL;
+    c = PyUnicode_FromKindAndData(PyUnicode_KIND(s), PyUnicode_DATA(s), PyUnicode_GET_LENGTH(s));
+    if (c == NULL || PyDict_SetItem(K.names, c, c) < 0) {
+        Py_XDECREF(c);
+        return NULL;
+    }
+    return c;
+}
+
+/* Let go of the code objects that only our frames hold, keeping what a report needs of
+ * them (see the top of this file).  Repeated while it frees some: a code object may hold
+ * another one we hold (a nested function's, in its constants).  Called where running
+ * Python code is safe (a code object's end runs code watchers and weakref callbacks);
+ * records nothing it allocates.  Returns how many frames it settled, or -1 with an
+ * exception if memory ran out (nothing is lost: what was not settled is kept as before). */
+static int stacks_settle(void) {
+    if (K.nframes == 0 || K.settling) return 0;
+    K.settling = 1;
+    int g = tls.guard;
+    tls.guard = 1;
+    int rc = 0, settled = 0;
+    u64map_t held; /* code -> our references to it (0: let go this round) */
+    if (u64map_init(&held, 64) < 0) {
+        tls.guard = g;
+        K.settling = 0;
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (uint32_t i = 0; i < K.nframes && rc == 0; i++) {
+        PyObject *code = K.frames[i].code;
+        if (code == NULL) continue;
+        uint64_t key = (uint64_t)(uintptr_t)code | (UINT64_C(1) << 63);
+        uint32_t n = 0;
+        u64map_get(&held, key, &n);
+        if (u64map_put(&held, key, n + 1) < 0) rc = -1;
+    }
+    for (int again = rc == 0; again;) {
+        again = 0;
+        /* (K.frames is re-read at each step: code run by an end may sample and grow it) */
+        for (uint32_t i = 0; i < K.nframes && rc == 0; i++) {
+            PyObject *code = K.frames[i].code;
+            if (code == NULL) continue;
+            uint64_t key = (uint64_t)(uintptr_t)code | (UINT64_C(1) << 63);
+            uint32_t n;
+            if (!u64map_get(&held, key, &n)) continue; /* a frame made meanwhile */
+            if (n != 0) {
+                if ((uint64_t)Py_REFCNT(code) != n) continue;
+                u64map_put(&held, key, 0); /* (an existing key: cannot fail) */
+            }
+            PyCodeObject *co = (PyCodeObject *)code;
+            int line = PyCode_Addr2Line(co, (int)(K.frames[i].lasti * sizeof(_Py_CODEUNIT)));
+            PyObject *file = settled_name(co->co_filename);
+            PyObject *func = file != NULL ? settled_name(co->co_qualname) : NULL;
+            if (func == NULL) {
+                Py_XDECREF(file);
+                rc = -1;
+                break;
+            }
+            K.frames[i].line = line < 0 ? 0 : line;
+            K.frames[i].file = file;
+            K.frames[i].func = func;
+            K.frames[i].code = NULL;
+            Py_DECREF(code); /* the last of ours frees it */
+            settled++;
+            again = 1;
+        }
+    }
+    u64map_free(&held);
+    tls.guard = g;
+    K.settling = 0;
+    if (rc < 0 && !PyErr_Occurred()) PyErr_NoMemory();
+    return rc < 0 ? -1 : settled;
 }
 
 static int64_t intern_stack(const uint32_t *fr, uint32_t n) {
@@ -563,6 +662,16 @@ static PyObject *core_fold_sites(PyObject *m, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(settle_stacks_doc,
+"settle_stacks() -> int\n--\n\nLet go of the code objects that only stack samples still hold,\n"
+"keeping their file, function and line; returns how many frames were settled.  (Their\n"
+"freed parts may wait in CPython's free lists until the next full collection.)");
+
+static PyObject *core_settle_stacks(PyObject *m, PyObject *noargs) {
+    int n = stacks_settle();
+    return n < 0 ? NULL : PyLong_FromLong(n);
+}
+
 PyDoc_STRVAR(stack_samples_doc,
 "stack_samples() -> tuple[list, list, list]\n--\n\n(sites, stacks, frames): sites are\n"
 "(tid, stack_index, allocated_bytes, allocations, live_bytes) estimates; stacks are tuples\n"
@@ -604,8 +713,13 @@ static PyObject *core_stack_samples(PyObject *m, PyObject *noargs) {
     }
     for (uint32_t i = 0; i < K.nframes; i++) {
         PyCodeObject *code = (PyCodeObject *)K.frames[i].code;
-        int line = PyCode_Addr2Line(code, (int)(K.frames[i].lasti * sizeof(_Py_CODEUNIT)));
-        PyObject *row = Py_BuildValue("(OOi)", code->co_filename, code->co_qualname, line < 0 ? 0 : line);
+        PyObject *row;
+        if (code == NULL) {
+            row = Py_BuildValue("(OOi)", K.frames[i].file, K.frames[i].func, K.frames[i].line);
+        } else {
+            int line = PyCode_Addr2Line(code, (int)(K.frames[i].lasti * sizeof(_Py_CODEUNIT)));
+            row = Py_BuildValue("(OOi)", code->co_filename, code->co_qualname, line < 0 ? 0 : line);
+        }
         if (row == NULL || PyList_Append(frames, row) < 0) {
             Py_XDECREF(row);
             goto done;

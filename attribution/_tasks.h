@@ -3062,7 +3062,9 @@ static PyObject *core_fold(PyObject *m, PyObject *args) {
      * would reuse its work space under it: it folds nothing. */
     if (S.fold_busy) return Py_BuildValue("(I[])", (unsigned int)S.nfinished);
     S.fold_busy = 1;
-    PyObject *out = fold_now(keep, scan);
+    /* a pass first lets go of the code objects only our stack samples held: what they
+     * took is freed, so the tasks that made them can fold */
+    PyObject *out = scan && stacks_settle() < 0 ? NULL : fold_now(keep, scan);
     S.fold_busy = 0;
     return out;
 }

@@ -220,6 +220,16 @@ class Tracker:
         if self._active:
             self._at_stop = live_task_names(self.loops())
 
+    def settle_stacks(self) -> int:
+        """Let go of the code objects only our stack samples still hold (see
+        ``_core.settle_stacks``); returns how many frames were settled (0 when stopped)."""
+        if not self._active:
+            return 0
+        try:
+            return _core.settle_stacks()
+        except MemoryError:
+            return 0
+
     def stop(self) -> None:
         """Remove the hooks (idempotent).  Data stays readable until :meth:`close`."""
         global _running

@@ -180,6 +180,11 @@ class Profiler:
                 pass
         if gc.isenabled():
             gc.collect()  # a finalizer's exception is reported as unraisable, never raised here
+            # Code objects that only our stack samples still held (code the program
+            # compiled at run time and dropped) go now, while their frees are seen; what
+            # of them waits in the free lists goes with one more full collection.
+            if self._tracker.settle_stacks():
+                gc.collect()
         try:
             self._tracker.note_live_tasks()  # their names, while the loops still say which are ours
         except Exception:
