@@ -361,7 +361,15 @@ def instrument(loop: asyncio.AbstractEventLoop | None = None, **options: Any) ->
     prof = current_profiler()
     if prof is None or not prof.active:
         prof = Profiler(**options)._start()
-        prof._tagger.on_loop_close = lambda _loop: prof.stop()
+
+        def stop_with_its_loop(closed: Any) -> None:
+            # (the tagger is every instrumented loop's: a loop that joined this profiler,
+            # a Runner's in another thread, closing first must not stop it)
+            if closed is loop:
+                prof._tagger.on_loop_close = None
+                prof.stop()
+
+        prof._tagger.on_loop_close = stop_with_its_loop
     else:
         differ = _differing(prof, options)
         if differ:

@@ -243,21 +243,21 @@ class _Target:
         return os.path.dirname(os.path.realpath(self.path))
 
     def check_module(self) -> None:
-        """Find the module the way ``python -m`` would; run with sys.path already set."""
+        """Find the module the way ``python -m`` would; run with sys.path already set.
+        A module that cannot be run exits 1, as ``python -m`` does (a missing script: 2)."""
         if not self.is_module:
             return
         try:
             spec = importlib.util.find_spec(self.name)
             if spec is not None and spec.submodule_search_locations is not None:
                 if importlib.util.find_spec(f"{self.name}.__main__") is None:
-                    raise CommandError(f"cannot run -m {self.name}: it is a package with no __main__ module",
-                                       USAGE_ERROR)
+                    raise CommandError(f"cannot run -m {self.name}: it is a package with no __main__ module")
         except CommandError:
             raise
         except Exception as exc:  # a parent package failing to import, a bad name
-            raise CommandError(f"cannot run -m {self.name}: {type(exc).__name__}: {exc}", USAGE_ERROR) from None
+            raise CommandError(f"cannot run -m {self.name}: {type(exc).__name__}: {exc}") from None
         if spec is None:
-            raise CommandError(f"cannot run -m {self.name}: no module named {self.name!r}", USAGE_ERROR)
+            raise CommandError(f"cannot run -m {self.name}: no module named {self.name!r}")
         if spec.submodule_search_locations is not None:
             spec = importlib.util.find_spec(f"{self.name}.__main__")
         self.origin = spec.origin if spec is not None and spec.has_location else None

@@ -74,6 +74,46 @@ def test_instrument_uses_the_running_profiler_and_refuses_other_options():
     assert seen == {"same": True, "same mode": True}
 
 
+@pytest.mark.parametrize("side", ["loop_factory", "instrument"])
+def test_instruments_profiler_stops_with_its_own_loop_not_a_joined_one(loop_kind, side):
+    """instrument() starts a profiler that stops when its loop closes.  Another loop that
+    joined it (a Runner with ms.loop_factory() in a worker thread, or instrument() in
+    another asyncio.run there) closing first stopped it: the first loop's later bytes went
+    unrecorded (8 MiB kept, ~15 KB reported), and a second profiler could start."""
+    held = []
+
+    async def side_main():
+        if side == "instrument":
+            ms.instrument()
+        await asyncio.sleep(0)
+
+    def side_loop():
+        if side == "loop_factory":
+            with asyncio.Runner(loop_factory=ms.loop_factory(base_loop(loop_kind))) as runner:
+                runner.run(side_main())
+        else:
+            with asyncio.Runner(loop_factory=base_loop(loop_kind)) as runner:
+                runner.run(side_main())
+
+    async def main():
+        prof = ms.instrument()
+        await asyncio.to_thread(side_loop)
+        active = prof.active
+        with pytest.raises(ms.ProfilerError, match="already running"):
+            ms.Profiler().start()
+        held.append(bytearray(8 * MiB))
+        await asyncio.sleep(0)
+        return prof, active
+
+    with asyncio.Runner(loop_factory=base_loop(loop_kind)) as runner:
+        prof, active = runner.run(main())
+    assert active
+    assert not prof.active  # stopped when its own loop closed
+    (t,) = [t for t in prof.snapshot().tasks if t.coro and t.coro.endswith(".main")]
+    assert close_to(t.live_bytes, 8 * MiB), t.live_bytes
+    prof.close()
+
+
 def test_a_sample_interval_alone_means_sampled_mode():
     # As on the command line (--sample-interval implies --mode sampled): a sample interval
     # given without a mode is not dropped in exact mode.

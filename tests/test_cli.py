@@ -383,8 +383,31 @@ def test_parse_size_rejects(text: str) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["run", "missing.py"], "cannot run missing.py: no such file"),
         (["run", "-m", "no_such_module_here"], "no module named 'no_such_module_here'"),
+        (["run", "-m", "pkg_without_main"], "it is a package with no __main__ module"),
+        (["run", "-m", "broken_pkg.mod"], "cannot run -m broken_pkg.mod: ZeroDivisionError"),
+    ],
+)
+def test_a_module_that_cannot_be_run_is_one_line_with_exit_1(tmp_path: Path, args: list[str], expected: str) -> None:
+    # as python -m exits for these (1), not a usage error (2)
+    (tmp_path / "pkg_without_main").mkdir()
+    (tmp_path / "pkg_without_main" / "__init__.py").write_text("")
+    (tmp_path / "broken_pkg").mkdir()
+    (tmp_path / "broken_pkg" / "__init__.py").write_text("1 / 0\n")
+    proc = cli(*args, cwd=tmp_path)
+    python = subprocess.run([sys.executable, *args[1:]], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == python.returncode == 1, (proc.returncode, python.returncode)
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("memscope-async: error: ") and expected in lines[0], lines[0]
+    assert not (tmp_path / "report.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "missing.py"], "cannot run missing.py: no such file"),
         (["run", "--mode", "fast", "script.py"], "argument --mode: invalid choice: 'fast'"),
         (["run", "--sample-interval", "-64", "script.py"], "negative"),
         (["run", "--sample-interval=-64K", "script.py"], "negative"),
