@@ -184,6 +184,11 @@ typedef struct {
     uint32_t shared;         /* the thread has run another task's context since */
     uint32_t owner_done;     /* the starting task has finished */
     uint64_t inferred_start_ns;
+    /* what the cells of tasks folded since (release_slot) had charged to this thread,
+     * which the report's threads still count: bytes, allocations (COUNT_ONE), and whether
+     * one of them was a folded task's home (a loop) or ran work handed to it (executor) */
+    int64_t folded_bytes, folded_allocs;
+    uint32_t folded_home, folded_handed;
 } thread_info_t;
 
 typedef struct {
@@ -1776,7 +1781,10 @@ static PyObject *core_tasks(PyObject *m, PyObject *noargs) {
 }
 
 PyDoc_STRVAR(threads_doc,
-"threads() -> list[tuple]\n--\n\n(slot, ident, native_id, inferred_tid, shared, owner_done) per thread seen.");
+"threads() -> list[tuple]\n--\n\n(slot, ident, native_id, inferred_tid, shared, owner_done, folded_bytes,\n"
+"folded_allocations, folded_home, folded_handed) per thread seen: the last four are what\n"
+"the tasks folded so far had there (bytes, allocations, whether it was one's loop thread,\n"
+"whether it ran work one handed over).");
 
 static PyObject *core_threads(PyObject *m, PyObject *noargs) {
     int g = tls.guard;
@@ -1784,9 +1792,11 @@ static PyObject *core_threads(PyObject *m, PyObject *noargs) {
     PyObject *out = PyList_New(0);
     for (uint32_t i = 0; out != NULL && i < S.nthreads; i++) {
         thread_info_t th = S.threads[i];
-        PyObject *row = Py_BuildValue("(kkkkkk)", (unsigned long)(i + 1), th.ident, th.native_id,
+        PyObject *row = Py_BuildValue("(kkkkkkLdkk)", (unsigned long)(i + 1), th.ident, th.native_id,
                                       (unsigned long)th.inferred_tid, (unsigned long)th.shared,
-                                      (unsigned long)th.owner_done);
+                                      (unsigned long)th.owner_done, (long long)th.folded_bytes,
+                                      (double)th.folded_allocs / (double)COUNT_ONE,
+                                      (unsigned long)th.folded_home, (unsigned long)th.folded_handed);
         if (row == NULL || PyList_Append(out, row) < 0) Py_CLEAR(out);
         Py_XDECREF(row);
     }
@@ -1947,6 +1957,14 @@ static void release_slot(uint32_t tid, uint32_t ti, int carry, int64_t ab, doubl
     tls.guard = 1;
     for (uint32_t i = S.tasks[ti].first_cell; i != 0;) {
         uint32_t next = S.cells[i].next_in_task;
+        uint32_t slot = (uint32_t)((S.cells[i].key >> 32) & 0xFFFFFu);
+        if (carry && slot != 0 && slot <= S.nthreads) {
+            thread_info_t *th = &S.threads[slot - 1];
+            th->folded_bytes += S.cells[i].alloc_bytes;
+            th->folded_allocs += S.cells[i].allocs;
+            if (slot == S.tasks[ti].home_slot) th->folded_home = 1;
+            if (((S.cells[i].key >> 52) & 0xFu) == ROUTE_HANDED) th->folded_handed = 1;
+        }
         if (S.cells[i].indexed) u64map_del(&S.cell_index, S.cells[i].key);
         S.cells[i].key = 0;
         S.cells[i].next_in_task = 0;

@@ -320,6 +320,13 @@ def build_report(raw: RawData) -> Report:
     accs: dict[int, _Acc] = defaultdict(_Acc)
     unattributed: dict[int | None, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     thread_attr: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])  # attributed, unattributed, allocations
+    # what folded tasks had charged to each thread (their cells are gone with them)
+    for row in raw.threads:
+        slot, folded_bytes, folded_allocs = row[0], row[6], row[7]
+        if folded_bytes or folded_allocs:
+            ta = thread_attr[slot]
+            ta[0] += folded_bytes
+            ta[2] += int(round(folded_allocs))
     orphan_bytes = orphan_allocs = orphan_freed = orphan_live = 0
     handed_slots: set[int] = set()  # threads that ran work handed over by a task
 
@@ -338,6 +345,9 @@ def build_report(raw: RawData) -> Report:
             continue
         rec = records.get(tid)
         if rec is None:  # a folded task whose tag was still in use somewhere
+            ta = thread_attr[slot]
+            ta[0] += ab
+            ta[2] += int(round(na))
             orphan_bytes += ab
             orphan_allocs += int(round(na))
             orphan_freed += fb
@@ -627,7 +637,8 @@ def build_report(raw: RawData) -> Report:
     # alive now (the newest slot of their ident) their current ones.
     by_slot, alive = raw.thread_names
     newest = {ident: slot for slot, ident in sorted(slot_ident.items())}
-    loop_slots = {r.home_slot for r in records.values() if r.home_slot}
+    loop_slots = {r.home_slot for r in records.values() if r.home_slot} | {row[0] for row in raw.threads if row[8]}
+    handed_slots |= {row[0] for row in raw.threads if row[9]}
     threads = []
     for slot, ident in sorted(slot_ident.items()):
         name, role = by_slot.get(slot, (None, "other"))
