@@ -124,8 +124,11 @@ typedef struct cell {
     uint64_t first_ns;     /* migrations (track_time) only: 0 on a task's own cell */
     uint64_t last_ns;
     uint32_t next_in_task;  /* next cell of the same task, 0 = end */
-    uint32_t indexed;       /* in cell_index (a task's home cell is found through its Tag) */
+    uint32_t indexed : 1;   /* in cell_index (a task's home cell is found through its Tag) */
+    uint32_t origin : 31;   /* handed-over work: the sending thread's slot, 0 unknown, ORIGIN_MIXED */
 } cell_t;
+
+#define ORIGIN_MIXED 0x7FFFFFFFu /* handed over from more than one thread */
 
 typedef struct task_info {
     uint32_t tid;
@@ -189,6 +192,7 @@ typedef struct {
      * one of them was a folded task's home (a loop) or ran work handed to it (executor) */
     int64_t folded_bytes, folded_allocs;
     uint32_t folded_home, folded_handed;
+    uint32_t runs_loop;      /* an event loop was made here, or ran a callback sent to it */
 } thread_info_t;
 
 typedef struct {
@@ -196,6 +200,7 @@ typedef struct {
     uint32_t session;
     uint32_t slot;
     uint32_t handover;       /* task id handed over by our wrappers, 0 if none */
+    uint32_t handover_from;  /* the slot of the thread that handed it over, 0 if not known */
     uint64_t cache_key;
     uint32_t cache_cell;
     uint32_t cache_gen;
@@ -391,6 +396,7 @@ static void tls_enter_session(tls_t *t) {
     t->ts_slot = tstate_bind();
     t->slot = 0;
     t->handover = 0;
+    t->handover_from = 0;
     t->cache_key = 0;
     t->cache_gen = 0;
     t->fast_ctx = FAST_NONE;
@@ -597,6 +603,15 @@ static inline uint32_t tag_cell(const TagObject *tag, uint64_t key) {
     return c != 0 && c < S.ncells && S.cells[c].key == key ? c : 0;
 }
 
+/* Handed-over work charged to cell idx came from thread slot `from` (0: not known): the
+ * report's migration names it (one that came from several threads names none). */
+static inline void note_origin(uint32_t idx, uint32_t from) {
+    if (from == 0 || idx == 0) return;
+    cell_t *c = &S.cells[idx];
+    if (c->origin == 0) c->origin = from;
+    else if (c->origin != from) c->origin = ORIGIN_MIXED;
+}
+
 __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadState *ts) {
     uint32_t slot = thread_slot(t);
     if (slot == 0) return 0;
@@ -620,10 +635,14 @@ __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadSt
         }
     }
     uint64_t key = cell_key(tid, slot, route, phase);
+    uint32_t from = route == ROUTE_HANDED ? t->handover_from : 0;
     /* (a context shared by tasks, where the running one cannot be watched for: no cache) */
     t->fast_ctx = (route != ROUTE_INFERRED && ts != NULL && t->ctx_seen != NULL) ? ts->context : FAST_NONE;
     t->fast_ver = ts != NULL ? ts->context_ver : 0;
-    if (key == t->cache_key && t->cache_gen == S.cell_gen) return t->cache_cell; /* fast_cell holds too */
+    if (key == t->cache_key && t->cache_gen == S.cell_gen) { /* fast_cell holds too */
+        note_origin(t->cache_cell, from);
+        return t->cache_cell;
+    }
     /* the Tag this tid came from, for its hints (a tid from the context always has one) */
     TagObject *tag = route == ROUTE_CONTEXT && tid != 0 && t->ctx_tag != NULL && t->ctx_tag->tid == tid
                          ? t->ctx_tag : NULL;
@@ -658,6 +677,7 @@ __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadSt
     /* the task's own cell on its home thread is the one its Tag remembers (a migration's
      * would make tasks running one context on two threads overwrite each other's) */
     if (tag != NULL && S.cells[idx].tinfo != 0 && !S.cells[idx].track_time) tag->cell = idx;
+    note_origin(idx, from);
     t->cache_key = key;
     t->cache_cell = idx;
     t->cache_gen = S.cell_gen;
@@ -1717,6 +1737,33 @@ static PyObject *core_serves(PyObject *m, PyObject *noargs) {
     Py_RETURN_NONE;
 }
 
+/* The calling thread runs an event loop: its role in the report, and no inference (a loop
+ * thread started by a task serves its loop's tasks; what its loop does between them is
+ * loop internals, the thread's own unattributed bytes). */
+static void mark_loop_thread(tls_t *t) {
+    uint32_t slot = thread_slot(t);
+    if (slot == 0) return;
+    thread_info_t *th = &S.threads[slot - 1];
+    th->runs_loop = 1;
+    if (th->inferred_tid && !th->shared) {
+        th->shared = 1;
+        t->fast_ctx = FAST_NONE; /* the next allocation finds its cell again */
+    }
+}
+
+PyDoc_STRVAR(loop_thread_doc,
+"loop_thread()\n--\n\nThe calling thread is about to make (and run) an event loop: it is a loop\n"
+"thread in the report, and what it allocates outside any task is not inferred to the task\n"
+"that started it but its own unattributed bytes.");
+
+static PyObject *core_loop_thread(PyObject *m, PyObject *noargs) {
+    if (!S.active) Py_RETURN_NONE;
+    tls_t *t = &tls;
+    if (t->session != S.session) tls_enter_session(t);
+    mark_loop_thread(t);
+    Py_RETURN_NONE;
+}
+
 static PyObject *core_set_guard(PyObject *m, PyObject *arg) {
     int v = PyObject_IsTrue(arg);
     if (v < 0) return NULL;
@@ -1731,8 +1778,9 @@ static PyObject *core_now_ns(PyObject *m, PyObject *noargs) { return PyLong_From
 PyDoc_STRVAR(cells_doc,
 "cells() -> list[tuple]\n--\n\nOne tuple per accounting cell: (tid, thread_slot, route, phase,\n"
 "allocated_bytes, allocations, freed_bytes, frees, live_bytes, live_entries,\n"
-"cross_free_bytes, cross_frees, first_ns, last_ns).  Counts are floats (estimates in\n"
-"sampled mode), bytes are ints.");
+"cross_free_bytes, cross_frees, first_ns, last_ns, origin).  Counts are floats (estimates in\n"
+"sampled mode), bytes are ints.  origin: for work handed over, the slot of the thread that\n"
+"sent it (0 not known, -1 several).");
 
 static PyObject *core_cells(PyObject *m, PyObject *noargs) {
     int g = tls.guard;
@@ -1742,12 +1790,12 @@ static PyObject *core_cells(PyObject *m, PyObject *noargs) {
         cell_t c = S.cells[i];
         if (c.key == 0) continue; /* released */
         PyObject *row = Py_BuildValue(
-            "(kkkkLdLdLLLdKK)", (unsigned long)(c.key & 0xFFFFFFFFu), (unsigned long)((c.key >> 32) & 0xFFFFFu),
+            "(kkkkLdLdLLLdKKl)", (unsigned long)(c.key & 0xFFFFFFFFu), (unsigned long)((c.key >> 32) & 0xFFFFFu),
             (unsigned long)((c.key >> 52) & 0xFu), (unsigned long)((c.key >> 56) & 0x7u), (long long)c.alloc_bytes,
             count_value(c.allocs), (long long)c.freed_bytes, count_value(c.frees),
             (long long)(c.alloc_bytes - c.freed_bytes), (long long)c.live_entries, (long long)c.cross_free_bytes,
             count_value(c.cross_frees), (unsigned long long)c.first_ns,
-            (unsigned long long)c.last_ns);
+            (unsigned long long)c.last_ns, c.origin == ORIGIN_MIXED ? -1L : (long)c.origin);
         if (row == NULL || PyList_Append(out, row) < 0) {
             Py_XDECREF(row);
             Py_CLEAR(out);
@@ -1784,7 +1832,7 @@ PyDoc_STRVAR(threads_doc,
 "threads() -> list[tuple]\n--\n\n(slot, ident, native_id, inferred_tid, shared, owner_done, folded_bytes,\n"
 "folded_allocations, folded_home, folded_handed) per thread seen: the last four are what\n"
 "the tasks folded so far had there (bytes, allocations, whether it was one's loop thread,\n"
-"whether it ran work one handed over).");
+"whether it ran work one handed over); then runs_loop (see loop_thread).");
 
 static PyObject *core_threads(PyObject *m, PyObject *noargs) {
     int g = tls.guard;
@@ -1792,11 +1840,12 @@ static PyObject *core_threads(PyObject *m, PyObject *noargs) {
     PyObject *out = PyList_New(0);
     for (uint32_t i = 0; out != NULL && i < S.nthreads; i++) {
         thread_info_t th = S.threads[i];
-        PyObject *row = Py_BuildValue("(kkkkkkLdkk)", (unsigned long)(i + 1), th.ident, th.native_id,
+        PyObject *row = Py_BuildValue("(kkkkkkLdkkk)", (unsigned long)(i + 1), th.ident, th.native_id,
                                       (unsigned long)th.inferred_tid, (unsigned long)th.shared,
                                       (unsigned long)th.owner_done, (long long)th.folded_bytes,
                                       (double)th.folded_allocs / (double)COUNT_ONE,
-                                      (unsigned long)th.folded_home, (unsigned long)th.folded_handed);
+                                      (unsigned long)th.folded_home, (unsigned long)th.folded_handed,
+                                      (unsigned long)th.runs_loop);
         if (row == NULL || PyList_Append(out, row) < 0) Py_CLEAR(out);
         Py_XDECREF(row);
     }
@@ -2095,6 +2144,7 @@ static PyMethodDef core_methods[] = {
     {"current_tid", core_current_tid, METH_NOARGS, current_tid_doc},
     {"set_inferred", core_set_inferred, METH_VARARGS, set_inferred_doc},
     {"serves", core_serves, METH_NOARGS, serves_doc},
+    {"loop_thread", core_loop_thread, METH_NOARGS, loop_thread_doc},
     {"now_ns", core_now_ns, METH_NOARGS, NULL},
     {"set_guard", core_set_guard, METH_O,
      "set_guard(flag) -> bool\n--\n\nWhile set, this thread's allocations are not recorded (our own\n"

@@ -2462,6 +2462,9 @@ static PyTypeObject CreateTaskType = {
 typedef struct {
     PyObject_HEAD
     uint32_t tid;
+    uint32_t from_slot; /* the sending thread's slot in session `session` (0: not known) */
+    uint32_t session;
+    int to_loop;        /* sent to a loop (call_soon_threadsafe), not to a pool */
     PyObject *fn;
     vectorcallfunc vectorcall;
 } HandedObject;
@@ -2472,9 +2475,12 @@ static PyObject *handed_vectorcall(PyObject *self, PyObject *const *args, size_t
     HandedObject *h = (HandedObject *)self;
     tls_t *t = &tls;
     if (S.has_data && t->session != S.session) tls_enter_session(t);
-    uint32_t prev = t->handover;
+    if (h->to_loop && S.active) mark_loop_thread(t);
+    uint32_t prev = t->handover, prev_from = t->handover_from;
+    t->handover_from = h->session == S.session ? h->from_slot : 0;
     set_handover(t, h->tid);
     PyObject *r = PyObject_Vectorcall(h->fn, args, nargsf, kwnames);
+    t->handover_from = prev_from;
     set_handover(t, prev);
     return r;
 }
@@ -2560,10 +2566,15 @@ typedef struct {
 
 static PyTypeObject HandOverType;
 
-static PyObject *wrap_handed(uint32_t tid, PyObject *fn) {
+static PyObject *wrap_handed(uint32_t tid, PyObject *fn, int to_loop) {
     HandedObject *h = PyObject_GC_New(HandedObject, &HandedType);
     if (h == NULL) return NULL;
+    tls_t *t = &tls;
+    if (t->session != S.session) tls_enter_session(t);
     h->tid = tid;
+    h->from_slot = thread_slot(t);
+    h->session = S.session;
+    h->to_loop = to_loop;
     h->fn = Py_NewRef(fn);
     h->vectorcall = handed_vectorcall;
     PyObject_GC_Track(h);
@@ -2620,7 +2631,7 @@ static PyObject *handover_vectorcall(PyObject *self, PyObject *const *args, size
     /* (what is not callable goes as it came, for the loop's own error: in debug mode
      * run_in_executor refuses it at the call, not when the job runs) */
     if (tid == 0 || pos < 0 || !PyCallable_Check(args[pos])) return PyObject_Vectorcall(ho->orig, args, nargsf, kwnames);
-    PyObject *wrapped = wrap_handed(tid, args[pos]);
+    PyObject *wrapped = wrap_handed(tid, args[pos], ho->kind == 1);
     if (wrapped == NULL) return NULL;
     PyObject *r = call_replacing(ho->orig, args, n, kwnames, pos, wrapped);
     Py_DECREF(wrapped);

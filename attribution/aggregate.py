@@ -330,7 +330,7 @@ def build_report(raw: RawData) -> Report:
     orphan_bytes = orphan_allocs = orphan_freed = orphan_live = 0
     handed_slots: set[int] = set()  # threads that ran work handed over by a task
 
-    for (tid, slot, croute, phase, ab, na, fb, nf, live, _entries, cfb, cf, first, last) in raw.cells:
+    for (tid, slot, croute, phase, ab, na, fb, nf, live, _entries, cfb, cf, first, last, origin) in raw.cells:
         last = max(first, last)  # last_ns comes from a coarse clock
         ident = slot_ident.get(slot)
         if tid == 0:
@@ -379,9 +379,12 @@ def build_report(raw: RawData) -> Report:
             sh[1] += na
             sh[2] += ab * conf
         if route != routes.OBSERVED:
-            m = a.migr.get((route, ident))
+            # from: the thread that handed the work over where the core saw it (a callback
+            # a worker sent back to the loop), None if several did, else the task's own
+            mkey = (route, ident, origin)
+            m = a.migr.get(mkey)
             if m is None:
-                a.migr[(route, ident)] = [first, last, ab, na, ab * conf]
+                a.migr[mkey] = [first, last, ab, na, ab * conf]
             else:
                 m[0] = min(m[0], first)
                 m[1] = max(m[1], last)
@@ -420,7 +423,7 @@ def build_report(raw: RawData) -> Report:
         migrations = tuple(
             Migration(
                 route=route,
-                from_thread=rec.thread_id,
+                from_thread=rec.thread_id if origin == 0 else slot_ident.get(origin) if origin > 0 else None,
                 to_thread=ident,
                 first_at=_sec(m[0], start) or 0.0,
                 last_at=_sec(m[1], start) or 0.0,
@@ -428,7 +431,7 @@ def build_report(raw: RawData) -> Report:
                 allocations=int(round(m[3])),
                 confidence=round(m[4] / m[2], 4) if m[2] else routes.CONFIDENCE.get(route, 1.0),
             )
-            for (route, ident), m in sorted(a.migr.items(), key=lambda kv: kv[1][0])
+            for (route, ident, origin), m in sorted(a.migr.items(), key=lambda kv: kv[1][0])
         )
         task_sites = sites_by_task.get(tid, ())
         if raw.stacks_sampled and task_sites:
@@ -637,7 +640,9 @@ def build_report(raw: RawData) -> Report:
     # alive now (the newest slot of their ident) their current ones.
     by_slot, alive = raw.thread_names
     newest = {ident: slot for slot, ident in sorted(slot_ident.items())}
-    loop_slots = {r.home_slot for r in records.values() if r.home_slot} | {row[0] for row in raw.threads if row[8]}
+    loop_slots = {r.home_slot for r in records.values() if r.home_slot} | {
+        row[0] for row in raw.threads if row[8] or row[10]
+    }
     handed_slots |= {row[0] for row in raw.threads if row[9]}
     threads = []
     for slot, ident in sorted(slot_ident.items()):

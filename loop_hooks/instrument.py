@@ -330,6 +330,14 @@ def is_instrumented(loop: Any) -> bool:
     return _state(loop) is not None
 
 
+def loop_thread_here() -> None:
+    """The calling thread is about to make and run an instrumented loop: the report names
+    it a loop thread, and what it allocates outside the loop's tasks (the loop's own making
+    included: uvloop's ~256 KiB read buffer) is its own, not inferred to a task that
+    started the thread."""
+    _core.loop_thread()
+
+
 def instrument_loop(loop: Any, tagger: Tagger) -> Any:
     """Instrument ``loop`` in place (idempotent) and return it.  A task factory already
     set on the loop is kept and composed with ours.  Raises TypeError for loops that

@@ -6,8 +6,10 @@ task (or handed-over work) that called it, and the new thread, before running it
 target, tells the C core "context-less work here is probably that task's".  The C core
 then decays that guess with the thread's age, drops it once the starting task has
 finished for long enough, and drops it for good as soon as the thread runs another
-task's work, or takes work from a ``queue.Queue`` (a thread that serves a queue serves
-whoever fills it, not the task that started it).  Thread-pool workers
+task's work, or takes work from a ``queue.Queue`` or waits on a ``threading.Condition``
+(the wait under every Python-level queue: ``queue.Queue`` when empty, janus, a deque
+with a condition; a thread that serves a queue serves whoever fills it, not the task that
+started it).  Thread-pool workers
 (concurrent.futures', multiprocessing.pool.ThreadPool's) are never inferred: they serve
 everyone by design.
 
@@ -89,9 +91,19 @@ def _wrap_queue_get(original, session):
     return get
 
 
+def _wrap_condition_wait(original, session):
+    def wait(self, timeout=None):
+        if _session is session:
+            _core.serves()
+        return original(self, timeout)
+
+    return wait
+
+
 _WRAPPERS = ((threading.Thread, "start", _noting(_note_start)),
              (threading.Thread, "_bootstrap_inner", _noting(_note_bootstrap)),
-             (queue.Queue, "get", _wrap_queue_get))
+             (queue.Queue, "get", _wrap_queue_get),
+             (threading.Condition, "wait", _wrap_condition_wait))
 
 
 def installed() -> bool:
@@ -99,7 +111,8 @@ def installed() -> bool:
 
 
 def install() -> None:
-    """Patch ``threading.Thread.start`` / ``_bootstrap_inner`` and ``queue.Queue.get``
+    """Patch ``threading.Thread.start`` / ``_bootstrap_inner``, ``queue.Queue.get`` and
+    ``threading.Condition.wait``
     (idempotent).  Whatever each is now (a library such as an APM agent may have wrapped
     it since import) runs inside ours.  Each install makes wrappers of its own: one left
     in place under a library's wrapper by an earlier session only passes calls through,

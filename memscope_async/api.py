@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
-from .loop_hooks.instrument import is_instrumented
+from .loop_hooks.instrument import is_instrumented, loop_thread_here
 from .loop_hooks.policy import get_policy, instrument_policy, policies_available, set_policy, uninstrument_policy
 from .profiler import Profiler, ProfilerError
 
@@ -273,6 +273,7 @@ class LoopFactory:
                     prof = Profiler(**self._options)._start()
                     self._owned = True
                 self.profiler = prof
+        loop_thread_here()
         loop = (self.base or _default_loop)()
         prof.instrument_loop(loop)
         if self._owned or self.report is not None:
@@ -377,6 +378,8 @@ def instrument(loop: asyncio.AbstractEventLoop | None = None, **options: Any) ->
                 f"a profiler is already running ({_listed(differ)}); "
                 f"instrument() uses it and cannot change {', '.join(differ)}"
             )
+    if loop is asyncio._get_running_loop():
+        loop_thread_here()
     prof.instrument_loop(loop)
     if asyncio.current_task() is not None and loop is asyncio.get_running_loop():
         prof.tag_current_task()

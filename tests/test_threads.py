@@ -632,3 +632,167 @@ def test_a_block_grown_in_a_thread_stays_where_it_was_made(mode, loop_kind):
     assert observed >= 0.95 * held, t.attribution
     assert sum(m.allocated_bytes for m in t.migrations) <= 0.05 * held, t.migrations
     KEEP.clear()
+
+
+def test_a_loop_thread_that_only_runs_callbacks_is_a_loop(loop_kind):
+    """A loop that runs no task of its own, only callbacks other threads send it, is still
+    a loop thread (its role came from the tasks whose home it was: it was `executor`)."""
+    kept = []
+    prof = ms.Profiler().start()
+    try:
+        other = prof.loop_factory(base_loop(loop_kind))()
+        th = threading.Thread(target=other.run_forever, name="callbacks-only")
+        th.start()
+
+        async def sender():
+            ev = threading.Event()
+            other.call_soon_threadsafe(lambda: (kept.append(bytearray(2 * MiB)), ev.set()))
+            await asyncio.to_thread(ev.wait)
+
+        async def main():
+            await asyncio.create_task(sender(), name="sender")
+
+        with asyncio.Runner(loop_factory=prof.loop_factory(base_loop(loop_kind))) as runner:
+            runner.run(main())
+        other.call_soon_threadsafe(other.stop)
+        th.join()
+        other.close()
+    finally:
+        prof.stop()
+    report = prof.snapshot()
+    prof.close()
+    roles = {t.name: t.role for t in report.threads}
+    assert roles["callbacks-only"] == "loop", roles
+    (s,) = report.find(name="sender")
+    assert close_to(s.allocated_bytes, 2 * MiB), s.attribution
+
+
+def test_a_callback_a_worker_sends_back_is_a_migration_from_the_worker(loop_kind):
+    """A to_thread worker calls loop.call_soon_threadsafe(cb): cb's bytes are the task's,
+    propagated, and the migration goes from the worker to the loop (it was recorded as
+    loop -> loop: the worker named nowhere)."""
+    kept, seen = [], {}
+
+    async def job():
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def in_thread():
+            seen["worker"] = threading.get_ident()
+            loop.call_soon_threadsafe(lambda: (kept.append(bytearray(5 * MiB)), done.set()))
+
+        await asyncio.to_thread(in_thread)
+        await done.wait()
+
+    async def main():
+        seen["loop"] = threading.get_ident()
+        await asyncio.create_task(job(), name="job")
+
+    _, report = run_profiled(main, loop_kind)
+    (t,) = report.find(name="job")
+    (back,) = [m for m in t.migrations if m.allocated_bytes > MiB]
+    assert (back.route, back.from_thread, back.to_thread) == (routes.PROPAGATED, seen["worker"], seen["loop"]), back
+    assert close_to(back.allocated_bytes, 5 * MiB)
+    # and the job's own hop to the worker goes from the loop
+    out = [m for m in t.migrations if m.to_thread == seen["worker"]]
+    assert out and all(m.from_thread == seen["loop"] for m in out), t.migrations
+
+
+class _ConditionChannel:
+    """A deque and a threading.Condition: the sync side of janus and of many hand-made
+    channels (no queue.Queue involved)."""
+
+    def __init__(self):
+        import collections
+
+        self.items = collections.deque()
+        self.cond = threading.Condition()
+
+    def put(self, item):
+        with self.cond:
+            self.items.append(item)
+            self.cond.notify()
+
+    def get(self):
+        with self.cond:
+            while not self.items:
+                self.cond.wait()
+            return self.items.popleft()
+
+
+def test_a_worker_fed_through_a_condition_is_not_charged_to_its_starter(loop_kind):
+    """A long-lived worker started by one task serves others through a deque and a
+    condition, handing results back with call_soon_threadsafe: its bytes for the others
+    were all inferred to its starter (15 MiB at confidence 0.5)."""
+    chan = _ConditionChannel()
+    box = {}
+
+    def worker(loop):
+        while (item := chan.get()) is not None:
+            mib, fut = item
+            result = bytearray(mib * MiB)
+            loop.call_soon_threadsafe(fut.set_result, len(result))
+
+    async def starter():
+        box["thread"] = threading.Thread(target=worker, args=(asyncio.get_running_loop(),), name="channel-worker")
+        box["thread"].start()
+        await asyncio.sleep(0.2)  # alive while the others are served
+
+    async def client(mib):
+        fut = asyncio.get_running_loop().create_future()
+        chan.put((mib, fut))
+        return await fut
+
+    async def main():
+        s = asyncio.create_task(starter(), name="starter")
+        await asyncio.sleep(0.01)
+        sizes = await asyncio.gather(*(client(m) for m in (1, 2, 3, 4, 5)))
+        chan.put(None)
+        await asyncio.to_thread(box["thread"].join)
+        await s
+        return sizes
+
+    sizes, report = run_profiled(main, loop_kind)
+    assert sizes == [m * MiB for m in (1, 2, 3, 4, 5)]
+    (st,) = report.find(name="starter")
+    assert st.allocated_bytes < MiB, st.attribution
+    (w,) = [t for t in report.threads if t.name == "channel-worker"]
+    assert w.unattributed_bytes >= 14 * MiB, w
+
+
+def _run_a_loop_in_this_thread():
+    async def main():
+        await asyncio.create_task(asyncio.sleep(0))
+
+    asyncio.run(main())
+
+
+def test_loops_in_threads_a_task_started_are_not_inferred_to_it(loop_kind):
+    """A task starts threads that each run their own loop: what making and running those
+    loops allocates outside their tasks is theirs (loop internals), not inferred to the
+    task that started the threads (uvloop's read buffer: ~270 KB a loop)."""
+    import warnings
+
+    async def starter():
+        threads = [threading.Thread(target=_run_a_loop_in_this_thread, name=f"loop-{n}") for n in (1, 2)]
+        for th in threads:
+            th.start()
+        await asyncio.to_thread(lambda: [th.join() for th in threads])
+
+    async def main():
+        await asyncio.create_task(starter(), name="starter")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        prof = ms.install_policy(uvloop=loop_kind == "uvloop")
+    try:
+        asyncio.run(main())
+    finally:
+        ms.uninstall_policy()
+    report = prof.snapshot()
+    prof.close()
+    (st,) = report.find(name="starter")
+    inferred = sum(a.bytes for a in st.attribution if a.route == routes.INFERRED)
+    assert inferred < 16 * 1024, st.attribution
+    roles = {t.name: t.role for t in report.threads}
+    assert roles["loop-1"] == roles["loop-2"] == "loop", roles
