@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures.thread as _cf_thread
 import functools
 import queue
+import sys
 import threading
 import weakref
 
@@ -91,10 +92,17 @@ def _wrap_queue_get(original, session):
     return get
 
 
+# Thread.start waits for the new thread on an Event (a Condition): that wait is a thread
+# starting another, not one waiting for work
+_START_CODE = threading.Thread.start.__code__
+
+
 def _wrap_condition_wait(original, session):
     def wait(self, timeout=None):
         if _session is session:
-            _core.serves()
+            caller = sys._getframe(1)  # (Event.wait, for an Event)
+            if caller.f_back is None or caller.f_back.f_code is not _START_CODE:
+                _core.serves()
         return original(self, timeout)
 
     return wait

@@ -796,3 +796,32 @@ def test_loops_in_threads_a_task_started_are_not_inferred_to_it(loop_kind):
     assert inferred < 16 * 1024, st.attribution
     roles = {t.name: t.role for t in report.threads}
     assert roles["loop-1"] == roles["loop-2"] == "loop", roles
+
+
+def test_a_thread_that_starts_another_stays_inferred(loop_kind):
+    """Waiting on a threading.Condition marks a thread as a worker serving others (its
+    inference stops), but Thread.start waits on one too, for the thread it starts: that
+    wait is not the thread taking work from anyone."""
+    kept = []
+
+    def helper():
+        pass
+
+    def own_work():
+        t = threading.Thread(target=helper)
+        t.start()
+        t.join()
+        kept.append(bytearray(3 * MiB))
+
+    async def starter():
+        th = threading.Thread(target=own_work)
+        th.start()
+        await asyncio.to_thread(th.join)
+
+    async def main():
+        await asyncio.create_task(starter(), name="starter")
+
+    _, report = run_profiled(main, loop_kind)
+    (st,) = report.find(name="starter")
+    inferred = sum(a.bytes for a in st.attribution if a.route == routes.INFERRED)
+    assert close_to(inferred, 3 * MiB), st.attribution
