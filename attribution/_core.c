@@ -105,6 +105,7 @@ enum {
     ROUTE_INFERRED = 2, /* no context: the thread was started during the task's step */
 };
 #define INFERRED_PHASES 4 /* phase >= this: the inference has decayed to nothing */
+_Static_assert(INFERRED_PHASES == 4, "core_threads() builds a tuple of 4 phases");
 
 enum { MODE_EXACT = 0, MODE_SAMPLED = 1 };
 
@@ -191,6 +192,7 @@ typedef struct {
      * which the report's threads still count: bytes, allocations (COUNT_ONE), and whether
      * one of them was a folded task's home (a loop) or ran work handed to it (executor) */
     int64_t folded_bytes, folded_allocs;
+    int64_t folded_inferred[INFERRED_PHASES]; /* of folded_bytes, inferred, by phase (threads() lists 4) */
     uint32_t folded_home, folded_handed;
     uint32_t runs_loop;      /* an event loop was made here, or ran a callback sent to it */
 } thread_info_t;
@@ -1832,7 +1834,8 @@ PyDoc_STRVAR(threads_doc,
 "threads() -> list[tuple]\n--\n\n(slot, ident, native_id, inferred_tid, shared, owner_done, folded_bytes,\n"
 "folded_allocations, folded_home, folded_handed) per thread seen: the last four are what\n"
 "the tasks folded so far had there (bytes, allocations, whether it was one's loop thread,\n"
-"whether it ran work one handed over); then runs_loop (see loop_thread).");
+"whether it ran work one handed over); then runs_loop (see loop_thread) and, of the folded\n"
+"bytes, those inferred, by phase.");
 
 static PyObject *core_threads(PyObject *m, PyObject *noargs) {
     int g = tls.guard;
@@ -1840,12 +1843,14 @@ static PyObject *core_threads(PyObject *m, PyObject *noargs) {
     PyObject *out = PyList_New(0);
     for (uint32_t i = 0; out != NULL && i < S.nthreads; i++) {
         thread_info_t th = S.threads[i];
-        PyObject *row = Py_BuildValue("(kkkkkkLdkkk)", (unsigned long)(i + 1), th.ident, th.native_id,
+        PyObject *row = Py_BuildValue("(kkkkkkLdkkk(LLLL))", (unsigned long)(i + 1), th.ident, th.native_id,
                                       (unsigned long)th.inferred_tid, (unsigned long)th.shared,
                                       (unsigned long)th.owner_done, (long long)th.folded_bytes,
                                       (double)th.folded_allocs / (double)COUNT_ONE,
                                       (unsigned long)th.folded_home, (unsigned long)th.folded_handed,
-                                      (unsigned long)th.runs_loop);
+                                      (unsigned long)th.runs_loop, (long long)th.folded_inferred[0],
+                                      (long long)th.folded_inferred[1], (long long)th.folded_inferred[2],
+                                      (long long)th.folded_inferred[3]);
         if (row == NULL || PyList_Append(out, row) < 0) Py_CLEAR(out);
         Py_XDECREF(row);
     }
@@ -2012,7 +2017,9 @@ static void release_slot(uint32_t tid, uint32_t ti, int carry, int64_t ab, doubl
             th->folded_bytes += S.cells[i].alloc_bytes;
             th->folded_allocs += S.cells[i].allocs;
             if (slot == S.tasks[ti].home_slot) th->folded_home = 1;
-            if (((S.cells[i].key >> 52) & 0xFu) == ROUTE_HANDED) th->folded_handed = 1;
+            uint32_t route = (uint32_t)((S.cells[i].key >> 52) & 0xFu), phase = (uint32_t)((S.cells[i].key >> 56) & 0x7u);
+            if (route == ROUTE_HANDED) th->folded_handed = 1;
+            if (route == ROUTE_INFERRED && phase < INFERRED_PHASES) th->folded_inferred[phase] += S.cells[i].alloc_bytes;
         }
         if (S.cells[i].indexed) u64map_del(&S.cell_index, S.cells[i].key);
         S.cells[i].key = 0;

@@ -320,6 +320,7 @@ def build_report(raw: RawData) -> Report:
     accs: dict[int, _Acc] = defaultdict(_Acc)
     unattributed: dict[int | None, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     thread_attr: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])  # attributed, unattributed, allocations
+    thread_inferred: dict[int, list[float]] = defaultdict(lambda: [0, 0.0])  # inferred bytes, times confidence
     # what folded tasks had charged to each thread (their cells are gone with them)
     for row in raw.threads:
         slot, folded_bytes, folded_allocs = row[0], row[6], row[7]
@@ -327,6 +328,11 @@ def build_report(raw: RawData) -> Report:
             ta = thread_attr[slot]
             ta[0] += folded_bytes
             ta[2] += int(round(folded_allocs))
+        for phase, b in enumerate(row[11]):
+            if b:
+                ti = thread_inferred[slot]
+                ti[0] += b
+                ti[1] += b * routes.inferred_confidence(phase)
     orphan_bytes = orphan_allocs = orphan_freed = orphan_live = 0
     handed_slots: set[int] = set()  # threads that ran work handed over by a task
 
@@ -359,6 +365,10 @@ def build_report(raw: RawData) -> Report:
         route, conf = routes.route_of(croute, phase, slot, rec.home_slot)
         if route == routes.PROPAGATED:
             handed_slots.add(slot)
+        elif route == routes.INFERRED and ab:
+            ti = thread_inferred[slot]
+            ti[0] += ab
+            ti[1] += ab * conf
         a = accs[tid]
         a.ab += ab
         a.na += na
@@ -654,6 +664,7 @@ def build_report(raw: RawData) -> Report:
         elif slot in handed_slots and role == "other":
             role = "executor"
         ta = thread_attr.get(slot, [0, 0, 0])
+        inf = thread_inferred.get(slot)
         threads.append(
             ThreadReport(
                 id=ident,
@@ -663,6 +674,8 @@ def build_report(raw: RawData) -> Report:
                 attributed_bytes=ta[0],
                 unattributed_bytes=ta[1],
                 allocations=ta[2],
+                inferred_bytes=int(inf[0]) if inf else 0,
+                inferred_confidence=round(inf[1] / inf[0], 4) if inf else None,
             )
         )
 

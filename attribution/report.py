@@ -262,6 +262,10 @@ class ThreadReport:
     attributed_bytes: int
     unattributed_bytes: int
     allocations: int
+    # of attributed_bytes, those inferred (a thread a task started), and their byte-weighted
+    # confidence (None: none inferred); per thread, where tasks' shares name only its id
+    inferred_bytes: int = 0
+    inferred_confidence: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,14 @@ def note_thread(name: str, role: str) -> None:
     """The calling thread starts (from its own bootstrap)."""
     slot = _core.thread_slot()
     if slot:
-        _names[slot] = (name, role)
+        _core.unrecorded(_remember, slot, name, role)
+
+
+def _remember(slot: int, name: str, role: str) -> None:
+    # (with recording off, and a copy of the name: the thread's own name string was made
+    # by whoever built the Thread, a task as a rule, and kept here it stayed that task's
+    # live bytes for good, so the task never folded)
+    _names[slot] = ((name + "\0")[:-1], role)
 
 
 def started_by(tid: int, started_ns: int) -> None:

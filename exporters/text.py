@@ -328,18 +328,10 @@ def _threads(report: Report, fmt: _Numbers, top: int, width: int) -> list[str]:
     )
     # what of each thread's attributed bytes was inferred (a thread a task started), with
     # the confidence of those bytes: a guessed byte always carries "~" and the confidence
-    inferred: dict[int, list[float]] = {}
-    for task in report.tasks:
-        for share in task.attribution:
-            if share.route == "inferred" and share.bytes:
-                got = inferred.setdefault(share.thread_id, [0, 0.0])
-                got[0] += share.bytes
-                got[1] += share.bytes * share.confidence
-    # (only threads of role "other" are ever inferred: a thread id, an ident, may have been
-    # an executor's or a loop's too, one after the other)
     def inferred_of(t: ThreadReport) -> list[float] | None:
-        got = inferred.get(t.id) if t.role == "other" else None
-        return [min(got[0], t.attributed_bytes), got[1] / got[0]] if got and t.attributed_bytes else None
+        if not t.inferred_bytes or t.inferred_confidence is None:
+            return None
+        return [t.inferred_bytes, t.inferred_confidence]
 
     with_inferred = any(inferred_of(t) for t in shown)
     columns = [

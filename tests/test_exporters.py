@@ -436,7 +436,7 @@ def test_schema_is_valid_draft_2020_12():
 
 # Fields added to version 1 after reports were first written: optional in the schema, so
 # those reports still validate, and loaded with their defaults.
-ADDED_IN_V1 = {"leak_suspect": {"confidence", "inferred_bytes"}}
+ADDED_IN_V1 = {"leak_suspect": {"confidence", "inferred_bytes"}, "thread": {"inferred_bytes", "inferred_confidence"}}
 
 
 def _props(schema: dict, name: str) -> set[str]:
@@ -453,9 +453,13 @@ def test_reports_written_before_fields_were_added_still_validate_and_load():
     for suspect in doc["leak_suspects"]:
         for name in ADDED_IN_V1["leak_suspect"]:
             del suspect[name]
+    for thread in doc["threads"]:
+        for name in ADDED_IN_V1["thread"]:
+            del thread[name]
     assert validate_document(doc) == []
     loaded = Report.from_dict(doc)
     assert all(s.confidence == 1.0 and s.inferred_bytes == 0 for s in loaded.leak_suspects)
+    assert all(t.inferred_bytes == 0 and t.inferred_confidence is None for t in loaded.threads)
 
 
 @pytest.mark.parametrize(
@@ -670,7 +674,8 @@ def test_render_text_marks_inferred_bytes_in_the_threads_table():
     confidence, as in the task tables; an executor thread (never inferred) that had the
     same id before it shows none."""
     report = make_report()
-    started = ThreadReport(POOL_THREAD, 9003, "started-by-4", "other", 1258291 + 100, 0, 3)
+    started = ThreadReport(POOL_THREAD, 9003, "started-by-4", "other", 1258291 + 100, 0, 3,
+                           inferred_bytes=1258291, inferred_confidence=0.4)
     threads = _section(render_text(dataclasses.replace(report, threads=(*report.threads, started))), "Threads")
     assert "of it inferred" in threads[1]
     (row,) = [ln for ln in threads if "started-by-4" in ln]
