@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import concurrent.futures.thread as _cf_thread
 import functools
+import inspect
 import queue
-import sys
 import threading
 import weakref
 
@@ -92,20 +92,16 @@ def _wrap_queue_get(original, session):
     return get
 
 
-# Thread.start waits for the new thread on an Event (a Condition): that wait is a thread
-# starting another, not one waiting for work
-_START_CODE = threading.Thread.start.__code__
+# Thread.start waits for the thread it starts on an Event (a condition): that wait is not
+# one for work.  (Its code, under any wrapper: ours go on Thread.start too.)
+_START_CODE = getattr(inspect.unwrap(threading.Thread.start), "__code__", None)
 
 
 def _wrap_condition_wait(original, session):
-    def wait(self, timeout=None):
-        if _session is session:
-            caller = sys._getframe(1)  # (Event.wait, for an Event)
-            if caller.f_back is None or caller.f_back.f_code is not _START_CODE:
-                _core.serves()
-        return original(self, timeout)
-
-    return wait
+    # In C (_core.Serves): a thread pool waits on a condition at every submit.  It acts
+    # only for a thread inferred to a task, so one left under a library's wrapper after
+    # its session passes calls through.
+    return _core.Serves(original, _START_CODE)
 
 
 _WRAPPERS = ((threading.Thread, "start", _noting(_note_start)),
@@ -134,7 +130,9 @@ def install() -> None:
         # what uninstall puts back is the class's own entry; what ours calls is what an
         # attribute lookup gives (a library's descriptor, e.g. a wrapt wrapper, binds there)
         saved, original = owner.__dict__[name], getattr(owner, name)
-        ours = functools.update_wrapper(wrap(original, session), original)
+        ours = wrap(original, session)
+        if not isinstance(ours, _core.Serves):  # (a C stand-in reads as what it wraps)
+            ours = functools.update_wrapper(ours, original)
         setattr(owner, name, ours)
         _patches[(owner, name)] = (ours, saved)
     _installed = True
