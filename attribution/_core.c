@@ -1614,12 +1614,14 @@ PyDoc_STRVAR(stop_doc, "stop() -> bool\n--\n\nRestore the original allocators.  
  * S.cell_gen moves, so no exact fast path holds, and the tables of recorded blocks are
  * emptied so that no free finds one; record_alloc turns back every allocation), until a
  * start finds where they are (settle_passthrough). */
+static int settle_as_nobody(void); /* _tasks.h */
+
 static PyObject *core_stop(PyObject *m, PyObject *noargs) {
     int cut = 0;
     if (S.active) {
         /* code objects only our stack samples hold go while their frees are still seen
          * (_stacks.h); if that fails for want of memory, they stay, as before */
-        if (stacks_settle() < 0) PyErr_Clear();
+        if (settle_as_nobody() < 0) PyErr_Clear();
         int left = take_hooks_off(3);
         if (left) {
             S.passthrough = 1;
@@ -1641,6 +1643,10 @@ PyDoc_STRVAR(clear_doc, "clear()\n--\n\nFree all recorded data.  Raises RuntimeE
 static PyObject *core_clear(PyObject *m, PyObject *noargs) {
     if (S.active) {
         PyErr_SetString(PyExc_RuntimeError, "stop() before clear()");
+        return NULL;
+    }
+    if (K.settling || S.fold_busy) { /* code run by an object we let go (a weakref callback) */
+        PyErr_SetString(PyExc_RuntimeError, "clear() while the recorded data is being read or folded");
         return NULL;
     }
     if (S.has_data) clear_data();
@@ -2084,7 +2090,9 @@ PyDoc_STRVAR(stats_doc,
 "here (hamt_set_direct, checked against the HAMT's own set()), -1 if set() does it, 0 if not yet\n"
 "known; own_objects_raw: 1 if our own objects of a context's size\n"
 "come from the raw allocator (own_malloc), 0 if all stay in pymalloc; tag_mappings_reused:\n"
-"tasks whose context was given the tag mapping of a task that is gone (kept_mapping_take).");
+"tasks whose context was given the tag mapping of a task that is gone (kept_mapping_take);\n"
+"stack_frames: frames stack samples named; stack_frames_indexed: those the hooks can still\n"
+"match (their code object is alive: see stacks_settle).");
 
 static PyObject *core_stats(PyObject *m, PyObject *noargs) {
     int g = tls.guard;
@@ -2103,7 +2111,7 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
                    (size_t)(S.obj_index.slots ? S.obj_index.mask + 1 : 0) * sizeof(u64map_entry_t);
     size_t stacks = stacks_bytes();
     PyObject *d = Py_BuildValue(
-        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:K}", "tracked_allocations",
+        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:K,s:I,s:K}", "tracked_allocations",
         (unsigned long long)ptrs_count(), "table_bytes", (Py_ssize_t)table, "stacks_bytes", (Py_ssize_t)stacks,
         "tracker_bytes", (Py_ssize_t)(table + other + stacks), "cells",
         (unsigned int)(S.ncells - 1 - S.nfree_cells), "tasks", (unsigned int)(S.ntasks - 1 - S.nfree_tasks),
@@ -2112,7 +2120,8 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
         "table_capacity", (unsigned long long)S.ptrs.capacity, "task_records", (unsigned long long)S.records,
         "pending_task_records", (unsigned long long)S.pending, "fast_thread_state", tls.ts_slot != NULL,
         "direct_context_tagging", HAMT.known, "direct_hamt_insertion", HAMT.known == 0 ? 0 : HAMT.direct,
-        "own_objects_raw", S.raw_blocks != NULL, "tag_mappings_reused", (unsigned long long)S.mappings_reused);
+        "own_objects_raw", S.raw_blocks != NULL, "tag_mappings_reused", (unsigned long long)S.mappings_reused,
+        "stack_frames", (unsigned int)K.nframes, "stack_frames_indexed", (unsigned long long)K.frame_index.count);
     tls.guard = g;
     return d;
 }

@@ -166,15 +166,22 @@ static inline int frame_skip(_PyInterpreterFrame *f, PyCodeObject *code) {
     return f->owner != FRAME_OWNED_BY_GENERATOR && frame_instr(f) < _PyCode_CODE(code) + code->_co_firsttraceable;
 }
 
+static inline uint64_t frame_key(const PyCodeObject *code, uint32_t lasti) {
+    return ((((uint64_t)(uintptr_t)code >> 3) << 19) ^ (uint64_t)(lasti & 0x7FFFF)) | (UINT64_C(1) << 63);
+}
+
+static inline uint64_t frame_key_next(uint64_t key) {
+    return (key * UINT64_C(0x9E3779B97F4A7C15)) | (UINT64_C(1) << 63);
+}
+
 static uint32_t intern_frame(PyCodeObject *code, uint32_t lasti, int *ok) {
-    uint64_t key = (((uint64_t)(uintptr_t)code >> 3) << 19) ^ (uint64_t)(lasti & 0x7FFFF);
-    key |= UINT64_C(1) << 63;
+    uint64_t key = frame_key(code, lasti);
     uint32_t idx;
     /* code pointers are unique while we hold a reference, but the xor folds bits: verify
-     * (a settled frame, whose code is gone, matches nothing: its key stays, passed over) */
+     * (settled frames are out of the index: see frames_reindex) */
     while (u64map_get(&K.frame_index, key, &idx)) {
         if (K.frames[idx].code == (PyObject *)code && K.frames[idx].lasti == lasti) return idx;
-        key = (key * UINT64_C(0x9E3779B97F4A7C15)) | (UINT64_C(1) << 63);
+        key = frame_key_next(key);
     }
     if (grow_array((void **)&K.frames, &K.capframes, sizeof(frame_rec_t), K.nframes + 1) < 0) {
         *ok = 0;
@@ -208,6 +215,34 @@ static PyObject *settled_name(PyObject *s) {
         return NULL;
     }
     return c;
+}
+
+/* The frame index again, with only the frames that still hold their code: a settled
+ * one's key left in it would lengthen the probe the hook walks for every later code object
+ * at that address (pymalloc hands a freed code object's block to the next one of its
+ * size: a program compiling per job reuses a handful of addresses), one more each pass.
+ * If memory for a new index cannot be had, the old one stays (settled frames match
+ * nothing: slower, still right). */
+static void frames_reindex(void) {
+    uint64_t live = 0;
+    for (uint32_t i = 0; i < K.nframes; i++) live += K.frames[i].code != NULL;
+    uint64_t cap = 1024;
+    while (cap < live * 2) cap *= 2;
+    u64map_t m;
+    if (u64map_init(&m, cap) < 0) return;
+    for (uint32_t i = 0; i < K.nframes; i++) {
+        const frame_rec_t *f = &K.frames[i];
+        if (f->code == NULL) continue;
+        uint64_t key = frame_key((const PyCodeObject *)f->code, f->lasti);
+        uint32_t other;
+        while (u64map_get(&m, key, &other)) key = frame_key_next(key);
+        if (u64map_put(&m, key, i) < 0) {
+            u64map_free(&m);
+            return;
+        }
+    }
+    u64map_free(&K.frame_index);
+    K.frame_index = m;
 }
 
 /* Let go of the code objects that only our frames hold, keeping what a report needs of
@@ -269,6 +304,7 @@ static int stacks_settle(void) {
         }
     }
     u64map_free(&held);
+    if (settled) frames_reindex();
     tls.guard = g;
     K.settling = 0;
     if (rc < 0 && !PyErr_Occurred()) PyErr_NoMemory();
@@ -667,8 +703,10 @@ PyDoc_STRVAR(settle_stacks_doc,
 "keeping their file, function and line; returns how many frames were settled.  (Their\n"
 "freed parts may wait in CPython's free lists until the next full collection.)");
 
+static int settle_as_nobody(void); /* _tasks.h */
+
 static PyObject *core_settle_stacks(PyObject *m, PyObject *noargs) {
-    int n = stacks_settle();
+    int n = settle_as_nobody();
     return n < 0 ? NULL : PyLong_FromLong(n);
 }
 
@@ -680,6 +718,10 @@ PyDoc_STRVAR(stack_samples_doc,
 static PyObject *core_stack_samples(PyObject *m, PyObject *noargs) {
     int g = tls.guard;
     tls.guard = 1;
+    /* No code object we hold may go while its names are being read: making a row can run
+     * the collector (3.11), whose finalizers can reach stacks_settle (a fold pass). */
+    int settling = K.settling;
+    K.settling = 1;
     PyObject *sites = PyList_New(0), *stacks = PyList_New(0), *frames = PyList_New(0), *out = NULL;
     if (sites == NULL || stacks == NULL || frames == NULL) goto done;
     for (uint32_t i = 0; i < K.nsites; i++) {
@@ -731,6 +773,7 @@ done:
     Py_XDECREF(sites);
     Py_XDECREF(stacks);
     Py_XDECREF(frames);
+    K.settling = settling;
     tls.guard = g;
     return out;
 }

@@ -896,6 +896,26 @@ static PyObject *callback_context(void) {
     return t->empty_ctx;
 }
 
+/* stacks_settle in no task's context and with no hand-over: what it frees was nobody's
+ * doing, not a free by the task that happens to be running (cross_task_frees).  Where the
+ * empty context cannot be entered (it is already, in our done callback), as it is. */
+static int settle_as_nobody(void) {
+    tls_t *t = &tls;
+    PyObject *ctx = callback_context();
+    int entered = ctx != NULL && PyContext_Enter(ctx) == 0;
+    if (!entered) PyErr_Clear();
+    uint32_t handover = t->handover;
+    set_handover(t, 0);
+    int n = stacks_settle();
+    set_handover(t, handover);
+    if (entered) {
+        PyObject *exc = PyErr_GetRaisedException_compat();
+        if (PyContext_Exit(ctx) < 0) PyErr_Clear();
+        PyErr_SetRaisedException_compat(exc);
+    }
+    return n;
+}
+
 static void queue_finished(uint32_t tid) {
     if (grow_array((void **)&S.finished, &S.capfinished, sizeof(uint32_t), S.nfinished + 1) == 0)
         S.finished[S.nfinished++] = tid;
@@ -2690,30 +2710,37 @@ static PyTypeObject HandOverType = {
     .tp_getset = HandOver_getset,
 };
 
-/* Serves(original, start_code): threading.Condition.wait in front of the class's own.  A
- * thread whose context-less bytes are inferred to the task that started it, waiting on a
- * condition, waits for work from a channel (queue.Queue when empty, janus, a deque with a
- * condition): it serves whoever fills it, and the inference stops (see serves()).  Not the
- * wait inside Thread.start (start_code's), for the thread it starts.  In C: a thread pool
- * polls its idle semaphore (Semaphore.acquire(timeout=0), a wait) at every submit, and a
- * Python wrapper there cost each to_thread job ~3,500 instructions (callgrind, 3.12). */
+/* Serves(original, waits_for_one, wait_for): threading.Condition.wait in front of the
+ * class's own.  A thread whose context-less bytes are inferred to the task that started
+ * it, waiting on a condition, waits for work from a channel (queue.Queue when empty, janus,
+ * a deque with a condition): it serves whoever fills it, and the inference stops (see
+ * serves()).  Not where the wait is one for a single thing: called (through
+ * Condition.wait_for, the code `wait_for`) by one of the codes in the tuple
+ * `waits_for_one` (Event.wait, and so Thread.start's wait for the thread it starts;
+ * Semaphore.acquire, which a thread pool polls at every submit; Future.result; ...).  In C:
+ * as a Python wrapper it cost each to_thread job ~3,500 instructions (callgrind, 3.12), for
+ * that poll; and the caller is looked at only in a thread that is inferred. */
 typedef struct {
     PyObject_HEAD
     PyObject *orig;
-    PyObject *start_code;
+    PyObject *one;      /* tuple of code objects */
+    PyObject *wait_for; /* Condition.wait_for's code */
     vectorcallfunc vectorcall;
 } ServesObject;
 
 static PyTypeObject ServesType;
 
-/* Was the Python function that called us called by code `code`? */
-static int caller_of_caller_is(PyObject *code) {
+/* Is this wait one for a single thing (see ServesObject)? */
+static int waits_for_one(const ServesObject *w) {
     PyThreadState *ts = tstate_unchecked();
     _PyInterpreterFrame *f = ts != NULL ? top_frame(ts) : NULL;
-    for (int up = 0; f != NULL; f = f->previous) {
+    for (; f != NULL; f = f->previous) {
         PyCodeObject *c = frame_code(f);
         if (c == NULL || frame_skip(f, c)) continue;
-        if (up++ == 1) return (PyObject *)c == code;
+        if ((PyObject *)c == w->wait_for) continue; /* its caller says */
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(w->one); i++)
+            if (PyTuple_GET_ITEM(w->one, i) == (PyObject *)c) return 1;
+        return 0;
     }
     return 0;
 }
@@ -2722,24 +2749,26 @@ static PyObject *serves_vectorcall(PyObject *self, PyObject *const *args, size_t
     ServesObject *w = (ServesObject *)self;
     tls_t *t = &tls;
     thread_info_t *th = inferred_here(t);
-    if (th != NULL && !caller_of_caller_is(w->start_code)) serve_here(t, th);
+    if (th != NULL && !waits_for_one(w)) serve_here(t, th);
     return PyObject_Vectorcall(w->orig, args, nargsf, kwnames);
 }
 
 static PyObject *Serves_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    PyObject *orig, *code;
-    if (!PyArg_ParseTuple(args, "OO:Serves", &orig, &code)) return NULL;
+    PyObject *orig, *one, *wait_for;
+    if (!PyArg_ParseTuple(args, "OO!O:Serves", &orig, &PyTuple_Type, &one, &wait_for)) return NULL;
     ServesObject *self = (ServesObject *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
     self->orig = Py_NewRef(orig);
-    self->start_code = Py_NewRef(code);
+    self->one = Py_NewRef(one);
+    self->wait_for = Py_NewRef(wait_for);
     self->vectorcall = serves_vectorcall;
     return (PyObject *)self;
 }
 
 static void Serves_dealloc(ServesObject *self) {
     Py_CLEAR(self->orig);
-    Py_CLEAR(self->start_code);
+    Py_CLEAR(self->one);
+    Py_CLEAR(self->wait_for);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -2758,8 +2787,8 @@ static PyTypeObject ServesType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.Serves",
     .tp_basicsize = sizeof(ServesObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
-    .tp_doc = PyDoc_STR("Serves(original, start_code): threading.Condition.wait telling the core that a thread "
-                        "inferred to its starter waits for work from others."),
+    .tp_doc = PyDoc_STR("Serves(original, waits_for_one, wait_for): threading.Condition.wait telling the core "
+                        "that a thread inferred to its starter waits for work from others."),
     .tp_new = Serves_new,
     .tp_dealloc = (destructor)Serves_dealloc,
     .tp_call = PyVectorcall_Call,
@@ -3154,8 +3183,10 @@ static PyObject *core_fold(PyObject *m, PyObject *args) {
     if (S.fold_busy) return Py_BuildValue("(I[])", (unsigned int)S.nfinished);
     S.fold_busy = 1;
     /* a pass first lets go of the code objects only our stack samples held: what they
-     * took is freed, so the tasks that made them can fold */
-    PyObject *out = scan && stacks_settle() < 0 ? NULL : fold_now(keep, scan);
+     * took is freed, so the tasks that made them can fold (if memory for it cannot be had,
+     * they stay: the pass goes on) */
+    if (scan && settle_as_nobody() < 0) PyErr_Clear();
+    PyObject *out = fold_now(keep, scan);
     S.fold_busy = 0;
     return out;
 }

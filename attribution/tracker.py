@@ -227,7 +227,7 @@ class Tracker:
             return 0
         try:
             return _core.settle_stacks()
-        except MemoryError:
+        except Exception:  # (out of memory: the code objects stay held, as before)
             return 0
 
     def stop(self) -> None:

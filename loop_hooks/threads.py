@@ -19,6 +19,7 @@ after the threads are gone.
 
 from __future__ import annotations
 
+import concurrent.futures
 import concurrent.futures.thread as _cf_thread
 import functools
 import inspect
@@ -92,16 +93,25 @@ def _wrap_queue_get(original, session):
     return get
 
 
-# Thread.start waits for the thread it starts on an Event (a condition): that wait is not
-# one for work.  (Its code, under any wrapper: ours go on Thread.start too.)
-_START_CODE = getattr(inspect.unwrap(threading.Thread.start), "__code__", None)
+def _code(fn):
+    return getattr(inspect.unwrap(fn), "__code__", None)
+
+
+# Waits on a condition that are for one thing, not for work from a channel: an event (and
+# so Thread.start's, for the thread it starts), a semaphore (a thread pool polls its idle
+# one at every submit), a barrier, a future's result.
+_WAITS_FOR_ONE = tuple(c for c in (
+    _code(threading.Event.wait), _code(threading.Semaphore.acquire), _code(threading.Barrier._enter),
+    _code(threading.Barrier._wait), _code(concurrent.futures.Future.result),
+    _code(concurrent.futures.Future.exception),
+) if c is not None)
 
 
 def _wrap_condition_wait(original, session):
-    # In C (_core.Serves): a thread pool waits on a condition at every submit.  It acts
-    # only for a thread inferred to a task, so one left under a library's wrapper after
+    # In C (_core.Serves): it runs at every such wait (every submit to a pool).  It acts
+    # only in a thread inferred to a task, so one left under a library's wrapper after
     # its session passes calls through.
-    return _core.Serves(original, _START_CODE)
+    return _core.Serves(original, _WAITS_FOR_ONE, _code(threading.Condition.wait_for))
 
 
 _WRAPPERS = ((threading.Thread, "start", _noting(_note_start)),

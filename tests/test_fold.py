@@ -544,3 +544,30 @@ def test_threads_still_count_what_folded_tasks_charged_to_them(loop_kind):
     assert executors and sum(t.attributed_bytes for t in executors) >= 3_000 * 30_000, report.threads
     (loop_thread,) = [t for t in report.threads if t.role == "loop"]
     assert loop_thread.attributed_bytes >= 3_000 * 50_000, loop_thread
+
+
+def test_settled_frames_leave_the_index_the_hooks_search():
+    """A settled frame's key left in the frame index lengthened the probe the allocator
+    hook walks for every later code object at that address (pymalloc hands the block of a
+    freed code object to the next one: compiling per job reuses a few addresses), one link
+    more each fold pass: stack sampling slowed down without limit (4,000 jobs: 1.7 s, then
+    8.5, 17.8, 28.5, 34.2 s).  The index now holds only frames whose code is alive."""
+    import memscope_async as ms
+    from memscope_async.attribution import _core
+
+    prof = ms.Profiler(stack_interval=1024).start()
+    try:
+        for i in range(150):
+            ns: dict = {}
+            exec(compile("def f():\n    return [bytes(300) for _ in range(20)]\n", f"<job {i}>", "exec"), ns)
+            ns["f"]()
+            del ns
+            gc.collect()
+            if i % 10 == 9:
+                _core.settle_stacks()
+        stats = _core.stats()
+    finally:
+        prof.stop()
+        prof.close()
+    assert stats["stack_frames"] >= 150, stats  # a frame of f's (at least) for each job
+    assert stats["stack_frames_indexed"] < 100, stats

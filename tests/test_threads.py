@@ -798,19 +798,38 @@ def test_loops_in_threads_a_task_started_are_not_inferred_to_it(loop_kind):
     assert roles["loop-1"] == roles["loop-2"] == "loop", roles
 
 
-def test_a_thread_that_starts_another_stays_inferred(loop_kind):
+def _helper():
+    pass
+
+
+def _start_a_thread():
+    t = threading.Thread(target=_helper)
+    t.start()
+    t.join()
+
+
+def _wait_for_an_event():
+    ev = threading.Event()
+    threading.Timer(0.01, ev.set).start()
+    ev.wait()
+
+
+def _submit_to_a_pool():
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for f in [pool.submit(_helper) for _ in range(4)]:
+            f.result()
+
+
+@pytest.mark.parametrize("wait", [_start_a_thread, _wait_for_an_event, _submit_to_a_pool])
+def test_a_thread_that_waits_for_one_thing_stays_inferred(loop_kind, wait):
     """Waiting on a threading.Condition marks a thread as a worker serving others (its
-    inference stops), but Thread.start waits on one too, for the thread it starts: that
-    wait is not the thread taking work from anyone."""
+    inference stops), but Thread.start (for the thread it starts), Event.wait, a pool's
+    submit (which polls a semaphore) and Future.result wait on one too: those are a
+    thread doing its own work, still inferred to the task that started it."""
     kept = []
 
-    def helper():
-        pass
-
     def own_work():
-        t = threading.Thread(target=helper)
-        t.start()
-        t.join()
+        wait()
         kept.append(bytearray(3 * MiB))
 
     async def starter():
