@@ -43,6 +43,7 @@ static struct {
     PyObject *labels_var;      /* the _LABELS ContextVar (strong) */
     int labels_used;           /* labels() has been entered: new tasks read _LABELS */
     PyObject *task_type;       /* asyncio.Task (strong) */
+    PyObject *fut_type, *fut_add_done; /* a Future class and its add_done_callback (strong) */
     PyObject *done_cb;         /* our task_done function object (strong) */
     PyTypeObject *step_type;   /* _asyncio's TaskStepMethWrapper, learnt on first sight */
     int step_direct;           /* its task is read from its first slot: 0 unknown, 1 yes, -1 no */
@@ -1157,6 +1158,39 @@ static inline void clear_error_quick(void) {
     PyErr_Clear();
 }
 
+/* The add_done_callback of the Future class a task is made on (asyncio's C Future, the
+ * class asyncio.Task is made on, or the pure-Python one), borrowed; NULL if neither (then
+ * the task's own is looked up).  Ours goes on through it, not through a lookup on the
+ * task: a subclass's override of add_done_callback is the program's code, to run for the
+ * program's callbacks only (CPython's test_subclasses_ctask_cfuture counts its calls). */
+static PyObject *base_add_done_callback(PyObject *task) {
+    PyTypeObject *want = G.task_type != NULL ? ((PyTypeObject *)G.task_type)->tp_base : NULL;
+    if (want == NULL || !PyObject_TypeCheck(task, want)) {
+        static PyObject *py_future; /* asyncio.futures._PyFuture (strong), Py_None if none */
+        if (py_future == NULL) {
+            PyObject *mod = PyImport_ImportModule("asyncio.futures");
+            py_future = mod != NULL ? PyObject_GetAttrString(mod, "_PyFuture") : NULL;
+            Py_XDECREF(mod);
+            if (py_future == NULL || !PyType_Check(py_future)) {
+                PyErr_Clear();
+                Py_XSETREF(py_future, Py_NewRef(Py_None));
+            }
+        }
+        if (py_future == Py_None || !PyObject_TypeCheck(task, (PyTypeObject *)py_future)) return NULL;
+        want = (PyTypeObject *)py_future;
+    }
+    if (G.fut_type != (PyObject *)want) {
+        PyObject *add = PyObject_GetAttr((PyObject *)want, G.s_add_done_callback);
+        if (add == NULL) {
+            PyErr_Clear();
+            return NULL;
+        }
+        Py_XSETREF(G.fut_add_done, add);
+        Py_XSETREF(G.fut_type, Py_NewRef((PyObject *)want));
+    }
+    return G.fut_add_done;
+}
+
 /* Link record tid to its task object and watch for its end.  named: the task already has
  * the name its creator gives it (it was made with that name), so no late name is awaited. */
 static void attach_task(uint32_t tid, PyObject *task, int named) {
@@ -1190,8 +1224,10 @@ static void attach_task(uint32_t tid, PyObject *task, int named) {
     PyObject *ctx = callback_context();
     if (ctx != NULL) {
         PyObject *args[4] = {NULL, task, G.done_cb, ctx};
-        PyObject *r = PyObject_VectorcallMethod(G.s_add_done_callback, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                                G.kw_context);
+        PyObject *add = base_add_done_callback(task);
+        PyObject *r = add != NULL ? PyObject_Vectorcall(add, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, G.kw_context)
+                                  : PyObject_VectorcallMethod(G.s_add_done_callback, args + 1,
+                                                              2 | PY_VECTORCALL_ARGUMENTS_OFFSET, G.kw_context);
         Py_XDECREF(r);
     }
     PyErr_Clear(); /* an object without add_done_callback: its record stays pending */

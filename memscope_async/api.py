@@ -164,9 +164,25 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any], *, current_p
                 with contextlib.suppress(Exception):
                     sys.stderr.write(f"memscope-async: warning: {exc}; the loops it makes are not profiled\n")
 
+    # asyncio makes the default policy when it is first asked for one (after a reset to
+    # None too): it is instrumented then, and a reset stays a reset (None) until then
+    maker = getattr(events, "_init_event_loop_policy", None) if setter is not None else None
+
     def set_event_loop_policy(policy: Any) -> None:
+        before = getattr(events, "_event_loop_policy", None)
         setter(policy)  # asyncio's own checks and errors first
-        instrument_set(get_policy())  # (for None, the default policy, made now)
+        if before is not None and before is not policy and any(p is before for p in ours):
+            # replaced: let it go (held here, it would keep the loops set on it alive)
+            ours[:] = [p for p in ours if p is not before]
+            uninstrument_policy(before)
+        if policy is not None or maker is None:
+            instrument_set(get_policy())  # (for None with no maker to watch: the default, made now)
+
+    def make_default_policy() -> None:
+        maker()
+        made = getattr(events, "_event_loop_policy", None)
+        if made is not None:
+            instrument_set(made)
 
     if current_policy and policies_available():
         instrument_set(get_policy())
@@ -176,6 +192,9 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any], *, current_p
         functools.update_wrapper(set_event_loop_policy, setter)
         for holder in holders:
             setattr(holder, name, set_event_loop_policy)
+    if maker is not None:
+        functools.update_wrapper(make_default_policy, maker)
+        events._init_event_loop_policy = make_default_policy
 
     def undo() -> None:
         if asyncio.runners.Runner.__init__ is init:
@@ -183,6 +202,8 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any], *, current_p
         for holder in holders:
             if getattr(holder, name, None) is set_event_loop_policy:
                 setattr(holder, name, setter)
+        if maker is not None and getattr(events, "_init_event_loop_policy", None) is make_default_policy:
+            events._init_event_loop_policy = maker
         for policy in ours:
             uninstrument_policy(policy)
 

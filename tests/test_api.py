@@ -777,3 +777,40 @@ def test_a_loop_factory_whose_joined_profiler_stopped_before_its_loop_closed_sti
     assert (tmp_path / "r.json").exists()
     joined.close()
     factory.profiler.close()
+
+
+def test_a_policy_reset_stays_a_reset_and_replaced_policies_go():
+    """asyncio.set_event_loop_policy(None) leaves no policy until one is asked for, which
+    asyncio then makes.  While profiling, the reset made (and instrumented) a new policy
+    at once, a different one after every reset (regrtest flags every test_asyncio module
+    as "env changed" for it), and every replaced policy was held, with the loops set on it.
+    The policy asyncio makes later is instrumented when it is made."""
+    import weakref
+
+    async def main():
+        await asyncio.sleep(0)
+        return bytearray(2 * MiB)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        prof = ms.install_policy()
+        try:
+            asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+            replaced = asyncio.get_event_loop_policy()
+            loop = replaced.new_event_loop()
+            replaced.set_event_loop(loop)
+            gone = weakref.ref(loop)
+            loop.close()
+            del loop
+            asyncio.set_event_loop_policy(None)
+            assert asyncio.events._event_loop_policy is None
+            replaced = weakref.ref(replaced)
+            gc.collect()
+            assert replaced() is None and gone() is None
+            held = asyncio.run(main())  # asks for a policy: asyncio makes it, we instrument it
+            assert asyncio.events._event_loop_policy is not None
+        finally:
+            ms.uninstall_policy()
+    (t,) = prof.snapshot().find(coro="test_a_policy_reset_stays_a_reset_and_replaced_policies_go.<locals>.main")
+    assert close_to(t.live_bytes, 2 * MiB), t
+    del held

@@ -147,6 +147,28 @@ async def prog_shield_and_direct_task():
     return r1, inner.done()
 
 
+class _CountingTask(asyncio.Task):
+    """A Task subclass that overrides add_done_callback (CPython's own test_asyncio has
+    one): ours must not pass through it, or it sees a callback the program never added."""
+
+    seen: list = []
+
+    def add_done_callback(self, fn, *, context=None):
+        self.seen.append(getattr(fn, "__qualname__", type(fn).__name__))
+        return super().add_done_callback(fn, context=context)
+
+
+async def prog_task_subclass_overriding_add_done_callback():
+    _CountingTask.seen = []
+    loop = asyncio.get_running_loop()
+    made = _CountingTask(_sleeper(0), loop=loop, name="direct")
+    r1 = await made
+    loop.set_task_factory(lambda loop, coro, **kw: _CountingTask(coro, loop=loop, **kw))
+    r2 = await asyncio.gather(loop.create_task(_sleeper(0)), _sleeper(0))
+    loop.set_task_factory(None)
+    return r1, r2, list(_CountingTask.seen)
+
+
 async def prog_eager():
     if sys.version_info < (3, 12):
         return None
@@ -400,6 +422,7 @@ PROGRAMS = [
     prog_factory_returns_a_future_with_a_name,
     prog_loop_methods_read_as_asyncio_s,
     prog_work_handed_to_threads_reads_as_the_user_s,
+    prog_task_subclass_overriding_add_done_callback,
 ]
 
 

@@ -144,7 +144,9 @@ def test_nodes_made_under_a_tasks_mapping_are_untracked_too(loop_kind):
 
     counts = contextvars.Context().run(run_profiled, main, loop_kind)[0]
     assert seen["apart"] == [False, False]  # the mapping and its root
-    assert seen["same slot"] == [False, False, False]  # and the node one level down
+    # and the node one level down (or more: about one process in 32 the two variables'
+    # hashes share the next level's slot too, and the mapping gets a node per level)
+    assert len(seen["same slot"]) >= 3 and not any(seen["same slot"]), seen["same slot"]
     # the node is off the count too: 200 tasks move it as much as with the slots apart
     # (within a few: kept mappings let go), not 200 more
     assert abs(counts[5] - counts[2]) < 50, counts
