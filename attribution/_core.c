@@ -1733,23 +1733,15 @@ PyDoc_STRVAR(serves_doc,
 "that serves a queue serves whoever fills it; its bytes go to the contexts it runs work\n"
 "in, else to its own unattributed bucket).");
 
-/* The calling thread's inferred task, if its context-less bytes go to one now (0: none). */
-static inline thread_info_t *inferred_here(tls_t *t) {
-    if (!S.has_data || S.ninferred == 0) return NULL;
-    if (t->session != S.session || t->slot == 0) return NULL; /* not a thread we marked */
-    thread_info_t *th = &S.threads[t->slot - 1];
-    return th->inferred_tid && !th->shared ? th : NULL;
-}
-
-static void serve_here(tls_t *t, thread_info_t *th) {
-    th->shared = 1;
-    t->fast_ctx = FAST_NONE; /* the next allocation finds its cell again */
-}
-
 static PyObject *core_serves(PyObject *m, PyObject *noargs) {
+    if (!S.has_data || S.ninferred == 0) Py_RETURN_NONE;
     tls_t *t = &tls;
-    thread_info_t *th = inferred_here(t);
-    if (th != NULL) serve_here(t, th);
+    if (t->session != S.session || t->slot == 0) Py_RETURN_NONE; /* not a thread we marked */
+    thread_info_t *th = &S.threads[t->slot - 1];
+    if (th->inferred_tid && !th->shared) {
+        th->shared = 1;
+        t->fast_ctx = FAST_NONE; /* the next allocation finds its cell again */
+    }
     Py_RETURN_NONE;
 }
 
@@ -2237,7 +2229,7 @@ static int init_strings(void) {
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&TagType) < 0 || PyType_Ready(&FactoryType) < 0 || PyType_Ready(&CallSoonType) < 0 ||
         PyType_Ready(&CreateTaskType) < 0 ||
-        PyType_Ready(&HandedType) < 0 || PyType_Ready(&HandOverType) < 0 || PyType_Ready(&ServesType) < 0 ||
+        PyType_Ready(&HandedType) < 0 || PyType_Ready(&HandOverType) < 0 ||
         init_strings() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&core_module);
@@ -2252,9 +2244,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     Py_INCREF(&CreateTaskType);
     Py_INCREF(&HandedType);
     Py_INCREF(&HandOverType);
-    Py_INCREF(&ServesType);
-    if (PyModule_AddObject(m, "Serves", (PyObject *)&ServesType) < 0 ||
-        PyModule_AddObject(m, "Tag", (PyObject *)&TagType) < 0 ||
+    if (PyModule_AddObject(m, "Tag", (PyObject *)&TagType) < 0 ||
         PyModule_AddObject(m, "TaskFactory", (PyObject *)&FactoryType) < 0 ||
         PyModule_AddObject(m, "CallSoon", (PyObject *)&CallSoonType) < 0 ||
         PyModule_AddObject(m, "CreateTask", (PyObject *)&CreateTaskType) < 0 ||

@@ -328,10 +328,26 @@ def _threads(report: Report, fmt: _Numbers, top: int, width: int) -> list[str]:
     )
     # what of each thread's attributed bytes was inferred (a thread a task started), with
     # the confidence of those bytes: a guessed byte always carries "~" and the confidence
+    per_thread = any(t.inferred_confidence is not None for t in report.threads)
+    by_ident: dict[int | None, list[float]] = {}
+    if not per_thread:
+        # a report written before threads said so themselves: from the tasks' shares,
+        # which name a thread by its id only (only threads of role "other" are inferred;
+        # an id may have been an executor's or a loop's too, one after the other)
+        for task in report.tasks:
+            for share in task.attribution:
+                if share.route == "inferred" and share.bytes:
+                    got = by_ident.setdefault(share.thread_id, [0, 0.0])
+                    got[0] += share.bytes
+                    got[1] += share.bytes * share.confidence
+
     def inferred_of(t: ThreadReport) -> list[float] | None:
-        if not t.inferred_bytes or t.inferred_confidence is None:
-            return None
-        return [t.inferred_bytes, t.inferred_confidence]
+        if per_thread:
+            if not t.inferred_bytes or t.inferred_confidence is None:
+                return None
+            return [t.inferred_bytes, t.inferred_confidence]
+        got = by_ident.get(t.id) if t.role == "other" else None
+        return [min(got[0], t.attributed_bytes), got[1] / got[0]] if got and t.attributed_bytes else None
 
     with_inferred = any(inferred_of(t) for t in shown)
     columns = [

@@ -6,10 +6,8 @@ task (or handed-over work) that called it, and the new thread, before running it
 target, tells the C core "context-less work here is probably that task's".  The C core
 then decays that guess with the thread's age, drops it once the starting task has
 finished for long enough, and drops it for good as soon as the thread runs another
-task's work, or takes work from a ``queue.Queue`` or waits on a ``threading.Condition``
-(the wait under every Python-level queue: ``queue.Queue`` when empty, janus, a deque
-with a condition; a thread that serves a queue serves whoever fills it, not the task that
-started it).  Thread-pool workers
+task's work, or takes work from a ``queue.Queue`` (a thread that serves a queue serves
+whoever fills it, not the task that started it).  Thread-pool workers
 (concurrent.futures', multiprocessing.pool.ThreadPool's) are never inferred: they serve
 everyone by design.
 
@@ -19,10 +17,8 @@ after the threads are gone.
 
 from __future__ import annotations
 
-import concurrent.futures
 import concurrent.futures.thread as _cf_thread
 import functools
-import inspect
 import queue
 import threading
 import weakref
@@ -93,31 +89,9 @@ def _wrap_queue_get(original, session):
     return get
 
 
-def _code(fn):
-    return getattr(inspect.unwrap(fn), "__code__", None)
-
-
-# Waits on a condition that are for one thing, not for work from a channel: an event (and
-# so Thread.start's, for the thread it starts), a semaphore (a thread pool polls its idle
-# one at every submit), a barrier, a future's result.
-_WAITS_FOR_ONE = tuple(c for c in (
-    _code(threading.Event.wait), _code(threading.Semaphore.acquire), _code(threading.Barrier._enter),
-    _code(threading.Barrier._wait), _code(concurrent.futures.Future.result),
-    _code(concurrent.futures.Future.exception),
-) if c is not None)
-
-
-def _wrap_condition_wait(original, session):
-    # In C (_core.Serves): it runs at every such wait (every submit to a pool).  It acts
-    # only in a thread inferred to a task, so one left under a library's wrapper after
-    # its session passes calls through.
-    return _core.Serves(original, _WAITS_FOR_ONE, _code(threading.Condition.wait_for))
-
-
 _WRAPPERS = ((threading.Thread, "start", _noting(_note_start)),
              (threading.Thread, "_bootstrap_inner", _noting(_note_bootstrap)),
-             (queue.Queue, "get", _wrap_queue_get),
-             (threading.Condition, "wait", _wrap_condition_wait))
+             (queue.Queue, "get", _wrap_queue_get))
 
 
 def installed() -> bool:
@@ -125,8 +99,7 @@ def installed() -> bool:
 
 
 def install() -> None:
-    """Patch ``threading.Thread.start`` / ``_bootstrap_inner``, ``queue.Queue.get`` and
-    ``threading.Condition.wait``
+    """Patch ``threading.Thread.start`` / ``_bootstrap_inner`` and ``queue.Queue.get``
     (idempotent).  Whatever each is now (a library such as an APM agent may have wrapped
     it since import) runs inside ours.  Each install makes wrappers of its own: one left
     in place under a library's wrapper by an earlier session only passes calls through,
@@ -140,9 +113,7 @@ def install() -> None:
         # what uninstall puts back is the class's own entry; what ours calls is what an
         # attribute lookup gives (a library's descriptor, e.g. a wrapt wrapper, binds there)
         saved, original = owner.__dict__[name], getattr(owner, name)
-        ours = wrap(original, session)
-        if not isinstance(ours, _core.Serves):  # (a C stand-in reads as what it wraps)
-            ours = functools.update_wrapper(ours, original)
+        ours = functools.update_wrapper(wrap(original, session), original)
         setattr(owner, name, ours)
         _patches[(owner, name)] = (ours, saved)
     _installed = True

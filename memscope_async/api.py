@@ -214,6 +214,7 @@ def _instrumenting(factory: Callable[[], Any], instrument: Callable[[Any], Any])
     """``factory``, its loops instrumented."""
 
     def make() -> Any:
+        loop_thread_here()
         return instrument(factory())
 
     return make

@@ -686,6 +686,17 @@ def test_render_text_marks_inferred_bytes_in_the_threads_table():
     assert "of it inferred" not in "\n".join(_section(render_text(report), "Threads"))  # none shown: no column
 
 
+def test_render_text_marks_inferred_bytes_of_a_report_written_before_threads_said_so():
+    """A report file from before threads carried inferred_bytes: the table still shows the
+    inferred bytes, from the tasks' shares (by thread id), as it did then."""
+    report = make_report()
+    started = ThreadReport(POOL_THREAD, 9003, "started-by-4", "other", 1258291 + 100, 0, 3)
+    assert started.inferred_confidence is None
+    threads = _section(render_text(dataclasses.replace(report, threads=(*report.threads, started))), "Threads")
+    (row,) = [ln for ln in threads if "started-by-4" in ln]
+    assert "~1.2 MiB (c=0.40)" in row
+
+
 def test_render_text_sizes():
     tasks = (
         _task(1, (1,), allocated=512, live=0, peak=0),

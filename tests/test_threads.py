@@ -698,83 +698,33 @@ def test_a_callback_a_worker_sends_back_is_a_migration_from_the_worker(loop_kind
     assert out and all(m.from_thread == seen["loop"] for m in out), t.migrations
 
 
-class _ConditionChannel:
-    """A deque and a threading.Condition: the sync side of janus and of many hand-made
-    channels (no queue.Queue involved)."""
-
-    def __init__(self):
-        import collections
-
-        self.items = collections.deque()
-        self.cond = threading.Condition()
-
-    def put(self, item):
-        with self.cond:
-            self.items.append(item)
-            self.cond.notify()
-
-    def get(self):
-        with self.cond:
-            while not self.items:
-                self.cond.wait()
-            return self.items.popleft()
-
-
-def test_a_worker_fed_through_a_condition_is_not_charged_to_its_starter(loop_kind):
-    """A long-lived worker started by one task serves others through a deque and a
-    condition, handing results back with call_soon_threadsafe: its bytes for the others
-    were all inferred to its starter (15 MiB at confidence 0.5)."""
-    chan = _ConditionChannel()
-    box = {}
-
-    def worker(loop):
-        while (item := chan.get()) is not None:
-            mib, fut = item
-            result = bytearray(mib * MiB)
-            loop.call_soon_threadsafe(fut.set_result, len(result))
-
-    async def starter():
-        box["thread"] = threading.Thread(target=worker, args=(asyncio.get_running_loop(),), name="channel-worker")
-        box["thread"].start()
-        await asyncio.sleep(0.2)  # alive while the others are served
-
-    async def client(mib):
-        fut = asyncio.get_running_loop().create_future()
-        chan.put((mib, fut))
-        return await fut
-
-    async def main():
-        s = asyncio.create_task(starter(), name="starter")
-        await asyncio.sleep(0.01)
-        sizes = await asyncio.gather(*(client(m) for m in (1, 2, 3, 4, 5)))
-        chan.put(None)
-        await asyncio.to_thread(box["thread"].join)
-        await s
-        return sizes
-
-    sizes, report = run_profiled(main, loop_kind)
-    assert sizes == [m * MiB for m in (1, 2, 3, 4, 5)]
-    (st,) = report.find(name="starter")
-    assert st.allocated_bytes < MiB, st.attribution
-    (w,) = [t for t in report.threads if t.name == "channel-worker"]
-    assert w.unattributed_bytes >= 14 * MiB, w
-
-
-def _run_a_loop_in_this_thread():
+def _run_a_loop_in_this_thread(how, kind, prof):
     async def main():
         await asyncio.create_task(asyncio.sleep(0))
 
-    asyncio.run(main())
+    if how == "policy":
+        asyncio.run(main())
+    elif how == "runner":  # a Runner's own loop factory, seen while a profiler runs
+        with asyncio.Runner(loop_factory=base_loop(kind)) as runner:
+            runner.run(main())
+    else:
+        with asyncio.Runner(loop_factory=prof.loop_factory(base_loop(kind))) as runner:
+            runner.run(main())
 
 
-def test_loops_in_threads_a_task_started_are_not_inferred_to_it(loop_kind):
+@pytest.mark.parametrize("how", ["policy", "runner", "profiler-factory"])
+def test_loops_in_threads_a_task_started_are_not_inferred_to_it(loop_kind, how):
     """A task starts threads that each run their own loop: what making and running those
     loops allocates outside their tasks is theirs (loop internals), not inferred to the
-    task that started the threads (uvloop's read buffer: ~270 KB a loop)."""
+    task that started the threads (uvloop's read buffer: ~270 KB a loop), however the
+    loop is made."""
     import warnings
 
+    box = {}
+
     async def starter():
-        threads = [threading.Thread(target=_run_a_loop_in_this_thread, name=f"loop-{n}") for n in (1, 2)]
+        threads = [threading.Thread(target=_run_a_loop_in_this_thread, args=(how, loop_kind, box["prof"]),
+                                    name=f"loop-{n}") for n in (1, 2)]
         for th in threads:
             th.start()
         await asyncio.to_thread(lambda: [th.join() for th in threads])
@@ -782,13 +732,21 @@ def test_loops_in_threads_a_task_started_are_not_inferred_to_it(loop_kind):
     async def main():
         await asyncio.create_task(starter(), name="starter")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        prof = ms.install_policy(uvloop=loop_kind == "uvloop")
-    try:
-        asyncio.run(main())
-    finally:
-        ms.uninstall_policy()
+    if how == "policy":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            prof = box["prof"] = ms.install_policy(uvloop=loop_kind == "uvloop")
+        try:
+            asyncio.run(main())
+        finally:
+            ms.uninstall_policy()
+    else:
+        prof = box["prof"] = ms.Profiler().start()
+        try:
+            with asyncio.Runner(loop_factory=prof.loop_factory(base_loop(loop_kind))) as runner:
+                runner.run(main())
+        finally:
+            prof.stop()
     report = prof.snapshot()
     prof.close()
     (st,) = report.find(name="starter")
@@ -822,10 +780,10 @@ def _submit_to_a_pool():
 
 @pytest.mark.parametrize("wait", [_start_a_thread, _wait_for_an_event, _submit_to_a_pool])
 def test_a_thread_that_waits_for_one_thing_stays_inferred(loop_kind, wait):
-    """Waiting on a threading.Condition marks a thread as a worker serving others (its
-    inference stops), but Thread.start (for the thread it starts), Event.wait, a pool's
-    submit (which polls a semaphore) and Future.result wait on one too: those are a
-    thread doing its own work, still inferred to the task that started it."""
+    """A thread a task started stays inferred to it through waits for one thing of its
+    own: Thread.start (for the thread it starts), Event.wait, a pool's submit (which
+    polls a semaphore) and Future.result (a hook on threading.Condition.wait, tried for
+    janus-like channels, ended the inference at every one of them)."""
     kept = []
 
     def own_work():
