@@ -50,6 +50,13 @@ def get_policy() -> Any:
     return _accessor("get_event_loop_policy")()
 
 
+def policy_is(policy: Any) -> bool:
+    """Whether ``policy`` is the current event-loop policy, without making one where none
+    is set (after ``set_event_loop_policy(None)``, asyncio makes the default when asked)."""
+    return getattr(asyncio.events, "_event_loop_policy", None) is policy if hasattr(
+        asyncio.events, "_event_loop_policy") else get_policy() is policy
+
+
 def set_policy(policy: Any) -> None:
     """Set the event-loop policy, with no DeprecationWarning."""
     _accessor("set_event_loop_policy")(policy)

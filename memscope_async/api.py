@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
 from .loop_hooks.instrument import is_instrumented, loop_thread_here
-from .loop_hooks.policy import get_policy, instrument_policy, policies_available, set_policy, uninstrument_policy
+from .loop_hooks.policy import (
+    get_policy, instrument_policy, policies_available, policy_is, set_policy, uninstrument_policy,
+)
 from .profiler import Profiler, ProfilerError
 
 __all__ = ["install_policy", "uninstall_policy", "loop_factory", "LoopFactory", "run", "instrument", "profile"]
@@ -102,7 +104,7 @@ def _uninstall() -> Profiler | None:
     policy, replaced, profiler, undo = state
     undo()
     uninstrument_policy(policy)
-    if replaced is not None and get_policy() is policy:
+    if replaced is not None and policy_is(policy):
         set_policy(replaced)
     profiler.stop()
     return profiler
@@ -113,7 +115,7 @@ def _undo_joined(policy: Any, replaced: Any) -> None:
     uninstall_policy() undoes ``uvloop=True``."""
     if policy is not None:
         uninstrument_policy(policy)
-        if get_policy() is policy:
+        if policy_is(policy):
             set_policy(replaced)
 
 
@@ -165,23 +167,24 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any], *, current_p
                     sys.stderr.write(f"memscope-async: warning: {exc}; the loops it makes are not profiled\n")
 
     # asyncio makes the default policy when it is first asked for one (after a reset to
-    # None too): it is instrumented then, and a reset stays a reset (None) until then
+    # None too): it is instrumented then, and a reset stays a reset (None) until then.
+    # (A policy the program replaces stays instrumented, and held, while we run: the
+    # program, or another thread, may still make loops with it.)
     maker = getattr(events, "_init_event_loop_policy", None) if setter is not None else None
+    live = [True]  # False once undone: wrappers left under a program's own pass through
 
     def set_event_loop_policy(policy: Any) -> None:
-        before = getattr(events, "_event_loop_policy", None)
         setter(policy)  # asyncio's own checks and errors first
-        if before is not None and before is not policy and any(p is before for p in ours):
-            # replaced: let it go (held here, it would keep the loops set on it alive)
-            ours[:] = [p for p in ours if p is not before]
-            uninstrument_policy(before)
-        if policy is not None or maker is None:
-            instrument_set(get_policy())  # (for None with no maker to watch: the default, made now)
+        if not live[0]:
+            return
+        if policy is not None or getattr(events, "_init_event_loop_policy", None) is not make_default_policy:
+            # (for None with no maker of ours to watch: the default, made now)
+            instrument_set(get_policy())
 
     def make_default_policy() -> None:
         maker()
         made = getattr(events, "_event_loop_policy", None)
-        if made is not None:
+        if live[0] and made is not None:
             instrument_set(made)
 
     if current_policy and policies_available():
@@ -197,6 +200,7 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any], *, current_p
         events._init_event_loop_policy = make_default_policy
 
     def undo() -> None:
+        live[0] = False
         if asyncio.runners.Runner.__init__ is init:
             asyncio.runners.Runner.__init__ = runner_init  # type: ignore[method-assign]
         for holder in holders:

@@ -779,13 +779,14 @@ def test_a_loop_factory_whose_joined_profiler_stopped_before_its_loop_closed_sti
     factory.profiler.close()
 
 
-def test_a_policy_reset_stays_a_reset_and_replaced_policies_go():
+def test_a_policy_reset_stays_a_reset():
     """asyncio.set_event_loop_policy(None) leaves no policy until one is asked for, which
     asyncio then makes.  While profiling, the reset made (and instrumented) a new policy
     at once, a different one after every reset (regrtest flags every test_asyncio module
-    as "env changed" for it), and every replaced policy was held, with the loops set on it.
-    The policy asyncio makes later is instrumented when it is made."""
-    import weakref
+    as "env changed" for it).  The policy asyncio makes later is instrumented when it is
+    made."""
+
+    from memscope_async.loop_hooks.instrument import is_instrumented
 
     async def main():
         await asyncio.sleep(0)
@@ -797,20 +798,64 @@ def test_a_policy_reset_stays_a_reset_and_replaced_policies_go():
         try:
             asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
             replaced = asyncio.get_event_loop_policy()
-            loop = replaced.new_event_loop()
-            replaced.set_event_loop(loop)
-            gone = weakref.ref(loop)
-            loop.close()
-            del loop
             asyncio.set_event_loop_policy(None)
             assert asyncio.events._event_loop_policy is None
-            replaced = weakref.ref(replaced)
-            gc.collect()
-            assert replaced() is None and gone() is None
+            loop = replaced.new_event_loop()  # a replaced policy the program still holds
+            assert is_instrumented(loop)
+            loop.close()
             held = asyncio.run(main())  # asks for a policy: asyncio makes it, we instrument it
             assert asyncio.events._event_loop_policy is not None
         finally:
             ms.uninstall_policy()
-    (t,) = prof.snapshot().find(coro="test_a_policy_reset_stays_a_reset_and_replaced_policies_go.<locals>.main")
+    (t,) = prof.snapshot().find(coro="test_a_policy_reset_stays_a_reset.<locals>.main")
     assert close_to(t.live_bytes, 2 * MiB), t
     del held
+
+
+def test_a_reset_after_the_program_replaced_asyncios_policy_maker_is_still_seen():
+    """A program that patches asyncio's maker of the default policy while we run, then
+    resets: the policy its maker makes is instrumented all the same (we made it at the
+    reset, as before asyncio's own maker was watched)."""
+    events = asyncio.events
+    saved = events._init_event_loop_policy
+
+    class MyPolicy(asyncio.DefaultEventLoopPolicy):
+        pass
+
+    def my_init():
+        events._event_loop_policy = MyPolicy()
+
+    async def main():
+        await asyncio.sleep(0)
+        return bytearray(2 * MiB)
+
+    prof = ms.Profiler().start()
+    try:
+        events._init_event_loop_policy = my_init
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.set_event_loop_policy(None)
+        held = asyncio.run(main())
+    finally:
+        events._init_event_loop_policy = saved
+        prof.stop()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.set_event_loop_policy(None)
+    (t,) = prof.snapshot().find(coro="test_a_reset_after_the_program_replaced_asyncios_policy_maker_is_still_seen.<locals>.main")
+    assert close_to(t.live_bytes, 2 * MiB), t
+    prof.close()
+    del held
+
+
+def test_uninstalling_after_a_reset_makes_no_policy():
+    """install_policy(uvloop=True) puts the previous policy back on uninstall if its own is
+    still the current one; asking asyncio which one is current made the default policy
+    after the program had reset it to None."""
+    pytest.importorskip("uvloop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ms.install_policy(uvloop=True)
+        asyncio.set_event_loop_policy(None)
+        ms.uninstall_policy()
+    assert asyncio.events._event_loop_policy is None
