@@ -701,6 +701,10 @@ static MS_HOT uint32_t current_tid_fast(void) {
 }
 
 static inline uint32_t cell_tid(const cell_t *c) { return (uint32_t)(c->key & 0xFFFFFFFFu); }
+/* the other fields cell_key packs */
+static inline uint32_t cell_slot(const cell_t *c) { return (uint32_t)((c->key >> 32) & 0xFFFFFu); }
+static inline uint32_t cell_route(const cell_t *c) { return (uint32_t)((c->key >> 52) & 0xFu); }
+static inline uint32_t cell_phase(const cell_t *c) { return (uint32_t)((c->key >> 56) & 0x7u); }
 
 /* Totals of task slot ti over its cells. */
 static void task_totals(uint32_t ti, int64_t *alloc_bytes, double *allocs, int64_t *live_entries) {
@@ -1614,8 +1618,6 @@ PyDoc_STRVAR(stop_doc, "stop() -> bool\n--\n\nRestore the original allocators.  
  * S.cell_gen moves, so no exact fast path holds, and the tables of recorded blocks are
  * emptied so that no free finds one; record_alloc turns back every allocation), until a
  * start finds where they are (settle_passthrough). */
-static int settle_as_nobody(void); /* _tasks.h */
-
 static PyObject *core_stop(PyObject *m, PyObject *noargs) {
     int cut = 0;
     if (S.active) {
@@ -1733,15 +1735,19 @@ PyDoc_STRVAR(serves_doc,
 "that serves a queue serves whoever fills it; its bytes go to the contexts it runs work\n"
 "in, else to its own unattributed bucket).");
 
-static PyObject *core_serves(PyObject *m, PyObject *noargs) {
-    if (!S.has_data || S.ninferred == 0) Py_RETURN_NONE;
-    tls_t *t = &tls;
-    if (t->session != S.session || t->slot == 0) Py_RETURN_NONE; /* not a thread we marked */
-    thread_info_t *th = &S.threads[t->slot - 1];
+/* Thread th (the caller's, t) is inferred to no task from now on. */
+static void stop_inference(tls_t *t, thread_info_t *th) {
     if (th->inferred_tid && !th->shared) {
         th->shared = 1;
         t->fast_ctx = FAST_NONE; /* the next allocation finds its cell again */
     }
+}
+
+static PyObject *core_serves(PyObject *m, PyObject *noargs) {
+    if (!S.has_data || S.ninferred == 0) Py_RETURN_NONE;
+    tls_t *t = &tls;
+    if (t->session != S.session || t->slot == 0) Py_RETURN_NONE; /* not a thread we marked */
+    stop_inference(t, &S.threads[t->slot - 1]);
     Py_RETURN_NONE;
 }
 
@@ -1751,12 +1757,8 @@ static PyObject *core_serves(PyObject *m, PyObject *noargs) {
 static void mark_loop_thread(tls_t *t) {
     uint32_t slot = thread_slot(t);
     if (slot == 0) return;
-    thread_info_t *th = &S.threads[slot - 1];
-    th->runs_loop = 1;
-    if (th->inferred_tid && !th->shared) {
-        th->shared = 1;
-        t->fast_ctx = FAST_NONE; /* the next allocation finds its cell again */
-    }
+    S.threads[slot - 1].runs_loop = 1;
+    stop_inference(t, &S.threads[slot - 1]);
 }
 
 PyDoc_STRVAR(loop_thread_doc,
@@ -1798,8 +1800,8 @@ static PyObject *core_cells(PyObject *m, PyObject *noargs) {
         cell_t c = S.cells[i];
         if (c.key == 0) continue; /* released */
         PyObject *row = Py_BuildValue(
-            "(kkkkLdLdLLLdKKl)", (unsigned long)(c.key & 0xFFFFFFFFu), (unsigned long)((c.key >> 32) & 0xFFFFFu),
-            (unsigned long)((c.key >> 52) & 0xFu), (unsigned long)((c.key >> 56) & 0x7u), (long long)c.alloc_bytes,
+            "(kkkkLdLdLLLdKKl)", (unsigned long)cell_tid(&c), (unsigned long)cell_slot(&c),
+            (unsigned long)cell_route(&c), (unsigned long)cell_phase(&c), (long long)c.alloc_bytes,
             count_value(c.allocs), (long long)c.freed_bytes, count_value(c.frees),
             (long long)(c.alloc_bytes - c.freed_bytes), (long long)c.live_entries, (long long)c.cross_free_bytes,
             count_value(c.cross_frees), (unsigned long long)c.first_ns,
@@ -2017,15 +2019,16 @@ static void release_slot(uint32_t tid, uint32_t ti, int carry, int64_t ab, doubl
     tls.guard = 1;
     for (uint32_t i = S.tasks[ti].first_cell; i != 0;) {
         uint32_t next = S.cells[i].next_in_task;
-        uint32_t slot = (uint32_t)((S.cells[i].key >> 32) & 0xFFFFFu);
+        const cell_t *c = &S.cells[i];
+        uint32_t slot = cell_slot(c);
         if (carry && slot != 0 && slot <= S.nthreads) {
             thread_info_t *th = &S.threads[slot - 1];
-            th->folded_bytes += S.cells[i].alloc_bytes;
-            th->folded_allocs += S.cells[i].allocs;
+            th->folded_bytes += c->alloc_bytes;
+            th->folded_allocs += c->allocs;
             if (slot == S.tasks[ti].home_slot) th->folded_home = 1;
-            uint32_t route = (uint32_t)((S.cells[i].key >> 52) & 0xFu), phase = (uint32_t)((S.cells[i].key >> 56) & 0x7u);
-            if (route == ROUTE_HANDED) th->folded_handed = 1;
-            if (route == ROUTE_INFERRED && phase < INFERRED_PHASES) th->folded_inferred[phase] += S.cells[i].alloc_bytes;
+            if (cell_route(c) == ROUTE_HANDED) th->folded_handed = 1;
+            if (cell_route(c) == ROUTE_INFERRED && cell_phase(c) < INFERRED_PHASES)
+                th->folded_inferred[cell_phase(c)] += c->alloc_bytes;
         }
         if (S.cells[i].indexed) u64map_del(&S.cell_index, S.cells[i].key);
         S.cells[i].key = 0;

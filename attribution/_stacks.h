@@ -166,6 +166,12 @@ static inline int frame_skip(_PyInterpreterFrame *f, PyCodeObject *code) {
     return f->owner != FRAME_OWNED_BY_GENERATOR && frame_instr(f) < _PyCode_CODE(code) + code->_co_firsttraceable;
 }
 
+/* The line a frame record's instruction is on (0 if none). */
+static inline int frame_line(PyCodeObject *code, uint32_t lasti) {
+    int line = PyCode_Addr2Line(code, (int)(lasti * sizeof(_Py_CODEUNIT)));
+    return line < 0 ? 0 : line;
+}
+
 static inline uint64_t frame_key(const PyCodeObject *code, uint32_t lasti) {
     return ((((uint64_t)(uintptr_t)code >> 3) << 19) ^ (uint64_t)(lasti & 0x7FFFF)) | (UINT64_C(1) << 63);
 }
@@ -286,7 +292,7 @@ static int stacks_settle(void) {
                 u64map_put(&held, key, 0); /* (an existing key: cannot fail) */
             }
             PyCodeObject *co = (PyCodeObject *)code;
-            int line = PyCode_Addr2Line(co, (int)(K.frames[i].lasti * sizeof(_Py_CODEUNIT)));
+            int line = frame_line(co, K.frames[i].lasti);
             PyObject *file = settled_name(co->co_filename);
             PyObject *func = file != NULL ? settled_name(co->co_qualname) : NULL;
             if (func == NULL) {
@@ -294,7 +300,7 @@ static int stacks_settle(void) {
                 rc = -1;
                 break;
             }
-            K.frames[i].line = line < 0 ? 0 : line;
+            K.frames[i].line = line;
             K.frames[i].file = file;
             K.frames[i].func = func;
             K.frames[i].code = NULL;
@@ -759,8 +765,7 @@ static PyObject *core_stack_samples(PyObject *m, PyObject *noargs) {
         if (code == NULL) {
             row = Py_BuildValue("(OOi)", K.frames[i].file, K.frames[i].func, K.frames[i].line);
         } else {
-            int line = PyCode_Addr2Line(code, (int)(K.frames[i].lasti * sizeof(_Py_CODEUNIT)));
-            row = Py_BuildValue("(OOi)", code->co_filename, code->co_qualname, line < 0 ? 0 : line);
+            row = Py_BuildValue("(OOi)", code->co_filename, code->co_qualname, frame_line(code, K.frames[i].lasti));
         }
         if (row == NULL || PyList_Append(frames, row) < 0) {
             Py_XDECREF(row);

@@ -349,19 +349,16 @@ def build_report(raw: RawData) -> Report:
             ta[1] += ab
             ta[2] += int(round(na))
             continue
+        ta = thread_attr[slot]
+        ta[0] += ab
+        ta[2] += int(round(na))
         rec = records.get(tid)
         if rec is None:  # a folded task whose tag was still in use somewhere
-            ta = thread_attr[slot]
-            ta[0] += ab
-            ta[2] += int(round(na))
             orphan_bytes += ab
             orphan_allocs += int(round(na))
             orphan_freed += fb
             orphan_live += live
             continue
-        ta = thread_attr[slot]
-        ta[0] += ab
-        ta[2] += int(round(na))
         route, conf = routes.route_of(croute, phase, slot, rec.home_slot)
         if route == routes.PROPAGATED:
             handed_slots.add(slot)

@@ -53,8 +53,9 @@ def get_policy() -> Any:
 def policy_is(policy: Any) -> bool:
     """Whether ``policy`` is the current event-loop policy, without making one where none
     is set (after ``set_event_loop_policy(None)``, asyncio makes the default when asked)."""
-    return getattr(asyncio.events, "_event_loop_policy", None) is policy if hasattr(
-        asyncio.events, "_event_loop_policy") else get_policy() is policy
+    if hasattr(asyncio.events, "_event_loop_policy"):
+        return asyncio.events._event_loop_policy is policy
+    return get_policy() is policy
 
 
 def set_policy(policy: Any) -> None:

@@ -171,11 +171,11 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any], *, current_p
     # (A policy the program replaces stays instrumented, and held, while we run: the
     # program, or another thread, may still make loops with it.)
     maker = getattr(events, "_init_event_loop_policy", None) if setter is not None else None
-    live = [True]  # False once undone: wrappers left under a program's own pass through
+    live = True  # False once undone: wrappers left under a program's own pass through
 
     def set_event_loop_policy(policy: Any) -> None:
         setter(policy)  # asyncio's own checks and errors first
-        if not live[0]:
+        if not live:
             return
         if policy is not None or getattr(events, "_init_event_loop_policy", None) is not make_default_policy:
             # (for None with no maker of ours to watch: the default, made now)
@@ -184,7 +184,7 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any], *, current_p
     def make_default_policy() -> None:
         maker()
         made = getattr(events, "_event_loop_policy", None)
-        if live[0] and made is not None:
+        if live and made is not None:
             instrument_set(made)
 
     if current_policy and policies_available():
@@ -200,7 +200,8 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any], *, current_p
         events._init_event_loop_policy = make_default_policy
 
     def undo() -> None:
-        live[0] = False
+        nonlocal live
+        live = False
         if asyncio.runners.Runner.__init__ is init:
             asyncio.runners.Runner.__init__ = runner_init  # type: ignore[method-assign]
         for holder in holders:
