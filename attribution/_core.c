@@ -1762,16 +1762,36 @@ static void mark_loop_thread(tls_t *t) {
 }
 
 PyDoc_STRVAR(loop_thread_doc,
-"loop_thread()\n--\n\nThe calling thread is about to make (and run) an event loop: it is a loop\n"
+"loop_thread(was=None)\n--\n\nThe calling thread is about to make (and run) an event loop: it is a loop\n"
 "thread in the report, and what it allocates outside any task is not inferred to the task\n"
-"that started it but its own unattributed bytes.");
+"that started it but its own unattributed bytes.  Returns what the thread was before, an\n"
+"int, for loop_thread(was) to put back if making the loop failed (None: nothing to undo).");
 
-static PyObject *core_loop_thread(PyObject *m, PyObject *noargs) {
+static PyObject *core_loop_thread(PyObject *m, PyObject *args) {
+    PyObject *was = Py_None;
+    if (!PyArg_ParseTuple(args, "|O:loop_thread", &was)) return NULL;
     if (!S.active) Py_RETURN_NONE;
     tls_t *t = &tls;
+    if (was != Py_None) {
+        /* undo: only for the session and thread that were marked (else nothing is ours) */
+        long v = PyLong_AsLong(was);
+        if (v == -1 && PyErr_Occurred()) return NULL;
+        if (t->session != S.session || t->slot == 0 || (unsigned long)v != (v & 3ul)) Py_RETURN_NONE;
+        thread_info_t *th = &S.threads[t->slot - 1];
+        th->runs_loop = (uint32_t)(v & 1);
+        if (!(v & 2) && th->shared) {
+            th->shared = 0; /* inference goes on where it was */
+            t->fast_ctx = FAST_NONE;
+        }
+        Py_RETURN_NONE;
+    }
     if (t->session != S.session) tls_enter_session(t);
+    uint32_t slot = thread_slot(t);
+    if (slot == 0) Py_RETURN_NONE;
+    thread_info_t *th = &S.threads[slot - 1];
+    long before = (long)th->runs_loop | ((long)th->shared << 1);
     mark_loop_thread(t);
-    Py_RETURN_NONE;
+    return PyLong_FromLong(before);
 }
 
 static PyObject *core_set_guard(PyObject *m, PyObject *arg) {
@@ -2163,7 +2183,7 @@ static PyMethodDef core_methods[] = {
     {"current_tid", core_current_tid, METH_NOARGS, current_tid_doc},
     {"set_inferred", core_set_inferred, METH_VARARGS, set_inferred_doc},
     {"serves", core_serves, METH_NOARGS, serves_doc},
-    {"loop_thread", core_loop_thread, METH_NOARGS, loop_thread_doc},
+    {"loop_thread", core_loop_thread, METH_VARARGS, loop_thread_doc},
     {"now_ns", core_now_ns, METH_NOARGS, NULL},
     {"set_guard", core_set_guard, METH_O,
      "set_guard(flag) -> bool\n--\n\nWhile set, this thread's allocations are not recorded (our own\n"

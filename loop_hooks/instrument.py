@@ -44,9 +44,11 @@ import inspect
 import itertools
 import threading
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from ..attribution import _core
+
+_T = TypeVar("_T")
 
 __all__ = ["LoopState", "Tagger", "instrument_loop", "uninstrument_loop", "is_instrumented"]
 
@@ -331,11 +333,22 @@ def is_instrumented(loop: Any) -> bool:
 
 
 def loop_thread_here() -> None:
-    """The calling thread is about to make and run an instrumented loop: the report names
-    it a loop thread, and what it allocates outside the loop's tasks (the loop's own making
-    included: uvloop's ~256 KiB read buffer) is its own, not inferred to a task that
+    """The calling thread runs an instrumented loop: the report names it a loop thread, and
+    what it allocates outside the loop's tasks is its own, not inferred to a task that
     started the thread."""
     _core.loop_thread()
+
+
+def making_loop(make: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """``make(*args, **kwargs)``, a loop, made in a thread marked as a loop thread first
+    (uvloop's ~256 KiB read buffer is the thread's own, not inferred to a task that started
+    it); if making it fails, the thread is what it was before."""
+    was = _core.loop_thread()
+    try:
+        return make(*args, **kwargs)
+    except BaseException:
+        _core.loop_thread(was)
+        raise
 
 
 def instrument_loop(loop: Any, tagger: Tagger) -> Any:

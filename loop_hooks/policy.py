@@ -28,7 +28,7 @@ import functools
 import threading
 from typing import Any, Callable
 
-from .instrument import is_instrumented, loop_thread_here
+from .instrument import is_instrumented, making_loop
 
 __all__ = ["InstrumentedPolicy", "get_policy", "instrument_policy", "policies_available", "set_policy",
            "uninstrument_policy"]
@@ -106,9 +106,8 @@ def _replacement(owner: type, name: str, saved: Any) -> Callable[..., Any]:
     if name == "new_event_loop":
 
         def new_event_loop(self, *args, **kwargs):
-            if id(self) in _instrumented:
-                loop_thread_here()
-            loop = _own(owner, name, saved, self)(*args, **kwargs)
+            make = _own(owner, name, saved, self)
+            loop = making_loop(make, *args, **kwargs) if id(self) in _instrumented else make(*args, **kwargs)
             _instrument_for(self, loop)
             return loop
 

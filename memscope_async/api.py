@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
-from .loop_hooks.instrument import is_instrumented, loop_thread_here
+from .loop_hooks.instrument import is_instrumented, loop_thread_here, making_loop
 from .loop_hooks.policy import (
     get_policy, instrument_policy, policies_available, policy_is, set_policy, uninstrument_policy,
 )
@@ -219,8 +219,7 @@ def _instrumenting(factory: Callable[[], Any], instrument: Callable[[Any], Any])
     """``factory``, its loops instrumented."""
 
     def make() -> Any:
-        loop_thread_here()
-        return instrument(factory())
+        return instrument(making_loop(factory))
 
     return make
 
@@ -300,8 +299,7 @@ class LoopFactory:
                     prof = Profiler(**self._options)._start()
                     self._owned = True
                 self.profiler = prof
-        loop_thread_here()
-        loop = (self.base or _default_loop)()
+        loop = making_loop(self.base or _default_loop)
         prof.instrument_loop(loop)
         if self._owned or self.report is not None:
             with self._lock:

@@ -20,7 +20,7 @@ from .attribution.tracker import (
 )
 from .exporters import export_json_async, write_json
 from .loop_hooks import threads as thread_hooks
-from .loop_hooks.instrument import Tagger, instrument_loop, is_instrumented, loop_thread_here, uninstrument_loop
+from .loop_hooks.instrument import Tagger, instrument_loop, is_instrumented, making_loop, uninstrument_loop
 from .loop_hooks.tagging import TAG, merged_labels, set_label_listener
 from .sizes import parse_size
 
@@ -234,8 +234,7 @@ class Profiler:
         """A loop factory whose loops report to this profiler."""
 
         def factory() -> asyncio.AbstractEventLoop:
-            loop_thread_here()
-            loop = (base or asyncio.new_event_loop)()
+            loop = making_loop(base or asyncio.new_event_loop)
             if not is_instrumented(loop) or loop._ms_state.tagger is not self._tagger:
                 self.instrument_loop(loop)
             return loop

@@ -756,6 +756,68 @@ def test_loops_in_threads_a_task_started_are_not_inferred_to_it(loop_kind, how):
     assert roles["loop-1"] == roles["loop-2"] == "loop", roles
 
 
+class _NoLoop(Exception):
+    pass
+
+
+def _no_loop():
+    raise _NoLoop("no loop today")
+
+
+def _fail_to_make_a_loop(how, prof):
+    """Try to make (and run) a loop the given way, with a maker that raises."""
+
+    async def main():
+        pass
+
+    try:
+        if how == "runner":
+            with asyncio.Runner(loop_factory=_no_loop) as runner:
+                runner.run(main())
+        elif how == "loop_factory":
+            ms.loop_factory(_no_loop)()
+        else:
+            prof.loop_factory(_no_loop)()
+    except _NoLoop:
+        return
+    raise AssertionError("the loop factory's error was lost")
+
+
+@pytest.mark.parametrize("how", ["runner", "loop_factory", "profiler-factory"])
+def test_a_loop_factory_that_raises_leaves_the_thread_as_it_was(loop_kind, how):
+    """A thread a task started tries to make a loop and fails: it is not a loop thread,
+    and what it does next is still inferred to the task (marking it before the loop was
+    made stopped that for good)."""
+    box = {}
+    kept = []
+
+    def own_work():
+        _fail_to_make_a_loop(how, box["prof"])
+        kept.append(bytearray(3 * MiB))
+
+    async def starter():
+        th = threading.Thread(target=own_work, name="no-loop")
+        th.start()
+        await asyncio.to_thread(th.join)
+
+    async def main():
+        await asyncio.create_task(starter(), name="starter")
+
+    prof = box["prof"] = ms.Profiler().start()
+    try:
+        with asyncio.Runner(loop_factory=prof.loop_factory(base_loop(loop_kind))) as runner:
+            runner.run(main())
+    finally:
+        prof.stop()
+    report = prof.snapshot()
+    prof.close()
+    (st,) = report.find(name="starter")
+    inferred = sum(a.bytes for a in st.attribution if a.route == routes.INFERRED)
+    assert close_to(inferred, 3 * MiB), st.attribution
+    roles = {t.name: t.role for t in report.threads}
+    assert roles["no-loop"] == "other", roles
+
+
 def _helper():
     pass
 
