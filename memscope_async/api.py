@@ -15,7 +15,7 @@ from .loop_hooks.instrument import is_instrumented, loop_thread_here, making_loo
 from .loop_hooks.policy import (
     get_policy, instrument_policy, policies_available, policy_is, set_policy, uninstrument_policy,
 )
-from .profiler import Profiler, ProfilerError
+from .profiler import Profiler, ProfilerError, instrument_or_warn
 
 __all__ = ["install_policy", "uninstall_policy", "loop_factory", "LoopFactory", "run", "instrument", "profile"]
 
@@ -27,7 +27,6 @@ _policy_state: tuple[Any, Any, Profiler, Callable[[], None]] | None = None
 # install_policy() calls that joined the command's profiler, not yet undone: for each, the
 # uvloop policy it set and the one that policy replaced (None, None: it set none)
 _policy_joined: list[tuple[Any, Any]] = []
-_unseen_loop_types: set[type] = set()
 
 
 def _no_policies_error() -> ProfilerError:
@@ -226,21 +225,10 @@ def _instrumenting(factory: Callable[[], Any], instrument: Callable[[Any], Any])
 
 def instrument_or_skip(profiler: Profiler) -> Callable[[Any], Any]:
     """``profiler.instrument_loop`` for loops the program makes its own way (its policy,
-    its loop factory): a loop that cannot be instrumented (uvloop's bare Cython
-    ``uvloop.loop.Loop``) runs as it would without us, unseen, and stderr says so once
-    per loop type.  Raising would break the program; a warning could be made an error
-    by its filters."""
+    its loop factory), through :func:`instrument_or_warn`: the loop, instrumented if it can be."""
 
     def instrument(loop: Any) -> Any:
-        try:
-            profiler.instrument_loop(loop)
-        except Exception:  # noqa: BLE001 - never raised into the program
-            kind = type(loop)
-            if kind not in _unseen_loop_types:
-                _unseen_loop_types.add(kind)
-                with contextlib.suppress(Exception):
-                    sys.stderr.write(f"memscope-async: warning: cannot instrument event loop of type "
-                                     f"{kind.__module__}.{kind.__qualname__}; its tasks are not profiled\n")
+        instrument_or_warn(profiler, loop)
         return loop
 
     return instrument
@@ -300,7 +288,15 @@ class LoopFactory:
                     self._owned = True
                 self.profiler = prof
         loop = making_loop(self.base or _default_loop)
-        prof.instrument_loop(loop)
+        if not instrument_or_warn(prof, loop):
+            # it runs unprofiled; a profiler started for it alone must not stay on
+            with self._lock:
+                idle = self._owned and not self._open
+            if idle and prof.active:
+                prof.stop()
+                if self.report is not None:
+                    _export_quietly(prof, self.report)
+            return loop
         if self._owned or self.report is not None:
             with self._lock:
                 self._open.add(id(loop))
@@ -385,7 +381,8 @@ def instrument(loop: asyncio.AbstractEventLoop | None = None, **options: Any) ->
     from .profiler import current_profiler
 
     prof = current_profiler()
-    if prof is None or not prof.active:
+    started = prof is None or not prof.active
+    if started:
         prof = Profiler(**options)._start()
 
         def stop_with_its_loop(closed: Any) -> None:
@@ -405,7 +402,11 @@ def instrument(loop: asyncio.AbstractEventLoop | None = None, **options: Any) ->
             )
     if loop is asyncio._get_running_loop():
         loop_thread_here()
-    prof.instrument_loop(loop)
+    if not instrument_or_warn(prof, loop):
+        if started:  # (its closing would have stopped it: it runs unprofiled)
+            prof._tagger.on_loop_close = None
+            prof.stop()
+        return prof
     if asyncio.current_task() is not None and loop is asyncio.get_running_loop():
         prof.tag_current_task()
     return prof

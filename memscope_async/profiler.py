@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +29,26 @@ from .sizes import parse_size
 __all__ = ["Profiler", "ProfilerError", "current_profiler"]
 
 _last: "Profiler | None" = None
+_unseen_loop_types: set[type] = set()
+
+
+def instrument_or_warn(profiler: "Profiler", loop: Any) -> bool:
+    """``profiler.instrument_loop(loop)`` for a loop made to run the program's code (by its
+    policy or a loop factory): a loop that cannot be instrumented (uvloop's bare Cython
+    ``uvloop.loop.Loop``, a Mock) runs as it would without us, unseen, and stderr says so
+    once per loop type.  Raising would break the program; a warning could be made an error
+    by its filters.  Whether it was instrumented."""
+    try:
+        profiler.instrument_loop(loop)
+        return True
+    except Exception:  # noqa: BLE001 - never raised into the program
+        kind = type(loop)
+        if kind not in _unseen_loop_types:
+            _unseen_loop_types.add(kind)
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"memscope-async: warning: cannot instrument event loop of type "
+                                 f"{kind.__module__}.{kind.__qualname__}; its tasks are not profiled\n")
+        return False
 
 
 def _update_labels(tag: Any, labels: Any) -> None:
@@ -236,7 +258,7 @@ class Profiler:
         def factory() -> asyncio.AbstractEventLoop:
             loop = making_loop(base or asyncio.new_event_loop)
             if not is_instrumented(loop) or loop._ms_state.tagger is not self._tagger:
-                self.instrument_loop(loop)
+                instrument_or_warn(self, loop)
             return loop
 
         return factory

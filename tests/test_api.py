@@ -11,6 +11,7 @@ import pytest
 
 import memscope_async as ms
 from conftest import MiB, base_loop, close_to
+from memscope_async.attribution import _core
 
 
 def test_a_second_concurrent_start_is_refused_clearly():
@@ -525,6 +526,49 @@ def test_a_loop_the_policy_cannot_have_instrumented_is_left_alone(capfd):
             ms.uninstall_policy()
     finally:
         set_policy(original)
+    err = capfd.readouterr().err
+    assert err in ("", "memscope-async: warning: cannot instrument event loop of type uvloop.loop.Loop; "
+                       "its tasks are not profiled\n")
+
+
+@pytest.mark.parametrize("how", ["loop_factory", "run", "profiler-factory", "instrument"])
+def test_a_loop_an_entry_point_cannot_instrument_runs_unprofiled(capfd, how):
+    """Every entry point given a loop it cannot instrument (uvloop's bare Cython Loop) lets
+    it run unprofiled and says so on stderr, as the policy does; a profiler it started for
+    that loop alone does not stay on (loop_factory() and instrument() left it running: the
+    next profiler was refused and the hooks stayed in)."""
+    uvloop = pytest.importorskip("uvloop")
+    seen = {}
+
+    async def main():
+        if how == "instrument":
+            seen["prof"] = ms.instrument()
+        return "ok"
+
+    if how == "loop_factory":
+        with asyncio.Runner(loop_factory=ms.loop_factory(uvloop.loop.Loop)) as runner:
+            assert runner.run(main()) == "ok"
+    elif how == "run":
+        assert ms.run(main(), loop_factory=uvloop.loop.Loop) == "ok"
+    elif how == "profiler-factory":
+        prof = ms.Profiler().start()
+        try:
+            with asyncio.Runner(loop_factory=prof.loop_factory(uvloop.loop.Loop)) as runner:
+                assert runner.run(main()) == "ok"
+        finally:
+            prof.stop()
+    else:
+        with asyncio.Runner(loop_factory=uvloop.loop.Loop) as runner:
+            assert runner.run(main()) == "ok"
+        assert not seen["prof"].active
+    running = ms.current_profiler()
+    assert running is None or not running.active
+    assert not _core.stats()["active"]  # the hooks are out
+
+    async def after():
+        return len(bytearray(MiB))
+
+    assert ms.run(after()) == MiB  # the next profiler starts
     err = capfd.readouterr().err
     assert err in ("", "memscope-async: warning: cannot instrument event loop of type uvloop.loop.Loop; "
                        "its tasks are not profiled\n")
