@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import sys
 import threading
 import warnings
@@ -453,7 +454,7 @@ def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path
                             if not session["warned"]:
                                 session["warned"] = True
                                 if options:
-                                    _joins_ambient(running, f"@profile ({func.__qualname__})", options)
+                                    _joins_ambient(running, f"@profile ({func.__qualname__})", options, where)
                                 if report is None:
                                     _warn(f"memscope-async: {func.__qualname__} runs under memscope-async run's "
                                           "profiler: its tasks are in the command's report, and last_report "
@@ -553,18 +554,36 @@ def _warn(message: str, *, stacklevel: int = 2, where: tuple[str, int] | None = 
             sys.stderr.write(f"{message}\n")
 
 
-def _joins_ambient(running: Profiler, what: str, options: dict[str, Any]) -> bool:
+def _joins_ambient(running: Profiler, what: str, options: dict[str, Any],
+                   where: tuple[str, int] | None = None) -> bool:
     """Whether a profiler the program starts with ``what`` joins ``running`` instead: the
     profiler of ``memscope-async run`` (ambient), still running.  Options it cannot honour
-    are said, once per call, as a warning."""
+    are said, once per call, as a warning at ``where`` (default: the program's line that
+    led here)."""
     if not (running.active and running.ambient):
         return False
     differ = _differing(running, options)
     if differ:
         _warn(f"memscope-async: {what} joins the profiler of memscope-async run, whose "
               f"{_listed(differ)} stay{'s' if len(differ) == 1 else ''}",
-              stacklevel=3)
+              where=where or _program_line())
     return True
+
+
+_NOT_THE_PROGRAMS = tuple(os.path.dirname(m.__file__) + os.sep
+                          for m in (asyncio, sys.modules[__package__], sys.modules[f"{__package__}.loop_hooks"]))
+
+
+def _program_line() -> tuple[str, int] | None:
+    """The innermost caller's file and line outside this package and asyncio (a loop
+    factory is called by asyncio's Runner; uvloop.run is in uvloop's __init__)."""
+    f = sys._getframe(1)
+    while f is not None:
+        name = f.f_code.co_filename
+        if not name.startswith(_NOT_THE_PROGRAMS) and not name.endswith(f"{os.sep}uvloop{os.sep}__init__.py"):
+            return name, f.f_lineno
+        f = f.f_back
+    return None
 
 
 def _listed(options: dict[str, Any]) -> str:

@@ -6,9 +6,9 @@ returns the exit status.  Anything the user got wrong raises :class:`CommandErro
 :func:`main` prints as one line, ``memscope-async: error: ...``, never as a traceback.
 
 Exit statuses: the profiled program's own status for ``run`` and ``demo`` (1 if it raised;
-after an uncaught KeyboardInterrupt, the end by SIGINT Python gives it), 2 for usage
-errors (bad options, a missing script, an unknown module, an unwritable output
-directory), 1 for other failures.
+after an uncaught KeyboardInterrupt, the end by SIGINT Python gives it; 1 for a module
+that cannot be run, as ``python -m``), 2 for usage errors (bad options, a missing script,
+an unwritable output directory), 1 for other failures.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import contextlib
+import errno
 import functools
 import importlib.machinery
 import importlib.util
@@ -436,7 +437,7 @@ def _summarise(report: Report, args: argparse.Namespace, out: TextIO, err: TextI
     """The summary on ``out``, notes on ``err``.  If ``out`` cannot take it (a full disk, a
     closed pipe; ``stuck``: the program's own output could not be written there), one line
     on ``err`` says so: the exit status stays the program's."""
-    if out.closed:  # the program closed our stdout: the summary goes where errors go
+    if out is None or out.closed:  # no stdout, or the program closed it: the summary goes where errors go
         out = err
     if out is sys.stdout and stuck is not None:
         error: Exception | None = stuck
@@ -454,10 +455,14 @@ def _summarise(report: Report, args: argparse.Namespace, out: TextIO, err: TextI
         _emit(err, f"{PROG}: error: cannot write the summary: {reason}{saved}\n")
 
 
-def _emit(stream: TextIO, data: str | bytes) -> Exception | None:
+def _emit(stream: TextIO | None, data: str | bytes) -> Exception | None:
     """Write ``data`` (bytes: to the stream's buffer) and flush.  On failure (a full disk,
     a closed pipe or file) return the error, after dropping what could not be written:
-    Python would try it again at exit and fail again ("Exception ignored ...", status 120)."""
+    Python would try it again at exit and fail again ("Exception ignored ...", status 120).
+    ``None`` (Python's sys.stdout or sys.stderr when the process started with that file
+    descriptor closed) takes nothing: the error says so."""
+    if stream is None:
+        return OSError(errno.EBADF, "it is closed")
     try:
         if isinstance(data, bytes):
             stream.buffer.write(data)
@@ -603,7 +608,9 @@ def _exit_status(code: object, err: TextIO) -> int:
         return 0
     if isinstance(code, int):
         return code
-    print(code, file=err)
+    if err is not None:  # (no stderr: Python prints it nowhere)
+        with contextlib.suppress(OSError, ValueError):
+            print(code, file=err)
     return 1
 
 
@@ -741,7 +748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                USAGE_ERROR)
         status = command.run(args)
     except CommandError as exc:
-        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
+        _emit(sys.stderr, f"{PROG}: error: {exc.message}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

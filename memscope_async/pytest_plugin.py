@@ -76,22 +76,23 @@ def memscope(request: pytest.FixtureRequest) -> Iterator["Profiler"]:
     loops un-instrumented, at teardown; its data stays readable afterwards."""
     limits = _Limits.from_item(request.node)
     from . import api
-    from .profiler import ProfilerError
-
-    from .profiler import current_profiler
+    from .profiler import Profiler, ProfilerError, current_profiler
 
     problem = None
     running = current_profiler()
     try:
-        if running is not None and running.active and running.ambient:
-            # (install_policy() would join it: a profile of the whole session, not of this test)
-            raise ProfilerError("memscope-async run's profiler runs for the whole session, and one profiler "
-                                "runs per process; run pytest on its own to profile single tests")
-        profiler = api.install_policy(**limits.options)
-    except ProfilerError as exc:
-        problem = f"memscope: cannot profile this test: {exc}"
-    except (ValueError, TypeError) as exc:  # an option the profiler refuses
+        Profiler(**limits.options)  # the marker's options alone: what it refuses is the marker's
+    except (ProfilerError, ValueError, TypeError) as exc:
         problem = f"memscope marker: {exc}"
+    if problem is None:
+        try:
+            if running is not None and running.active and running.ambient:
+                # (install_policy() would join it: a profile of the whole session, not of this test)
+                raise ProfilerError("memscope-async run's profiler runs for the whole session, and one profiler "
+                                    "runs per process; run pytest on its own to profile single tests")
+            profiler = api.install_policy(**limits.options)
+        except ProfilerError as exc:
+            problem = f"memscope: cannot profile this test: {exc}"
     if problem is not None:  # (outside the except: one message, not two chained)
         pytest.fail(problem, pytrace=False)
     run = _Run(profiler, limits)

@@ -27,7 +27,8 @@ def parse_size(text: str | int, *, allow_zero: bool = False) -> int:
         match = _SIZE.fullmatch(str(text).strip())
         if match is None:
             if str(text).strip().startswith("-"):
-                raise ValueError(f"{text!r} is negative; a size must be a positive number of bytes")
+                raise ValueError(f"{text!r} is negative; a size must be {'0 or ' if allow_zero else ''}"
+                                 "a positive number of bytes")
             raise ValueError(f"invalid size {text!r}; use bytes or a binary unit (K, M, G, T, P), e.g. 65536, 64K, 512KiB, 1M")
         number, unit = match["number"], _UNIT[(match["unit"] or "").lower()]
         whole, _, frac = number.partition(".")

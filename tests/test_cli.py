@@ -380,6 +380,13 @@ def test_parse_size_rejects(text: str) -> None:
         parse_size(text)
 
 
+def test_a_negative_size_says_what_is_allowed() -> None:
+    with pytest.raises(ValueError, match="a size must be a positive number of bytes"):
+        parse_size("-1")
+    with pytest.raises(ValueError, match="a size must be 0 or a positive number of bytes"):
+        parse_size("-1", allow_zero=True)  # (--stack-interval: 0 turns stacks off)
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -652,6 +659,16 @@ def test_a_program_asking_for_uvloop_when_it_joins_gets_uvloop(tmp_path: Path) -
     assert proc.stdout.split() == ["uvloop", "False", "asyncio.unix_events"], proc.stderr
     report = Report.load(tmp_path / "r.json")
     assert "uvloop" in report.run.loop and len(report.find(name="inner")) == 1
+
+
+@pytest.mark.parametrize("how,line", [("run", 8), ("factory", 10)])
+def test_the_joining_warning_names_the_programs_line(tmp_path: Path, how: str, line: int) -> None:
+    """The warning that a joining profiler's options stay the command's names the
+    program's line, not ours (loop_factory()'s named api.py: asyncio's Runner calls it)."""
+    (tmp_path / "selfprof.py").write_text(SELF_PROFILING)
+    proc = cli("run", "-q", "-o", "r.json", "selfprof.py", how, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"selfprof.py:{line}: RuntimeWarning: memscope-async: " in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("how", ["run", "factory", "policy"])

@@ -305,6 +305,42 @@ def test_stdout_on_a_full_device(tmp_path: Path) -> None:
             assert got.stderr == "memscope-async: error: cannot write to stdout: No space left on device\n"
 
 
+def _closing(fd: int) -> Any:
+    return lambda: os.close(fd)
+
+
+@pytest.mark.parametrize("closed", [1, 2])
+def test_a_closed_stdout_or_stderr(tmp_path: Path, closed: int) -> None:
+    """Started with file descriptor 1 or 2 closed (``>&-``; Python's sys.stdout or
+    sys.stderr is then None): `run` keeps the program's status and writes its report, the
+    summary going to the other stream; `report` with no stdout says so in one line and
+    fails.  Never a traceback of ours (both raised AttributeError, exit status 1)."""
+    write(tmp_path / "quiet.py", "import asyncio, sys\nasyncio.run(asyncio.sleep(0))\nsys.exit(int(sys.argv[1]))\n")
+    write(tmp_path / "bye.py", "import sys\nsys.exit('bye')\n")  # (no task: a note on stderr)
+    write(tmp_path / "noloop.py", "x = 1\n")
+
+    def run(*args: str, python: bool = False) -> subprocess.CompletedProcess[str]:
+        pipe = {"stdout": subprocess.PIPE} if closed == 2 else {"stderr": subprocess.PIPE}
+        command = [sys.executable, *args] if python else [sys.executable, "-m", "memscope_async", *args]
+        return subprocess.run(command, cwd=tmp_path, text=True, timeout=60, preexec_fn=_closing(closed), **pipe)
+
+    for prog, args in (("quiet.py", ["0"]), ("quiet.py", ["3"]), ("bye.py", []), ("noloop.py", [])):
+        expected = run(prog, *args, python=True)
+        got = run("run", "-o", "r.json", prog, *args)
+        assert got.returncode == expected.returncode, (prog, got)
+        left = got.stdout if closed == 2 else got.stderr
+        assert "Traceback" not in left and "Top tasks by live bytes" in left, left
+        assert Report.load(tmp_path / "r.json").run is not None
+        (tmp_path / "r.json").unlink()
+    if closed == 1:
+        got = run("report", "--json", str(tmp_path / "r.json"))  # (unreadable first: the usual error)
+        assert got.returncode == 1 and got.stderr.startswith("memscope-async: error: cannot read"), got
+        run("run", "-q", "-o", "r.json", "quiet.py", "0")
+        for args in (["report", "r.json"], ["report", "--json", "r.json"]):
+            got = run(*args)
+            assert (got.returncode, got.stderr) == (1, "memscope-async: error: cannot write to stdout: it is closed\n")
+
+
 def test_the_report_waits_for_non_daemon_threads(tmp_path: Path) -> None:
     """Python waits for non-daemon threads once the main module has run: so does the
     command, before it reports.  The thread here starts its loop only then."""

@@ -318,12 +318,17 @@ def test_malformed_marker_is_a_clear_setup_error(inner: pytest.Pytester) -> None
         @pytest.mark.memscope(max_live_bytes="lots")
         def test_bad_size():
             pass
+
+        @pytest.mark.memscope(mode="fast")
+        def test_bad_option(memscope):
+            pass
         """
     )
     result = inner.runpytest()
-    result.assert_outcomes(errors=2)
+    result.assert_outcomes(errors=3)
     result.stdout.fnmatch_lines(["*memscope marker: unknown argument(s) max_live*",
-                                 "*memscope marker: max_live_bytes: invalid size 'lots'*"])
+                                 "*memscope marker: max_live_bytes: invalid size 'lots'*",
+                                 "*memscope marker: mode must be one of exact, sampled, not 'fast'*"])
 
 
 def test_marker_takes_the_profilers_options(inner: pytest.Pytester) -> None:
