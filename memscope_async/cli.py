@@ -567,10 +567,11 @@ def _run_program(target: _Target, module: types.ModuleType, err: TextIO) -> int 
     before the program's exception (with its frames) can be released, so what the program
     still held when it ended shows as live (``module``, its globals, is held by the caller)."""
     held: BaseException | None = None  # noqa: F841 - held until the profiler has stopped
+    status: int | None = 1
     try:
         try:
             target.execute(module)
-            status: int | None = 0
+            status = 0
         except SystemExit as exc:
             held, status = exc, _exit_status(exc.code, err)
         except BaseException as exc:  # the program's own error: its traceback, as Python shows it
@@ -580,7 +581,12 @@ def _run_program(target: _Target, module: types.ModuleType, err: TextIO) -> int 
             status = None if type(exc) is KeyboardInterrupt else 1
         _wait_for_threads()
     finally:
-        api.end_command_policy()
+        try:
+            api.end_command_policy()
+        except KeyboardInterrupt:
+            # Ctrl-C while profiling ends (its full collections take a while in a big heap):
+            # the hooks are out all the same; the report is written, then the end by SIGINT
+            status = None
     return status
 
 

@@ -200,26 +200,30 @@ class Profiler:
                 undo()
             except Exception:
                 pass
-        if gc.isenabled():
-            gc.collect()  # a finalizer's exception is reported as unraisable, never raised here
-            # Code objects that only our stack samples still held (code the program
-            # compiled at run time and dropped) go now, while their frees are seen; what
-            # of them waits in the free lists goes with one more full collection.
-            if self._tracker.settle_stacks():
-                gc.collect()
         try:
-            self._tracker.note_live_tasks()  # their names, while the loops still say which are ours
-        except Exception:
-            pass
-        for loop in list(self._tagger.loops):
+            if gc.isenabled():
+                gc.collect()  # a finalizer's exception is reported as unraisable, never raised here
+                # Code objects that only our stack samples still held (code the program
+                # compiled at run time and dropped) go now, while their frees are seen; what
+                # of them waits in the free lists goes with one more full collection.
+                if self._tracker.settle_stacks():
+                    gc.collect()
             try:
-                uninstrument_loop(loop)
+                self._tracker.note_live_tasks()  # their names, while the loops still say which are ours
             except Exception:
                 pass
-        if self.threads:
-            thread_hooks.uninstall()
-        set_label_listener(None)
-        self._tracker.stop()
+        finally:
+            # (a Ctrl-C during the collections, which take a while in a big heap, still ends
+            # with the hooks out: the program goes on, or ends, unprofiled)
+            for loop in list(self._tagger.loops):
+                try:
+                    uninstrument_loop(loop)
+                except Exception:
+                    pass
+            if self.threads:
+                thread_hooks.uninstall()
+            set_label_listener(None)
+            self._tracker.stop()
         return self
 
     def close(self) -> None:

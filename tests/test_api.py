@@ -903,3 +903,32 @@ def test_uninstalling_after_a_reset_makes_no_policy():
         asyncio.set_event_loop_policy(None)
         ms.uninstall_policy()
     assert asyncio.events._event_loop_policy is None
+
+
+def test_an_interrupt_while_stopping_still_takes_the_hooks_out(monkeypatch):
+    """Ctrl-C during stop's full collections (a while, in a big heap) reaches the program
+    as it would, with the profiler stopped all the same: the hooks out, and the next
+    profiler free to start (it was left active, its hooks in)."""
+    import memscope_async.profiler as profiler_module
+
+    class InterruptedGc:
+        isenabled = staticmethod(gc.isenabled)
+
+        @staticmethod
+        def collect(*args):
+            raise KeyboardInterrupt
+
+    async def main():
+        return len(bytearray(MiB))
+
+    prof = ms.Profiler().start()
+    with asyncio.Runner(loop_factory=prof.loop_factory()) as runner:
+        assert runner.run(main()) == MiB
+    monkeypatch.setattr(profiler_module, "gc", InterruptedGc)
+    with pytest.raises(KeyboardInterrupt):
+        prof.stop()
+    monkeypatch.undo()
+    assert not prof.active and not _core.stats()["active"]
+    assert prof.snapshot().find(coro="main")[0].allocated_bytes >= MiB
+    prof.close()
+    assert ms.run(main()) == MiB

@@ -144,6 +144,34 @@ def test_a_forked_child_that_runs_to_the_end_writes_no_report(tmp_path: Path) ->
     assert sorted(os.listdir(tmp_path)) == ["forks.py", "r.json"]
 
 
+def test_an_interrupt_while_profiling_ends_still_writes_the_report(tmp_path: Path, script: Path) -> None:
+    """Ctrl-C after the program ended, during the profiler's stop (its full collections take
+    a while in a big heap): the report is written and the command ends by SIGINT, as for
+    a Ctrl-C during the program (the interrupt escaped: status 130, no report)."""
+    driver = textwrap.dedent(f"""
+        import gc, sys
+        import memscope_async.profiler
+        from memscope_async import cli
+
+        class InterruptedOnce:
+            isenabled = staticmethod(gc.isenabled)
+            calls = 0
+
+            @classmethod
+            def collect(cls, *args):
+                cls.calls += 1
+                if cls.calls == 1:
+                    raise KeyboardInterrupt
+                return gc.collect(*args)
+
+        memscope_async.profiler.gc = InterruptedOnce
+        sys.exit(cli.main(["run", "-q", "-o", "r.json", {script.name!r}]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -2, proc.stderr
+    assert Report.load(tmp_path / "r.json").find(coro="grab"), proc.stderr
+
+
 def test_an_interrupt_while_the_report_is_written_says_so(tmp_path: Path, script: Path) -> None:
     """Ctrl-C after the program ended, while a large report is being built or written:
     one line says the report was not written, the old one stays, status 130."""
