@@ -48,6 +48,32 @@ _generation = 0  # bumped at every start: the C core holds one run's data at a t
 _holder: "weakref.ref[Tracker] | None" = None  # the tracker whose run the C core holds
 
 
+def _stop_in_forked_child() -> None:
+    """In a child made by fork (os.fork, multiprocessing's fork workers) the running tracker
+    stops: what it holds is the parent's profile up to the fork, and the child's bytes
+    would be charged to the parent's tasks (a report written from it, over the parent's).
+    The hooks come out, so the child runs unprofiled and may start a profiler of its own.
+    No lock is taken: one a parent thread held at the fork stays held in the copy."""
+    global _running, _lock
+    tracker = _running
+    _lock = threading.Lock()
+    if tracker is None:
+        return
+    _running = None
+    tracker.forked = True
+    tracker._active = False
+    try:
+        _core.set_fold_hook(None, 0)
+        _core.stop()
+        tracker._stop_ns = _core.now_ns()
+    except Exception:  # (the child goes on, whatever)
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_stop_in_forked_child)
+
+
 def _keep_report_of_previous(new: "Tracker") -> None:
     """The C core holds one run at a time: before a new run takes it, the run it holds gets
     its report made, kept by its tracker (if that is still alive), so a profiler stopped
@@ -167,6 +193,7 @@ class Tracker:
         self._has_data = False
         self._generation = -1
         self._kept: Report | None = None  # its report, made when a later run took the C core
+        self.forked = False  # stopped in a forked child: its data is the parent's, to the fork
 
     # -- lifecycle ----------------------------------------------------------------------
     @property

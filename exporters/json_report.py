@@ -174,6 +174,8 @@ def _serialise(report: Report, target: Path, indent: bool) -> bytes:
         return report.to_json_bytes(indent=indent)
     except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
         raise ExportError(f"cannot write report to {target}: report is not serialisable: {exc}") from exc
+    except MemoryError as exc:
+        raise ExportError(f"cannot write report to {target}: out of memory") from exc
 
 
 def _temp_name(target: Path) -> Path:

@@ -16,6 +16,7 @@ from .loop_hooks.instrument import is_instrumented, loop_thread_here, making_loo
 from .loop_hooks.policy import (
     get_policy, instrument_policy, policies_available, policy_is, set_policy, uninstrument_policy,
 )
+from .exporters import ExportError
 from .profiler import Profiler, ProfilerError, instrument_or_warn
 
 __all__ = ["install_policy", "uninstall_policy", "loop_factory", "LoopFactory", "run", "instrument", "profile"]
@@ -534,10 +535,14 @@ def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path
 def _export_quietly(profiler: Profiler, path: str | Path) -> None:
     """Export, turning a failure into a warning: the user's program has already run and
     must not be harmed by the profiler."""
+    if profiler.forked:
+        return  # a forked child's copy of the profile: the parent writes the report
     try:
         profiler.export(path)
+    except ExportError as exc:  # (its message names the file and the reason)
+        _warn(f"memscope-async: {exc}", where=_program_line())
     except Exception as exc:  # noqa: BLE001 - reported, never raised into user code
-        _warn(f"memscope-async: could not write the report to {path}: {exc}", stacklevel=4)
+        _warn(f"memscope-async: could not write the report to {path}: {exc!r}", where=_program_line())
 
 
 def _warn(message: str, *, stacklevel: int = 2, where: tuple[str, int] | None = None) -> None:

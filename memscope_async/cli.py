@@ -412,7 +412,11 @@ def _profile(target: _Target, args: argparse.Namespace) -> int | None:
         written = True
         try:
             with ending.writing:
-                report = profiler.snapshot()
+                try:
+                    report = profiler.snapshot()
+                except MemoryError:  # (the program ended near its memory limit)
+                    report = None
+                    raise ExportError(f"cannot write report to {args.output}: out of memory") from None
                 write_json(report, output)
                 ending.written = True
             ending.end_if_asked()
@@ -427,7 +431,7 @@ def _profile(target: _Target, args: argparse.Namespace) -> int | None:
     finally:
         if ending is not None:
             ending.uninstall()
-    if not args.quiet:
+    if not args.quiet and report is not None:
         _summarise(report, args, out, err, written, stuck)
     return status
 

@@ -20,7 +20,7 @@ from .attribution.tracker import (
     Tracker,
     TrackerError,
 )
-from .exporters import export_json_async, write_json
+from .exporters import ExportError, export_json_async, write_json
 from .loop_hooks import threads as thread_hooks
 from .loop_hooks.instrument import Tagger, instrument_loop, is_instrumented, making_loop, uninstrument_loop
 from .loop_hooks.tagging import TAG, merged_labels, set_label_listener
@@ -182,6 +182,12 @@ class Profiler:
         _last = self
         return self
 
+    @property
+    def forked(self) -> bool:
+        """Whether this process is a fork of the one the profiler ran in, and the profiler
+        stopped at the fork (its data is the parent's up to then; the parent reports it)."""
+        return self._tracker.forked
+
     def stop(self) -> "Profiler":
         """Stop counting and take the hooks out of every loop (idempotent).  What was
         recorded stays available to :meth:`snapshot` and :meth:`export`.
@@ -283,7 +289,11 @@ class Profiler:
 
         Raises :class:`memscope_async.ExportError` (one line naming the file and the
         reason) if it cannot be written; a file already at ``path`` is then left as it was."""
-        return _core.unrecorded(functools.partial(write_json, self.snapshot(), path, indent=indent))
+        try:
+            report = self.snapshot()
+        except MemoryError as exc:
+            raise ExportError(f"cannot write report to {path}: out of memory") from exc
+        return _core.unrecorded(functools.partial(write_json, report, path, indent=indent))
 
     async def export_async(self, path: str | Path, *, indent: bool = False) -> Path:
         """Like :meth:`export`, writing with aiofiles so the loop is not blocked (and

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
+import sys
 import warnings
 
 import pytest
@@ -283,7 +284,21 @@ def test_the_profilers_own_warnings_never_raise_into_the_program(tmp_path, capfd
         assert ms.run(inner(), report=tmp_path / "no" / "such" / "dir.json") == 1
     err = capfd.readouterr().err
     assert "runs under a profiler started elsewhere" in err
-    assert "could not write the report to" in err and "does not exist" in err
+    assert "memscope-async: cannot write report to " in err and "does not exist" in err
+
+
+def test_a_report_that_cannot_be_written_is_a_warning_at_the_programs_line(tmp_path):
+    """Said once (it read 'could not write the report to X: cannot write report to X: ...'),
+    and at the line that asked for the report (it named the caller's caller, or sys:1)."""
+
+    async def main():
+        return 1
+
+    with pytest.warns(RuntimeWarning) as seen:
+        assert ms.run(main(), report=tmp_path / "missing" / "r.json") == 1; line = sys._getframe().f_lineno
+    (w,) = seen
+    assert str(w.message).count("cannot write report to") == 1 and "could not" not in str(w.message)
+    assert (w.filename, w.lineno) == (__file__, line)
 
 
 def test_profile_decorator_calls_from_many_threads(tmp_path):
@@ -932,3 +947,56 @@ def test_an_interrupt_while_stopping_still_takes_the_hooks_out(monkeypatch):
     assert prof.snapshot().find(coro="main")[0].allocated_bytes >= MiB
     prof.close()
     assert ms.run(main()) == MiB
+
+
+FORKS = """\
+import asyncio, concurrent.futures, multiprocessing, os, sys, time
+import memscope_async as ms
+
+async def work(n):
+    return len([bytes(100) for _ in range(n)])
+
+def worker(i):  # in a forked pool worker: a profiler of its own
+    try:
+        ms.run(work(20_000), report=f"w{i}.json")
+        return ms.Report.load(f"w{i}.json").find(coro="work")[0].allocated_bytes
+    except Exception as exc:
+        return repr(exc)
+
+async def main():
+    await asyncio.create_task(work(100), name="parentwork")
+    if os.fork() == 0:  # the child goes on through ms.run's end, and exits late
+        held = [bytearray(200) for _ in range(10_000)]
+        time.sleep(0.3)
+        sys.exit(7)
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        return await asyncio.gather(*[loop.run_in_executor(pool, worker, i) for i in range(2)])
+
+print(os.getpid(), *ms.run(main(), report="r.json"))
+os.wait()
+"""
+
+
+def test_a_forked_child_does_not_go_on_profiling(tmp_path):
+    """A child made by fork stops the profiler it inherited: its bytes are not charged to
+    the parent's tasks, it does not write its copy of the report over the parent's (it
+    did, ms.run's end running in both), and it may start a profiler of its own (one was
+    refused: 'already running')."""
+    import subprocess
+    import sys
+
+    (tmp_path / "forks.py").write_text(FORKS)
+    proc = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "forks.py"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pid, *workers = proc.stdout.split()
+    # (20,000 bytes objects of 133 bytes, and the ints counted out for them)
+    assert len(workers) == 2 and all(w.isdigit() and 20_000 * 133 <= int(w) < 20_000 * 200 for w in workers), \
+        proc.stdout
+    report = ms.Report.load(tmp_path / "r.json")
+    assert report.run.pid == int(pid)
+    # the child's 2.5 MB of bytearrays are nobody's here (~40 stack samples, were they seen)
+    line = FORKS.splitlines().index("        held = [bytearray(200) for _ in range(10_000)]") + 1
+    sites = [(h.file, h.line) for t in report.tasks for h in (*t.hotspots, *t.live_hotspots)]
+    assert sites and not [s for s in sites if s[0].endswith("forks.py") and s[1] == line]
