@@ -322,6 +322,7 @@ static struct {
     uint64_t mappings_reused;    /* tasks given a kept tag mapping (kept_mapping_take) */
     uint32_t ninferred;          /* threads with an inferred owner (0: skip that work) */
     uint64_t untracked;          /* allocations we could not record (table memory) */
+    uint64_t foreign;            /* allocations of sub-interpreters, not recorded */
     uint64_t dropped_cells;      /* allocations charged to the overflow cell */
 } S;
 
@@ -615,6 +616,11 @@ static inline void note_origin(uint32_t idx, uint32_t from) {
 }
 
 __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadState *ts) {
+    /* A sub-interpreter's allocation (its thread state in this thread, or a thread of its
+     * own) is not recorded: its objects, frames and code are its own, never to be held or
+     * freed from here, and it runs no task of ours.  (Its thread states never pass
+     * fast_valid: their contexts are their own objects.) */
+    if (MS_UNLIKELY(ts != NULL && ts->interp != PyInterpreterState_Main())) return 0;
     uint32_t slot = thread_slot(t);
     if (slot == 0) return 0;
     uint32_t tid = context_tid(), route = ROUTE_CONTEXT, phase = 0;
@@ -874,6 +880,21 @@ static MS_HOT int ptrs_take(void *p, size_t *size, uint32_t *cell, int *flag, in
 static inline uint64_t ptrs_count(void) { return S.ptrs.count + S.shadow.count; }
 
 /* ---- the hooks ------------------------------------------------------------------------ */
+/* The module's state is static (single-phase init), one for the process, and holds the
+ * main interpreter's objects: a sub-interpreter must not set it (its objects would be
+ * freed with it, and used after).  0, or -1 with ImportError set. */
+static int main_interpreter_only(const char *what) {
+    if (PyInterpreterState_Get() == PyInterpreterState_Main()) return 0;
+    PyErr_Format(PyExc_ImportError, "memscope_async profiles the main interpreter only; %s a sub-interpreter", what);
+    return -1;
+}
+
+/* Does this thread run the main interpreter now (not a sub-interpreter's thread state)? */
+static inline int main_interpreter(tls_t *t) {
+    PyThreadState *ts = tstate_read(t->ts_slot);
+    return ts == NULL || ts->interp == PyInterpreterState_Main();
+}
+
 /* Exact mode's stack countdown ran out: draw the next gap.  Returns 1 if this allocation
  * gets a stack (the countdown is INT64_MAX when stacks are off, so this is rare). */
 __attribute__((noinline)) static int stack_due(tls_t *t) {
@@ -916,6 +937,13 @@ static MS_HOT int record_alloc_at(void *p, size_t size, int mode, uint32_t into,
         count = COUNT_ONE;
         t->stack_countdown -= (int64_t)size;
         if (MS_UNLIKELY(t->stack_countdown <= 0)) stack = stack_due(t);
+    }
+    if (MS_UNLIKELY(into == 0 && !main_interpreter(t))) {
+        /* A sub-interpreter's block (see current_cell_slow): not recorded.  Its bytes move
+         * the countdowns like any (a sample landing on them is dropped, the next gap drawn
+         * as for any sample), so the main interpreter's samples stay unbiased. */
+        S.foreign++;
+        return 0;
     }
     uint32_t cell = into != 0 ? into : current_cell(t);
     if (cell == 0 || ptrs_put(p, size, cell, stack, mode) < 0) {
@@ -1441,7 +1469,7 @@ static void clear_data(void) {
     S.ncells = S.capcells = S.nfree_cells = S.capfree_cells = 0;
     S.ntasks = S.captasks = S.nfree_tasks = S.capfree_tasks = 0;
     S.nthreads = S.capthreads = 0;
-    S.untracked = S.dropped_cells = 0;
+    S.untracked = S.foreign = S.dropped_cells = 0;
     stacks_clear();
     Py_CLEAR(S.tag_var);
     S.has_data = 0;
@@ -1542,6 +1570,7 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OiddidK", &var, &mode, &interval, &stack_interval, &depth,
                           &half_life, &seed))
         return NULL;
+    if (main_interpreter_only("it cannot profile") < 0) return NULL; /* (a legacy one may share the module) */
     if (S.active) {
         PyErr_SetString(PyExc_RuntimeError, "the allocator hooks are already installed");
         return NULL;
@@ -1656,6 +1685,15 @@ static PyObject *core_clear(PyObject *m, PyObject *noargs) {
 }
 
 static PyObject *core_is_active(PyObject *m, PyObject *noargs) { return PyBool_FromLong(S.active); }
+
+PyDoc_STRVAR(main_interpreter_only_doc,
+"main_interpreter_only()\n--\n\nRaise ImportError in a sub-interpreter (the package's first line: before it\n"
+"loads anything there, such as orjson, which a legacy sub-interpreter cannot unload cleanly).");
+
+static PyObject *core_main_interpreter_only(PyObject *m, PyObject *noargs) {
+    if (main_interpreter_only("it cannot be imported in") < 0) return NULL;
+    Py_RETURN_NONE;
+}
 
 /* A task id argument (an unsigned int).  Returns -1 with an exception set. */
 static int parse_tid(PyObject *arg, unsigned long *tid) {
@@ -2097,7 +2135,7 @@ static int release_task_slot(uint32_t tid, int carry) {
 
 PyDoc_STRVAR(stats_doc,
 "stats() -> dict\n--\n\nThe tracker's own footprint: tracked_allocations, table_bytes, stacks_bytes,\n"
-"tracker_bytes, cells, tasks, threads, untracked, dropped, start_ns, active, table_capacity,\n"
+"tracker_bytes, cells, tasks, threads, untracked, foreign (sub-interpreters' allocations), dropped, start_ns, active, table_capacity,\n"
 "task_records, pending_task_records; fast_thread_state: 1 if the calling thread reads its\n"
 "thread state from its slot (_tstate.h), 0 if through the call; direct_context_tagging: 1\n"
 "if new tasks' contexts are tagged through the HAMT directly (_tasks.h), 0 if not yet known,\n"
@@ -2126,11 +2164,11 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
                    (size_t)(S.obj_index.slots ? S.obj_index.mask + 1 : 0) * sizeof(u64map_entry_t);
     size_t stacks = stacks_bytes();
     PyObject *d = Py_BuildValue(
-        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:K,s:I,s:K}", "tracked_allocations",
+        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:i,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:K,s:I,s:K}", "tracked_allocations",
         (unsigned long long)ptrs_count(), "table_bytes", (Py_ssize_t)table, "stacks_bytes", (Py_ssize_t)stacks,
         "tracker_bytes", (Py_ssize_t)(table + other + stacks), "cells",
         (unsigned int)(S.ncells - 1 - S.nfree_cells), "tasks", (unsigned int)(S.ntasks - 1 - S.nfree_tasks),
-        "threads", (unsigned int)S.nthreads, "untracked", (unsigned long long)S.untracked, "dropped",
+        "threads", (unsigned int)S.nthreads, "untracked", (unsigned long long)S.untracked, "foreign", (unsigned long long)S.foreign, "dropped",
         (unsigned long long)S.dropped_cells, "start_ns", (unsigned long long)S.start_ns, "active", S.active,
         "table_capacity", (unsigned long long)S.ptrs.capacity, "task_records", (unsigned long long)S.records,
         "pending_task_records", (unsigned long long)S.pending, "fast_thread_state", tls.ts_slot != NULL,
@@ -2184,6 +2222,7 @@ static PyMethodDef core_methods[] = {
     {"set_inferred", core_set_inferred, METH_VARARGS, set_inferred_doc},
     {"serves", core_serves, METH_NOARGS, serves_doc},
     {"loop_thread", core_loop_thread, METH_VARARGS, loop_thread_doc},
+    {"main_interpreter_only", core_main_interpreter_only, METH_NOARGS, main_interpreter_only_doc},
     {"now_ns", core_now_ns, METH_NOARGS, NULL},
     {"set_guard", core_set_guard, METH_O,
      "set_guard(flag) -> bool\n--\n\nWhile set, this thread's allocations are not recorded (our own\n"
@@ -2250,6 +2289,10 @@ static int init_strings(void) {
 }
 
 PyMODINIT_FUNC PyInit__core(void) {
+    /* One module state for the process (static, single-phase init): a sub-interpreter
+     * sharing it would run sessions over the main interpreter's data and hold its objects
+     * across interpreters.  Sub-interpreters are not profiled (current_cell_slow). */
+    if (main_interpreter_only("it cannot be imported in") < 0) return NULL;
     if (PyType_Ready(&TagType) < 0 || PyType_Ready(&FactoryType) < 0 || PyType_Ready(&CallSoonType) < 0 ||
         PyType_Ready(&CreateTaskType) < 0 ||
         PyType_Ready(&HandedType) < 0 || PyType_Ready(&HandOverType) < 0 ||

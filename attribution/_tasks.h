@@ -2798,6 +2798,8 @@ PyDoc_STRVAR(configure_doc,
 static PyObject *core_configure(PyObject *m, PyObject *args) {
     PyObject *labels_var, *task_type, *namers = NULL;
     if (!PyArg_ParseTuple(args, "OO!|O!", &labels_var, &PyType_Type, &task_type, &PyTuple_Type, &namers)) return NULL;
+    /* (a legacy sub-interpreter gets a copy of this module, made in the main one on 3.13) */
+    if (main_interpreter_only("it cannot be imported in") < 0) return NULL;
     if (!PyContextVar_CheckExact(labels_var)) {
         PyErr_SetString(PyExc_TypeError, "labels_var must be a contextvars.ContextVar");
         return NULL;

@@ -13,6 +13,12 @@ Entry points::
     memscope_async.instrument()                      # from inside a running loop
 """
 
+# First: a sub-interpreter gets an ImportError here, before anything else is loaded there
+# (the C core's state is the process's, made for the main interpreter; see README Limits).
+from .attribution import _core
+
+_core.main_interpreter_only()
+
 # Eager on purpose: pytest loads our plugin (and so this package) at every session start,
 # before pytester takes its sys.modules snapshots.  Imported lazily, these modules and
 # orjson were first imported inside pytester's inner runs, which drop them afterwards, and
