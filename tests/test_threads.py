@@ -740,20 +740,30 @@ def test_loops_in_threads_a_task_started_are_not_inferred_to_it(loop_kind, how):
             asyncio.run(main())
         finally:
             ms.uninstall_policy()
+        inferred, roles = _starters_share(prof)
     else:
-        prof = box["prof"] = ms.Profiler().start()
-        try:
-            with asyncio.Runner(loop_factory=prof.loop_factory(base_loop(loop_kind))) as runner:
-                runner.run(main())
-        finally:
-            prof.stop()
+        inferred, roles = _starters_share(_profiled(main, loop_kind, box))
+    assert inferred < 16 * 1024
+    assert roles["loop-1"] == roles["loop-2"] == "loop", roles
+
+
+def _profiled(main, loop_kind, box):
+    """A profiler (box["prof"]), stopped, that saw main() run on its own loop."""
+    prof = box["prof"] = ms.Profiler().start()
+    try:
+        with asyncio.Runner(loop_factory=prof.loop_factory(base_loop(loop_kind))) as runner:
+            runner.run(main())
+    finally:
+        prof.stop()
+    return prof
+
+
+def _starters_share(prof):
+    """The bytes inferred to the task named "starter", and the threads' roles by name."""
     report = prof.snapshot()
     prof.close()
     (st,) = report.find(name="starter")
-    inferred = sum(a.bytes for a in st.attribution if a.route == routes.INFERRED)
-    assert inferred < 16 * 1024, st.attribution
-    roles = {t.name: t.role for t in report.threads}
-    assert roles["loop-1"] == roles["loop-2"] == "loop", roles
+    return sum(a.bytes for a in st.attribution if a.route == routes.INFERRED), {t.name: t.role for t in report.threads}
 
 
 class _NoLoop(Exception):
@@ -803,18 +813,8 @@ def test_a_loop_factory_that_raises_leaves_the_thread_as_it_was(loop_kind, how):
     async def main():
         await asyncio.create_task(starter(), name="starter")
 
-    prof = box["prof"] = ms.Profiler().start()
-    try:
-        with asyncio.Runner(loop_factory=prof.loop_factory(base_loop(loop_kind))) as runner:
-            runner.run(main())
-    finally:
-        prof.stop()
-    report = prof.snapshot()
-    prof.close()
-    (st,) = report.find(name="starter")
-    inferred = sum(a.bytes for a in st.attribution if a.route == routes.INFERRED)
-    assert close_to(inferred, 3 * MiB), st.attribution
-    roles = {t.name: t.role for t in report.threads}
+    inferred, roles = _starters_share(_profiled(main, loop_kind, box))
+    assert close_to(inferred, 3 * MiB), inferred
     assert roles["no-loop"] == "other", roles
 
 
