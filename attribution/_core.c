@@ -969,6 +969,9 @@ static MS_HOT void record_free(void *p, int mode) {
     size_t size;
     uint32_t cell;
     int flag;
+    /* (a sub-interpreter frees only its own blocks, never ours; one with its own GIL runs
+     * beside our threads, so it does not even look the tables up) */
+    if (MS_UNLIKELY(!main_interpreter(&tls))) return;
     if (!ptrs_take(p, &size, &cell, &flag, mode)) return;
     if (mode == MODE_SAMPLED) account_free(cell, scaled_bytes(size), scaled_count_fp(size));
     else account_free(cell, (int64_t)size, COUNT_ONE);
@@ -1064,6 +1067,15 @@ static void record_realloc_sampled(void *old, void *p, size_t size) {
 }
 
 static void record_realloc(void *old, void *p, size_t size) {
+    if (MS_UNLIKELY(!main_interpreter(&tls))) { /* (as record_free, and record_alloc_at) */
+        tls_t *t = &tls;
+        if (S.mode == MODE_SAMPLED && t->session == S.session) { /* its bytes move the countdown */
+            t->countdown -= (int64_t)size;
+            if (t->countdown <= 0) t->countdown = draw_gap(&t->rng, S.sample_interval);
+        }
+        S.foreign++;
+        return;
+    }
     if (S.mode == MODE_SAMPLED) {
         record_realloc_sampled(old, p, size);
         return;

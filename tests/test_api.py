@@ -1055,3 +1055,50 @@ def test_sub_interpreters_are_not_profiled(tmp_path, mode):
     (main,) = ms.Report.load(tmp_path / "r.json").find(coro="main")
     # the sub-interpreter's ~1.3 MB are not main's (sampled: an estimate of 2 MiB)
     assert close_to(main.allocated_bytes, 2 << 20, rel=0.01 if mode == "exact" else 0.5), main.allocated_bytes
+
+
+OWN_GIL = """\
+import asyncio, sys, threading
+try:
+    import _interpreters as si  # 3.13
+    create, run = (lambda: si.create("isolated")), si.exec
+except ImportError:
+    import _xxsubinterpreters as si  # 3.12
+    create, run = (lambda: si.create(isolated=True)), si.run_string
+import memscope_async as ms
+
+CODE = "for i in range(30_000):\\n    x = [bytes(40 + i % 700) for _ in range(10)]\\n"
+
+async def main():
+    ids = [create() for _ in range(2)]
+    threads = [threading.Thread(target=run, args=(iid, CODE)) for iid in ids]
+    for th in threads:
+        th.start()
+    keep = []
+    for _ in range(64):
+        keep.append(bytearray(64 * 1024))
+        await asyncio.sleep(0)
+    await asyncio.to_thread(lambda: [th.join() for th in threads])
+    for iid in ids:
+        si.destroy(iid)
+    return sum(map(len, keep))
+
+print(ms.run(main(), report="r.json", mode=sys.argv[1]))
+"""
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="interpreters with their own GIL came in 3.12")
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_interpreters_with_their_own_gil_are_skipped(tmp_path, mode):
+    """Two sub-interpreters with their own GIL allocate in their threads (our hooks run
+    beside the main interpreter's, outside its GIL) while a task keeps 4 MiB: the program
+    runs as plainly, and the task's bytes are its own (the threads' ~0.4 GB were inferred to
+    it: they were started by it)."""
+    import subprocess
+
+    (tmp_path / "own_gil.py").write_text(OWN_GIL)
+    proc = subprocess.run([sys.executable, "own_gil.py", mode], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert (proc.returncode, proc.stdout) == (0, f"{4 * MiB}\n"), proc.stderr
+    (main,) = ms.Report.load(tmp_path / "r.json").find(coro="main")
+    assert close_to(main.allocated_bytes, 4 * MiB, rel=0.02 if mode == "exact" else 0.5), main.allocated_bytes
