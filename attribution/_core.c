@@ -323,6 +323,7 @@ static struct {
     uint32_t ninferred;          /* threads with an inferred owner (0: skip that work) */
     uint64_t untracked;          /* allocations we could not record (table memory) */
     uint64_t foreign;            /* allocations of sub-interpreters, not recorded */
+    PyInterpreterState *main_interp; /* the main interpreter, the one profiled (set at start) */
     uint64_t dropped_cells;      /* allocations charged to the overflow cell */
 } S;
 
@@ -620,7 +621,7 @@ __attribute__((noinline)) static uint32_t current_cell_slow(tls_t *t, PyThreadSt
      * own) is not recorded: its objects, frames and code are its own, never to be held or
      * freed from here, and it runs no task of ours.  (Its thread states never pass
      * fast_valid: their contexts are their own objects.) */
-    if (MS_UNLIKELY(ts != NULL && ts->interp != PyInterpreterState_Main())) return 0;
+    if (MS_UNLIKELY(ts != NULL && ts->interp != S.main_interp)) return 0;
     uint32_t slot = thread_slot(t);
     if (slot == 0) return 0;
     uint32_t tid = context_tid(), route = ROUTE_CONTEXT, phase = 0;
@@ -892,7 +893,7 @@ static int main_interpreter_only(const char *what) {
 /* Does this thread run the main interpreter now (not a sub-interpreter's thread state)? */
 static inline int main_interpreter(tls_t *t) {
     PyThreadState *ts = tstate_read(t->ts_slot);
-    return ts == NULL || ts->interp == PyInterpreterState_Main();
+    return ts == NULL || ts->interp == S.main_interp;
 }
 
 /* Exact mode's stack countdown ran out: draw the next gap.  Returns 1 if this allocation
@@ -1583,6 +1584,7 @@ static PyObject *core_start(PyObject *m, PyObject *args) {
                           &half_life, &seed))
         return NULL;
     if (main_interpreter_only("it cannot profile") < 0) return NULL; /* (a legacy one may share the module) */
+    S.main_interp = PyInterpreterState_Main();
     if (S.active) {
         PyErr_SetString(PyExc_RuntimeError, "the allocator hooks are already installed");
         return NULL;
