@@ -1068,13 +1068,10 @@ static void record_realloc_sampled(void *old, void *p, size_t size) {
 }
 
 static void record_realloc(void *old, void *p, size_t size) {
-    if (MS_UNLIKELY(!main_interpreter(&tls))) { /* (as record_free, and record_alloc_at) */
-        tls_t *t = &tls;
-        if (S.mode == MODE_SAMPLED && t->session == S.session) { /* its bytes move the countdown */
-            t->countdown -= (int64_t)size;
-            if (t->countdown <= 0) t->countdown = draw_gap(&t->rng, S.sample_interval);
-        }
-        S.foreign++;
+    if (MS_UNLIKELY(!main_interpreter(&tls))) {
+        /* a sub-interpreter's block: record_alloc moves the countdowns by it and counts it
+         * foreign, as for its allocations (its old block is not ours either: record_free) */
+        record_alloc(p, size, S.mode);
         return;
     }
     if (S.mode == MODE_SAMPLED) {
@@ -1828,7 +1825,7 @@ static PyObject *core_loop_thread(PyObject *m, PyObject *args) {
         /* undo: only for the session and thread that were marked (else nothing is ours) */
         long v = PyLong_AsLong(was);
         if (v == -1 && PyErr_Occurred()) return NULL;
-        if (t->session != S.session || t->slot == 0 || (unsigned long)v != (v & 3ul)) Py_RETURN_NONE;
+        if (t->session != S.session || t->slot == 0 || v < 0 || v > 3) Py_RETURN_NONE;
         thread_info_t *th = &S.threads[t->slot - 1];
         th->runs_loop = (uint32_t)(v & 1);
         if (!(v & 2) && th->shared) {
