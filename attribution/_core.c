@@ -2257,7 +2257,6 @@ static PyMethodDef core_methods[] = {
     {"task_layout", core_task_layout, METH_NOARGS, task_layout_doc},
     {"tag_running_task", core_tag_running_task, METH_VARARGS, tag_running_task_doc},
     {"next_task_id", core_next_task_id, METH_NOARGS, next_task_id_doc},
-    {"task_destroyed", core_task_destroyed, METH_O, task_destroyed_doc},
     {"task_labels", core_task_labels, METH_O, task_labels_doc},
     {"own_labels", core_own_labels, METH_O, own_labels_doc},
     {"set_task_labels", core_set_task_labels, METH_VARARGS, set_task_labels_doc},
@@ -2284,6 +2283,9 @@ static int init_strings(void) {
     INTERN(s_get_coro, "get_coro");
     INTERN(s_get_context, "get_context");
     INTERN(s_done, "done");
+    INTERN(s_message, "message");
+    INTERN(s_task, "task");
+    INTERN(s_destroyed_pending, "Task was destroyed but it is pending!");
     INTERN(s_eager_start, "eager_start");
     INTERN(s_name, "name");
     INTERN(s_loop, "loop");
@@ -2305,7 +2307,7 @@ PyMODINIT_FUNC PyInit__core(void) {
      * across interpreters.  Sub-interpreters are not profiled (current_cell_slow). */
     if (main_interpreter_only("it cannot be imported in") < 0) return NULL;
     if (PyType_Ready(&TagType) < 0 || PyType_Ready(&FactoryType) < 0 || PyType_Ready(&CallSoonType) < 0 ||
-        PyType_Ready(&CreateTaskType) < 0 ||
+        PyType_Ready(&ExceptionHookType) < 0 || PyType_Ready(&CreateTaskType) < 0 ||
         PyType_Ready(&HandedType) < 0 || PyType_Ready(&HandOverType) < 0 ||
         init_strings() < 0)
         return NULL;
@@ -2318,12 +2320,14 @@ PyMODINIT_FUNC PyInit__core(void) {
     Py_INCREF(&TagType);
     Py_INCREF(&FactoryType);
     Py_INCREF(&CallSoonType);
+    Py_INCREF(&ExceptionHookType);
     Py_INCREF(&CreateTaskType);
     Py_INCREF(&HandedType);
     Py_INCREF(&HandOverType);
     if (PyModule_AddObject(m, "Tag", (PyObject *)&TagType) < 0 ||
         PyModule_AddObject(m, "TaskFactory", (PyObject *)&FactoryType) < 0 ||
         PyModule_AddObject(m, "CallSoon", (PyObject *)&CallSoonType) < 0 ||
+        PyModule_AddObject(m, "ExceptionHook", (PyObject *)&ExceptionHookType) < 0 ||
         PyModule_AddObject(m, "CreateTask", (PyObject *)&CreateTaskType) < 0 ||
         PyModule_AddObject(m, "Handed", (PyObject *)&HandedType) < 0 ||
         PyModule_AddObject(m, "HandOver", (PyObject *)&HandOverType) < 0 ||

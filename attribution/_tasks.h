@@ -25,6 +25,8 @@
  *                wait (never inside asyncio's callback scheduling).
  *  HandOver      an instrumented loop's ``run_in_executor`` / ``call_soon_threadsafe``:
  *                work sent to another thread is wrapped in a Handed carrying the task id.
+ *  ExceptionHook an instrumented loop's ``call_exception_handler``: a task destroyed while
+ *                pending ends its record there, while its name can still be read.
  *
  * A task's record lives in its S.tasks slot until the tracker folds it (core_fold, release_task_slot).
  * Task objects are never strongly referenced: the slot keeps id(task) only to find the
@@ -55,7 +57,8 @@ static struct {
     int tids_wrapped;          /* 2^31 ids were handed out: an id may still be in use */
     PyObject *s_qualname, *s_self, *s_get_name, *s_set_name, *s_state, *s_exception, *s_cancelled,
         *s_add_done_callback, *s_get_coro, *s_get_context, *s_done, *s_eager_start, *s_name,
-        *s_loop, *s_context, *s_check_closed, *s_closed, *s_decimal_module, *s_base_events_module;
+        *s_loop, *s_context, *s_check_closed, *s_closed, *s_decimal_module, *s_base_events_module,
+        *s_message, *s_task, *s_destroyed_pending;
     PyObject *kw_context;      /* ("context",) */
     PyObject *kw_loop_context; /* ("loop", "context") */
     PyObject *kw_loop_context_name; /* ("loop", "context", "name") */
@@ -100,7 +103,7 @@ typedef struct {
     vectorcallfunc vectorcall;
 } CallSoonObject;
 
-static PyTypeObject FactoryType, CallSoonType;
+static PyTypeObject FactoryType, CallSoonType, ExceptionHookType;
 
 /* ---- instrumented loops -------------------------------------------------------------- */
 /* Our methods sit on loop *classes* (instance attributes would cost every method call on
@@ -1441,13 +1444,6 @@ static PyObject *core_task_done(PyObject *m, PyObject *task) {
     return end_task_deferred(task, TS_UNREAD);
 }
 
-PyDoc_STRVAR(task_destroyed_doc,
-"task_destroyed(task)\n--\n\nTask `task`, still pending, is being destroyed (its finalizer is reporting it\n"
-"to the loop's exception handler): its record ends now, pending, with its name.");
-
-/* Else its end is found only when another task is made at its address (note_object) or
- * at the next report, when it is gone: with no name. */
-static PyObject *core_task_destroyed(PyObject *m, PyObject *task) { return end_task_deferred(task, TS_PENDING); }
 
 /* ---- names given after a task ended (3.12) ---------------------------------------------
  * 3.12's asyncio.create_task and TaskGroup.create_task name a task after the loop made it,
@@ -2004,6 +2000,80 @@ static PyTypeObject CallSoonType = {
     .tp_vectorcall_offset = offsetof(CallSoonObject, vectorcall),
     .tp_descr_get = CallSoon_get,
     .tp_members = CallSoon_members,
+    .tp_getattro = CallSoon_getattro,
+    .tp_getset = CallSoon_getset,
+};
+
+/* ---- call_exception_handler ------------------------------------------------------------
+ * A Task destroyed while still pending tells its loop through call_exception_handler,
+ * with the context {"message": "Task was destroyed but it is pending!", "task": task, ...}
+ * (C and Python Tasks alike, 3.11-3.13).  Its record ends there, pending and with its
+ * name, while the task can still be read; else its end is found only when another task
+ * is made at its address (note_object) or at the next report, when it is gone: no name.
+ * In C, like CallSoon, so no frame of ours is on the stack when the handler logs: uvloop's
+ * default handler is Cython, with no frame of its own, and logging names the innermost
+ * Python frame as the record's file, line and function (a Python wrapper was named in
+ * every "Exception in callback" record on uvloop).  Same object layout as CallSoon. */
+static void note_destroyed_pending(PyObject *loop, PyObject *context) {
+    if (!S.active || !PyDict_CheckExact(context) || loop_entry(loop) == NULL) return;
+    PyObject *msg = PyDict_GetItemWithError(context, G.s_message); /* borrowed */
+    if (msg == NULL || !PyUnicode_Check(msg) || PyUnicode_Compare(msg, G.s_destroyed_pending) != 0) {
+        PyErr_Clear();
+        return;
+    }
+    PyObject *task = PyDict_GetItemWithError(context, G.s_task);
+    if (task == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    Py_INCREF(task);
+    PyObject *done = PyObject_CallMethodNoArgs(task, G.s_done);
+    if (done != NULL && PyObject_IsTrue(done) == 0) end_task_deferred(task, TS_PENDING);
+    Py_XDECREF(done);
+    Py_DECREF(task);
+    PyErr_Clear(); /* never in the way of the handler */
+}
+
+static PyObject *exceptionhook_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    /* (loop, context), or (loop, context=context) */
+    if (n == 2 && kwnames == NULL)
+        note_destroyed_pending(args[0], args[1]);
+    else if (n == 1 && kwnames != NULL && PyTuple_GET_SIZE(kwnames) == 1 && kw_is_context(PyTuple_GET_ITEM(kwnames, 0)))
+        note_destroyed_pending(args[0], args[1]);
+    return PyObject_Vectorcall(((CallSoonObject *)self)->orig, args, nargsf, kwnames);
+}
+
+static PyObject *ExceptionHook_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *orig;
+    if (!PyArg_ParseTuple(args, "O:ExceptionHook", &orig)) return NULL;
+    if (!PyCallable_Check(orig)) {
+        PyErr_SetString(PyExc_TypeError, "ExceptionHook needs the original call_exception_handler");
+        return NULL;
+    }
+    CallSoonObject *self = (CallSoonObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->orig = Py_NewRef(orig);
+    self->vectorcall = exceptionhook_vectorcall;
+    return (PyObject *)self;
+}
+
+static PyMemberDef ExceptionHook_members[] = {
+    {"original", T_OBJECT, offsetof(CallSoonObject, orig), READONLY, "the loop class's own call_exception_handler"},
+    {NULL},
+};
+
+static PyTypeObject ExceptionHookType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.ExceptionHook",
+    .tp_basicsize = sizeof(CallSoonObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = PyDoc_STR("ExceptionHook(original): an instrumented loop's call_exception_handler, in front of the original."),
+    .tp_new = ExceptionHook_new,
+    .tp_dealloc = (destructor)CallSoon_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(CallSoonObject, vectorcall),
+    .tp_descr_get = CallSoon_get,
+    .tp_members = ExceptionHook_members,
     .tp_getattro = CallSoon_getattro,
     .tp_getset = CallSoon_getset,
 };

@@ -26,6 +26,10 @@ instructions per task.  Swapping ``loop.__class__`` has the same effect.
 * **run_in_executor / call_soon_threadsafe** (``_core.HandOver``).  Thread-pool jobs and
   thread-safe callbacks carry the submitting task's id to the thread that runs them (the
   *propagated* route), on loops instrumented with thread propagation on.
+* **call_exception_handler** (``_core.ExceptionHook``).  A task destroyed while still
+  pending is reported there by its finalizer; its record ends then, with its name.  In C
+  so that a log record the handler makes names the program's frame: uvloop's default
+  handler is Cython, so logging would otherwise name the innermost Python frame, ours.
 
 Our version of a method goes on the class that defines it (``BaseEventLoop`` for every
 stdlib loop; ``uvloop.Loop`` for uvloop) and stays while any loop that uses it is
@@ -152,23 +156,6 @@ def _set_default_executor(self, executor, _original):
     st.register(self)
 
 
-# What a Task's finalizer tells the loop when the task is destroyed still pending (C and
-# Python Task alike, 3.11-3.13).
-_DESTROYED_PENDING = "Task was destroyed but it is pending!"
-
-
-def _call_exception_handler(self, context, _original):
-    # A task destroyed while pending: its record ends here, while the task can still be
-    # read (its name), not once another object is found at its address.
-    try:
-        task = context.get("task") if type(context) is dict and context.get("message") == _DESTROYED_PENDING else None
-        if task is not None and not task.done():
-            _core.task_destroyed(task)
-    except Exception:  # never in the way of the handler
-        pass
-    return _original(self, context)
-
-
 def _close(self, _original):
     st = self._ms_state
     try:
@@ -188,9 +175,11 @@ _IN_PYTHON = {
     "get_task_factory": _get_task_factory,
     "close": _close,
     "set_default_executor": _set_default_executor,
-    "call_exception_handler": _call_exception_handler,
 }
-_IN_C = ("call_soon", "run_in_executor", "call_soon_threadsafe")
+# In C (no Python frame of ours on the stack while they run): call_soon and
+# create_task for speed, call_exception_handler so that a log record made inside it
+# (uvloop's Cython default handler) names the program's frame, not ours.
+_IN_C = ("call_soon", "run_in_executor", "call_soon_threadsafe", "call_exception_handler")
 _MARK = "__memscope_original__"
 _MISSING = object()
 
@@ -211,6 +200,8 @@ def _replacement(name: str, original: Any) -> Any:
         return _core.CallSoon(original)
     if name == "create_task":
         return _core.CreateTask(original, functools.partial(_create_task, original))
+    if name == "call_exception_handler":
+        return _core.ExceptionHook(original)
     if name in _IN_C:
         kind = 0 if name == "run_in_executor" else 1
         return _core.HandOver(original, kind, concurrent.futures.ThreadPoolExecutor, _get_running_loop)
@@ -219,7 +210,7 @@ def _replacement(name: str, original: Any) -> Any:
 
 def _unwrap(attr: Any) -> Any:
     """The class's own method behind one of our replacements (inherited from a patched base)."""
-    if isinstance(attr, (_core.CallSoon, _core.CreateTask, _core.HandOver)):
+    if isinstance(attr, (_core.CallSoon, _core.ExceptionHook, _core.CreateTask, _core.HandOver)):
         return attr.original
     return getattr(attr, _MARK, attr)
 

@@ -402,6 +402,37 @@ async def prog_debug_mode_refuses_what_is_not_callable():
     return out
 
 
+async def prog_loop_log_records_name_the_same_place():
+    """asyncio's "Exception in callback" and "Task was destroyed but it is pending!" log
+    records name the same file, line and function as without us.  uvloop's default
+    handler is Cython: logging names the innermost Python frame, which must not be ours."""
+    import gc
+    import logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append((record.pathname, record.lineno, record.funcName, record.getMessage()[:30]))
+
+    log = logging.getLogger("asyncio")
+    keep, was = Keep(), log.propagate
+    log.addHandler(keep)
+    log.propagate = False
+    try:
+        loop = asyncio.get_running_loop()
+        loop.call_soon(lambda: 1 / 0)
+        await asyncio.sleep(0.01)
+        loop.create_task(_sleeper(10))  # noqa: RUF006 - dropped on purpose
+        await asyncio.sleep(0)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        log.removeHandler(keep)
+        log.propagate = was
+    return records
+
+
 PROGRAMS = [
     prog_debug_mode_refuses_what_is_not_callable,
     prog_kept_tag_mappings,
@@ -423,6 +454,7 @@ PROGRAMS = [
     prog_loop_methods_read_as_asyncio_s,
     prog_work_handed_to_threads_reads_as_the_user_s,
     prog_task_subclass_overriding_add_done_callback,
+    prog_loop_log_records_name_the_same_place,
 ]
 
 
