@@ -13,39 +13,65 @@ Entry points::
     memscope_async.instrument()                      # from inside a running loop
 """
 
+from __future__ import annotations
+
 # First: a sub-interpreter gets an ImportError here, before anything else is loaded there
 # (the C core's state is the process's, made for the main interpreter; see README Limits).
 from .attribution import _core
 
 _core.main_interpreter_only()
 
-# Eager on purpose: pytest loads our plugin (and so this package) at every session start,
-# before pytester takes its sys.modules snapshots.  Imported lazily, these modules and
-# orjson were first imported inside pytester's inner runs, which drop them afterwards, and
-# orjson (3.11-3.13) loses a reference to its JSONDecodeError type each time its module is
-# executed again: after a few runs the type was freed while still in use and the next full
-# collection crashed (seen on 3.13; not our C core).
-from .api import LoopFactory, install_policy, instrument, loop_factory, profile, run, uninstall_policy
-from .attribution.report import Report, ReportError, TaskReport
-from .exporters.json_report import ExportError
-from .loop_hooks.tagging import current_labels, labels
-from .profiler import Profiler, ProfilerError, current_profiler
+import importlib  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
-__all__ = [
-    "ExportError",
-    "LoopFactory",
-    "Profiler",
-    "ProfilerError",
-    "Report",
-    "ReportError",
-    "TaskReport",
-    "current_labels",
-    "current_profiler",
-    "install_policy",
-    "instrument",
-    "labels",
-    "loop_factory",
-    "profile",
-    "run",
-    "uninstall_policy",
-]
+# The rest is loaded on first use of any of these names (all at once), not at import: the
+# pytest plugin's entry point imports this package in every pytest session, including the
+# inner sessions pytester runs in-process, which drop what was first imported during them.
+# orjson (3.13.0) crashes when it is imported again after such a drop, so a session that
+# never profiles must not import it.  The plugin loads everything at configure in the
+# outermost session (see pytest_plugin.preload), before pytester takes its snapshots.
+_EXPORTS = {
+    "ExportError": ".exporters.json_report",
+    "LoopFactory": ".api",
+    "Profiler": ".profiler",
+    "ProfilerError": ".profiler",
+    "Report": ".attribution.report",
+    "ReportError": ".attribution.report",
+    "TaskReport": ".attribution.report",
+    "current_labels": ".loop_hooks.tagging",
+    "current_profiler": ".profiler",
+    "install_policy": ".api",
+    "instrument": ".api",
+    "labels": ".loop_hooks.tagging",
+    "loop_factory": ".api",
+    "profile": ".api",
+    "run": ".api",
+    "uninstall_policy": ".api",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .api import LoopFactory, install_policy, instrument, loop_factory, profile, run, uninstall_policy
+    from .attribution.report import Report, ReportError, TaskReport
+    from .exporters.json_report import ExportError
+    from .loop_hooks.tagging import current_labels, labels
+    from .profiler import Profiler, ProfilerError, current_profiler
+
+
+def _load_all() -> None:
+    """Import everything the package exports (done by the first use of any of them)."""
+    g = globals()
+    for name, module in _EXPORTS.items():
+        if name not in g:
+            g[name] = getattr(importlib.import_module(module, __name__), name)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        _load_all()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

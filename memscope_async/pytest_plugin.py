@@ -23,9 +23,9 @@ the profiler first sees when that task next runs, in the body, counts as the bod
 In sampled mode the numbers checked are estimates (the failure says so): a limit well
 under the sample interval fails by chance.
 
-Tests that use neither do not touch the profiler: no hook, no policy.  (Loading the
-plugin imports the package, as pytest does for every session through its entry point:
-~30 ms.)  Only one profiler can run in a process; a test that cannot get it
+Tests that use neither do not touch the profiler: no hook, no policy.  (The outermost
+session loads the package at configure, ~30 ms: see pytest_configure.)  Only one
+profiler can run in a process; a test that cannot get it
 errors at setup and says why (under ``memscope-async run``, whose profiler runs for the
 whole session, every such test does).
 """
@@ -33,6 +33,7 @@ whole session, every such test does).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
@@ -59,6 +60,26 @@ _TABLE_ROWS = 5
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _MARKER_HELP)
+    # The outermost session loads the whole package (and orjson) now, before pytester's
+    # in-process inner sessions take their sys.modules snapshots: what is first imported
+    # inside one is dropped after it, and orjson 3.13.0 crashes when imported again.  An
+    # inner session loads nothing more until its tests use the fixture or the marker, so
+    # a suite that runs pytester with this plugin disabled outside (-p no:memscope_async)
+    # never imports orjson through us.
+    if not _inside_a_test():
+        from . import Profiler  # noqa: F401 - the first use of an export loads them all
+
+
+def _inside_a_test() -> bool:
+    """Is this session run from inside another session's test, in this process (pytester's
+    inline runs)?  Then pytest's runner is on the stack.  (Not PYTEST_CURRENT_TEST: an
+    inner session deletes it when its own first test ends.)"""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "_pytest.runner":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

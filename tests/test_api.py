@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
 import re
 import sys
 import warnings
@@ -1102,3 +1103,28 @@ def test_interpreters_with_their_own_gil_are_skipped(tmp_path, mode):
     assert (proc.returncode, proc.stdout) == (0, f"{4 * MiB}\n"), proc.stderr
     (main,) = ms.Report.load(tmp_path / "r.json").find(coro="main")
     assert close_to(main.allocated_bytes, 4 * MiB, rel=0.02 if mode == "exact" else 0.5), main.allocated_bytes
+
+
+def test_the_package_exports_load_on_first_use():
+    """``import memscope_async`` loads only the C core; the first use of any export loads
+    them all, and they are the modules' own objects."""
+    code = (
+        "import sys, memscope_async as ms\n"
+        "assert 'orjson' not in sys.modules and 'memscope_async.api' not in sys.modules\n"
+        "assert set(ms.__all__) <= set(dir(ms))\n"
+        "from memscope_async import labels\n"
+        "from memscope_async.loop_hooks.tagging import labels as real\n"
+        "from memscope_async.profiler import Profiler\n"
+        "assert labels is real and ms.Profiler is Profiler and 'orjson' in sys.modules\n"
+        "ns = {}\n"
+        "exec('from memscope_async import *', ns)\n"
+        "assert set(ms.__all__) <= set(ns)\n"
+        "try:\n"
+        "    ms.nothing\n"
+        "except AttributeError as e:\n"
+        "    assert str(e) == \"module 'memscope_async' has no attribute 'nothing'\", e\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -382,3 +385,52 @@ def test_pytest_leaves_the_package_unrewritten():
     import memscope_async
 
     assert AssertionRewriter.is_rewrite_disabled(memscope_async.__doc__)
+
+
+INNER_MODULES = '''
+import sys
+
+def test_what_is_loaded():
+    ours = sorted(m for m in sys.modules if m == "orjson" or m.startswith("memscope_async"))
+    print("LOADED", ours)
+'''
+
+
+def _loaded(lines: list[str]) -> list[list[str]]:
+    """What each inner test printed: the modules of ours (and orjson) loaded."""
+    return [eval(ln.split("LOADED ", 1)[1]) for ln in lines if "LOADED [" in ln]  # noqa: S307 - our literal
+
+
+def test_pytesters_inner_runs_load_nothing_heavy_when_the_plugin_is_disabled_outside(pytester):
+    """With ``-p no:memscope_async``, pytester's in-process inner sessions still load the
+    plugin (they do not inherit ``-p no:``), and drop afterwards what they first imported.
+    orjson 3.13.0 crashes when imported again after such a drop, so loading the plugin must
+    not import it (it imported the whole package and orjson: suites crashed, rc 139)."""
+    pytester.makepyfile(
+        test_outer=f'''
+        pytest_plugins = ["pytester"]
+
+        def test_inner_runs(pytester):
+            pytester.makepyfile(test_inner={INNER_MODULES!r})
+            for _ in range(2):  # (pytester writes what each run printed to the outer stdout)
+                pytester.runpytest("-s", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+        '''
+    )
+    result = pytester.runpytest_subprocess("-s", "-p", "no:memscope_async", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    runs = _loaded(result.outlines)
+    assert len(runs) == 2
+    for loaded in runs:
+        assert "memscope_async.pytest_plugin" in loaded  # (the inner session did load the plugin)
+        assert "orjson" not in loaded and "memscope_async.api" not in loaded, loaded
+
+
+def test_the_outermost_session_loads_everything_before_any_test(pytester):
+    """...so that pytester's inner sessions, which use the fixture, import nothing that
+    they would drop (the plugin enabled everywhere: our own suite's case)."""
+    pytester.makepyfile(test_inner=INNER_MODULES)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", "test_inner.py"],
+                          cwd=pytester.path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (loaded,) = _loaded(done.stdout.splitlines())
+    assert {"orjson", "memscope_async.api", "memscope_async.profiler"} <= set(loaded), loaded
