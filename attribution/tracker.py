@@ -172,7 +172,7 @@ class Tracker:
         self.max_finished_tasks = max_finished_tasks
         self.inferred_half_life = inferred_half_life
         self.seed = seed
-        self.loop_impl = "asyncio"
+        self.loop_impl = "none"  # the kinds of loop instrumented ("asyncio", "uvloop", joined by "+")
         self.loops: Callable[[], Iterable[Any]] = tuple  # the instrumented loops, for live task names
         self._folded: dict[str, FoldedGroup] = {}
         # coro -> [(function, the name its groups go by)]: see _group_coro

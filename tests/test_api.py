@@ -668,6 +668,17 @@ def test_a_stopped_profiler_still_answers_after_another_one_ran(loop_kind):
     kept.clear()
 
 
+
+def test_run_loop_says_none_when_no_loop_was_instrumented():
+    """A profiler around code that runs no event loop: its report said "loop: asyncio"."""
+    with ms.Profiler() as prof:
+        kept = bytearray(MiB)
+    assert prof.snapshot().run.loop == "none" and len(kept) == MiB
+    with ms.Profiler() as prof:
+        asyncio.run(asyncio.sleep(0))
+    assert prof.snapshot().run.loop == "asyncio"
+
+
 def test_export_and_load_errors_are_the_packages_own_and_name_the_file(tmp_path):
     profiler = ms.Profiler()
     profiler.start()
