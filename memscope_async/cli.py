@@ -395,7 +395,7 @@ def _profile(target: _Target, args: argparse.Namespace) -> int | None:
                 raise CommandError(str(exc)) from None
             profiler.ambient = True  # the program's own ms.run() / install_policy() join it (api)
             started_in = os.getpid()
-            ending = _Terminated(profiler, output, args.output, err)
+            ending = _Terminated(profiler, output, args, out, err)
             status = _run_program(target, module, err)
         if os.getpid() != started_in:
             # a child the program forked, which ran on to the program's end: the report and
@@ -500,16 +500,22 @@ class _Terminated:
     """SIGTERM and SIGHUP while the program runs (``timeout``, ``kill``, a closed
     terminal, a container stopped): Python's default is to die at once, and the report
     would be lost.  Where the program has not set a handler of its own for them (its own
-    replaces ours, as it would replace the default), the report is written by a thread
-    (the program goes on meanwhile, so locks it holds are let go), one line on stderr says
-    so, and the process then ends by the same signal, as it would have, its status the
-    shell's 128 + signal.  A second signal ends it at once.  Installed from the main
-    thread only (the one that receives signals)."""
+    replaces ours, as it would replace the default), the report is written at the signal,
+    in the main thread where the program stopped, the summary printed (unless -q) and one
+    line on stderr says so; the process then ends by the same signal, as it would have,
+    its status the shell's 128 + signal.  The program does not go on meanwhile (a server
+    serves no more requests), except when the signal stopped it inside the profiler's own
+    code, which may hold a lock the report needs: then a thread writes the report once
+    that code lets go.  A second signal ends it at once.  Installed from the main thread
+    only (the one that receives signals)."""
 
     SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+    # the profiler's machinery (not its entry points: the program runs inside api.run and cli)
+    MACHINERY = tuple(f"{__package__}.{m}" for m in ("attribution", "loop_hooks", "exporters", "profiler"))
 
-    def __init__(self, profiler: Any, output: Path, name: str, err: TextIO) -> None:
-        self.profiler, self.output, self.name, self.err = profiler, output, name, err
+    def __init__(self, profiler: Any, output: Path, args: argparse.Namespace, out: TextIO | None,
+                 err: TextIO) -> None:
+        self.profiler, self.output, self.args, self.out, self.err = profiler, output, args, out, err
         self.writing = threading.Lock()  # one report written at a time: ours or the end's
         self.written = False
         self.signum: int | None = None
@@ -537,25 +543,55 @@ class _Terminated:
             return
         first, self.signum = self.signum is None, signum
         # (at the program's end, the report being written: ended after it; end_if_asked)
-        if first and not self.writing.locked():
+        if not first or self.writing.locked():
+            return
+        if self._in_machinery(frame):
             threading.Thread(target=self._write_and_end, name="memscope-async-report", daemon=True).start()
+        else:
+            self._write_and_end()
+
+    def _in_machinery(self, frame: Any) -> bool:
+        while frame is not None:
+            if str(frame.f_globals.get("__name__")).startswith(self.MACHINERY):
+                return True
+            frame = frame.f_back
+        return False
 
     def _write_and_end(self) -> None:
         with self.writing:
             if not self.written:
+                report = None
                 try:
-                    write_json(self.profiler.snapshot(), self.output)
+                    report = self.profiler.snapshot()
+                    write_json(report, self.output)
                     self.written = True
-                    note = f"the report was written to {self.name}"
+                    note = f"the report was written to {self.args.output}"
+                except KeyboardInterrupt:
+                    note = "interrupted: the report was not written"
                 except BaseException as exc:  # noqa: BLE001 - said, and the end goes on
                     note = f"the report was not written: {exc}"
+                if self.written and not self.args.quiet:
+                    self._summary(report)
                 _emit(self.err, f"{PROG}: {signal.Signals(self.signum).name}: {note}\n")
         self._end()
+
+    def _summary(self, report: Report) -> None:
+        """The summary, after the program's own output (as at the end).  The program may
+        have been stopped inside a write to the same stream: then it is not printed."""
+        out = self.out if self.out is not None and not self.out.closed else self.err
+        try:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            error = _emit(out, "\n" + render_text(report, top=self.args.top, width=_width(out)))
+        except Exception as exc:  # noqa: BLE001 - (a reentrant write: RuntimeError)
+            error = exc
+        if error is not None:
+            _emit(self.err, f"{PROG}: error: cannot write the summary: {getattr(error, 'strerror', None) or error}\n")
 
     def end_if_asked(self) -> None:
         """After the end's own report: a signal that came meanwhile ends the process now."""
         if self.signum is not None:
-            _emit(self.err, f"{PROG}: {signal.Signals(self.signum).name}: the report was written to {self.name}\n")
+            _emit(self.err, f"{PROG}: {signal.Signals(self.signum).name}: the report was written to {self.args.output}\n")
             self._end()
 
     def _end(self) -> None:

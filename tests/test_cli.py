@@ -269,6 +269,79 @@ def test_a_program_stopped_by_sigterm_still_has_its_report(tmp_path: Path, how: 
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file
 
 
+STOPPED_AT_THE_SIGNAL = """\
+import asyncio, signal, sys
+
+async def work():
+    return bytearray(3_000_000)
+
+async def main():
+    kept = await asyncio.create_task(work(), name="worker")
+    print("before", flush=True)
+    signal.raise_signal(signal.SIGTERM)  # the default action ends the process here
+    open("side_effect.txt", "w").write("ran")
+    print("went on", flush=True)
+    return kept
+
+asyncio.run(main())
+"""
+
+
+def test_sigterm_stops_the_program_where_it_is_and_prints_the_summary(tmp_path: Path) -> None:
+    """Without the profiler the process ends at the signal.  With it, the report was
+    written by a thread while the program went on: a server served 132 more requests
+    (helper-64), and here the program wrote its file.  No summary was printed either."""
+    import signal
+
+    (tmp_path / "stopped.py").write_text(STOPPED_AT_THE_SIGNAL)
+    plain = subprocess.run([sys.executable, "stopped.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert plain.returncode == -signal.SIGTERM and plain.stdout == "before\n"
+    assert not (tmp_path / "side_effect.txt").exists()
+
+    proc = cli("run", "-o", "r.json", "stopped.py", cwd=tmp_path)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert not (tmp_path / "side_effect.txt").exists()
+    assert proc.stdout.startswith("before\n") and "went on" not in proc.stdout
+    assert "worker" in proc.stdout.split("before\n", 1)[1]  # the summary, after the program's output
+    assert proc.stderr == "memscope-async: SIGTERM: the report was written to r.json\n"
+    (task,) = Report.load(tmp_path / "r.json").find(name="worker")
+    assert task.live_bytes >= 3_000_000
+
+
+def test_sigterm_inside_the_profilers_own_code_still_writes_the_report(tmp_path: Path) -> None:
+    """A signal that stops the program inside the profiler's machinery (here: its own
+    snapshot, holding the tracker's lock) is answered by a thread once that code lets go,
+    not by a report made from inside it."""
+    import signal
+
+    (tmp_path / "inside.py").write_text(textwrap.dedent("""
+        import asyncio, signal
+        import memscope_async as ms
+        from memscope_async.attribution import tracker
+
+        read = tracker.read_records
+
+        def read_records(*args):  # (once: the report's own snapshot reads them too)
+            tracker.read_records = read
+            signal.raise_signal(signal.SIGTERM)
+            return read(*args)
+
+        async def main():
+            kept = await asyncio.create_task(asyncio.to_thread(bytearray, 2_000_000), name="worker")
+            tracker.read_records = read_records
+            ms.current_profiler().snapshot()
+            await asyncio.sleep(30)
+            return kept
+
+        asyncio.run(main())
+    """))
+    proc = cli("run", "-q", "-o", "r.json", "inside.py", cwd=tmp_path, timeout=60)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert proc.stderr == "memscope-async: SIGTERM: the report was written to r.json\n"
+    (task,) = Report.load(tmp_path / "r.json").find(name="worker")
+    assert task.live_bytes >= 2_000_000
+
+
 def test_program_arguments_are_passed_through(tmp_path: Path, script: Path) -> None:
     proc = cli("run", "-q", "-o", "r.json", script.name, "--top", "3", "-o", "x", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
