@@ -298,7 +298,7 @@ def _leak_suspects(report: Report, fmt: _Numbers, top: int, width: int) -> list[
     shown, more = _ranked(report.leak_suspects, lambda s: (-s.retained_bytes, s.key), top, "suspects")
     with_inferred = any(s.inferred_bytes for s in shown)
     columns = [
-        _Column("coro", flex=True),
+        _Column("group", flex=True),
         _Column("tasks", numeric=True),
         _Column("retained", numeric=True),
     ]
@@ -307,9 +307,9 @@ def _leak_suspects(report: Report, fmt: _Numbers, top: int, width: int) -> list[
     columns.append(_Column("top hotspot", flex=True, keep_end=True))
     rows = []
     for s in shown:
-        # (a coroutine named like another one's shows where it is, as its key does)
-        name = s.key.split("[", 1)[0] if s.coro and s.key.startswith(f"{s.coro} (") else (s.coro or s.key)
-        row = [name, str(s.tasks), fmt.size(s.retained_bytes)]
+        # the group's key: its coroutine (with where it is, if another one has its name)
+        # and labels, which tell apart suspects of one coroutine (one per route, say)
+        row = [s.key, str(s.tasks), fmt.size(s.retained_bytes)]
         if with_inferred:
             # as in the task tables: a guessed byte always carries "~" and the confidence
             row.append(f"~{format_size(s.inferred_bytes)} (c={_confidence(s.confidence)})" if s.inferred_bytes else "-")

@@ -642,6 +642,21 @@ def test_render_text_sampled_mode_marks_every_number():
     assert "~768.0 KiB" in "\n".join(_section(text, "Unattributed"))
 
 
+def test_render_text_leak_suspects_of_one_coroutine_keep_their_labels():
+    """Suspects of one coroutine (a framework's request runner), told apart by labels:
+    the table showed the coroutine alone, twice (helper-64, starlette)."""
+    base = make_report()
+    (suspect,) = base.leak_suspects
+    by_route = tuple(
+        dataclasses.replace(suspect, key=f"app.cache_fill[route={route}]", labels={"route": route},
+                            retained_bytes=size)
+        for route, size in (("/leak", 6 * MiB), ("/sync_leak", 2 * MiB))
+    )
+    leaks = _section(render_text(dataclasses.replace(base, leak_suspects=by_route)), "Leak suspects")
+    assert leaks[1].split()[0] == "group"
+    assert [row.split()[0] for row in leaks[3:5]] == ["app.cache_fill[route=/leak]", "app.cache_fill[route=/sync_leak]"]
+
+
 def test_render_text_unattributed_leaks_and_threads():
     text = render_text(make_report())
     unattributed = _section(text, "Unattributed")
