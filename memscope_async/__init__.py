@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any  # noqa: E402
 # inner sessions pytester runs in-process, which drop what was first imported during them.
 # orjson (3.13.0) crashes when it is imported again after such a drop, so a session that
 # never profiles must not import it.  The plugin loads everything at configure in the
-# outermost session (see pytest_plugin.preload), before pytester takes its snapshots.
+# outermost session (see pytest_plugin.pytest_configure), before pytester takes its snapshots.
 _EXPORTS = {
     "ExportError": ".exporters.json_report",
     "LoopFactory": ".api",
