@@ -1426,12 +1426,11 @@ PyDoc_STRVAR(task_done_doc,
 "watcher does not see (3.11, Task subclasses, other task types).");
 
 /* End task's record in state, to be folded at the next pass, not now. */
-static PyObject *end_task_deferred(PyObject *task, uint32_t state) {
+static void end_task_deferred(PyObject *task, uint32_t state) {
     int defer = G.defer_fold;
     G.defer_fold = 1;
     end_task(task, state);
     G.defer_fold = defer;
-    Py_RETURN_NONE;
 }
 
 static PyObject *core_task_done(PyObject *m, PyObject *task) {
@@ -1441,7 +1440,8 @@ static PyObject *core_task_done(PyObject *m, PyObject *task) {
      * folding now (fold_at_finish), else those bytes had no record to go to and were
      * counted unattributed (3.11, sampled mode: about half a short task's bytes, whose
      * live estimate is 0 at its end). */
-    return end_task_deferred(task, TS_UNREAD);
+    end_task_deferred(task, TS_UNREAD);
+    Py_RETURN_NONE;
 }
 
 
@@ -1983,11 +1983,53 @@ static PyObject *stand_in_doc(PyObject *self, void *offset) {
     {"__doc__", stand_in_doc, NULL, NULL, (void *)offsetof(type, field)},                                 \
     {NULL}
 
+/* The loop methods we stand in for (CallSoon, ExceptionHook, CreateTask, HandOver: each
+ * has the original first) also pass for it where code looks at a method rather than calls
+ * it, as the Python wrappers before them did: __class__ is the original's (so
+ * inspect.isfunction, getfile and getsource see a function, whose __code__ is the
+ * original's), an attribute set on one is set on the original (where it would have gone
+ * without us: the class's own method), and copy, deepcopy and pickle treat one as the
+ * global it is reached by (module and qualified name, as for a function).  The repr says
+ * what it is. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *orig;
+} MethodStandInObject;
+
+static PyObject *method_stand_in_class(PyObject *self, void *closure) {
+    return Py_NewRef((PyObject *)Py_TYPE(((MethodStandInObject *)self)->orig));
+}
+
+static int method_stand_in_setattro(PyObject *self, PyObject *name, PyObject *value) {
+    return PyObject_SetAttr(((MethodStandInObject *)self)->orig, name, value);
+}
+
+static PyObject *method_stand_in_repr(PyObject *self) {
+    return PyUnicode_FromFormat("<memscope_async stand-in for %R>", ((MethodStandInObject *)self)->orig);
+}
+
+static PyObject *method_stand_in_reduce(PyObject *self, PyObject *unused) {
+    return PyObject_GetAttrString(((MethodStandInObject *)self)->orig, "__qualname__");
+}
+
+static PyMethodDef method_stand_in_methods[] = {
+    {"__reduce__", method_stand_in_reduce, METH_NOARGS, NULL},
+    {NULL},
+};
+
+#define METHOD_STAND_IN_GETSET(type)                                                                       \
+    {"__class__", method_stand_in_class, NULL, NULL, NULL},                                               \
+    STAND_IN_GETSET(type, orig)
+
+#define METHOD_STAND_IN_SLOTS                                                                              \
+    .tp_setattro = method_stand_in_setattro, .tp_repr = method_stand_in_repr,                             \
+    .tp_methods = method_stand_in_methods
+
 static PyObject *CallSoon_getattro(PyObject *self, PyObject *name) {
     return stand_in_getattr(self, name, ((CallSoonObject *)self)->orig);
 }
 
-static PyGetSetDef CallSoon_getset[] = {STAND_IN_GETSET(CallSoonObject, orig)};
+static PyGetSetDef CallSoon_getset[] = {METHOD_STAND_IN_GETSET(CallSoonObject)};
 
 static PyTypeObject CallSoonType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.CallSoon",
@@ -2002,6 +2044,7 @@ static PyTypeObject CallSoonType = {
     .tp_members = CallSoon_members,
     .tp_getattro = CallSoon_getattro,
     .tp_getset = CallSoon_getset,
+    METHOD_STAND_IN_SLOTS,
 };
 
 /* ---- call_exception_handler ------------------------------------------------------------
@@ -2014,33 +2057,39 @@ static PyTypeObject CallSoonType = {
  * default handler is Cython, with no frame of its own, and logging names the innermost
  * Python frame as the record's file, line and function (a Python wrapper was named in
  * every "Exception in callback" record on uvloop).  Same object layout as CallSoon. */
-static void note_destroyed_pending(PyObject *loop, PyObject *context) {
-    if (!S.active || !PyDict_CheckExact(context) || loop_entry(loop) == NULL) return;
+static int note_destroyed_pending(PyObject *loop, PyObject *context) {
+    if (!S.active || !PyDict_CheckExact(context) || loop_entry(loop) == NULL) return 0;
     PyObject *msg = PyDict_GetItemWithError(context, G.s_message); /* borrowed */
     if (msg == NULL || !PyUnicode_Check(msg) || PyUnicode_Compare(msg, G.s_destroyed_pending) != 0) {
         PyErr_Clear();
-        return;
+        return 0;
     }
     PyObject *task = PyDict_GetItemWithError(context, G.s_task);
     if (task == NULL) {
         PyErr_Clear();
-        return;
+        return 0;
     }
     Py_INCREF(task);
     PyObject *done = PyObject_CallMethodNoArgs(task, G.s_done);
     if (done != NULL && PyObject_IsTrue(done) == 0) end_task_deferred(task, TS_PENDING);
     Py_XDECREF(done);
     Py_DECREF(task);
-    PyErr_Clear(); /* never in the way of the handler */
+    /* Never in the way of the handler: an error of ours is dropped, but KeyboardInterrupt
+     * or SystemExit (a signal handled while a Python Task's done() ran) is the user's. */
+    if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    PyErr_Clear();
+    return 0;
 }
 
 static PyObject *exceptionhook_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     /* (loop, context), or (loop, context=context) */
+    int rc = 0;
     if (n == 2 && kwnames == NULL)
-        note_destroyed_pending(args[0], args[1]);
+        rc = note_destroyed_pending(args[0], args[1]);
     else if (n == 1 && kwnames != NULL && PyTuple_GET_SIZE(kwnames) == 1 && kw_is_context(PyTuple_GET_ITEM(kwnames, 0)))
-        note_destroyed_pending(args[0], args[1]);
+        rc = note_destroyed_pending(args[0], args[1]);
+    if (rc < 0) return NULL;
     return PyObject_Vectorcall(((CallSoonObject *)self)->orig, args, nargsf, kwnames);
 }
 
@@ -2076,6 +2125,7 @@ static PyTypeObject ExceptionHookType = {
     .tp_members = ExceptionHook_members,
     .tp_getattro = CallSoon_getattro,
     .tp_getset = CallSoon_getset,
+    METHOD_STAND_IN_SLOTS,
 };
 
 /* ---- the task factory ---------------------------------------------------------------- */
@@ -2561,7 +2611,7 @@ static PyObject *CreateTask_getattro(PyObject *self, PyObject *name) {
     return stand_in_getattr(self, name, ((CreateTaskObject *)self)->orig);
 }
 
-static PyGetSetDef CreateTask_getset[] = {STAND_IN_GETSET(CreateTaskObject, orig)};
+static PyGetSetDef CreateTask_getset[] = {METHOD_STAND_IN_GETSET(CreateTaskObject)};
 
 static PyTypeObject CreateTaskType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.CreateTask",
@@ -2578,6 +2628,7 @@ static PyTypeObject CreateTaskType = {
     .tp_members = CreateTask_members,
     .tp_getattro = CreateTask_getattro,
     .tp_getset = CreateTask_getset,
+    METHOD_STAND_IN_SLOTS,
 };
 
 /* ---- hand-over to another thread ---------------------------------------------------- */
@@ -2798,7 +2849,7 @@ static PyObject *HandOver_getattro(PyObject *self, PyObject *name) {
     return stand_in_getattr(self, name, ((HandOverObject *)self)->orig);
 }
 
-static PyGetSetDef HandOver_getset[] = {STAND_IN_GETSET(HandOverObject, orig)};
+static PyGetSetDef HandOver_getset[] = {METHOD_STAND_IN_GETSET(HandOverObject)};
 
 static PyTypeObject HandOverType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memscope_async.attribution._core.HandOver",
@@ -2814,6 +2865,7 @@ static PyTypeObject HandOverType = {
     .tp_members = HandOver_members,
     .tp_getattro = HandOver_getattro,
     .tp_getset = HandOver_getset,
+    METHOD_STAND_IN_SLOTS,
 };
 
 PyDoc_STRVAR(register_loop_doc,

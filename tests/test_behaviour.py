@@ -433,6 +433,35 @@ async def prog_loop_log_records_name_the_same_place():
     return records
 
 
+async def prog_loop_methods_pass_as_methods():
+    """Code that looks at the loop class's methods (introspection, copying, pickling by
+    name, an attribute set on one) sees what it sees without us."""
+    import copy
+    import inspect
+    import os
+    import pickle
+
+    loop = asyncio.get_running_loop()
+    stdlib = not type(loop).__module__.startswith("uvloop")
+    seen = []
+    for name in ("create_task", "call_soon", "call_soon_threadsafe", "run_in_executor", "call_exception_handler"):
+        m = getattr(type(loop), name)
+        bound = getattr(loop, name)
+        row = [name, inspect.isfunction(m), inspect.ismethod(bound), copy.copy(m) is m, copy.deepcopy(m) is m]
+        if stdlib:  # functions pickle by module and qualified name (uvloop's are Cython's)
+            row.append(pickle.loads(pickle.dumps(m)) is getattr(type(loop), name))
+            row += [os.path.basename(inspect.getfile(m)), inspect.getsource(bound).lstrip().split("(")[0]]
+        try:
+            m.memscope_test_tag = name
+            row.append(getattr(type(loop), name).memscope_test_tag)
+            del m.memscope_test_tag
+        except AttributeError as e:
+            row.append(type(e).__name__)
+        row.append(hasattr(m, "memscope_test_tag"))
+        seen.append(row)
+    return seen
+
+
 PROGRAMS = [
     prog_debug_mode_refuses_what_is_not_callable,
     prog_kept_tag_mappings,
@@ -452,6 +481,7 @@ PROGRAMS = [
     prog_eager,
     prog_factory_returns_a_future_with_a_name,
     prog_loop_methods_read_as_asyncio_s,
+    prog_loop_methods_pass_as_methods,
     prog_work_handed_to_threads_reads_as_the_user_s,
     prog_task_subclass_overriding_add_done_callback,
     prog_loop_log_records_name_the_same_place,

@@ -297,6 +297,29 @@ def test_a_task_destroyed_while_pending_keeps_its_name(loop_kind):
     assert report.find(name="stuck") == [hung[0]]
 
 
+def test_ending_destroyed_pending_tasks_leaks_no_reference(loop_kind):
+    """Each report of a task destroyed while pending went through our handler with one
+    reference to None too many (3.11, where None is not immortal): a long-lived program
+    that drops pending tasks would have run None's count up to an overflow."""
+    import sys
+
+    deltas = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: None)
+        before = sys.getrefcount(None)
+        for _ in range(500):
+            asyncio.create_task(hang())  # noqa: RUF006 - dropped on purpose
+            await asyncio.sleep(0)
+        gc.collect()
+        await asyncio.sleep(0)
+        deltas.append(sys.getrefcount(None) - before)
+
+    _, report = run_profiled(main, loop_kind)
+    assert len(report.find(coro="hang")) == 500
+    assert deltas[0] < 100, deltas  # before the fix: 500 more
+
+
 def test_tasks_sharing_one_context_all_end(loop_kind):
     import contextvars
 
