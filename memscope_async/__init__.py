@@ -21,7 +21,7 @@ from .attribution import _core
 
 _core.main_interpreter_only()
 
-import importlib  # noqa: E402
+from importlib import import_module as _import_module  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
 # The rest is loaded on first use of any of these names (all at once), not at import: the
@@ -48,14 +48,49 @@ _EXPORTS = {
     "run": ".api",
     "uninstall_policy": ".api",
 }
-__all__ = sorted(_EXPORTS)
+# The package's modules, also reached as attributes (memscope_async.api) before any export is.
+_SUBMODULES = frozenset(
+    {"api", "attribution", "cli", "demo", "exporters", "loop_hooks", "profiler", "pytest_plugin", "sizes"}
+)
+
+# Spelt out for type checkers, which do not run the code (mypy --strict and pyright treat
+# a name as exported only when __all__ lists it literally or it is imported "as" itself).
+__all__ = [
+    "ExportError",
+    "LoopFactory",
+    "Profiler",
+    "ProfilerError",
+    "Report",
+    "ReportError",
+    "TaskReport",
+    "current_labels",
+    "current_profiler",
+    "install_policy",
+    "instrument",
+    "labels",
+    "loop_factory",
+    "profile",
+    "run",
+    "uninstall_policy",
+]
 
 if TYPE_CHECKING:
-    from .api import LoopFactory, install_policy, instrument, loop_factory, profile, run, uninstall_policy
-    from .attribution.report import Report, ReportError, TaskReport
-    from .exporters.json_report import ExportError
-    from .loop_hooks.tagging import current_labels, labels
-    from .profiler import Profiler, ProfilerError, current_profiler
+    from .api import LoopFactory as LoopFactory
+    from .api import install_policy as install_policy
+    from .api import instrument as instrument
+    from .api import loop_factory as loop_factory
+    from .api import profile as profile
+    from .api import run as run
+    from .api import uninstall_policy as uninstall_policy
+    from .attribution.report import Report as Report
+    from .attribution.report import ReportError as ReportError
+    from .attribution.report import TaskReport as TaskReport
+    from .exporters.json_report import ExportError as ExportError
+    from .loop_hooks.tagging import current_labels as current_labels
+    from .loop_hooks.tagging import labels as labels
+    from .profiler import Profiler as Profiler
+    from .profiler import ProfilerError as ProfilerError
+    from .profiler import current_profiler as current_profiler
 
 
 def _load_all() -> None:
@@ -63,15 +98,23 @@ def _load_all() -> None:
     g = globals()
     for name, module in _EXPORTS.items():
         if name not in g:
-            g[name] = getattr(importlib.import_module(module, __name__), name)
+            g[name] = getattr(_import_module(module, __name__), name)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        _load_all()
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Under "not TYPE_CHECKING": a module __getattr__ would tell type checkers that any name
+# exists here, and a misspelt export would pass unnoticed.
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        if name in _EXPORTS:
+            _load_all()
+            return globals()[name]
+        if name in _SUBMODULES:
+            return _import_module("." + name, __name__)  # binds it here too
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted({*(n for n in globals() if not n.startswith("_")), *_EXPORTS, *_SUBMODULES} - _NOT_API)
 
 
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+_NOT_API = frozenset({"annotations", "TYPE_CHECKING", "Any"})

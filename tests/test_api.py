@@ -1139,3 +1139,51 @@ def test_the_package_exports_load_on_first_use():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_package_exports_read_the_same_to_type_checkers_and_at_run_time():
+    """mypy --strict and pyright take a name as exported only from a literal __all__ or an
+    import "as" itself, and a module __getattr__ they see makes every name (a typo too)
+    exist: the lazily loaded exports must be spelt out for them."""
+    import ast
+    import pathlib
+
+    tree = ast.parse(pathlib.Path(ms.__file__).read_text())
+    literal_all = [
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__all__"]
+    ]
+    assert literal_all == [sorted(ms._EXPORTS)]
+    assert ms.__all__ == sorted(ms._EXPORTS)
+
+    def is_type_checking(test, negated):
+        if negated:
+            return isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not) and is_type_checking(test.operand, False)
+        return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
+
+    typed = [n for n in tree.body if isinstance(n, ast.If) and is_type_checking(n.test, False)]
+    imported = {(a.name, a.asname, n.module) for block in typed for n in block.body for a in n.names}
+    assert {name: "." + module for name, _, module in imported} == ms._EXPORTS
+    assert all(asname == name for name, asname, _ in imported), imported
+    top_defs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert not {"__getattr__", "__dir__"} & top_defs  # only under "if not TYPE_CHECKING"
+    hidden = [n for n in tree.body if isinstance(n, ast.If) and is_type_checking(n.test, True)]
+    assert {n.name for block in hidden for n in block.body if isinstance(n, ast.FunctionDef)} == {"__getattr__", "__dir__"}
+
+
+def test_the_packages_modules_are_attributes_before_any_export_is_used():
+    prog = (
+        "import memscope_async as ms\n"
+        "assert ms.api.run and ms.profiler.Profiler and ms.sizes and ms.cli.main and ms.exporters and ms.loop_hooks\n"
+        "names = dir(ms)\n"
+        "assert {'Profiler', 'run', 'api', 'sizes'} <= set(names), names\n"
+        "assert not {'annotations', 'TYPE_CHECKING', 'Any', 'importlib'} & set(names), names\n"
+        "try:\n"
+        "    ms.Profilr\n"
+        "except AttributeError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "module 'memscope_async' has no attribute 'Profilr'"
