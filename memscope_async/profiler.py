@@ -247,7 +247,8 @@ class Profiler:
     def instrument_loop(self, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
         """Instrument an event loop (stdlib or uvloop) so its tasks are attributed."""
         instrument_loop(loop, self._tagger)
-        kind = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+        # (a user's subclass of uvloop.Loop is uvloop too)
+        kind = "uvloop" if any(k.__module__.split(".")[0] == "uvloop" for k in type(loop).__mro__) else "asyncio"
         self._loop_kinds.add(kind)
         self._tracker.loop_impl = "+".join(sorted(self._loop_kinds))
         return loop

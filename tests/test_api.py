@@ -679,6 +679,18 @@ def test_run_loop_says_none_when_no_loop_was_instrumented():
     assert prof.snapshot().run.loop == "asyncio"
 
 
+def test_run_loop_says_uvloop_for_a_subclass_of_uvloops_loop():
+    uvloop = pytest.importorskip("uvloop")
+
+    class MyLoop(uvloop.Loop):
+        pass
+
+    with ms.Profiler() as prof:
+        with asyncio.Runner(loop_factory=prof.loop_factory(MyLoop)) as r:
+            r.run(asyncio.sleep(0))
+    assert prof.snapshot().run.loop == "uvloop"
+
+
 def test_export_and_load_errors_are_the_packages_own_and_name_the_file(tmp_path):
     profiler = ms.Profiler()
     profiler.start()
