@@ -48,10 +48,11 @@ _EXPORTS = {
     "run": ".api",
     "uninstall_policy": ".api",
 }
-# The package's modules, also reached as attributes (memscope_async.api) before any export is.
-_SUBMODULES = frozenset(
-    {"api", "attribution", "cli", "demo", "exporters", "loop_hooks", "profiler", "pytest_plugin", "sizes"}
-)
+# The package's library modules, also reached as attributes (memscope_async.api) before
+# any export is.  Not the command line, the demo or the pytest plugin (which needs pytest,
+# not a dependency): help(), inspect.getmembers() and tab completion touch every name dir()
+# gives, and must neither fail nor import those into the program.
+_SUBMODULES = frozenset({"api", "attribution", "exporters", "loop_hooks", "profiler", "sizes"})
 
 # Spelt out for type checkers, which do not run the code (mypy --strict and pyright treat
 # a name as exported only when __all__ lists it literally or it is imported "as" itself).

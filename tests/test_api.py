@@ -1187,10 +1187,15 @@ def test_the_package_exports_read_the_same_to_type_checkers_and_at_run_time():
 def test_the_packages_modules_are_attributes_before_any_export_is_used():
     prog = (
         "import memscope_async as ms\n"
-        "assert ms.api.run and ms.profiler.Profiler and ms.sizes and ms.cli.main and ms.exporters and ms.loop_hooks\n"
+        "assert ms.api.run and ms.profiler.Profiler and ms.sizes and ms.exporters and ms.loop_hooks\n"
         "names = dir(ms)\n"
         "assert {'Profiler', 'run', 'api', 'sizes'} <= set(names), names\n"
         "assert not {'annotations', 'TYPE_CHECKING', 'Any', 'importlib'} & set(names), names\n"
+        "import inspect, pydoc, rlcompleter, sys\n"
+        "assert 'run' in dict(inspect.getmembers(ms)) and pydoc.render_doc(ms)\n"
+        "assert rlcompleter.Completer({'ms': ms}).complete('ms.p', 0)\n"
+        "assert not hasattr(ms, 'nothing')\n"
+        "assert not {'pytest', 'memscope_async.cli', 'memscope_async.demo'} & set(sys.modules), sys.modules\n"
     )
     out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
