@@ -2249,6 +2249,7 @@ static PyMethodDef core_methods[] = {
     {"labels_in_use", core_labels_in_use, METH_NOARGS, labels_in_use_doc},
     {"unrecorded", (PyCFunction)(void (*)(void))core_unrecorded, METH_FASTCALL, unrecorded_doc},
     {"register_loop", core_register_loop, METH_VARARGS, register_loop_doc},
+    {"stand_in_placed", core_stand_in_placed, METH_VARARGS, stand_in_placed_doc},
     {"unregister_loop", core_unregister_loop, METH_O, unregister_loop_doc},
     {"set_fold_hook", core_set_fold_hook, METH_VARARGS, set_fold_hook_doc},
     {"records", core_records, METH_NOARGS, records_doc},

@@ -100,6 +100,8 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     PyObject *orig;         /* the loop class's own call_soon */
+    PyObject *where;        /* (weak reference to the class it was put on, name), or NULL */
+    PyObject *weaklist;
     vectorcallfunc vectorcall;
 } CallSoonObject;
 
@@ -1938,7 +1940,9 @@ static PyObject *CallSoon_new(PyTypeObject *type, PyObject *args, PyObject *kw) 
 }
 
 static void CallSoon_dealloc(CallSoonObject *self) {
+    if (self->weaklist != NULL) PyObject_ClearWeakRefs((PyObject *)self);
     Py_CLEAR(self->orig);
+    Py_CLEAR(self->where);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1984,16 +1988,20 @@ static PyObject *stand_in_doc(PyObject *self, void *offset) {
     {NULL}
 
 /* The loop methods we stand in for (CallSoon, ExceptionHook, CreateTask, HandOver: each
- * has the original first) also pass for it where code looks at a method rather than calls
- * it, as the Python wrappers before them did: __class__ is the original's (so
- * inspect.isfunction, getfile and getsource see a function, whose __code__ is the
- * original's), an attribute set on one is set on the original (where it would have gone
- * without us: the class's own method), and copy, deepcopy and pickle treat one as the
- * global it is reached by (module and qualified name, as for a function).  The repr says
- * what it is. */
+ * begins with the original, where it was put and its weak references) also pass for it
+ * where code looks at a method rather than calls it, as the Python wrappers before them
+ * did: __class__ is the original's (so inspect.isfunction, getfile and getsource see a
+ * function, whose __code__ is the original's), an attribute set on one is set on the
+ * original (where it would have gone without us: the class's own method), one can be
+ * weakly referenced, and copy, deepcopy and pickle treat one as what it is reached by:
+ * the attribute of the class it was put on (stand_in_placed; uvloop's go on uvloop.Loop,
+ * a subclass of the Cython class whose name the original's __qualname__ gives), else the
+ * original's module and qualified name, as for a function.  The repr says what it is. */
 typedef struct {
     PyObject_HEAD
     PyObject *orig;
+    PyObject *where;
+    PyObject *weaklist;
 } MethodStandInObject;
 
 static PyObject *method_stand_in_class(PyObject *self, void *closure) {
@@ -2009,7 +2017,16 @@ static PyObject *method_stand_in_repr(PyObject *self) {
 }
 
 static PyObject *method_stand_in_reduce(PyObject *self, PyObject *unused) {
-    return PyObject_GetAttrString(((MethodStandInObject *)self)->orig, "__qualname__");
+    MethodStandInObject *si = (MethodStandInObject *)self;
+    if (si->where != NULL) {
+        PyObject *owner = PyWeakref_GetObject(PyTuple_GET_ITEM(si->where, 0)); /* borrowed */
+        if (owner != NULL && owner != Py_None) {
+            PyObject *getattr_ = PyDict_GetItemString(PyEval_GetBuiltins(), "getattr"); /* borrowed */
+            if (getattr_ != NULL) return Py_BuildValue("O(OO)", getattr_, owner, PyTuple_GET_ITEM(si->where, 1));
+        }
+        PyErr_Clear();
+    }
+    return PyObject_GetAttrString(si->orig, "__qualname__");
 }
 
 static PyMethodDef method_stand_in_methods[] = {
@@ -2017,13 +2034,35 @@ static PyMethodDef method_stand_in_methods[] = {
     {NULL},
 };
 
+PyDoc_STRVAR(stand_in_placed_doc,
+"stand_in_placed(stand_in, owner, name)\n--\n\nRecord that a loop-method stand-in was put on class owner as name\n"
+"(what pickling it refers to).");
+
+static int is_method_stand_in(PyObject *o);
+
+static PyObject *core_stand_in_placed(PyObject *m, PyObject *args) {
+    PyObject *si, *owner, *name;
+    if (!PyArg_ParseTuple(args, "OO!U:stand_in_placed", &si, &PyType_Type, &owner, &name)) return NULL;
+    if (!is_method_stand_in(si)) {
+        PyErr_SetString(PyExc_TypeError, "stand_in_placed: not a loop-method stand-in");
+        return NULL;
+    }
+    PyObject *ref = PyWeakref_NewRef(owner, NULL);
+    if (ref == NULL) return NULL;
+    PyObject *where = PyTuple_Pack(2, ref, name);
+    Py_DECREF(ref);
+    if (where == NULL) return NULL;
+    Py_XSETREF(((MethodStandInObject *)si)->where, where);
+    Py_RETURN_NONE;
+}
+
 #define METHOD_STAND_IN_GETSET(type)                                                                       \
     {"__class__", method_stand_in_class, NULL, NULL, NULL},                                               \
     STAND_IN_GETSET(type, orig)
 
 #define METHOD_STAND_IN_SLOTS                                                                              \
     .tp_setattro = method_stand_in_setattro, .tp_repr = method_stand_in_repr,                             \
-    .tp_methods = method_stand_in_methods
+    .tp_methods = method_stand_in_methods, .tp_weaklistoffset = offsetof(MethodStandInObject, weaklist)
 
 static PyObject *CallSoon_getattro(PyObject *self, PyObject *name) {
     return stand_in_getattr(self, name, ((CallSoonObject *)self)->orig);
@@ -2494,6 +2533,8 @@ static PyTypeObject FactoryType = {
 typedef struct {
     PyObject_HEAD
     PyObject *orig;
+    PyObject *where;
+    PyObject *weaklist;
     PyObject *slow;
     vectorcallfunc vectorcall;
 } CreateTaskObject;
@@ -2578,6 +2619,7 @@ static PyObject *CreateTask_new(PyTypeObject *type, PyObject *args, PyObject *kw
     CreateTaskObject *self = PyObject_GC_New(CreateTaskObject, type);
     if (self == NULL) return NULL;
     self->orig = Py_NewRef(orig);
+    self->where = self->weaklist = NULL;
     self->slow = Py_NewRef(slow);
     self->vectorcall = createtask_vectorcall;
     PyObject_GC_Track(self);
@@ -2586,18 +2628,21 @@ static PyObject *CreateTask_new(PyTypeObject *type, PyObject *args, PyObject *kw
 
 static int CreateTask_traverse(CreateTaskObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->orig);
+    Py_VISIT(self->where);
     Py_VISIT(self->slow);
     return 0;
 }
 
 static int CreateTask_clear(CreateTaskObject *self) {
     Py_CLEAR(self->orig);
+    Py_CLEAR(self->where);
     Py_CLEAR(self->slow);
     return 0;
 }
 
 static void CreateTask_dealloc(CreateTaskObject *self) {
     PyObject_GC_UnTrack(self);
+    if (self->weaklist != NULL) PyObject_ClearWeakRefs((PyObject *)self);
     CreateTask_clear(self);
     PyObject_GC_Del(self);
 }
@@ -2735,6 +2780,8 @@ static PyTypeObject HandedType = {
 typedef struct {
     PyObject_HEAD
     PyObject *orig;
+    PyObject *where;
+    PyObject *weaklist;
     PyObject *pool_type;
     PyObject *get_running_loop;
     int kind;
@@ -2834,7 +2881,9 @@ static PyObject *HandOver_new(PyTypeObject *type, PyObject *args, PyObject *kw) 
 }
 
 static void HandOver_dealloc(HandOverObject *self) {
+    if (self->weaklist != NULL) PyObject_ClearWeakRefs((PyObject *)self);
     Py_CLEAR(self->orig);
+    Py_CLEAR(self->where);
     Py_CLEAR(self->pool_type);
     Py_CLEAR(self->get_running_loop);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -2867,6 +2916,11 @@ static PyTypeObject HandOverType = {
     .tp_getset = HandOver_getset,
     METHOD_STAND_IN_SLOTS,
 };
+
+static int is_method_stand_in(PyObject *o) {
+    PyTypeObject *t = Py_TYPE(o);
+    return t == &CallSoonType || t == &ExceptionHookType || t == &CreateTaskType || t == &HandOverType;
+}
 
 PyDoc_STRVAR(register_loop_doc,
 "register_loop(loop, factory, propagate, default_pool=True)\n--\n\nMark loop as instrumented, with its TaskFactory; propagate: carry\n"

@@ -262,6 +262,8 @@ def _patch(key: tuple[type, str]) -> None:
         original = _unwrap(saved if saved is not _MISSING else getattr(owner, name))
         ours = _replacement(name, original)
         setattr(owner, name, ours)
+        if name not in _IN_PYTHON:  # one of the C stand-ins
+            _core.stand_in_placed(ours, owner, name)  # what pickling it refers to
         p = _patches[key] = _Patch(saved, ours)
     p.loops += 1
 

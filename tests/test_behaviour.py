@@ -435,11 +435,12 @@ async def prog_loop_log_records_name_the_same_place():
 
 async def prog_loop_methods_pass_as_methods():
     """Code that looks at the loop class's methods (introspection, copying, pickling by
-    name, an attribute set on one) sees what it sees without us."""
+    name, weak references, an attribute set on one) sees what it sees without us."""
     import copy
     import inspect
     import os
     import pickle
+    import weakref
 
     loop = asyncio.get_running_loop()
     stdlib = not type(loop).__module__.startswith("uvloop")
@@ -448,8 +449,9 @@ async def prog_loop_methods_pass_as_methods():
         m = getattr(type(loop), name)
         bound = getattr(loop, name)
         row = [name, inspect.isfunction(m), inspect.ismethod(bound), copy.copy(m) is m, copy.deepcopy(m) is m]
-        if stdlib:  # functions pickle by module and qualified name (uvloop's are Cython's)
-            row.append(pickle.loads(pickle.dumps(m)) is getattr(type(loop), name))
+        row.append(pickle.loads(pickle.dumps(m)) is getattr(type(loop), name))
+        row += [weakref.ref(m)() is m, weakref.WeakMethod(bound)() == bound]
+        if stdlib:  # (uvloop's are Cython's: no source file)
             row += [os.path.basename(inspect.getfile(m)), inspect.getsource(bound).lstrip().split("(")[0]]
         try:
             m.memscope_test_tag = name
