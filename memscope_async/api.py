@@ -10,18 +10,32 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, ParamSpec, Protocol, TypeVar, overload
 
 from .loop_hooks.instrument import is_instrumented, loop_thread_here, making_loop
 from .loop_hooks.policy import (
     get_policy, instrument_policy, policies_available, policy_is, set_policy, uninstrument_policy,
 )
+from .attribution.report import Report
 from .exporters import ExportError
 from .profiler import Profiler, ProfilerError, instrument_or_warn
 
 __all__ = ["install_policy", "uninstall_policy", "loop_factory", "LoopFactory", "run", "instrument", "profile"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class Profiled(Protocol[P, R_co]):
+    """What ``@profile`` makes of a coroutine function (for type checkers): called with its
+    arguments, it returns a coroutine of its result; ``last_report`` is the report of the
+    last session that ended (None before one has)."""
+
+    last_report: Report | None
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]: ...
+
 
 _policy_lock = threading.Lock()
 # (policy instrumented, policy it replaced or None, profiler, undo of instrument_loops_made_any_way)
@@ -414,7 +428,15 @@ def instrument(loop: asyncio.AbstractEventLoop | None = None, **options: Any) ->
     return prof
 
 
-def profile(fn: Callable[..., Awaitable[T]] | None = None, *, report: str | Path | None = None, **options: Any):
+@overload
+def profile(fn: Callable[P, Awaitable[T]]) -> Profiled[P, T]: ...
+@overload
+def profile(
+    fn: None = None, *, report: str | Path | None = None, **options: Any
+) -> Callable[[Callable[P, Awaitable[T]]], Profiled[P, T]]: ...
+
+
+def profile(fn: Callable[..., Awaitable[Any]] | None = None, *, report: str | Path | None = None, **options: Any) -> Any:
     """Decorator for coroutine functions: their calls run profiled.
 
     A call made while no profiler runs starts one (with ``options``) on the running loop;
