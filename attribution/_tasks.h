@@ -2004,12 +2004,16 @@ typedef struct {
     PyObject *weaklist;
 } MethodStandInObject;
 
+/* (orig is NULL only in a CreateTask the collector is clearing) */
 static PyObject *method_stand_in_class(PyObject *self, void *closure) {
-    return Py_NewRef((PyObject *)Py_TYPE(((MethodStandInObject *)self)->orig));
+    PyObject *orig = ((MethodStandInObject *)self)->orig;
+    return Py_NewRef(orig != NULL ? (PyObject *)Py_TYPE(orig) : (PyObject *)Py_TYPE(self));
 }
 
 static int method_stand_in_setattro(PyObject *self, PyObject *name, PyObject *value) {
-    return PyObject_SetAttr(((MethodStandInObject *)self)->orig, name, value);
+    PyObject *orig = ((MethodStandInObject *)self)->orig;
+    if (orig == NULL) return PyObject_GenericSetAttr(self, name, value);
+    return PyObject_SetAttr(orig, name, value);
 }
 
 static PyObject *method_stand_in_repr(PyObject *self) {
@@ -2026,6 +2030,7 @@ static PyObject *method_stand_in_reduce(PyObject *self, PyObject *unused) {
         }
         PyErr_Clear();
     }
+    if (si->orig == NULL) return PyErr_Format(PyExc_TypeError, "cannot pickle a cleared %s", Py_TYPE(self)->tp_name);
     return PyObject_GetAttrString(si->orig, "__qualname__");
 }
 
