@@ -97,6 +97,31 @@ typedef struct {
     vectorcallfunc vectorcall;
 } FactoryObject;
 
+/* Whether a weak reference still points to obj (3.13 deprecates PyWeakref_GetObject). */
+static int weakly_points_to(PyObject *ref, PyObject *obj) {
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *target = NULL;
+    if (PyWeakref_GetRef(ref, &target) < 0) PyErr_Clear();
+    Py_XDECREF(target); /* (obj is alive: the comparison below needs no reference) */
+    return target != NULL && target == obj;
+#else
+    return PyWeakref_GetObject(ref) == obj;
+#endif
+}
+
+/* The living target of a weak reference, as a new reference; NULL (no error) if dead. */
+static PyObject *weak_target(PyObject *ref) {
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *target = NULL;
+    if (PyWeakref_GetRef(ref, &target) < 0) PyErr_Clear();
+    return target;
+#else
+    PyObject *target = PyWeakref_GetObject(ref);
+    if (target == NULL) PyErr_Clear();
+    return target != NULL && target != Py_None ? Py_NewRef(target) : NULL;
+#endif
+}
+
 typedef struct {
     PyObject_HEAD
     PyObject *orig;         /* the loop class's own call_soon */
@@ -1556,7 +1581,7 @@ static void late_names_flush(int this_thread) {
             late_names[kept++] = e;
             continue;
         }
-        if (e.task != NULL && PyWeakref_GetObject(e.ref) == e.task) set_late_name(e.tid, e.task, task_name_of(e.task));
+        if (e.task != NULL && weakly_points_to(e.ref, e.task)) set_late_name(e.tid, e.task, task_name_of(e.task));
         PyErr_Clear();
         Py_DECREF(e.ref);
     }
@@ -2023,10 +2048,12 @@ static PyObject *method_stand_in_repr(PyObject *self) {
 static PyObject *method_stand_in_reduce(PyObject *self, PyObject *unused) {
     MethodStandInObject *si = (MethodStandInObject *)self;
     if (si->where != NULL) {
-        PyObject *owner = PyWeakref_GetObject(PyTuple_GET_ITEM(si->where, 0)); /* borrowed */
-        if (owner != NULL && owner != Py_None) {
+        PyObject *owner = weak_target(PyTuple_GET_ITEM(si->where, 0));
+        if (owner != NULL) {
             PyObject *getattr_ = PyDict_GetItemString(PyEval_GetBuiltins(), "getattr"); /* borrowed */
-            if (getattr_ != NULL) return Py_BuildValue("O(OO)", getattr_, owner, PyTuple_GET_ITEM(si->where, 1));
+            PyObject *r = getattr_ != NULL ? Py_BuildValue("O(OO)", getattr_, owner, PyTuple_GET_ITEM(si->where, 1)) : NULL;
+            Py_DECREF(owner);
+            if (r != NULL) return r;
         }
         PyErr_Clear();
     }
