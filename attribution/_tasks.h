@@ -97,19 +97,8 @@ typedef struct {
     vectorcallfunc vectorcall;
 } FactoryObject;
 
-/* Whether a weak reference still points to obj (3.13 deprecates PyWeakref_GetObject). */
-static int weakly_points_to(PyObject *ref, PyObject *obj) {
-#if PY_VERSION_HEX >= 0x030D0000
-    PyObject *target = NULL;
-    if (PyWeakref_GetRef(ref, &target) < 0) PyErr_Clear();
-    Py_XDECREF(target); /* (obj is alive: the comparison below needs no reference) */
-    return target != NULL && target == obj;
-#else
-    return PyWeakref_GetObject(ref) == obj;
-#endif
-}
-
-/* The living target of a weak reference, as a new reference; NULL (no error) if dead. */
+/* The living target of a weak reference, as a new reference; NULL (no error) if dead
+ * (3.13 deprecates PyWeakref_GetObject). */
 static PyObject *weak_target(PyObject *ref) {
 #if PY_VERSION_HEX >= 0x030D0000
     PyObject *target = NULL;
@@ -1581,7 +1570,9 @@ static void late_names_flush(int this_thread) {
             late_names[kept++] = e;
             continue;
         }
-        if (e.task != NULL && weakly_points_to(e.ref, e.task)) set_late_name(e.tid, e.task, task_name_of(e.task));
+        PyObject *alive = e.task != NULL ? weak_target(e.ref) : NULL;
+        if (alive != NULL && alive == e.task) set_late_name(e.tid, e.task, task_name_of(e.task));
+        Py_XDECREF(alive);
         PyErr_Clear();
         Py_DECREF(e.ref);
     }

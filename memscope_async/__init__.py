@@ -53,6 +53,7 @@ _EXPORTS = {
 # not a dependency): help(), inspect.getmembers() and tab completion touch every name dir()
 # gives, and must neither fail nor import those into the program.
 _SUBMODULES = frozenset({"api", "attribution", "exporters", "loop_hooks", "profiler", "sizes"})
+_NOT_API = frozenset({"annotations", "TYPE_CHECKING", "Any"})  # module globals dir() leaves out
 
 # Spelt out for type checkers, which do not run the code (mypy --strict and pyright treat
 # a name as exported only when __all__ lists it literally or it is imported "as" itself).
@@ -116,6 +117,3 @@ if not TYPE_CHECKING:
 
     def __dir__() -> list[str]:
         return sorted({*(n for n in globals() if not n.startswith("_")), *_EXPORTS, *_SUBMODULES} - _NOT_API)
-
-
-_NOT_API = frozenset({"annotations", "TYPE_CHECKING", "Any"})
