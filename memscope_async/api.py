@@ -513,9 +513,9 @@ def profile(fn: Callable[..., Awaitable[Any]] | None = None, *, report: str | Pa
                 session["closing"] = True
             try:
                 prof.stop()
-                wrapper.last_report = prof.snapshot()  # type: ignore[attr-defined]
+                taken = wrapper.last_report = prof.snapshot()  # type: ignore[attr-defined]
                 if report is not None:
-                    _export_quietly(prof, report)
+                    _export_quietly(prof, report, taken)
             finally:
                 with done:
                     session["prof"] = None
@@ -529,10 +529,10 @@ def profile(fn: Callable[..., Awaitable[Any]] | None = None, *, report: str | Pa
             if report is None or running is None or not running.ambient:
                 return  # (a snapshot of the whole session at every call would stall the loop)
             try:
-                wrapper.last_report = running.snapshot()  # type: ignore[attr-defined]
+                taken = wrapper.last_report = running.snapshot()  # type: ignore[attr-defined]
             except Exception:  # noqa: BLE001 - never raised into the program
                 return
-            _export_quietly(running, report)
+            _export_quietly(running, report, taken)  # (the same report: one snapshot, one collection)
 
         @functools.wraps(func)
         async def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -554,13 +554,17 @@ def profile(fn: Callable[..., Awaitable[Any]] | None = None, *, report: str | Pa
 
 
 # -- helpers --------------------------------------------------------------------------
-def _export_quietly(profiler: Profiler, path: str | Path) -> None:
-    """Export, turning a failure into a warning: the user's program has already run and
-    must not be harmed by the profiler."""
+def _export_quietly(profiler: Profiler, path: str | Path, report: Report | None = None) -> None:
+    """Export (``report`` if the caller has just taken it, else a new snapshot), turning a
+    failure into a warning: the user's program has already run and must not be harmed by
+    the profiler."""
     if profiler.forked:
         return  # a forked child's copy of the profile: the parent writes the report
     try:
-        profiler.export(path)
+        if report is None:
+            profiler.export(path)
+        else:
+            profiler._write(report, path)
     except ExportError as exc:  # (its message names the file and the reason)
         _warn(f"memscope-async: {exc}", where=_program_line())
     except Exception as exc:  # noqa: BLE001 - reported, never raised into user code

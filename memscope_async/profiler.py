@@ -304,6 +304,10 @@ class Profiler:
             report = self.snapshot()
         except MemoryError as exc:
             raise ExportError(f"cannot write report to {path}: out of memory") from exc
+        return self._write(report, path, indent=indent)
+
+    def _write(self, report: Report, path: str | Path, *, indent: bool = False) -> Path:
+        """Write a report already taken (as :meth:`export` writes its own)."""
         return _core.unrecorded(functools.partial(write_json, report, path, indent=indent))
 
     async def export_async(self, path: str | Path, *, indent: bool = False) -> Path:
