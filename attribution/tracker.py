@@ -48,6 +48,41 @@ _generation = 0  # bumped at every start: the C core holds one run's data at a t
 _holder: "weakref.ref[Tracker] | None" = None  # the tracker whose run the C core holds
 
 
+# asyncio's C Future keeps up to 255 freed iterators (the object ``await fut`` makes, 40
+# bytes) in a free list of its own, which no collection empties: the first 255 tasks that
+# awaited a future kept one each, charged to them as live after they finished, so they
+# could not fold and their group showed bytes "retained".  This many iterators made and
+# dropped in the right order leave that list full of blocks the program never owned.
+_FUTURE_ITERS = 512  # above the list's length on every supported Python
+
+
+class _NoLoop:
+    """All a C Future asks of its loop when it is made."""
+
+    def get_debug(self) -> bool:
+        return False
+
+
+def _refill_future_iter_free_list() -> None:
+    """Swap the program's freed Future iterators in asyncio's free list for fresh ones.
+
+    Taking ``_FUTURE_ITERS`` iterators empties the list (the program's blocks among
+    them); ``_FUTURE_ITERS`` more are new blocks; dropping the new ones first fills the
+    list with them, so the program's, dropped last, are really freed and the hooks see
+    those frees.  Run with recording off: the new blocks are ours, and the list stays full
+    of them, so a task later takes its iterator from the list and gives it back unseen,
+    as the program's first ones were until now.  A no-op without the C accelerator."""
+    try:
+        from _asyncio import Future
+    except ImportError:
+        return
+    fut = Future(loop=_NoLoop())
+    taken = [iter(fut) for _ in range(_FUTURE_ITERS)]
+    fresh = [iter(fut) for _ in range(_FUTURE_ITERS)]
+    del fresh
+    del taken
+
+
 def _stop_in_forked_child() -> None:
     """In a child made by fork (os.fork, multiprocessing's fork workers) the running tracker
     stops: what it holds is the parent's profile up to the fork, and the child's bytes
@@ -216,6 +251,10 @@ class Tracker:
             else:
                 stack_interval = float(self.stack_interval)
             try:
+                _refill_future_iter_free_list()  # full of blocks from before the start
+            except Exception:
+                pass
+            try:
                 _core.start(
                     self.tag_var,
                     _core.MODE_SAMPLED if self.mode == "sampled" else _core.MODE_EXACT,
@@ -256,6 +295,17 @@ class Tracker:
             return _core.settle_stacks()
         except Exception:  # (out of memory: the code objects stay held, as before)
             return 0
+
+    def settle_free_lists(self) -> None:
+        """Free the program's blocks that asyncio's free list of Future iterators holds
+        (see ``_refill_future_iter_free_list``), so that finished tasks do not keep them;
+        ``gc.collect()`` empties the interpreter's own free lists, not this one."""
+        if not self._active:
+            return
+        try:
+            _core.unrecorded(_refill_future_iter_free_list)
+        except Exception:  # (out of memory: the iterators stay where they were)
+            pass
 
     def stop(self) -> None:
         """Remove the hooks (idempotent).  Data stays readable until :meth:`close`."""

@@ -214,6 +214,7 @@ class Profiler:
                 # of them waits in the free lists goes with one more full collection.
                 if self._tracker.settle_stacks():
                     gc.collect()
+            self._tracker.settle_free_lists()
             try:
                 self._tracker.note_live_tasks()  # their names, while the loops still say which are ours
             except Exception:
@@ -287,6 +288,7 @@ class Profiler:
         of the report made from such a tuple would have stayed charged to the program."""
         if self._tracker.active and gc.isenabled():
             gc.collect()  # a finalizer's exception is reported as unraisable, never raised here
+        self._tracker.settle_free_lists()  # asyncio's own, which the collection leaves
         try:
             # Building it is our bookkeeping, not the program's memory: its allocations are
             # not recorded (in a fresh process its first imports alone are ~1 MiB, which the
