@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Coroutine, ParamSpec, Protocol, TypeVar, overload
 
+from .loop_hooks.imports import when_imported
 from .loop_hooks.instrument import is_instrumented, loop_thread_here, making_loop
 from .loop_hooks.policy import (
     get_policy, instrument_policy, policies_available, policy_is, set_policy, uninstrument_policy,
@@ -205,6 +206,25 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any], *, current_p
     if current_policy and policies_available():
         instrument_set(get_policy())
 
+    # uvloop.new_event_loop() makes its loop without the policy: ours makes it in a thread
+    # marked as a loop thread (its ~256 KiB of internals are not inferred to a task that
+    # started the thread) and instruments it, as a Runner's loop_factory is
+    uvloop_made: list[tuple[Any, Any, Any]] = []  # (module, ours, what it replaced)
+
+    def wrap_uvloop(module: Any) -> None:
+        original = getattr(module, "new_event_loop", None)
+        if not live or not callable(original):
+            return
+
+        @functools.wraps(original)
+        def new_event_loop(*args: Any, **kwargs: Any) -> Any:
+            if not live:
+                return original(*args, **kwargs)
+            return instrument(making_loop(original, *args, **kwargs))
+
+        module.new_event_loop = new_event_loop
+        uvloop_made.append((module, new_event_loop, original))
+
     asyncio.runners.Runner.__init__ = init  # type: ignore[method-assign]
     if setter is not None:
         functools.update_wrapper(set_event_loop_policy, setter)
@@ -213,10 +233,15 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any], *, current_p
     if maker is not None:
         functools.update_wrapper(make_default_policy, maker)
         events._init_event_loop_policy = make_default_policy
+    stop_waiting = when_imported("uvloop", wrap_uvloop)
 
     def undo() -> None:
         nonlocal live
         live = False
+        stop_waiting()
+        for module, wrapper, original in uvloop_made:
+            if getattr(module, "new_event_loop", None) is wrapper:
+                module.new_event_loop = original
         if asyncio.runners.Runner.__init__ is init:
             asyncio.runners.Runner.__init__ = runner_init  # type: ignore[method-assign]
         for holder in holders:

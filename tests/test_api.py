@@ -765,6 +765,69 @@ def test_a_profiler_started_on_its_own_instruments_the_loops_made_while_it_runs(
     prof.close()
 
 
+def test_a_loop_made_with_uvloop_new_event_loop_is_instrumented_and_given_back():
+    """``uvloop.new_event_loop()`` makes its loop without the policy: a program that runs
+    it without ``set_event_loop`` had no task attributed (``run.loop`` "none")."""
+    uvloop = pytest.importorskip("uvloop")
+    original = uvloop.new_event_loop
+    KEEP = []
+
+    async def worker():
+        KEEP.append(bytearray(3 * MiB))
+        await asyncio.sleep(0)
+        return 7
+
+    async def main():
+        return await asyncio.create_task(worker(), name="worker")
+
+    with ms.Profiler() as prof:
+        loop = uvloop.new_event_loop()
+        try:
+            assert loop.run_until_complete(main()) == 7
+        finally:
+            loop.close()
+        assert type(loop) is uvloop.Loop
+    assert uvloop.new_event_loop is original
+    report = prof.snapshot()
+    prof.close()
+    (w,) = report.find(name="worker")
+    assert report.run.loop == "uvloop"
+    assert close_to(w.live_bytes, 3 * MiB) and close_to(w.allocated_bytes, 3 * MiB), w
+
+
+_LATE_UVLOOP = """
+import asyncio, sys, memscope_async as ms
+prof = ms.Profiler().start()
+assert "uvloop" not in sys.modules
+import uvloop  # after the start: wrapped as it is imported
+before = len(sys.meta_path)
+KEEP = []
+async def worker():
+    KEEP.append(bytearray(3 << 20))
+    await asyncio.sleep(0)
+loop = uvloop.new_event_loop()
+loop.run_until_complete(asyncio.ensure_future(worker(), loop=loop))
+loop.close()
+prof.stop()
+import uvloop.loop, importlib
+assert uvloop.new_event_loop.__code__.co_filename.endswith("__init__.py"), "not given back"
+assert type(uvloop.__loader__).__name__ == "SourceFileLoader", uvloop.__loader__
+importlib.reload(uvloop)
+(w,) = [t for t in prof.snapshot().tasks if t.coro.endswith("worker")]
+print(prof.snapshot().run.loop, w.live_bytes, before, len(sys.meta_path))
+"""
+
+
+def test_uvloop_imported_after_the_start_is_wrapped_when_it_is_imported(tmp_path):
+    pytest.importorskip("uvloop")
+    (tmp_path / "late.py").write_text(_LATE_UVLOOP)
+    proc = subprocess.run([sys.executable, "late.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    loop, live, meta_before, meta_after = proc.stdout.split()
+    assert loop == "uvloop" and close_to(int(live), 3 * MiB), proc.stdout
+    assert meta_before == meta_after  # (the finder left sys.meta_path once it had served)
+
+
 def test_profile_decorator_called_again_by_the_same_task_charges_it_each_time(loop_kind):
     """A long-lived task calling a decorated function again: each call is a new profiler,
     and the caller's context still holds the Tag the last one gave it.  Each report must

@@ -707,12 +707,25 @@ def _run_a_loop_in_this_thread(how, kind, prof):
     elif how == "runner":  # a Runner's own loop factory, seen while a profiler runs
         with asyncio.Runner(loop_factory=base_loop(kind)) as runner:
             runner.run(main())
+    elif how == "by hand":  # new_event_loop() + set_event_loop(): uvloop's makes it without the policy
+        if kind == "uvloop":
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(main())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
     else:
         with asyncio.Runner(loop_factory=prof.loop_factory(base_loop(kind))) as runner:
             runner.run(main())
 
 
-@pytest.mark.parametrize("how", ["policy", "runner", "profiler-factory"])
+@pytest.mark.parametrize("how", ["policy", "runner", "profiler-factory", "by hand"])
 def test_loops_in_threads_a_task_started_are_not_inferred_to_it(loop_kind, how):
     """A task starts threads that each run their own loop: what making and running those
     loops allocates outside their tasks is theirs (loop internals), not inferred to the
