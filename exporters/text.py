@@ -4,7 +4,8 @@ Two rules shape the output:
 
 * Honesty.  Bytes charged to a task by the ``inferred`` route (no context link, a guess)
   are never folded silently into its other bytes: the task tables show them in a column of
-  their own as ``~1.2 MiB (c=0.40)``, and a confidence below 1 is printed with two decimals
+  their own as ``~1.2 MiB (c=0.40)`` (live and peak, which cannot be split by route and so
+  include them, are marked ``~`` too), and a confidence below 1 is printed with two decimals
   (rounded down, so 0.999 never reads as certain).  In sampled mode every byte and
   allocation count is an estimate and is printed with a leading ``~``.
 * Determinism.  Same report, same text: ties are broken by id or key, the output is plain
@@ -221,8 +222,10 @@ def _task_table(report: Report, fmt: _Numbers, title: str, metric: Callable[[Tas
             _task_label(t),
             t.state,
             fmt.size(max(t.allocated_bytes - guessed_bytes, 0)),
-            fmt.size(t.live_bytes),
-            fmt.size(t.peak_live_bytes),
+            # live and peak cannot be split by route: with inferred bytes among them they
+            # are partly guessed, and marked so in the cell itself
+            fmt.size(t.live_bytes) if not guess or fmt.estimated else "~" + format_size(t.live_bytes),
+            fmt.size(t.peak_live_bytes) if not guess or fmt.estimated else "~" + format_size(t.peak_live_bytes),
             _confidence(t.confidence),
         ]
         if with_inferred:
@@ -233,7 +236,7 @@ def _task_table(report: Report, fmt: _Numbers, title: str, metric: Callable[[Tas
     lines = [title, *_table(columns, rows, width), *more]
     if with_inferred:
         lines.append("inferred: bytes guessed without a context link (c = confidence),")
-        lines.append("not counted in allocated; live and peak include them.")
+        lines.append("not counted in allocated; live and peak include them (marked ~).")
         if ranked_by_total:
             lines.append("rows are ranked by allocated + inferred.")
     return lines

@@ -609,7 +609,10 @@ def test_render_text_shows_inferred_bytes_apart_with_confidence():
     assert re.search(r"\s1\.8 MiB\s", row) and not re.search(r"\s3\.0 MiB\s", row)
     assert re.search(r"\s0\.76\s", row)  # overall confidence < 1 with two decimals
     assert _row(section, 1).endswith(" -")  # no inferred bytes: nothing invented
-    assert "not counted in allocated; live and peak include them." in section
+    assert "not counted in allocated; live and peak include them (marked ~)." in section
+    # live and peak hold the inferred bytes too: marked as partly guessed in the cell
+    assert re.search(r"\s~10\.0 KiB\s+~1\.5 MiB\s", row), row
+    assert "~" not in _row(section, 1)
     assert "rows are ranked by allocated + inferred." in section
 
 
