@@ -53,7 +53,7 @@ _holder: "weakref.ref[Tracker] | None" = None  # the tracker whose run the C cor
 # awaited a future kept one each, charged to them as live after they finished, so they
 # could not fold and their group showed bytes "retained".  This many iterators made and
 # dropped in the right order leave that list full of blocks the program never owned.
-_FUTURE_ITERS = 512  # above the list's length on every supported Python
+_FUTURE_ITERS = 256  # the list's length + 1 (255 on every supported Python)
 
 
 class _NoLoop:

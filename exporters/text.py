@@ -185,6 +185,11 @@ def _inferred(task: TaskReport) -> tuple[int, float] | None:
     return total, sum(a.bytes * a.confidence for a in shares) / total
 
 
+def _partly_guessed(fmt: _Numbers, n: int, guessed: bool) -> str:
+    """A size that may hold inferred bytes (live, peak: not split by route), marked "~"."""
+    return "~" + format_size(n) if guessed and n and not fmt.estimated else fmt.size(n)
+
+
 def _task_label(task: TaskReport) -> str:
     if task.name and task.coro:
         label = f"{task.name} ({task.coro})"
@@ -224,8 +229,8 @@ def _task_table(report: Report, fmt: _Numbers, title: str, metric: Callable[[Tas
             fmt.size(max(t.allocated_bytes - guessed_bytes, 0)),
             # live and peak cannot be split by route: with inferred bytes among them they
             # are partly guessed, and marked so in the cell itself
-            fmt.size(t.live_bytes) if not guess or fmt.estimated else "~" + format_size(t.live_bytes),
-            fmt.size(t.peak_live_bytes) if not guess or fmt.estimated else "~" + format_size(t.peak_live_bytes),
+            _partly_guessed(fmt, t.live_bytes, guess is not None),
+            _partly_guessed(fmt, t.peak_live_bytes, guess is not None),
             _confidence(t.confidence),
         ]
         if with_inferred:

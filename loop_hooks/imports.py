@@ -66,7 +66,9 @@ class _Finder(importlib.abc.MetaPathFinder):
         try:
             for finder in list(sys.meta_path):
                 find = getattr(finder, "find_spec", None)
-                if finder is not self and find is not None:
+                # (another of ours, an earlier profiler's left in a forked child: skipped,
+                # so loaders never nest and the module keeps its own)
+                if not isinstance(finder, _Finder) and find is not None:
                     spec = find(fullname, path, target)
                     if spec is not None:
                         break
@@ -94,6 +96,8 @@ def when_imported(name: str, then: Callable[[ModuleType], None]) -> Callable[[],
     it does not undo what ``then`` did)."""
     module = sys.modules.get(name)
     if module is not None:
+        # (one another thread is importing right now is taken as it is: waiting for that
+        # import here could deadlock a program whose importing thread waits for this one)
         then(module)
         return lambda: None
     finder = _Finder(name, then)

@@ -46,6 +46,7 @@ import concurrent.futures
 import functools
 import inspect
 import itertools
+import os
 import threading
 import weakref
 from typing import Any, Callable, TypeVar
@@ -245,6 +246,18 @@ class _Patch:
 _patches: dict[tuple[type, str], _Patch] = {}
 _registered: dict[int, tuple[Any, tuple[tuple[type, str], ...]]] = {}  # id(loop) -> (weakref, patches held)
 _lock = threading.RLock()
+
+
+def _new_lock_in_forked_child() -> None:
+    """A lock some parent thread held at a fork stays held in the child's copy, where no
+    thread will release it: the child gets a fresh one (the profiler's at-fork handler
+    then takes the loops' hooks out under it)."""
+    global _lock
+    _lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_forked_child)
 
 
 def _names(cls: type) -> list[str]:

@@ -46,6 +46,28 @@ _policy_state: tuple[Any, Any, Profiler, Callable[[], None]] | None = None
 _policy_joined: list[tuple[Any, Any]] = []
 
 
+def _unhook_policy_in_forked_child() -> None:
+    """In a child made by fork the profiler has stopped (the tracker's at-fork handler):
+    the policy install_policy() instrumented stays the child's current policy, as the
+    program set it, but with its own methods back, and what was put in place for loops
+    made any way comes out (a later uninstall_policy() still restores what it replaced)."""
+    global _policy_lock
+    _policy_lock = threading.Lock()  # (one a parent thread held at the fork stays held)
+    state = _policy_state
+    if state is None:
+        return
+    policy, _replaced, _profiler, undo = state
+    try:
+        undo()
+        uninstrument_policy(policy)
+    except Exception:  # (the child goes on, whatever)
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unhook_policy_in_forked_child)
+
+
 def _no_policies_error() -> ProfilerError:
     return ProfilerError(
         "event-loop policies do not exist in this Python; use "
@@ -220,7 +242,7 @@ def instrument_loops_made_any_way(instrument: Callable[[Any], Any], *, current_p
         def new_event_loop(*args: Any, **kwargs: Any) -> Any:
             if not live:
                 return original(*args, **kwargs)
-            return instrument(making_loop(original, *args, **kwargs))
+            return instrument(making_loop(functools.partial(original, *args, **kwargs)))
 
         module.new_event_loop = new_event_loop
         uvloop_made.append((module, new_event_loop, original))

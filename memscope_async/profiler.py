@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -325,6 +326,29 @@ class Profiler:
     def __repr__(self) -> str:
         state = "running" if self.active else "stopped"
         return f"<memscope_async.Profiler mode={self.mode} {state}>"
+
+
+def _undo_in_forked_child() -> None:
+    """In a child made by fork the tracker has stopped (its own at-fork handler, which runs
+    first): what the running profiler put in place for the loops made any way (a Runner's
+    factory, policies, uvloop's maker and the finder waiting for its import) and the thread
+    hooks come out too, as :meth:`Profiler.stop` would have taken them out, so the child
+    runs as if never profiled and may start a profiler of its own."""
+    prof = _last
+    if prof is None:
+        return
+    undo, prof._undo_loops = prof._undo_loops, None
+    try:
+        if undo is not None:
+            undo()
+        if prof.threads:
+            thread_hooks.uninstall()
+    except Exception:  # (the child goes on, whatever)
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_undo_in_forked_child)
 
 
 def current_profiler() -> Profiler | None:

@@ -797,10 +797,10 @@ def test_a_loop_made_with_uvloop_new_event_loop_is_instrumented_and_given_back()
 
 _LATE_UVLOOP = """
 import asyncio, sys, memscope_async as ms
-prof = ms.Profiler().start()
-assert "uvloop" not in sys.modules
-import uvloop  # after the start: wrapped as it is imported
 before = len(sys.meta_path)
+prof = ms.Profiler().start()
+assert "uvloop" not in sys.modules and len(sys.meta_path) == before + 1  # a finder waits for it
+import uvloop  # after the start: wrapped as it is imported
 KEEP = []
 async def worker():
     KEEP.append(bytearray(3 << 20))
@@ -826,6 +826,64 @@ def test_uvloop_imported_after_the_start_is_wrapped_when_it_is_imported(tmp_path
     loop, live, meta_before, meta_after = proc.stdout.split()
     assert loop == "uvloop" and close_to(int(live), 3 * MiB), proc.stdout
     assert meta_before == meta_after  # (the finder left sys.meta_path once it had served)
+
+
+_FORK_LEAVES_NOTHING = """
+import asyncio, os, sys, threading
+import memscope_async as ms
+runner_init, thread_start, meta = asyncio.Runner.__init__, threading.Thread.start, list(sys.meta_path)
+prof = ms.Profiler().start() if sys.argv[1] == "profiler" else ms.install_policy()
+assert "uvloop" not in sys.modules and len(sys.meta_path) == len(meta) + 1
+KEEP = []
+async def worker():
+    KEEP.append(bytearray(3 << 20))
+    await asyncio.sleep(0)
+pid = os.fork()
+if pid == 0:
+    code = 0
+    try:
+        assert sys.meta_path == meta, sys.meta_path  # the parent's finder is gone
+        assert asyncio.Runner.__init__ is runner_init and threading.Thread.start is thread_start
+        import uvloop
+        plain = uvloop.new_event_loop
+        assert plain.__code__.co_filename.endswith("__init__.py"), plain
+        loop = plain()
+        assert not hasattr(loop, "_ms_state")  # not instrumented for the parent's profiler
+        loop.close()
+        own = ms.Profiler().start()  # the child's own
+        loop = uvloop.new_event_loop()
+        loop.run_until_complete(asyncio.ensure_future(worker(), loop=loop))
+        loop.close()
+        own.stop()
+        (w,) = [t for t in own.snapshot().tasks if t.coro.endswith("worker")]
+        assert w.live_bytes >= 3 << 20, w
+        assert uvloop.new_event_loop is plain
+        assert type(uvloop.__loader__).__name__ == "SourceFileLoader", uvloop.__loader__
+        assert type(uvloop.__spec__.loader).__name__ == "SourceFileLoader", uvloop.__spec__.loader
+    except BaseException as exc:
+        print("child:", repr(exc), flush=True)
+        code = 1
+    os._exit(code)
+_, status = os.waitpid(pid, 0)
+ms.uninstall_policy() if sys.argv[1] == "policy" else prof.stop()
+assert sys.meta_path == meta and asyncio.Runner.__init__ is runner_init
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.parametrize("how", ["profiler", "policy"])
+def test_a_forked_child_keeps_none_of_the_parents_loop_hooks(tmp_path, how):
+    """What a running profiler puts in place for loops made any way (a Runner's factory,
+    the policy's methods, the finder waiting for uvloop and its maker) and for threads goes
+    in a child made by fork, where the profiler has stopped: before, the child kept them,
+    instrumented its loops for the parent's dead profiler, and a profiler of its own nested
+    a second finder's loader in uvloop's for good."""
+    pytest.importorskip("uvloop")
+    (tmp_path / "fork.py").write_text(_FORK_LEAVES_NOTHING)
+    proc = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "fork.py", how], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == "0", proc.stdout
 
 
 def test_profile_decorator_called_again_by_the_same_task_charges_it_each_time(loop_kind):

@@ -616,6 +616,14 @@ def test_render_text_shows_inferred_bytes_apart_with_confidence():
     assert "rows are ranked by allocated + inferred." in section
 
 
+def test_render_text_marks_no_guess_in_a_size_of_nothing():
+    """A task whose inferred bytes were all freed: its live 0 B is no guess ("~0 B" was)."""
+    share = AttributionShare("inferred", POOL_THREAD, 5 * KiB, 2, 0.5)
+    tasks = (_task(1, (1,), allocated=5 * KiB, live=0, peak=5 * KiB, confidence=0.5, attribution=(share,)),)
+    row = _row(_section(render_text(make_report(tasks=tasks)), "Top tasks by allocated bytes"), 1)
+    assert re.search(r"\s0 B\s+~5\.0 KiB\s", row), row
+
+
 def test_render_text_omits_inferred_column_when_nothing_is_inferred():
     tasks = (_task(1, (1,), allocated=MiB, live=KiB), _task(2, (1, 2), allocated=KiB, live=0))
     text = render_text(make_report(tasks=tasks))
