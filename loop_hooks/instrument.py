@@ -248,16 +248,16 @@ _registered: dict[int, tuple[Any, tuple[tuple[type, str], ...]]] = {}  # id(loop
 _lock = threading.RLock()
 
 
-def _new_lock_in_forked_child() -> None:
-    """A lock some parent thread held at a fork stays held in the child's copy, where no
-    thread will release it: the child gets a fresh one (the profiler's at-fork handler
-    then takes the loops' hooks out under it)."""
-    global _lock
-    _lock = threading.RLock()
+def renew_lock_after_fork(namespace: dict[str, Any], name: str = "_lock") -> None:
+    """Give the module whose globals are ``namespace`` a fresh RLock as ``name`` in every
+    child made by fork: one some parent thread held at the fork stays held in the child's
+    copy, where no thread will release it (the profiler's own at-fork handler then takes
+    its hooks out under the new one)."""
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=lambda: namespace.__setitem__(name, threading.RLock()))
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_in_forked_child)
+renew_lock_after_fork(globals())
 
 
 def _names(cls: type) -> list[str]:

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import threading
 from typing import Any, Callable
 
-from .instrument import is_instrumented, making_loop
+from .instrument import is_instrumented, making_loop, renew_lock_after_fork
 
 __all__ = ["InstrumentedPolicy", "get_policy", "instrument_policy", "policies_available", "set_policy",
            "uninstrument_policy"]
@@ -75,18 +74,7 @@ _instrumented: dict[int, tuple[Any, Callable[[Any], Any], tuple[tuple[type, str]
 # (class, method name) -> [what the class's __dict__ held, policies using our method there]
 _patches: dict[tuple[type, str], list[Any]] = {}
 _lock = threading.RLock()
-
-
-def _new_lock_in_forked_child() -> None:
-    """A lock some parent thread held at a fork stays held in the child's copy, where no
-    thread will release it: the child gets a fresh one (the profiler's at-fork handler
-    then takes the policies' hooks out under it)."""
-    global _lock
-    _lock = threading.RLock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_in_forked_child)
+renew_lock_after_fork(globals())
 
 
 def _owner(cls: type, name: str) -> type:

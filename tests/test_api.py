@@ -838,7 +838,19 @@ KEEP = []
 async def worker():
     KEEP.append(bytearray(3 << 20))
     await asyncio.sleep(0)
+# another thread holds the loop hooks' locks at the fork: the child's copies stay held
+from memscope_async.loop_hooks import instrument, policy
+held, release = threading.Event(), threading.Event()
+def hold():
+    with instrument._lock, policy._lock:
+        held.set()
+        release.wait()
+holder = threading.Thread(target=hold)
+holder.start()
+held.wait()
 pid = os.fork()
+release.set()
+holder.join()
 if pid == 0:
     code = 0
     try:
@@ -881,7 +893,7 @@ def test_a_forked_child_keeps_none_of_the_parents_loop_hooks(tmp_path, how):
     pytest.importorskip("uvloop")
     (tmp_path / "fork.py").write_text(_FORK_LEAVES_NOTHING)
     proc = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "fork.py", how], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=60)  # (a lock left held hangs the child)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-1] == "0", proc.stdout
 
