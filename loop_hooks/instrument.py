@@ -248,13 +248,14 @@ _registered: dict[int, tuple[Any, tuple[tuple[type, str], ...]]] = {}  # id(loop
 _lock = threading.RLock()
 
 
-def renew_lock_after_fork(namespace: dict[str, Any], name: str = "_lock") -> None:
-    """Give the module whose globals are ``namespace`` a fresh RLock as ``name`` in every
-    child made by fork: one some parent thread held at the fork stays held in the child's
-    copy, where no thread will release it (the profiler's own at-fork handler then takes
-    its hooks out under the new one)."""
+def renew_lock_after_fork(namespace: dict[str, Any], name: str = "_lock",
+                          make: Callable[[], Any] = threading.RLock) -> None:
+    """Give the module whose globals are ``namespace`` a fresh lock (``make()``) as ``name``
+    in every child made by fork: one some parent thread held at the fork stays held in the
+    child's copy, where no thread will release it (the profiler's own at-fork handlers
+    then take its hooks out under the new one)."""
     if hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=lambda: namespace.__setitem__(name, threading.RLock()))
+        os.register_at_fork(after_in_child=lambda: namespace.__setitem__(name, make()))
 
 
 renew_lock_after_fork(globals())

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Coroutine, ParamSpec, Protocol, TypeVar, overload
 
 from .loop_hooks.imports import when_imported
-from .loop_hooks.instrument import is_instrumented, loop_thread_here, making_loop
+from .loop_hooks.instrument import is_instrumented, loop_thread_here, making_loop, renew_lock_after_fork
 from .loop_hooks.policy import (
     get_policy, instrument_policy, policies_available, policy_is, set_policy, uninstrument_policy,
 )
@@ -39,6 +39,7 @@ class Profiled(Protocol[P, R_co]):
 
 
 _policy_lock = threading.Lock()
+renew_lock_after_fork(globals(), "_policy_lock", threading.Lock)
 # (policy instrumented, policy it replaced or None, profiler, undo of instrument_loops_made_any_way)
 _policy_state: tuple[Any, Any, Profiler, Callable[[], None]] | None = None
 # install_policy() calls that joined the command's profiler, not yet undone: for each, the
@@ -51,8 +52,6 @@ def _unhook_policy_in_forked_child() -> None:
     the policy install_policy() instrumented stays the child's current policy, as the
     program set it, but with its own methods back, and what was put in place for loops
     made any way comes out (a later uninstall_policy() still restores what it replaced)."""
-    global _policy_lock
-    _policy_lock = threading.Lock()  # (one a parent thread held at the fork stays held)
     state = _policy_state
     if state is None:
         return
