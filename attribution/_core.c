@@ -2175,7 +2175,7 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
                    (size_t)(S.obj_index.slots ? S.obj_index.mask + 1 : 0) * sizeof(u64map_entry_t);
     size_t stacks = stacks_bytes();
     PyObject *d = Py_BuildValue(
-        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:i,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:K,s:I,s:K}", "tracked_allocations",
+        "{s:K,s:n,s:n,s:n,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:i,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:K,s:I,s:K,s:I,s:K}", "tracked_allocations",
         (unsigned long long)ptrs_count(), "table_bytes", (Py_ssize_t)table, "stacks_bytes", (Py_ssize_t)stacks,
         "tracker_bytes", (Py_ssize_t)(table + other + stacks), "cells",
         (unsigned int)(S.ncells - 1 - S.nfree_cells), "tasks", (unsigned int)(S.ntasks - 1 - S.nfree_tasks),
@@ -2185,7 +2185,8 @@ static PyObject *core_stats(PyObject *m, PyObject *noargs) {
         "pending_task_records", (unsigned long long)S.pending, "fast_thread_state", tls.ts_slot != NULL,
         "direct_context_tagging", HAMT.known, "direct_hamt_insertion", HAMT.known == 0 ? 0 : HAMT.direct,
         "own_objects_raw", S.raw_blocks != NULL, "tag_mappings_reused", (unsigned long long)S.mappings_reused,
-        "stack_frames", (unsigned int)K.nframes, "stack_frames_indexed", (unsigned long long)K.frame_index.count);
+        "stack_frames", (unsigned int)K.nframes, "stack_frames_indexed", (unsigned long long)K.frame_index.count,
+        "stacks", (unsigned int)K.nstacks, "stacks_indexed", (unsigned long long)K.stack_index.count);
     tls.guard = g;
     return d;
 }

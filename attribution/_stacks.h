@@ -37,7 +37,7 @@ typedef struct {
 } frame_rec_t;
 
 typedef struct {
-    uint64_t hash;
+    uint64_t hash; /* of its frames' (code, offset) pairs, as walked: see intern_walk */
     uint32_t off, len;
 } stack_rec_t;
 
@@ -87,6 +87,7 @@ static struct {
     u64map_t folded; /* stacks_fold_sites' site owners: tid + 1 -> gid, kept empty between calls */
     PyObject *names; /* settled frames' names: a dict of our copies, each its own key */
     int settling;
+    double w_size, w_R, w_weight; /* the last sample's weight and what it was for */
 } K;
 
 static int stacks_init(int depth) {
@@ -257,6 +258,8 @@ static void frames_reindex(void) {
  * Python code is safe (a code object's end runs code watchers and weakref callbacks);
  * records nothing it allocates.  Returns how many frames it settled, or -1 with an
  * exception if memory ran out (nothing is lost: what was not settled is kept as before). */
+static void stacks_reindex(void);
+
 static int stacks_settle(void) {
     if (K.nframes == 0 || K.settling) return 0;
     K.settling = 1;
@@ -310,39 +313,105 @@ static int stacks_settle(void) {
         }
     }
     u64map_free(&held);
-    if (settled) frames_reindex();
+    if (settled) {
+        frames_reindex();
+        stacks_reindex();
+    }
     tls.guard = g;
     K.settling = 0;
     if (rc < 0 && !PyErr_Occurred()) PyErr_NoMemory();
     return rc < 0 ? -1 : settled;
 }
 
-static int64_t intern_stack(const uint32_t *fr, uint32_t n) {
-    uint64_t h = UINT64_C(1469598103934665603);
+/* A frame as the walk reads it: the code object (borrowed: the running frame holds it) and
+ * the offset of its instruction. */
+typedef struct {
+    PyCodeObject *code;
+    uint32_t lasti;
+} walked_t;
+
+/* The stack index is keyed by a hash of the walked frames' (code, offset) pairs, not of
+ * their interned records, so the hook finds a stack it has seen with one lookup and a
+ * check of each frame against the record the stack names, instead of a lookup per frame
+ * (callgrind, loopback server, exact mode: ~18 frames a walk, two walks a request).  A
+ * stack's records hold their code objects, so an equal pointer is the same code; a settled
+ * record's (its code gone) matches no walk, and stacks_reindex drops such stacks from the
+ * index. */
+static inline uint64_t walk_hash(uint64_t h, const PyCodeObject *code, uint32_t lasti) {
+    return (h ^ frame_key(code, lasti)) * UINT64_C(1099511628211);
+}
+
+#define WALK_HASH_SEED UINT64_C(1469598103934665603)
+
+static inline uint64_t stack_key(uint64_t h, uint32_t n) { return (h ^ n) | (UINT64_C(1) << 63); }
+
+static inline uint64_t stack_key_next(uint64_t key) {
+    return (key * UINT64_C(0x9E3779B97F4A7C15)) | (UINT64_C(1) << 63);
+}
+
+static inline int stack_is_walk(const stack_rec_t *s, const walked_t *w, uint32_t n) {
+    if (s->len != n) return 0;
+    const uint32_t *fr = K.stack_data + s->off;
     for (uint32_t i = 0; i < n; i++) {
-        h ^= fr[i];
-        h *= UINT64_C(1099511628211);
+        const frame_rec_t *f = &K.frames[fr[i]];
+        if (f->code != (PyObject *)w[i].code || f->lasti != w[i].lasti) return 0;
     }
-    h ^= n;
-    uint64_t key = h | (UINT64_C(1) << 63);
+    return 1;
+}
+
+/* The stack of the walked frames w[0..n) whose hash is h: found, or made (its frames
+ * interned).  -1 if memory ran out. */
+static int64_t intern_walk(const walked_t *w, uint32_t n, uint64_t h) {
+    uint64_t key = stack_key(h, n);
     uint32_t idx;
     while (u64map_get(&K.stack_index, key, &idx)) {
-        stack_rec_t *s = &K.stacks[idx];
-        if (s->len == n && memcmp(K.stack_data + s->off, fr, n * sizeof(uint32_t)) == 0) return idx;
-        key = (key * UINT64_C(0x9E3779B97F4A7C15)) | (UINT64_C(1) << 63);
+        if (stack_is_walk(&K.stacks[idx], w, n)) return idx;
+        key = stack_key_next(key);
     }
+    /* new: key is free.  (No stack of these same records can be in the table unfound: it
+     * would hash and match as this walk does.) */
     if (grow_array((void **)&K.stacks, &K.capstacks, sizeof(stack_rec_t), K.nstacks + 1) < 0 ||
         grow_array((void **)&K.stack_data, &K.capdata, sizeof(uint32_t), K.ndata + n + 1) < 0)
         return -1;
+    int ok = 1;
+    for (uint32_t i = 0; i < n; i++) {
+        K.stack_data[K.ndata + i] = intern_frame(w[i].code, w[i].lasti, &ok);
+        if (!ok) return -1;
+    }
     idx = K.nstacks;
     if (u64map_put(&K.stack_index, key, idx) < 0) return -1;
-    memcpy(K.stack_data + K.ndata, fr, n * sizeof(uint32_t));
     K.stacks[idx].hash = h;
     K.stacks[idx].off = K.ndata;
     K.stacks[idx].len = n;
     K.ndata += n;
     K.nstacks++;
     return idx;
+}
+
+/* The stack index again, with only the stacks whose frames all still hold their code
+ * (after stacks_settle): the others can never be walked again, and their keys would
+ * lengthen the probes of every later stack through code at the same addresses.  If memory
+ * for a new index cannot be had, the old one stays (slower, still right). */
+static void stacks_reindex(void) {
+    uint64_t cap = 1024;
+    while (cap < (uint64_t)K.nstacks * 2) cap *= 2;
+    u64map_t m;
+    if (u64map_init(&m, cap) < 0) return;
+    for (uint32_t i = 0; i < K.nstacks; i++) {
+        const stack_rec_t *s = &K.stacks[i];
+        uint32_t j = 0;
+        while (j < s->len && K.frames[K.stack_data[s->off + j]].code != NULL) j++;
+        if (j < s->len) continue;
+        uint64_t key = stack_key(s->hash, s->len);
+        uint32_t other;
+        while (u64map_get(&m, key, &other)) key = stack_key_next(key);
+        if (u64map_put(&m, key, i) < 0) {
+            u64map_free(&m);
+            return;
+        }
+    }
+    u64map_free(&K.stack_index);
+    K.stack_index = m;
 }
 
 /* K.live_index key of a live sampled pointer (the high bit keeps it off u64map's 0). */
@@ -394,19 +463,21 @@ static uint32_t stretches_cut(uint32_t li, double size) {
  * be (no memory for its frames, stack or slot). */
 static uint32_t site_here(uint64_t cell_key) {
     PyThreadState *ts = tstate_unchecked();
-    uint32_t fr[STACK_MAX_DEPTH];
+    walked_t w[STACK_MAX_DEPTH];
     uint32_t n = 0;
-    int ok = 1;
+    uint64_t h = WALK_HASH_SEED;
     if (ts != NULL) {
         for (_PyInterpreterFrame *f = top_frame(ts); f != NULL && n < (uint32_t)K.depth; f = f->previous) {
             PyCodeObject *code = frame_code(f);
             if (frame_skip(f, code)) continue;
             uint32_t lasti = (uint32_t)(frame_instr(f) - _PyCode_CODE(code));
-            fr[n++] = intern_frame(code, lasti, &ok);
-            if (!ok) return UINT32_MAX;
+            w[n].code = code;
+            w[n].lasti = lasti;
+            h = walk_hash(h, code, lasti);
+            n++;
         }
     }
-    int64_t stack = intern_stack(fr, n);
+    int64_t stack = intern_walk(w, n, h);
     if (stack < 0) return UINT32_MAX;
     uint32_t tid = (uint32_t)(cell_key & 0xFFFFFFFFu);
     uint64_t skey = site_key(tid, (uint32_t)stack);
@@ -441,7 +512,16 @@ static void stacks_adjust(uint32_t site, uint64_t cell_key, double bytes, double
  * mode): base its old size, counted 0 (the block was counted when it was made), on top of
  * the block's other samples. */
 static void stacks_record_at(void *p, size_t base, size_t size, uint32_t site, double R, int counted) {
-    double w = 1.0 / (1.0 - exp(-(double)size / R));
+    /* (a program's samples come in few sizes: the server's receive buffers are all 256 KiB) */
+    double w;
+    if ((double)size == K.w_size && R == K.w_R) {
+        w = K.w_weight;
+    } else {
+        w = 1.0 / (1.0 - exp(-(double)size / R));
+        K.w_size = (double)size;
+        K.w_R = R;
+        K.w_weight = w;
+    }
     double bytes = (double)size * w;
     K.sites[site].alloc_bytes += bytes;
     if (counted) K.sites[site].allocs += w;

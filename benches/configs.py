@@ -76,6 +76,7 @@ class Config:
 class RunContext:
     tmpdir: Path
     first_repeat: bool
+    seed: int = 0  # memscope's sampling seed; 0 draws one (benches.instructions fixes it)
 
 
 # -- session builders ---------------------------------------------------------------------
@@ -96,6 +97,8 @@ def _memscope(ctx: RunContext, *, mode: str, threads: bool = True, uvloop: bool 
     kwargs: dict[str, Any] = {"mode": mode, "threads": threads}
     if mode == "sampled":
         kwargs["sample_interval"] = SAMPLE_INTERVAL
+    if ctx.seed:
+        kwargs["seed"] = ctx.seed
     profiler = ms.Profiler(**kwargs)
     session = Session()
 

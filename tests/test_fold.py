@@ -628,7 +628,9 @@ def test_settled_frames_leave_the_index_the_hooks_search():
     hook walks for every later code object at that address (pymalloc hands the block of a
     freed code object to the next one: compiling per job reuses a few addresses), one link
     more each fold pass: stack sampling slowed down without limit (4,000 jobs: 1.7 s, then
-    8.5, 17.8, 28.5, 34.2 s).  The index now holds only frames whose code is alive."""
+    8.5, 17.8, 28.5, 34.2 s).  The index now holds only frames whose code is alive, and
+    the stack index (keyed by the walked code objects' addresses) only stacks whose frames
+    all are."""
     import memscope_async as ms
     from memscope_async.attribution import _core
 
@@ -648,3 +650,4 @@ def test_settled_frames_leave_the_index_the_hooks_search():
         prof.close()
     assert stats["stack_frames"] >= 150, stats  # a frame of f's (at least) for each job
     assert stats["stack_frames_indexed"] < 100, stats
+    assert stats["stacks"] >= 150 and stats["stacks_indexed"] < 100, stats
