@@ -521,6 +521,7 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t ti, uint32_t slot,
  * in the running context, register_task, resets ctx_seen), so while (context, context_ver)
  * is unchanged the answer is too: most allocations skip the lookup. */
 static PyObject *context_vars(PyObject *ctx); /* _tasks.h */
+static inline int tag_in_context(PyObject *ctx, PyObject **v);
 static uint32_t shared_tid(const TagObject *tag, PyThreadState *ts, int *cacheable);
 
 static MS_HOT uint32_t context_tid(void) {
@@ -542,12 +543,19 @@ static MS_HOT uint32_t context_tid(void) {
          * after ~200 instructions (the variable's cache misses after every context switch). */
         tag = t->pending_tag;
         tid = tag->tid;
-    } else if (PyContextVar_Get(S.tag_var, NULL, &v) == 0 && v != NULL) {
-        if (Py_TYPE(v) == &TagType) {
+    } else {
+        int found = ts->context != NULL ? tag_in_context(ts->context, &v) : 0;
+        if (found < 0) {
+            v = NULL;
+            if (PyContextVar_Get(S.tag_var, NULL, &v) == 0 && v != NULL) {
+                found = 1;
+                Py_DECREF(v); /* the context still holds it: never the last reference */
+            }
+        }
+        if (found > 0 && Py_TYPE(v) == &TagType) {
             tag = (TagObject *)v;
             tid = tag->tid;
         }
-        Py_DECREF(v); /* the context still holds it: never the last reference */
     }
     int cacheable = 1;
     t->ctx_shared = tag != NULL && tag->shared;

@@ -596,6 +596,39 @@ static inline int tag_place(const PyHamtObject *v, Py_ssize_t *k, Py_ssize_t *k2
     return 0;
 }
 
+/* Our variable's value in context ctx's mapping, read from its nodes as the HAMT's own
+ * lookup would (a bitmap node's slot for the key's bits at that level holds the key and its
+ * value, or no key and a deeper node; any other key there means ours is absent): 1 with *v
+ * (borrowed), 0 not there, -1 not known so (a mapping of another shape: an array node, from
+ * 16 variables on, or a collision node; or nothing learnt yet), for PyContextVar_Get to
+ * answer.  The hooks ask after every context switch: the variable's own cache misses then,
+ * and its lookup took ~90 instructions (callgrind, loopback server, 8 a request). */
+static inline int tag_in_context(PyObject *ctx, PyObject **v) {
+    if (HAMT.bitmap_type == NULL) return -1;
+    if (MS_UNLIKELY(KEPT.tag_var != S.tag_var)) {
+        /* (a ContextVar's hash is computed when it is made: no code runs, nothing fails) */
+        if (!hamt_hash32(S.tag_var, &KEPT.tag_hash)) return -1;
+        KEPT.tag_var = S.tag_var;
+    }
+    const PyHamtObject *m = ((PyContext *)ctx)->ctx_vars;
+    if (m == NULL || Py_TYPE(m) != HAMT.type) return -1;
+    const ms_hamt_bitmap_t *b = (const ms_hamt_bitmap_t *)m->h_root;
+    for (unsigned shift = 0; shift < 32; shift += 5) {
+        if (b == NULL || Py_TYPE(b) != HAMT.bitmap_type) return -1;
+        uint32_t bit = (uint32_t)1 << ((KEPT.tag_hash >> shift) & 0x1f);
+        if (!(b->b_bitmap & bit)) return 0;
+        Py_ssize_t i = bitmap_pair_at(b, bit);
+        PyObject *key = b->b_array[i];
+        if (key == S.tag_var) {
+            *v = b->b_array[i + 1];
+            return 1;
+        }
+        if (key != NULL) return 0;
+        b = (const ms_hamt_bitmap_t *)b->b_array[i + 1];
+    }
+    return -1;
+}
+
 /* Do bitmap nodes a and b hold the same but at b_array[skip]? */
 static inline int same_but(const ms_hamt_bitmap_t *a, const ms_hamt_bitmap_t *b, Py_ssize_t skip) {
     Py_ssize_t n = Py_SIZE(b);

@@ -346,6 +346,34 @@ def test_tag_mappings_are_reused_where_a_variable_shares_the_tags_place(loop_kin
     KEEP.clear()
 
 
+@pytest.mark.parametrize("others", [0, 1, 15, 16, 40])
+def test_tasks_in_contexts_of_many_variables_keep_their_own_bytes(loop_kind, others):
+    """After each context switch the hooks read the running task's tag from its context's
+    mapping: from its nodes where they are of the kind CPython makes for up to 16 keys,
+    through ContextVar.get where not (an array node, from 17 keys on).  Either way each of
+    three tasks that take turns keeps its own bytes."""
+    KEEP.clear()
+    variables = [contextvars.ContextVar(f"ctx_{others}_{i}") for i in range(others)]
+
+    async def child(mib):
+        for _ in range(4):
+            KEEP.append(bytearray(mib * MiB // 4))
+            await asyncio.sleep(0)
+
+    async def main():
+        for i, v in enumerate(variables):
+            v.set(i)
+        await asyncio.gather(*(asyncio.create_task(child(mib), name=f"c{mib}") for mib in (1, 2, 3)))
+
+    _, report = run_profiled(main, loop_kind)
+    for mib in (1, 2, 3):
+        (t,) = report.find(name=f"c{mib}")
+        assert close_to(t.live_bytes, mib * MiB) and close_to(t.allocated_bytes, mib * MiB), t
+    (root,) = [t for t in report.tasks if t.parent_id is None and t.coro.endswith("main")]
+    assert root.live_bytes < 64 * 1024, root
+    KEEP.clear()
+
+
 def test_legacy_factory_tasks_have_one_record_with_their_bytes():
     """A (loop, coro) factory runs inside our tagged context and makes its task in a copy
     of it: still one record per task, holding the task's bytes, and it finishes."""
