@@ -941,11 +941,23 @@ error:
     return -1;
 }
 
+static void disown_block(void *p);
+
 /* An empty context per thread for our done callbacks (a context can be entered by one
- * thread at a time; the callback normally runs inline and never enters it). */
+ * thread at a time; the callback normally runs inline and never enters it).  It is ours
+ * for good, and CPython may hand it a block from its free list of contexts, where a
+ * finished task's context waits still charged to that task (no allocator call takes a
+ * block off a free list): that block is credited to its owner as freed now, or the task
+ * held it "live" for good (64 bytes; it never folded). */
 static PyObject *callback_context(void) {
     tls_t *t = &tls;
-    if (t->empty_ctx == NULL) t->empty_ctx = PyContext_New();
+    if (t->empty_ctx == NULL) {
+        t->empty_ctx = PyContext_New();
+#ifndef Py_GIL_DISABLED
+        /* a context's block starts at its GC header (two words, no other pre-header) */
+        if (t->empty_ctx != NULL) disown_block((char *)t->empty_ctx - 2 * sizeof(void *));
+#endif
+    }
     return t->empty_ctx;
 }
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from . import _core
 from . import threads as core_threads
-from .aggregate import FoldedGroup, RawData, build_report, group_key
+from .aggregate import FoldedGroup, RawData, build_report, group_key, run_constants
 from .registry import live_task_names, read_records
 from .report import Report
 
@@ -254,6 +254,7 @@ class Tracker:
                 _refill_future_iter_free_list()  # full of blocks from before the start
             except Exception:
                 pass
+            run_constants()  # before the hooks: a report must not make them (see there)
             try:
                 _core.start(
                     self.tag_var,
