@@ -544,7 +544,7 @@ static MS_HOT uint32_t context_tid(void) {
         tag = t->pending_tag;
         tid = tag->tid;
     } else {
-        int found = ts->context != NULL ? tag_in_context(ts->context, &v) : 0;
+        int found = tag_in_context(ts->context, &v);
         if (found < 0) {
             v = NULL;
             if (PyContextVar_Get(S.tag_var, NULL, &v) == 0 && v != NULL) {
@@ -1744,6 +1744,21 @@ static PyObject *core_set_handover(PyObject *m, PyObject *arg) {
     return PyLong_FromUnsignedLong(prev);
 }
 
+PyDoc_STRVAR(tag_in_context_doc,
+"tag_in_context(context) -> (int, object)\n--\n\nHow the hooks read the tag variable in a contextvars.Context: (1, value)\n"
+"read from its mapping's nodes, (0, None) not in it, (-1, None) left to ContextVar.get (a\n"
+"mapping of another shape; also before any task was made, or when not started).  For tests.");
+
+static PyObject *core_tag_in_context(PyObject *m, PyObject *ctx) {
+    if (!PyContext_CheckExact(ctx)) {
+        PyErr_SetString(PyExc_TypeError, "tag_in_context() takes a contextvars.Context");
+        return NULL;
+    }
+    PyObject *v = NULL;
+    int r = S.active && S.tag_var != NULL ? tag_in_context(ctx, &v) : -1;
+    return Py_BuildValue("(iO)", r, r > 0 ? v : Py_None);
+}
+
 PyDoc_STRVAR(current_tid_doc,
 "current_tid() -> int\n--\n\nThe task the calling thread's work is charged to now (by its context's\n"
 "tag, the running task where tasks share that context, or the hand-over), 0 if none.");
@@ -2164,7 +2179,8 @@ PyDoc_STRVAR(stats_doc,
 "come from the raw allocator (own_malloc), 0 if all stay in pymalloc; tag_mappings_reused:\n"
 "tasks whose context was given the tag mapping of a task that is gone (kept_mapping_take);\n"
 "stack_frames: frames stack samples named; stack_frames_indexed: those the hooks can still\n"
-"match (their code object is alive: see stacks_settle).");
+"match (their code object is alive: see stacks_settle); stacks, stacks_indexed: the same for\n"
+"whole stacks (stacks_reindex).");
 
 static PyObject *core_stats(PyObject *m, PyObject *noargs) {
     int g = tls.guard;
@@ -2239,6 +2255,7 @@ static PyMethodDef core_methods[] = {
     {"thread_slot", core_thread_slot, METH_NOARGS, thread_slot_doc},
     {"set_handover", core_set_handover, METH_O, set_handover_doc},
     {"current_tid", core_current_tid, METH_NOARGS, current_tid_doc},
+    {"tag_in_context", core_tag_in_context, METH_O, tag_in_context_doc},
     {"set_inferred", core_set_inferred, METH_VARARGS, set_inferred_doc},
     {"serves", core_serves, METH_NOARGS, serves_doc},
     {"loop_thread", core_loop_thread, METH_VARARGS, loop_thread_doc},

@@ -38,7 +38,9 @@ typedef struct {
 
 typedef struct {
     uint64_t hash; /* of its frames' (code, offset) pairs, as walked: see intern_walk */
-    uint32_t off, len;
+    uint32_t off;
+    uint16_t len;  /* (at most STACK_MAX_DEPTH) */
+    uint16_t dead; /* 1: a frame of it is settled, so no walk will find it (stacks_reindex) */
 } stack_rec_t;
 
 /* A site's tid is a task's (0: unattributed), or, with GROUP_SITE_BIT, a group of folded
@@ -382,7 +384,8 @@ static int64_t intern_walk(const walked_t *w, uint32_t n, uint64_t h) {
     if (u64map_put(&K.stack_index, key, idx) < 0) return -1;
     K.stacks[idx].hash = h;
     K.stacks[idx].off = K.ndata;
-    K.stacks[idx].len = n;
+    K.stacks[idx].len = (uint16_t)n;
+    K.stacks[idx].dead = 0;
     K.ndata += n;
     K.nstacks++;
     return idx;
@@ -390,18 +393,25 @@ static int64_t intern_walk(const walked_t *w, uint32_t n, uint64_t h) {
 
 /* The stack index again, with only the stacks whose frames all still hold their code
  * (after stacks_settle): the others can never be walked again, and their keys would
- * lengthen the probes of every later stack through code at the same addresses.  If memory
- * for a new index cannot be had, the old one stays (slower, still right). */
+ * lengthen the probes of every later stack through code at the same addresses.  A stack
+ * found so is marked for good (settling is for good), so a pass looks at each frame of a
+ * live stack, and only once at a dead one.  If memory for a new index cannot be had, the
+ * old one stays (slower, still right). */
 static void stacks_reindex(void) {
+    uint64_t live = 0;
+    for (uint32_t i = 0; i < K.nstacks; i++) {
+        stack_rec_t *s = &K.stacks[i];
+        if (s->dead) continue;
+        for (uint32_t j = 0; j < s->len && !s->dead; j++) s->dead = K.frames[K.stack_data[s->off + j]].code == NULL;
+        live += !s->dead;
+    }
     uint64_t cap = 1024;
-    while (cap < (uint64_t)K.nstacks * 2) cap *= 2;
+    while (cap < live * 2) cap *= 2;
     u64map_t m;
     if (u64map_init(&m, cap) < 0) return;
     for (uint32_t i = 0; i < K.nstacks; i++) {
         const stack_rec_t *s = &K.stacks[i];
-        uint32_t j = 0;
-        while (j < s->len && K.frames[K.stack_data[s->off + j]].code != NULL) j++;
-        if (j < s->len) continue;
+        if (s->dead) continue;
         uint64_t key = stack_key(s->hash, s->len);
         uint32_t other;
         while (u64map_get(&m, key, &other)) key = stack_key_next(key);
@@ -463,7 +473,7 @@ static uint32_t stretches_cut(uint32_t li, double size) {
  * be (no memory for its frames, stack or slot). */
 static uint32_t site_here(uint64_t cell_key) {
     PyThreadState *ts = tstate_unchecked();
-    walked_t w[STACK_MAX_DEPTH];
+    walked_t w[K.depth]; /* (1 to STACK_MAX_DEPTH; 32 by default: 512 bytes of C stack) */
     uint32_t n = 0;
     uint64_t h = WALK_HASH_SEED;
     if (ts != NULL) {

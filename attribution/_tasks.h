@@ -599,12 +599,15 @@ static inline int tag_place(const PyHamtObject *v, Py_ssize_t *k, Py_ssize_t *k2
 /* Our variable's value in context ctx's mapping, read from its nodes as the HAMT's own
  * lookup would (a bitmap node's slot for the key's bits at that level holds the key and its
  * value, or no key and a deeper node; any other key there means ours is absent): 1 with *v
- * (borrowed), 0 not there, -1 not known so (a mapping of another shape: an array node, from
- * 16 variables on, or a collision node; or nothing learnt yet), for PyContextVar_Get to
- * answer.  The hooks ask after every context switch: the variable's own cache misses then,
- * and its lookup took ~90 instructions (callgrind, loopback server, 8 a request). */
+ * (borrowed), 0 not there, -1 not known so, for PyContextVar_Get to answer: a mapping of
+ * another shape (an array node, which CPython makes of a level with 17 slots in use, or a
+ * collision node), nothing learnt yet, or a variable with a default (its value where the
+ * mapping has none; ours has none).  The hooks ask after every context switch: the
+ * variable's own cache misses then, and its lookup took ~90 instructions (callgrind,
+ * loopback server, 8 a request). */
 static inline int tag_in_context(PyObject *ctx, PyObject **v) {
-    if (HAMT.bitmap_type == NULL) return -1;
+    if (HAMT.bitmap_type == NULL || ((PyContextVar *)S.tag_var)->var_default != NULL) return -1;
+    if (ctx == NULL) return 0; /* (no context made in this thread yet) */
     if (MS_UNLIKELY(KEPT.tag_var != S.tag_var)) {
         /* (a ContextVar's hash is computed when it is made: no code runs, nothing fails) */
         if (!hamt_hash32(S.tag_var, &KEPT.tag_hash)) return -1;

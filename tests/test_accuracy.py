@@ -349,13 +349,20 @@ def test_tag_mappings_are_reused_where_a_variable_shares_the_tags_place(loop_kin
 @pytest.mark.parametrize("others", [0, 1, 15, 16, 40])
 def test_tasks_in_contexts_of_many_variables_keep_their_own_bytes(loop_kind, others):
     """After each context switch the hooks read the running task's tag from its context's
-    mapping: from its nodes where they are of the kind CPython makes for up to 16 keys,
-    through ContextVar.get where not (an array node, from 17 keys on).  Either way each of
-    three tasks that take turns keeps its own bytes."""
+    mapping: from its nodes where they are of the kind CPython makes while a level has up
+    to 16 slots in use (always so with 16 keys or fewer), through ContextVar.get where not.
+    Either way each of three tasks that take turns keeps its own bytes."""
+    from memscope_async.attribution import _core
+
     KEEP.clear()
     variables = [contextvars.ContextVar(f"ctx_{others}_{i}") for i in range(others)]
+    read = []
 
     async def child(mib):
+        ctx = contextvars.copy_context()  # (the same mapping as the task's own)
+        (tag_var,) = [v for v in ctx if v.name == "memscope_async.tag"]
+        how, value = _core.tag_in_context(ctx)
+        read.append((how, how < 0 or value is ctx[tag_var]))
         for _ in range(4):
             KEEP.append(bytearray(mib * MiB // 4))
             await asyncio.sleep(0)
@@ -365,13 +372,50 @@ def test_tasks_in_contexts_of_many_variables_keep_their_own_bytes(loop_kind, oth
             v.set(i)
         await asyncio.gather(*(asyncio.create_task(child(mib), name=f"c{mib}") for mib in (1, 2, 3)))
 
-    _, report = run_profiled(main, loop_kind)
+    # (in a fresh context: what earlier tests set in this thread's would count as others)
+    _, report = contextvars.Context().run(run_profiled, main, loop_kind)
     for mib in (1, 2, 3):
         (t,) = report.find(name=f"c{mib}")
         assert close_to(t.live_bytes, mib * MiB) and close_to(t.allocated_bytes, mib * MiB), t
     (root,) = [t for t in report.tasks if t.parent_id is None and t.coro.endswith("main")]
     assert root.live_bytes < 64 * 1024, root
+    assert all(same for _, same in read), read
+    if others < 16:
+        assert [how for how, _ in read] == [1, 1, 1], read  # read from the nodes
     KEEP.clear()
+
+
+def test_the_tag_read_from_a_contexts_nodes_is_what_the_variable_holds():
+    """tag_in_context against ContextVar.get, contexts of 0-60 variables set in turn (and
+    some set again, so their nodes are copied), before and after the tag goes in."""
+    import memscope_async as ms
+    from memscope_async.attribution import _core
+
+    variables = [contextvars.ContextVar(f"shape_{i}") for i in range(60)]
+    seen = {-1: 0, 0: 0, 1: 0}
+
+    async def probe(n):
+        ctx = contextvars.copy_context()
+        (tag_var,) = [v for v in ctx if v.name == "memscope_async.tag"]
+        for i in range(n):
+            variables[i].set(i)
+        for v in variables[: n // 2]:
+            v.set("again")
+        for c in (ctx, contextvars.copy_context()):
+            how, value = _core.tag_in_context(c)
+            seen[how] += 1
+            assert how < 0 or (how == 1) == (tag_var in c), (n, how)
+            assert how < 1 or value is c[tag_var], (n, value)
+
+    async def main():
+        for n in range(61):
+            await asyncio.create_task(probe(n))
+        how, _ = _core.tag_in_context(contextvars.Context())  # an empty one: not there
+        seen[how] += 1
+
+    with ms.Profiler():
+        contextvars.Context().run(asyncio.run, main())  # (nothing earlier tests set)
+    assert seen[1] >= 30 and seen[0] == 1, seen
 
 
 def test_legacy_factory_tasks_have_one_record_with_their_bytes():
