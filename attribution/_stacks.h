@@ -473,7 +473,7 @@ static uint32_t stretches_cut(uint32_t li, double size) {
  * be (no memory for its frames, stack or slot). */
 static uint32_t site_here(uint64_t cell_key) {
     PyThreadState *ts = tstate_unchecked();
-    walked_t w[K.depth]; /* (1 to STACK_MAX_DEPTH; 32 by default: 512 bytes of C stack) */
+    walked_t w[K.depth > 0 ? K.depth : 1]; /* (K.depth: 1 to STACK_MAX_DEPTH, 32 by default: 512 bytes) */
     uint32_t n = 0;
     uint64_t h = WALK_HASH_SEED;
     if (ts != NULL) {
