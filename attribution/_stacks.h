@@ -179,8 +179,18 @@ static inline uint64_t frame_key(const PyCodeObject *code, uint32_t lasti) {
     return ((((uint64_t)(uintptr_t)code >> 3) << 19) ^ (uint64_t)(lasti & 0x7FFFF)) | (UINT64_C(1) << 63);
 }
 
-static inline uint64_t frame_key_next(uint64_t key) {
+/* The next key along a chain of keys that hashed alike (the frame and stack indexes: a
+ * record whose key another holds takes the next one along). */
+static inline uint64_t chain_next(uint64_t key) {
     return (key * UINT64_C(0x9E3779B97F4A7C15)) | (UINT64_C(1) << 63);
+}
+
+/* value under the first key along key's chain that m does not hold yet; -1 if memory ran
+ * out (as u64map_put). */
+static int chain_put(u64map_t *m, uint64_t key, uint32_t value) {
+    uint32_t other;
+    while (u64map_get(m, key, &other)) key = chain_next(key);
+    return u64map_put(m, key, value);
 }
 
 static uint32_t intern_frame(PyCodeObject *code, uint32_t lasti, int *ok) {
@@ -190,7 +200,7 @@ static uint32_t intern_frame(PyCodeObject *code, uint32_t lasti, int *ok) {
      * (settled frames are out of the index: see frames_reindex) */
     while (u64map_get(&K.frame_index, key, &idx)) {
         if (K.frames[idx].code == (PyObject *)code && K.frames[idx].lasti == lasti) return idx;
-        key = frame_key_next(key);
+        key = chain_next(key);
     }
     if (grow_array((void **)&K.frames, &K.capframes, sizeof(frame_rec_t), K.nframes + 1) < 0) {
         *ok = 0;
@@ -242,10 +252,7 @@ static void frames_reindex(void) {
     for (uint32_t i = 0; i < K.nframes; i++) {
         const frame_rec_t *f = &K.frames[i];
         if (f->code == NULL) continue;
-        uint64_t key = frame_key((const PyCodeObject *)f->code, f->lasti);
-        uint32_t other;
-        while (u64map_get(&m, key, &other)) key = frame_key_next(key);
-        if (u64map_put(&m, key, i) < 0) {
+        if (chain_put(&m, frame_key((const PyCodeObject *)f->code, f->lasti), i) < 0) {
             u64map_free(&m);
             return;
         }
@@ -347,10 +354,6 @@ static inline uint64_t walk_hash(uint64_t h, const PyCodeObject *code, uint32_t 
 
 static inline uint64_t stack_key(uint64_t h, uint32_t n) { return (h ^ n) | (UINT64_C(1) << 63); }
 
-static inline uint64_t stack_key_next(uint64_t key) {
-    return (key * UINT64_C(0x9E3779B97F4A7C15)) | (UINT64_C(1) << 63);
-}
-
 static inline int stack_is_walk(const stack_rec_t *s, const walked_t *w, uint32_t n) {
     if (s->len != n) return 0;
     const uint32_t *fr = K.stack_data + s->off;
@@ -368,7 +371,7 @@ static int64_t intern_walk(const walked_t *w, uint32_t n, uint64_t h) {
     uint32_t idx;
     while (u64map_get(&K.stack_index, key, &idx)) {
         if (stack_is_walk(&K.stacks[idx], w, n)) return idx;
-        key = stack_key_next(key);
+        key = chain_next(key);
     }
     /* new: key is free.  (No stack of these same records can be in the table unfound: it
      * would hash and match as this walk does.) */
@@ -412,10 +415,7 @@ static void stacks_reindex(void) {
     for (uint32_t i = 0; i < K.nstacks; i++) {
         const stack_rec_t *s = &K.stacks[i];
         if (s->dead) continue;
-        uint64_t key = stack_key(s->hash, s->len);
-        uint32_t other;
-        while (u64map_get(&m, key, &other)) key = stack_key_next(key);
-        if (u64map_put(&m, key, i) < 0) {
+        if (chain_put(&m, stack_key(s->hash, s->len), i) < 0) {
             u64map_free(&m);
             return;
         }
