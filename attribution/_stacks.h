@@ -4,8 +4,9 @@
  * directly (as CPython's tracemalloc does), without creating frame objects and without
  * running Python code.  A frame is kept as (code object, instruction offset): the code
  * object gets a strong reference (Py_INCREF never allocates) and the line number is only
- * computed when a report is built.  Frames, stacks and (task, stack) sites are interned,
- * so a repeated stack costs one hash lookup.
+ * computed when a report is built.  Frames, stacks and (task, stack) sites are interned;
+ * a stack seen before is found with one lookup keyed by its frames' code objects and
+ * offsets (intern_walk), then its site with one more.
  *
  * A code object that only our frames still hold (code a task compiled at run time, with
  * exec, eval or a template engine, and then dropped) is let go at the next fold pass
