@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import memscope_async as ms
-from conftest import MiB, base_loop, close_to, run_profiled
+from conftest import MiB, close_to, run_profiled
 
 KEEP: list = []
 
