@@ -521,7 +521,7 @@ static uint32_t new_cell(uint64_t key, uint32_t tid, uint32_t ti, uint32_t slot,
  * in the running context, register_task, resets ctx_seen), so while (context, context_ver)
  * is unchanged the answer is too: most allocations skip the lookup. */
 static PyObject *context_vars(PyObject *ctx); /* _tasks.h */
-static inline int tag_in_context(PyObject *ctx, PyObject **v);
+static MS_HOT int tag_in_context(PyObject *ctx, PyObject **v);
 static uint32_t shared_tid(const TagObject *tag, PyThreadState *ts, int *cacheable);
 
 static MS_HOT uint32_t context_tid(void) {

@@ -573,63 +573,80 @@ static struct {
     uint32_t tag_hash;            /* its hash as the mapping folds it */
 } KEPT;
 
+/* Our variable's hash as the mapping folds it, in KEPT.tag_hash: 1, or 0 if it cannot be
+ * had.  (A ContextVar's hash is computed when it is made: no code runs, nothing fails.) */
+static inline int tag_hash_ready(void) {
+    if (MS_UNLIKELY(KEPT.tag_var != S.tag_var)) {
+        if (!hamt_hash32(S.tag_var, &KEPT.tag_hash)) return 0;
+        KEPT.tag_var = S.tag_var;
+    }
+    return 1;
+}
+
+/* Our variable's pair in mapping m, looked for in its first `levels` levels as the HAMT's
+ * own lookup looks (a bitmap node's slot for the key's bits at that level holds the key and
+ * its value, or no key and a deeper node; any other key there means ours is absent): 1 with
+ * the bitmap node that holds it (*node), the key's index in its b_array (*at) and the
+ * node's level (*level, 0 the root); 0 not in m; -1 not known so (an array node, which
+ * CPython makes of a level with 17 slots in use, a collision node, or deeper than
+ * `levels`).  KEPT.tag_hash must be ready (tag_hash_ready). */
+static MS_HOT int tag_pair(const PyHamtObject *m, unsigned levels, const ms_hamt_bitmap_t **node, Py_ssize_t *at,
+                           unsigned *level) {
+    const ms_hamt_bitmap_t *b = (const ms_hamt_bitmap_t *)m->h_root;
+    for (unsigned lv = 0; lv < levels; lv++) {
+        if (b == NULL || Py_TYPE(b) != HAMT.bitmap_type) return -1;
+        uint32_t bit = (uint32_t)1 << ((KEPT.tag_hash >> (5 * lv)) & 0x1f);
+        if (!(b->b_bitmap & bit)) return 0;
+        Py_ssize_t i = bitmap_pair_at(b, bit);
+        PyObject *key = b->b_array[i];
+        if (key == S.tag_var) {
+            *node = b;
+            *at = i;
+            *level = lv;
+            return 1;
+        }
+        if (key != NULL) return 0;
+        b = (const ms_hamt_bitmap_t *)b->b_array[i + 1]; /* a deeper node */
+    }
+    return -1;
+}
+
 /* Where our variable's key is in mapping v: in its root, a bitmap node, at b_array[*k]
  * (*k2 -1), or, where another variable has its place there, one level down, in the bitmap
  * node at root->b_array[*k + 1], at b_array[*k2].  0: not found so (then nothing is kept
  * or reused: a task made outside any task, a context of 16 variables or more, ...). */
 static inline int tag_place(const PyHamtObject *v, Py_ssize_t *k, Py_ssize_t *k2) {
-    if (MS_UNLIKELY(KEPT.tag_var != S.tag_var)) {
-        if (!hamt_hash32(S.tag_var, &KEPT.tag_hash)) return 0; /* (a ContextVar's: cannot fail) */
-        KEPT.tag_var = S.tag_var;
+    const ms_hamt_bitmap_t *node;
+    Py_ssize_t at;
+    unsigned level;
+    if (!tag_hash_ready() || tag_pair(v, 2, &node, &at, &level) <= 0) return 0;
+    if (level == 0) {
+        *k = at;
+        *k2 = -1;
+    } else {
+        *k = bitmap_pair_at((const ms_hamt_bitmap_t *)v->h_root, (uint32_t)1 << (KEPT.tag_hash & 0x1f));
+        *k2 = at;
     }
-    const ms_hamt_bitmap_t *b = (const ms_hamt_bitmap_t *)v->h_root;
-    for (int level = 0; level < 2; level++) {
-        uint32_t bit = (uint32_t)1 << ((KEPT.tag_hash >> (5 * level)) & 0x1f);
-        if (b == NULL || Py_TYPE(b) != HAMT.bitmap_type || !(b->b_bitmap & bit)) return 0;
-        Py_ssize_t i = bitmap_pair_at(b, bit);
-        if (level == 0) *k = i;
-        *k2 = level == 0 ? -1 : i;
-        if (b->b_array[i] == S.tag_var) return 1;
-        if (b->b_array[i] != NULL) return 0;
-        b = (const ms_hamt_bitmap_t *)b->b_array[i + 1]; /* a deeper node */
-    }
-    return 0;
+    return 1;
 }
 
-/* Our variable's value in context ctx's mapping, read from its nodes as the HAMT's own
- * lookup would (a bitmap node's slot for the key's bits at that level holds the key and its
- * value, or no key and a deeper node; any other key there means ours is absent): 1 with *v
+/* Our variable's value in context ctx's mapping, read from its nodes (tag_pair): 1 with *v
  * (borrowed), 0 not there, -1 not known so, for PyContextVar_Get to answer: a mapping of
- * another shape (an array node, which CPython makes of a level with 17 slots in use, or a
- * collision node), nothing learnt yet, or a variable with a default (its value where the
+ * another shape, nothing learnt yet, or a variable with a default (its value where the
  * mapping has none; ours has none).  The hooks ask after every context switch: the
  * variable's own cache misses then, and its lookup took ~90 instructions (callgrind,
- * loopback server, 8 a request). */
-static inline int tag_in_context(PyObject *ctx, PyObject **v) {
+ * loopback server, 8 a request).  (A HAMT has 7 levels of bitmap nodes at most.) */
+static MS_HOT int tag_in_context(PyObject *ctx, PyObject **v) {
     if (HAMT.bitmap_type == NULL || ((PyContextVar *)S.tag_var)->var_default != NULL) return -1;
     if (ctx == NULL) return 0; /* (no context made in this thread yet) */
-    if (MS_UNLIKELY(KEPT.tag_var != S.tag_var)) {
-        /* (a ContextVar's hash is computed when it is made: no code runs, nothing fails) */
-        if (!hamt_hash32(S.tag_var, &KEPT.tag_hash)) return -1;
-        KEPT.tag_var = S.tag_var;
-    }
     const PyHamtObject *m = ((PyContext *)ctx)->ctx_vars;
-    if (m == NULL || Py_TYPE(m) != HAMT.type) return -1;
-    const ms_hamt_bitmap_t *b = (const ms_hamt_bitmap_t *)m->h_root;
-    for (unsigned shift = 0; shift < 32; shift += 5) {
-        if (b == NULL || Py_TYPE(b) != HAMT.bitmap_type) return -1;
-        uint32_t bit = (uint32_t)1 << ((KEPT.tag_hash >> shift) & 0x1f);
-        if (!(b->b_bitmap & bit)) return 0;
-        Py_ssize_t i = bitmap_pair_at(b, bit);
-        PyObject *key = b->b_array[i];
-        if (key == S.tag_var) {
-            *v = b->b_array[i + 1];
-            return 1;
-        }
-        if (key != NULL) return 0;
-        b = (const ms_hamt_bitmap_t *)b->b_array[i + 1];
-    }
-    return -1;
+    if (m == NULL || Py_TYPE(m) != HAMT.type || !tag_hash_ready()) return -1;
+    const ms_hamt_bitmap_t *node;
+    Py_ssize_t at;
+    unsigned level;
+    int found = tag_pair(m, 7, &node, &at, &level);
+    if (found > 0) *v = node->b_array[at + 1];
+    return found;
 }
 
 /* Do bitmap nodes a and b hold the same but at b_array[skip]? */
