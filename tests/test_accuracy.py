@@ -11,6 +11,7 @@ import pytest
 
 import memscope_async as ms
 from conftest import MiB, close_to, run_profiled
+from memscope_async.loop_hooks.tagging import TAG
 
 KEEP: list = []
 
@@ -283,11 +284,10 @@ def test_kept_tag_mappings_hold_nothing_whose_lifetime_shows(loop_kind):
         return _core.stats()["tag_mappings_reused"] - before
 
     async def main():
-        tag_var = next(v for v in contextvars.copy_context() if v.name == "memscope_async.tag")
         # a variable at another place than the tag's, so the children's mappings hold the
         # tag at their first level (else nothing is kept, whatever the value)
         var = next(v for v in (contextvars.ContextVar(f"kept_{i}") for i in itertools.count())
-                   if _hamt_place(v) != _hamt_place(tag_var))
+                   if _hamt_place(v) != _hamt_place(TAG))
         seen["int"] = await asyncio.create_task(parent(var, 12345), context=contextvars.Context())
         code = compile("x = 1", "<kept>", "exec")
         ref = weakref.ref(code)
@@ -329,10 +329,9 @@ def test_tag_mappings_are_reused_where_a_variable_shares_the_tags_place(loop_kin
         return values
 
     async def main():
-        tag_var = next(v for v in contextvars.copy_context() if v.name == "memscope_async.tag")
         seen["var"] = next(
             v for v in (contextvars.ContextVar(f"shared_{i}") for i in itertools.count())
-            if _hamt_place(v) == _hamt_place(tag_var) and _hamt_place(v, 1) != _hamt_place(tag_var, 1)
+            if _hamt_place(v) == _hamt_place(TAG) and _hamt_place(v, 1) != _hamt_place(TAG, 1)
         )
         return await asyncio.create_task(parent(), name="parent", context=contextvars.Context())
 
@@ -360,9 +359,8 @@ def test_tasks_in_contexts_of_many_variables_keep_their_own_bytes(loop_kind, oth
 
     async def child(mib):
         ctx = contextvars.copy_context()  # (the same mapping as the task's own)
-        (tag_var,) = [v for v in ctx if v.name == "memscope_async.tag"]
         how, value = _core.tag_in_context(ctx)
-        read.append((how, how < 0 or value is ctx[tag_var]))
+        read.append((how, how < 0 or value is ctx[TAG]))
         for _ in range(4):
             KEEP.append(bytearray(mib * MiB // 4))
             await asyncio.sleep(0)
@@ -396,7 +394,6 @@ def test_the_tag_read_from_a_contexts_nodes_is_what_the_variable_holds():
 
     async def probe(n):
         ctx = contextvars.copy_context()
-        (tag_var,) = [v for v in ctx if v.name == "memscope_async.tag"]
         for i in range(n):
             variables[i].set(i)
         for v in variables[: n // 2]:
@@ -404,8 +401,8 @@ def test_the_tag_read_from_a_contexts_nodes_is_what_the_variable_holds():
         for c in (ctx, contextvars.copy_context()):
             how, value = _core.tag_in_context(c)
             seen[how] += 1
-            assert how < 0 or (how == 1) == (tag_var in c), (n, how)
-            assert how < 1 or value is c[tag_var], (n, value)
+            assert how < 0 or (how == 1) == (TAG in c), (n, how)
+            assert how < 1 or value is c[TAG], (n, value)
 
     async def main():
         for n in range(61):

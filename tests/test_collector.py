@@ -21,6 +21,7 @@ import pytest
 
 
 from conftest import run_profiled
+from memscope_async.loop_hooks.tagging import TAG
 
 HOLDER = contextvars.ContextVar("test_collector.holder")
 TEXT = contextvars.ContextVar("test_collector.text")
@@ -129,17 +130,16 @@ def test_nodes_made_under_a_tasks_mapping_are_untracked_too(loop_kind):
         return after - before
 
     async def main():
-        (tag,) = [v for v in contextvars.copy_context() if v.name == "memscope_async.tag"]
         # a variable of another slot, then one of the same slot as ours
         others = [contextvars.ContextVar(f"other{i}") for i in range(2_000)]
-        apart = next(v for v in others if _slot(v) != _slot(tag))
-        same = next(v for v in others if _slot(v) == _slot(tag))
+        apart = next(v for v in others if _slot(v) != _slot(TAG))
+        same = next(v for v in others if _slot(v) == _slot(TAG))
         apart.set("x")
         counts = [await count_per_task() for _ in range(3)]
-        await asyncio.create_task(probe("apart", tag))
+        await asyncio.create_task(probe("apart", TAG))
         same.set("y")
         counts += [await count_per_task() for _ in range(3)]
-        await asyncio.create_task(probe("same slot", tag))
+        await asyncio.create_task(probe("same slot", TAG))
         return counts
 
     counts = contextvars.Context().run(run_profiled, main, loop_kind)[0]
@@ -212,6 +212,7 @@ _COLLECTIONS_SCRIPT = """
 import asyncio, gc, json, sys
 sys.path.insert(0, sys.argv[1])
 from conftest import run_profiled
+from memscope_async.loop_hooks.tagging import TAG
 
 async def node(depth):
     if depth:
