@@ -14,6 +14,7 @@ import ctypes
 import gc
 import json
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -77,12 +78,19 @@ def _timed(workload: str, config: str, quick: bool, warmup: bool, ctx: RunContex
                 runner.run(w.main(**w.params(True)))
                 session.extras["warmup_s"] = time.perf_counter() - t0
             gc.collect()
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             value = runner.run(w.main(**params))
             wall = time.perf_counter() - t0
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
             session.after_workload()
     return {
         "wall_s": wall,
+        # CPU time of the whole process (every thread) over the same span: user and kernel
+        # apart, since a loopback server spends much of its time in the kernel, where a
+        # profiler's hooks add nothing.
+        "cpu_user_s": r1.ru_utime - r0.ru_utime,
+        "cpu_sys_s": r1.ru_stime - r0.ru_stime,
         "value": value,
         "expected": w.expected(**params),
         "params": params,

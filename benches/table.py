@@ -5,6 +5,12 @@ the plain run on the same event loop (asyncio's for most rows, uvloop's for the
 ``*-uvloop`` rows).  The thread-wrapper overhead is ``ratio(threads=True) /
 ratio(threads=False)`` on the to_thread workload, which is the same as the ratio of the
 two medians.
+
+A second table splits each config's time: the process's user and kernel CPU time over the
+timed span (medians, and their ratios to the baseline's), and the median of the per-repeat
+wall ratios (repeats are interleaved across configs, so repeat k of a config and of its
+baseline ran side by side), which a slow drift of the machine moves less than the ratio of
+medians.
 """
 
 from __future__ import annotations
@@ -56,6 +62,22 @@ def _failed(ms: list["Measurement"], workload: str, config: str) -> list["Measur
     return [m for m in ms if m.workload == workload and m.config == config and not m.ok]
 
 
+def _median_of(ms: list["Measurement"], key: str) -> float | None:
+    values = [m.doc[key] for m in ms if isinstance(m.doc.get(key), (int, float))]
+    return statistics.median(values) if values else None
+
+
+def _paired(ms: list["Measurement"], workload: str, config: str, baseline: str) -> list[float]:
+    """Wall ratios of the repeats that ran for both config and baseline, repeat by repeat."""
+    base = {m.repeat: m.wall_s for m in _ok(ms, workload, baseline) if m.wall_s}
+    return sorted(m.wall_s / base[m.repeat] for m in _ok(ms, workload, config)
+                  if m.wall_s is not None and m.repeat in base)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def _timed_rows(plans: list["Plan"], ms: list["Measurement"]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for plan in plans:
@@ -75,6 +97,9 @@ def _timed_rows(plans: list["Plan"], ms: list["Measurement"]) -> list[dict[str, 
             ratio = median / base if median is not None and base else None
             target = target_for(plan.kind, config)
             noisy = sum(1 for m in _ok(ms, plan.workload, config) if m.noisy)
+            user = _median_of(_ok(ms, plan.workload, config), "cpu_user_s")
+            kernel = _median_of(_ok(ms, plan.workload, config), "cpu_sys_s")
+            paired = _paired(ms, plan.workload, config, baseline) if config != baseline else []
             rows.append(
                 {
                     "workload": plan.workload,
@@ -90,6 +115,12 @@ def _timed_rows(plans: list["Plan"], ms: list["Measurement"]) -> list[dict[str, 
                     "met": None if ratio is None or target is None else ratio <= target,
                     "runs": len(walls),
                     "failed_runs": failed,
+                    "cpu_user_s": user,
+                    "cpu_sys_s": kernel,
+                    "user_ratio": _ratio(user, _median_of(_ok(ms, plan.workload, baseline), "cpu_user_s")),
+                    "sys_ratio": _ratio(kernel, _median_of(_ok(ms, plan.workload, baseline), "cpu_sys_s")),
+                    "paired_ratios": paired,
+                    "paired_ratio": statistics.median(paired) if paired else None,
                 }
             )
         if plan.kind == "threads" and {"memscope-exact", "memscope-exact-nothreads"} <= medians.keys():
@@ -276,6 +307,36 @@ def _memscope_rows(plans: list["Plan"], ms: list["Measurement"]) -> list[list[st
     return out
 
 
+def _print_split(rows: list[dict[str, Any]]) -> None:
+    out = []
+    for r in rows:
+        if r.get("derived") or r.get("cpu_user_s") is None:
+            continue
+        paired = r["paired_ratios"]
+
+        def x(v: float | None) -> str:
+            return "-" if v is None else f"{v:.3f}x"
+
+        out.append(
+            [
+                r["workload"],
+                _label(r["config"]),
+                f"{r['cpu_user_s']:.3f}",
+                f"{r['cpu_sys_s']:.3f}",
+                x(r["user_ratio"]),
+                x(r["sys_ratio"]),
+                x(r["paired_ratio"]),
+                f"{paired[0]:.3f}-{paired[-1]:.3f}" if paired else "-",
+            ]
+        )
+    if not out:
+        return
+    print("\nCPU time of the timed run (process user / kernel s, medians; ratios to the 'ratio to' config) "
+          "and the median of the repeat-by-repeat wall ratios")
+    headers = ["workload", "config", "user s", "kernel s", "user ratio", "kernel ratio", "paired wall ratio", "paired range"]
+    print(format_table(headers, out, [False, False, True, True, True, True, True, True]))
+
+
 def print_report(
     plans: list["Plan"], ms: list["Measurement"], env: dict[str, Any], args: "argparse.Namespace", elapsed: float
 ) -> dict[str, Any]:
@@ -321,6 +382,7 @@ def print_report(
     if timed:
         print("\nWall time of the workload (median; ratio = median / median of the 'ratio to' config)")
         _print_timed(timed)
+        _print_split(timed)
     memory = _memory_rows(plans, ms)
     if memory:
         print("\nTracker memory (one run each; B = bytes; d = growth while the live set was built)")
