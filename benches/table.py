@@ -75,7 +75,9 @@ def _paired(ms: list["Measurement"], workload: str, config: str, baseline: str) 
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
+    """a / b, or None when either is missing or b is under 0.05 s: the kernel splits a
+    run's time into user and kernel at its clock tick, so a few ticks make no ratio."""
+    return a / b if a is not None and b is not None and b >= 0.05 else None
 
 
 def _timed_rows(plans: list["Plan"], ms: list["Measurement"]) -> list[dict[str, Any]]:
