@@ -67,11 +67,14 @@ def _median_of(ms: list["Measurement"], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _paired(ms: list["Measurement"], workload: str, config: str, baseline: str) -> list[float]:
-    """Wall ratios of the repeats that ran for both config and baseline, repeat by repeat."""
-    base = {m.repeat: m.wall_s for m in _ok(ms, workload, baseline) if m.wall_s}
-    return sorted(m.wall_s / base[m.repeat] for m in _ok(ms, workload, config)
-                  if m.wall_s is not None and m.repeat in base)
+def _paired(mine: list["Measurement"], theirs: list["Measurement"]) -> list[float]:
+    """Wall ratios of the repeats that ran for both a config and its baseline, repeat by repeat."""
+    base = {m.repeat: m.wall_s for m in theirs if m.wall_s}
+    return sorted(m.wall_s / base[m.repeat] for m in mine if m.wall_s is not None and m.repeat in base)
+
+
+def _times(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}x"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -98,10 +101,10 @@ def _timed_rows(plans: list["Plan"], ms: list["Measurement"]) -> list[dict[str, 
             base = medians.get(baseline)
             ratio = median / base if median is not None and base else None
             target = target_for(plan.kind, config)
-            noisy = sum(1 for m in _ok(ms, plan.workload, config) if m.noisy)
-            user = _median_of(_ok(ms, plan.workload, config), "cpu_user_s")
-            kernel = _median_of(_ok(ms, plan.workload, config), "cpu_sys_s")
-            paired = _paired(ms, plan.workload, config, baseline) if config != baseline else []
+            mine, theirs = _ok(ms, plan.workload, config), _ok(ms, plan.workload, baseline)
+            noisy = sum(1 for m in mine if m.noisy)
+            user, kernel = _median_of(mine, "cpu_user_s"), _median_of(mine, "cpu_sys_s")
+            paired = _paired(mine, theirs) if config != baseline else []
             rows.append(
                 {
                     "workload": plan.workload,
@@ -119,8 +122,8 @@ def _timed_rows(plans: list["Plan"], ms: list["Measurement"]) -> list[dict[str, 
                     "failed_runs": failed,
                     "cpu_user_s": user,
                     "cpu_sys_s": kernel,
-                    "user_ratio": _ratio(user, _median_of(_ok(ms, plan.workload, baseline), "cpu_user_s")),
-                    "sys_ratio": _ratio(kernel, _median_of(_ok(ms, plan.workload, baseline), "cpu_sys_s")),
+                    "user_ratio": _ratio(user, _median_of(theirs, "cpu_user_s")),
+                    "sys_ratio": _ratio(kernel, _median_of(theirs, "cpu_sys_s")),
                     "paired_ratios": paired,
                     "paired_ratio": statistics.median(paired) if paired else None,
                 }
@@ -161,7 +164,7 @@ def _print_timed(rows: list[dict[str, Any]]) -> None:
                 r["workload"],
                 r["config"] if derived else _label(r["config"]),
                 median,
-                "-" if r["ratio"] is None else f"{r['ratio']:.3f}x",
+                _times(r["ratio"]),
                 r["baseline"],
                 "-" if r["target"] is None else f"<= {r['target']:.2f}x",
                 _met(r["ratio"], r["target"]),
@@ -315,19 +318,15 @@ def _print_split(rows: list[dict[str, Any]]) -> None:
         if r.get("derived") or r.get("cpu_user_s") is None:
             continue
         paired = r["paired_ratios"]
-
-        def x(v: float | None) -> str:
-            return "-" if v is None else f"{v:.3f}x"
-
         out.append(
             [
                 r["workload"],
                 _label(r["config"]),
                 f"{r['cpu_user_s']:.3f}",
                 f"{r['cpu_sys_s']:.3f}",
-                x(r["user_ratio"]),
-                x(r["sys_ratio"]),
-                x(r["paired_ratio"]),
+                _times(r["user_ratio"]),
+                _times(r["sys_ratio"]),
+                _times(r["paired_ratio"]),
                 f"{paired[0]:.3f}-{paired[-1]:.3f}" if paired else "-",
             ]
         )
