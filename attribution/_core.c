@@ -1206,9 +1206,11 @@ static MS_HOT int exact_alloc_fast(void *p, size_t size) {
 }
 
 static MS_HOT int exact_free_fast(void *p) {
-    uint32_t *e = shadow_find(&S.shadow, (uintptr_t)p);
-    if (e == NULL) return S.ptrs.count == 0; /* not ours, and the pointer table is empty */
+    uint32_t *leaf = shadow_leaf(&S.shadow, (uintptr_t)p);
+    if (leaf == NULL) return S.ptrs.count == 0; /* not ours, and the pointer table is empty */
+    uint32_t *e = leaf + shadow_index((uintptr_t)p);
     uint32_t v = *e;
+    if (v == 0) return S.ptrs.count == 0;
     if (v & (1u << SHADOW_FLAG_BIT)) return 0; /* a stack sample to drop */
     cell_t *c = &S.cells[v >> SHADOW_CELL_SHIFT];
     task_info_t *ti = c->task;
@@ -1232,14 +1234,21 @@ static MS_HOT int exact_realloc_fast(void *old, void *p, size_t size) {
     cell_t *cur = t->fast_cell;
     if (cur == NULL || t->guard || size >= SHADOW_MAX_SIZE) return 0;
     if (!fast_valid(t, *t->ts_slot) || t->cache_gen != S.cell_gen) return 0;
-    uint32_t *eo = shadow_find(&S.shadow, (uintptr_t)old);
-    if (eo == NULL) return 0;
+    uint32_t *lo = shadow_leaf(&S.shadow, (uintptr_t)old);
+    if (lo == NULL) return 0;
+    uint32_t *eo = lo + shadow_index((uintptr_t)old);
     uint32_t v = *eo, cell = v >> SHADOW_CELL_SHIFT;
+    if (v == 0) return 0;
     cell_t *c = &S.cells[cell];
     if ((v & (1u << SHADOW_FLAG_BIT)) || c->track_time || cell_tid(c) != cell_tid(cur))
         return 0; /* a stack sample, a migration, or another owner: the general path */
-    uint32_t *en = shadow_slot(&S.shadow, (uintptr_t)p);
-    if (en == NULL || (en != eo && *en != 0)) return 0;
+    uint32_t *en = eo; /* resized in place: its entry is already there */
+    if (p != old) {
+        uint32_t *ln = shadow_leaf(&S.shadow, (uintptr_t)p);
+        if (ln == NULL) return 0;
+        en = ln + shadow_index((uintptr_t)p);
+        if (*en != 0) return 0;
+    }
     int64_t delta = (int64_t)size - (int64_t)(v & SHADOW_SIZE_MASK);
     if (delta > 0) { /* growth moves the stack countdown (keep_resized) */
         int64_t left = t->stack_countdown - delta;

@@ -96,13 +96,19 @@ int mincore(void *addr, size_t len, unsigned char *vec);
 
 typedef struct shadow {
     uint32_t **dir;   /* SHADOW_DIR_LEN leaf pointers (NULL until the first put there) */
+    size_t dir_len;   /* SHADOW_DIR_LEN once dir is mapped, else 0: one bound test covers */
+                      /* both an address too high and no directory */
     uint64_t count;   /* live entries */
     uint32_t *leaves; /* registry: directory index of every mapped leaf */
     size_t nleaves, capleaves;
 } shadow_t;
 
-static inline int shadow_bad_addr(uintptr_t a) {
-    return ((a & ((1u << SHADOW_GRANULE_BITS) - 1)) | ((uint64_t)a >> SHADOW_ADDR_BITS)) != 0;
+/* Is a a granule-aligned address?  Then a >> SHADOW_LEAF_SHIFT is its directory index,
+ * which callers compare with s->dir_len: that one bound test also refuses an address at or
+ * above 2^SHADOW_ADDR_BITS and a map with no directory (testing each of the three apart
+ * cost the free hook ~6 instructions more). */
+static inline int shadow_aligned(uintptr_t a) {
+    return (a & ((1u << SHADOW_GRANULE_BITS) - 1)) == 0;
 }
 
 static inline uint32_t shadow_encode(uint32_t size, uint32_t cell, int flag) {
@@ -129,6 +135,7 @@ SHADOW_UNUSED static void *shadow_map(size_t bytes) {
 SHADOW_UNUSED static int shadow_init(shadow_t *s) {
     memset(s, 0, sizeof(*s));
     s->dir = (uint32_t **)shadow_map(SHADOW_DIR_BYTES);
+    s->dir_len = s->dir != NULL ? SHADOW_DIR_LEN : 0;
     return s->dir != NULL ? 0 : -1;
 }
 
@@ -156,10 +163,9 @@ __attribute__((noinline, cold, unused)) static uint32_t *shadow_make_leaf(shadow
  * when p cannot be held here (unaligned, too high, no directory, mmap failed). */
 static inline int shadow_put_ex(shadow_t *s, const void *p, uint32_t size, uint32_t cell, int flag,
                                 uint32_t *old) {
-    uintptr_t a = (uintptr_t)p;
-    uint32_t **dir = s->dir;
-    if (SHADOW_UNLIKELY(shadow_bad_addr(a) || dir == NULL)) return -1;
-    uint32_t *leaf = dir[a >> SHADOW_LEAF_SHIFT];
+    uintptr_t a = (uintptr_t)p, i = a >> SHADOW_LEAF_SHIFT;
+    if (SHADOW_UNLIKELY(!shadow_aligned(a) || i >= s->dir_len)) return -1;
+    uint32_t *leaf = s->dir[i];
     if (SHADOW_UNLIKELY(leaf == NULL)) {
         leaf = shadow_make_leaf(s, a);
         if (leaf == NULL) return -1;
@@ -179,31 +185,32 @@ SHADOW_UNUSED static inline int shadow_put(shadow_t *s, const void *p, uint32_t 
     return shadow_put_ex(s, p, size, cell, flag, &old);
 }
 
-/* The entry slot for address a, used or not, or NULL when there is none (bad address,
- * no directory, no leaf mapped there yet): lookups that must not map anything. */
-static inline uint32_t *shadow_slot(const shadow_t *s, uintptr_t a) {
-    uint32_t **dir = s->dir;
-    if (SHADOW_UNLIKELY(shadow_bad_addr(a) || dir == NULL)) return NULL;
-    uint32_t *leaf = dir[a >> SHADOW_LEAF_SHIFT];
-    return leaf != NULL ? &leaf[(a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1)] : NULL;
-}
-
-/* The same in two steps, for a caller that knows the directory exists: the leaf holding a
- * (NULL for a bad address or no leaf yet), then a's entry in it.  Split, the caller tests
- * one pointer instead of two (shadow_slot's result is tested again after the offset). */
+/* Lookups that must not map anything, in two steps: the leaf holding address a (NULL for a
+ * bad address, no directory or no leaf mapped there yet), then a's entry in it.  A caller
+ * that tests the leaf tests one pointer, where shadow_slot's result is tested again after
+ * the offset is added. */
 static inline uint32_t *shadow_leaf(const shadow_t *s, uintptr_t a) {
-    if (SHADOW_UNLIKELY(shadow_bad_addr(a))) return NULL;
-    return s->dir[a >> SHADOW_LEAF_SHIFT];
+    uintptr_t i = a >> SHADOW_LEAF_SHIFT;
+    if (SHADOW_UNLIKELY(!shadow_aligned(a) || i >= s->dir_len)) return NULL;
+    return s->dir[i];
 }
 
 static inline size_t shadow_index(uintptr_t a) {
     return (a >> SHADOW_GRANULE_BITS) & (SHADOW_LEAF_LEN - 1);
 }
 
+/* The entry slot for address a, used or not, or NULL when there is none. */
+static inline uint32_t *shadow_slot(const shadow_t *s, uintptr_t a) {
+    uint32_t *leaf = shadow_leaf(s, a);
+    return leaf != NULL ? leaf + shadow_index(a) : NULL;
+}
+
 /* The entry of p, or NULL if p is not recorded (cheap for pointers never recorded). */
 static inline uint32_t *shadow_find(const shadow_t *s, uintptr_t a) {
-    uint32_t *e = shadow_slot(s, a);
-    return e != NULL && *e != 0 ? e : NULL;
+    uint32_t *leaf = shadow_leaf(s, a);
+    if (leaf == NULL) return NULL;
+    uint32_t *e = leaf + shadow_index(a);
+    return *e != 0 ? e : NULL;
 }
 
 /* If p is recorded: clear it, fill size/cell/flag, return 1.  Otherwise 0. */
