@@ -212,7 +212,6 @@ _COLLECTIONS_SCRIPT = """
 import asyncio, gc, json, sys
 sys.path.insert(0, sys.argv[1])
 from conftest import run_profiled
-from memscope_async.loop_hooks.tagging import TAG
 
 async def node(depth):
     if depth:
