@@ -194,6 +194,25 @@ static int chain_put(u64map_t *m, uint64_t key, uint32_t value) {
     return u64map_put(m, key, value);
 }
 
+/* *index made again, sized for `live` entries, holding each record i < n under its key
+ * key_of(i), or leaving it out where that is 0 (no key of these indexes is: their top bit
+ * is set).  If memory for the new index cannot be had, the old one stays. */
+static void index_rebuild(u64map_t *index, uint32_t n, uint64_t live, uint64_t (*key_of)(uint32_t)) {
+    uint64_t cap = 1024;
+    while (cap < live * 2) cap *= 2;
+    u64map_t m;
+    if (u64map_init(&m, cap) < 0) return;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t key = key_of(i);
+        if (key != 0 && chain_put(&m, key, i) < 0) {
+            u64map_free(&m);
+            return;
+        }
+    }
+    u64map_free(index);
+    *index = m;
+}
+
 static uint32_t intern_frame(PyCodeObject *code, uint32_t lasti, int *ok) {
     uint64_t key = frame_key(code, lasti);
     uint32_t idx;
@@ -243,23 +262,15 @@ static PyObject *settled_name(PyObject *s) {
  * size: a program compiling per job reuses a handful of addresses), one more each pass.
  * If memory for a new index cannot be had, the old one stays (settled frames match
  * nothing: slower, still right). */
+static uint64_t frame_index_key(uint32_t i) {
+    const frame_rec_t *f = &K.frames[i];
+    return f->code != NULL ? frame_key((const PyCodeObject *)f->code, f->lasti) : 0;
+}
+
 static void frames_reindex(void) {
     uint64_t live = 0;
     for (uint32_t i = 0; i < K.nframes; i++) live += K.frames[i].code != NULL;
-    uint64_t cap = 1024;
-    while (cap < live * 2) cap *= 2;
-    u64map_t m;
-    if (u64map_init(&m, cap) < 0) return;
-    for (uint32_t i = 0; i < K.nframes; i++) {
-        const frame_rec_t *f = &K.frames[i];
-        if (f->code == NULL) continue;
-        if (chain_put(&m, frame_key((const PyCodeObject *)f->code, f->lasti), i) < 0) {
-            u64map_free(&m);
-            return;
-        }
-    }
-    u64map_free(&K.frame_index);
-    K.frame_index = m;
+    index_rebuild(&K.frame_index, K.nframes, live, frame_index_key);
 }
 
 /* Let go of the code objects that only our frames hold, keeping what a report needs of
@@ -401,6 +412,11 @@ static int64_t intern_walk(const walked_t *w, uint32_t n, uint64_t h) {
  * found so is marked for good (settling is for good), so a pass looks at each frame of a
  * live stack, and only once at a dead one.  If memory for a new index cannot be had, the
  * old one stays (slower, still right). */
+static uint64_t stack_index_key(uint32_t i) {
+    const stack_rec_t *s = &K.stacks[i];
+    return s->dead ? 0 : stack_key(s->hash, s->len);
+}
+
 static void stacks_reindex(void) {
     uint64_t live = 0;
     for (uint32_t i = 0; i < K.nstacks; i++) {
@@ -409,20 +425,7 @@ static void stacks_reindex(void) {
         for (uint32_t j = 0; j < s->len && !s->dead; j++) s->dead = K.frames[K.stack_data[s->off + j]].code == NULL;
         live += !s->dead;
     }
-    uint64_t cap = 1024;
-    while (cap < live * 2) cap *= 2;
-    u64map_t m;
-    if (u64map_init(&m, cap) < 0) return;
-    for (uint32_t i = 0; i < K.nstacks; i++) {
-        const stack_rec_t *s = &K.stacks[i];
-        if (s->dead) continue;
-        if (chain_put(&m, stack_key(s->hash, s->len), i) < 0) {
-            u64map_free(&m);
-            return;
-        }
-    }
-    u64map_free(&K.stack_index);
-    K.stack_index = m;
+    index_rebuild(&K.stack_index, K.nstacks, live, stack_index_key);
 }
 
 /* K.live_index key of a live sampled pointer (the high bit keeps it off u64map's 0). */
