@@ -172,7 +172,7 @@ def _header(report: Report, fmt: _Numbers) -> list[str]:
         f"unattributed: {fmt.size(totals.unattributed_bytes)}"
     )
     lines.append(f"tasks: {totals.tasks} ({totals.folded_tasks} folded into groups)")
-    lines.append("(id: the report's task id, not asyncio's Task-N; a task is indented by its depth in its lineage)")
+    lines.append("(id, parent: the report's task ids, not asyncio's Task-N; indented by depth in the lineage)")
     return lines
 
 
@@ -209,6 +209,7 @@ def _task_table(report: Report, fmt: _Numbers, title: str, metric: Callable[[Tas
 
     columns = [
         _Column("id", numeric=True),
+        _Column("parent", numeric=True),
         _Column("task", flex=True),
         _Column("state"),
         _Column("allocated", numeric=True),
@@ -224,6 +225,7 @@ def _task_table(report: Report, fmt: _Numbers, title: str, metric: Callable[[Tas
         guessed_bytes = guess[0] if guess else 0
         row = [
             str(t.id),
+            "-" if t.parent_id is None else str(t.parent_id),
             _task_label(t),
             t.state,
             fmt.size(max(t.allocated_bytes - guessed_bytes, 0)),

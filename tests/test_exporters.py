@@ -593,11 +593,14 @@ def test_render_text_ties_are_broken_by_id():
 
 def test_render_text_indents_by_lineage_depth():
     section = _section(render_text(make_report(), width=120), "Top tasks by allocated bytes")
-    col = section[0].index("task")
+    col = section[1].index("task")
     assert _row(section, 1)[col:].startswith("root (app.main)")
     assert _row(section, 2)[col:].startswith("  child (app.handler)")
     assert _row(section, 3)[col:].startswith("    grandchild (app.fetch)")
     assert _row(section, 4)[col:].startswith("guessed (app.offload)")
+    # rows go by bytes, not by tree: each names its parent's id ("-" for a root)
+    assert [_row(section, i).split()[1] for i in (1, 2, 3, 4)] == ["-", "1", "2", "-"]
+    assert section[1].split()[:3] == ["id", "parent", "task"]
 
 
 def test_render_text_shows_inferred_bytes_apart_with_confidence():
@@ -744,7 +747,7 @@ def test_render_text_is_ascii_deterministic_and_fits_width():
     text = render_text(report)
     assert text == render_text(report)
     assert text.isascii()
-    assert "w\\xe9ird\\nname-" in text  # escaped, not printed raw
+    assert "w\\xe9ird\\nname" in text  # escaped, not printed raw
     assert "x" * 150 not in text  # shortened to the width ...
     assert all(len(ln) <= 100 for ln in text.splitlines()), text
     assert all(ln == ln.rstrip() for ln in text.splitlines())
