@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..attribution.report import Report
 
-__all__ = ["ExportError", "export_json_async", "report_path", "write_json", "writes_through"]
+__all__ = ["ExportError", "export_json_async", "missing_directory", "report_path", "write_json", "writes_through"]
 
 
 class ExportError(Exception):
@@ -164,9 +164,17 @@ def _is_special_name(named: Path) -> bool:
     return len(parts) > 1 and parts[1] in ("dev", "proc")
 
 
+def missing_directory(parent: Path) -> str:
+    """Why a report cannot go into ``parent``, which is not a directory: it is something
+    else (a file named as if it were a directory), or nothing at all."""
+    if os.path.lexists(parent):
+        return f"{parent} is not a directory"
+    return f"directory {parent} does not exist"
+
+
 def _check_parent(target: Path, parent_is_dir: bool) -> None:
     if not parent_is_dir:
-        raise ExportError(f"cannot write report to {target}: directory {target.parent} does not exist")
+        raise ExportError(f"cannot write report to {target}: {missing_directory(target.parent)}")
 
 
 def _serialise(report: Report, target: Path, indent: bool) -> bytes:
@@ -202,6 +210,6 @@ def _fsync_dir(directory: Path) -> None:
 
 def _error(target: Path, exc: OSError) -> ExportError:
     reason = exc.strerror or str(exc) or type(exc).__name__
-    if isinstance(exc, FileNotFoundError) and not target.parent.is_dir():
-        reason = f"directory {target.parent} does not exist"
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)) and not target.parent.is_dir():
+        reason = missing_directory(target.parent)
     return ExportError(f"cannot write report to {target}: {reason}")

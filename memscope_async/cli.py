@@ -38,7 +38,7 @@ from . import api
 from .attribution.report import Report, ReportError
 from .attribution.tracker import MAX_FINISHED_TASKS, MAX_INTERVAL
 from .sizes import parse_size
-from .exporters.json_report import report_path, writes_through
+from .exporters.json_report import missing_directory, report_path, writes_through
 from .exporters import ExportError, render_text, write_json
 from .profiler import ProfilerError
 
@@ -362,7 +362,7 @@ def _check_output(name: str) -> Path:
     real = Path(os.path.realpath(path))
     parent = real.parent if path.is_symlink() else path.parent
     if not parent.is_dir():
-        raise CommandError(f"cannot write report to {name}: directory {parent} does not exist", USAGE_ERROR)
+        raise CommandError(f"cannot write report to {name}: {missing_directory(parent)}", USAGE_ERROR)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CommandError(f"cannot write report to {name}: directory {parent} is not writable", USAGE_ERROR)
     # os.access says yes to root everywhere, and not to what the file system refuses

@@ -525,6 +525,7 @@ def test_a_module_that_cannot_be_run_is_one_line_with_exit_1(tmp_path: Path, arg
         (["run", "--mode", "exact", "--sample-interval", "64K", "script.py"], "only applies to --mode sampled"),
         (["run", "--stack-depth", "999", "script.py"], "out of range"),
         (["run", "-o", "no/such/dir/r.json", "script.py"], "directory no/such/dir does not exist"),
+        (["run", "-o", "script.py/r.json", "script.py"], "cannot write report to script.py/r.json: script.py is not a directory"),
         (["run", "-o", ".", "script.py"], "it is a directory"),
         (["run", "-o", "outdir/", "script.py"], "cannot write report to outdir/: no such directory"),
         (["run", "-o", "script.py", "script.py"], "cannot write report to script.py: it is the program being run"),

@@ -234,6 +234,14 @@ def test_write_json_missing_parent_is_a_clear_error(tmp_path):
     assert not (tmp_path / "no-such-dir").exists()
 
 
+def test_write_json_file_named_as_a_directory_is_a_clear_error(tmp_path):
+    (tmp_path / "plain-file").write_text("kept")
+    target = tmp_path / "plain-file" / "report.json"
+    with pytest.raises(ExportError, match=r"plain-file is not a directory$"):
+        write_json(make_report(), target)
+    assert (tmp_path / "plain-file").read_text() == "kept"
+
+
 def test_write_json_failed_replace_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     target = tmp_path / "report.json"
     target.write_bytes(b"old contents")
