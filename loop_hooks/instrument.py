@@ -129,10 +129,12 @@ def _create_task(original, self, *args, **kwargs):
     # task to "None" when any task factory is installed.  The usual calls take the same
     # path in C (_core.CreateTask); this is the version for every other call shape.  A
     # call the loop's own create_task would refuse goes to it, for its own error.
-    try:
-        bound = _signature(original).bind(self, *args, **kwargs)
-    except TypeError:
-        return original(self, *args, **kwargs)
+    bound = _bind(original, self, args, kwargs)
+    if bound is None:
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            del args, kwargs  # (the frame in the error's traceback keeps no coroutine alive)
     self._check_closed()
     arguments = dict(bound.arguments)
     arguments.pop("self", None)
@@ -146,8 +148,24 @@ def _create_task(original, self, *args, **kwargs):
 
 
 @functools.lru_cache(maxsize=None)
-def _signature(method: Any) -> inspect.Signature:
-    return inspect.signature(method)
+def _signature(method: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(method)
+    except (TypeError, ValueError):  # (a compiled method that does not say)
+        return None
+
+
+def _bind(original: Any, self: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.BoundArguments | None:
+    """The call's arguments bound as the loop's own method takes them, None for a call it
+    would refuse: that call goes to it, for its own error (raised outside any handler of
+    ours, so nothing of ours is its __context__)."""
+    signature = _signature(original)
+    if signature is None:
+        return inspect.Signature().bind()  # nothing to check against: the call goes our way
+    try:
+        return signature.bind(self, *args, **kwargs)
+    except TypeError:
+        return None
 
 
 def _set_default_executor(self, executor, _original):
@@ -187,7 +205,7 @@ _MISSING = object()
 
 def _python_method(impl: Callable[..., Any], original: Any) -> Any:
     def method(self, *args, **kwargs):
-        if _state(self) is not None:
+        if _state(self) is not None and _bind(original, self, args, kwargs) is not None:
             return impl(self, *args, _original=original, **kwargs)
         return original(self, *args, **kwargs)
 

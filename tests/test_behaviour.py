@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import gc
 import re
 import sys
 import types
+import warnings
 
 import pytest
 
@@ -464,7 +466,45 @@ async def prog_loop_methods_pass_as_methods():
     return seen
 
 
+async def _returns_one():
+    return 1
+
+
+async def prog_loop_methods_called_wrongly_fail_as_asyncio_s():
+    """A call the loop's own method refuses fails with its error, its message and nothing
+    of ours as its context (helper-78: "_get_task_factory() got multiple values for
+    argument '_original'", and create_task's error had inspect's TypeError as its
+    __context__); the coroutine of a refused create_task is gone when the call fails, as
+    without us ("never awaited" is warned inside the call's handler, not after it)."""
+    loop = asyncio.get_running_loop()
+    calls = [
+        ("create_task misspelt keyword", lambda: loop.create_task(_returns_one(), nme="x")),
+        ("create_task name by position", lambda: loop.create_task(_returns_one(), "n")),
+        ("get_task_factory(1)", lambda: loop.get_task_factory(1)),
+        ("set_task_factory()", lambda: loop.set_task_factory()),
+        ("set_task_factory(None, 2)", lambda: loop.set_task_factory(None, 2)),
+        ("set_task_factory(fact=None)", lambda: loop.set_task_factory(fact=None)),
+        ("set_default_executor()", lambda: loop.set_default_executor()),
+        ("close(1)", lambda: loop.close(1)),
+    ]
+    seen = []
+    for label, call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                call()
+                outcome = ("returned",)
+            except Exception as e:
+                outcome = (type(e).__name__, str(e), e.__context__, e.__cause__)
+            gc.collect()
+            never_awaited = [str(w.message) for w in caught if "never awaited" in str(w.message)]
+        seen.append((label, outcome, never_awaited))
+    seen.append(("factory after", loop.get_task_factory(), loop.set_task_factory(factory=None)))
+    return seen
+
+
 PROGRAMS = [
+    prog_loop_methods_called_wrongly_fail_as_asyncio_s,
     prog_debug_mode_refuses_what_is_not_callable,
     prog_kept_tag_mappings,
     prog_contextvars,
