@@ -156,12 +156,13 @@ def _signature(method: Any) -> inspect.Signature | None:
 
 
 def _bind(original: Any, self: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.BoundArguments | None:
-    """The call's arguments bound as the loop's own method takes them, None for a call it
-    would refuse: that call goes to it, for its own error (raised outside any handler of
-    ours, so nothing of ours is its __context__)."""
+    """The call's arguments bound as the loop's own method takes them; None for a call it
+    would refuse (or a method that does not say what it takes).  A refused call goes to
+    it, for its own error, raised outside any handler of ours (so nothing of ours is its
+    __context__)."""
     signature = _signature(original)
     if signature is None:
-        return inspect.Signature().bind()  # nothing to check against: the call goes our way
+        return None
     try:
         return signature.bind(self, *args, **kwargs)
     except TypeError:
@@ -205,7 +206,7 @@ _MISSING = object()
 
 def _python_method(impl: Callable[..., Any], original: Any) -> Any:
     def method(self, *args, **kwargs):
-        if _state(self) is not None and _bind(original, self, args, kwargs) is not None:
+        if _state(self) is not None and (_signature(original) is None or _bind(original, self, args, kwargs) is not None):
             return impl(self, *args, _original=original, **kwargs)
         return original(self, *args, **kwargs)
 
