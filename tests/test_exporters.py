@@ -759,7 +759,8 @@ def test_render_text_is_ascii_deterministic_and_fits_width():
     assert "x" * 150 not in text  # shortened to the width ...
     assert all(len(ln) <= 100 for ln in text.splitlines()), text
     assert all(ln == ln.rstrip() for ln in text.splitlines())
-    assert "x" * 150 in render_text(report, width=400)  # ... only when needed
+    # ... only when needed: given the room, the whole name, escaped
+    assert "w\\xe9ird\\nname-" + "x" * 150 in render_text(report, width=400)
 
 
 def test_render_text_rejects_bad_arguments():
